@@ -1,0 +1,114 @@
+"""The etcd key layout: the one place that spells a Tenax key.
+
+Every value is UTF-8 JSON (human-readable with ``etcdctl get``). A reader that
+finds a malformed value logs it and skips it; it never crashes.
+
+Layout (``P`` is the cluster prefix, default ``/tenax``)::
+
+    P/leader                              controller leader record, under the leader's lease
+    P/nodes/<node>                        NodeInfo, under the agent's lease (gone => NOT_READY)
+    P/nodes/<node>/health                 latest NodeHealth (telemetry), under the agent's lease
+    P/cordons/<node>                      present => node is cordoned (survives agent restarts)
+    P/jobs/<job>/spec                     JobSpec (written once, at submit)
+    P/jobs/<job>/status                   JobStatus (phase, step, loss, workers, recoveries ...)
+    P/jobs/<job>/plan                     the current Plan (generation g); g+1 is written in a txn guarded by g
+    P/jobs/<job>/cancel                   present => the job was cancelled
+    P/jobs/<job>/workers/<rank>           WorkerStatus reported by the agent (pid, state, exit)
+    P/jobs/<job>/progress/<rank>          latest progress summary of a rank (throttled by the agent)
+    P/jobs/<job>/metrics/<step:012d>      a batch of per-step records starting at <step> (rank 0)
+    P/jobs/<job>/events/<seq:012d>        job events for WatchJob (phase, plan, recovery)
+"""
+
+from __future__ import annotations
+
+DEFAULT_PREFIX = "/tenax"
+
+
+class Keys:
+    """Builds keys under one cluster prefix."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        if not prefix.startswith("/") or prefix.endswith("/"):
+            raise ValueError(f"etcd prefix must start with '/' and not end with it, got {prefix!r}")
+        self.prefix = prefix
+
+    # cluster ------------------------------------------------------------
+    def leader(self) -> str:
+        return f"{self.prefix}/leader"
+
+    def nodes(self) -> str:
+        return f"{self.prefix}/nodes/"
+
+    def node(self, node: str) -> str:
+        return f"{self.prefix}/nodes/{node}"
+
+    def node_health(self, node: str) -> str:
+        return f"{self.prefix}/nodes/{node}/health"
+
+    def cordons(self) -> str:
+        return f"{self.prefix}/cordons/"
+
+    def cordon(self, node: str) -> str:
+        return f"{self.prefix}/cordons/{node}"
+
+    # jobs ---------------------------------------------------------------
+    def jobs(self) -> str:
+        return f"{self.prefix}/jobs/"
+
+    def job(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/"
+
+    def job_spec(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/spec"
+
+    def job_status(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/status"
+
+    def job_plan(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/plan"
+
+    def job_cancel(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/cancel"
+
+    def job_workers(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/workers/"
+
+    def job_worker(self, job: str, rank: int) -> str:
+        return f"{self.prefix}/jobs/{job}/workers/{rank}"
+
+    def job_progress(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/progress/"
+
+    def job_progress_rank(self, job: str, rank: int) -> str:
+        return f"{self.prefix}/jobs/{job}/progress/{rank}"
+
+    def job_metrics(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/metrics/"
+
+    def job_metrics_batch(self, job: str, first_step: int) -> str:
+        return f"{self.prefix}/jobs/{job}/metrics/{first_step:012d}"
+
+    def job_events(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/events/"
+
+    def job_event(self, job: str, seq: int) -> str:
+        return f"{self.prefix}/jobs/{job}/events/{seq:012d}"
+
+    # parsing --------------------------------------------------------------
+    def parse_job_key(self, key: str) -> tuple[str, str] | None:
+        """``P/jobs/<job>/<rest>`` -> (job, rest); None for anything else."""
+        head = f"{self.prefix}/jobs/"
+        if not key.startswith(head):
+            return None
+        job, sep, rest = key[len(head):].partition("/")
+        if not job or not sep:
+            return None
+        return job, rest
+
+    def parse_node_key(self, key: str) -> str | None:
+        """``P/nodes/<node>`` -> node; None for sub-keys such as health."""
+        head = self.nodes()
+        if not key.startswith(head):
+            return None
+        node = key[len(head):]
+        return node if node and "/" not in node else None

@@ -1,0 +1,340 @@
+"""The job specification: one tree of small settings, validated once at the edge.
+
+A job file (YAML), the gRPC ``JobSpec`` message and this tree use the same
+field names. ``JobSpec.from_dict`` is the single entry point for untrusted
+input: it refuses unknown keys and bad values with a ``ValueError`` whose
+message starts with the dotted field path (``parallelism.dp: must be >= 1``).
+The controller, the CLI and ``tenax train-local`` all go through it, so a bad
+spec is refused before anything is written or any process starts.
+
+This module must stay import-light (no torch): the controller imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_NAME_LEN = 63
+MAX_STRING_LEN = 256
+MAX_PATH_LEN = 4096
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+
+ARCHS = ("gpt",)
+DATA_KINDS = ("synthetic", "tokens")
+TOKEN_DTYPES = ("uint16", "uint32")
+OPTIMIZERS = ("adamw",)
+DEVICES = ("cpu", "cuda")
+STRAGGLER_POLICIES = ("rebalance", "evict", "alert")
+
+
+class SpecError(ValueError):
+    """A job spec is invalid. The message names the field (dotted path)."""
+
+
+def _fail(path: str, problem: str) -> None:
+    raise SpecError(f"{path}: {problem}")
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    arch: str = "gpt"
+    """Model architecture; only ``gpt`` (pre-LayerNorm decoder) exists."""
+    layers: int = 4
+    """Transformer blocks; a pipeline stage owns a contiguous range of them."""
+    d_model: int = 64
+    """Hidden size (features)."""
+    heads: int = 4
+    """Attention heads; must divide ``d_model``."""
+    vocab_size: int = 256
+    """Vocabulary size (tokens). 256 fits the byte-level tokenizer."""
+    seq_len: int = 32
+    """Tokens per sample."""
+    dropout: float = 0.1
+    """Dropout probability in [0, 1); masks are keyed by (seed, step, sample, layer)."""
+
+    def validate(self, path: str) -> None:
+        if self.arch not in ARCHS:
+            _fail(f"{path}.arch", f"unknown architecture {self.arch!r}; known: {', '.join(ARCHS)}")
+        for name in ("layers", "d_model", "heads", "seq_len"):
+            _positive(f"{path}.{name}", getattr(self, name))
+        if self.vocab_size < 2:
+            _fail(f"{path}.vocab_size", f"must be >= 2, got {self.vocab_size}")
+        if self.d_model % self.heads:
+            _fail(f"{path}.heads", f"must divide d_model={self.d_model}, got {self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail(f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class DataSpec:
+    kind: str = "synthetic"
+    """``synthetic`` (seeded tokens) or ``tokens`` (a memory-mapped token file)."""
+    path: str = ""
+    """Token file for ``kind: tokens`` (see ``python -m trainer.data``)."""
+    dtype: str = "uint16"
+    """Element type of the token file: ``uint16`` or ``uint32``."""
+    num_samples: int = 4096
+    """Dataset size for ``kind: synthetic`` (samples)."""
+
+    def validate(self, path: str) -> None:
+        if self.kind not in DATA_KINDS:
+            _fail(f"{path}.kind", f"unknown data kind {self.kind!r}; known: {', '.join(DATA_KINDS)}")
+        if self.kind == "tokens" and not self.path:
+            _fail(f"{path}.path", "is required when kind is 'tokens'")
+        if len(self.path) > MAX_PATH_LEN:
+            _fail(f"{path}.path", f"longer than {MAX_PATH_LEN} characters")
+        if self.dtype not in TOKEN_DTYPES:
+            _fail(f"{path}.dtype", f"unknown dtype {self.dtype!r}; known: {', '.join(TOKEN_DTYPES)}")
+        _positive(f"{path}.num_samples", self.num_samples)
+
+
+@dataclass(kw_only=True)
+class OptimizerSpec:
+    name: str = "adamw"
+    """Optimizer; only ``adamw`` (fp32 master state)."""
+    lr: float = 3e-3
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 5
+    """Linear warmup length (steps)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the true global gradient norm to this value; 0 disables clipping."""
+
+    def validate(self, path: str) -> None:
+        if self.name not in OPTIMIZERS:
+            _fail(f"{path}.name", f"unknown optimizer {self.name!r}; known: {', '.join(OPTIMIZERS)}")
+        if not self.lr > 0:
+            _fail(f"{path}.lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            _fail(f"{path}.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            _fail(f"{path}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            _fail(f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                _fail(f"{path}.{name}", f"must be in [0, 1), got {value}")
+        if not self.eps > 0:
+            _fail(f"{path}.eps", f"must be > 0, got {self.eps}")
+        if self.grad_clip < 0:
+            _fail(f"{path}.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(kw_only=True)
+class Parallelism:
+    dp: int = 1
+    """Data-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel degree (stages); at most ``model.layers``."""
+    zero_stage: int = 0
+    """0: replicated; 1: optimizer state sharded over dp; 2: gradients too."""
+
+    def validate(self, path: str) -> None:
+        _positive(f"{path}.dp", self.dp)
+        _positive(f"{path}.pp", self.pp)
+        if self.zero_stage not in (0, 1, 2):
+            _fail(f"{path}.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
+
+
+@dataclass(kw_only=True)
+class ElasticSpec:
+    min_workers: int = 1
+    """Fewest workers the job may shrink to before it fails."""
+    max_workers: int = 0
+    """Most workers the job may grow to; 0 means ``resources.workers``."""
+    snapshot_every: str = "1"
+    """In-memory snapshot interval: ``auto`` or a positive integer (steps)."""
+    checkpoint_every: int = 0
+    """Disk checkpoint interval (steps); 0 turns disk checkpoints off."""
+    straggler_policy: str = "rebalance"
+    """``rebalance`` sample shares, ``evict`` to a spare, or ``alert`` only."""
+
+    def validate(self, path: str) -> None:
+        _positive(f"{path}.min_workers", self.min_workers)
+        if self.max_workers < 0:
+            _fail(f"{path}.max_workers", f"must be >= 0, got {self.max_workers}")
+        if self.snapshot_every != "auto" and not (self.snapshot_every.isdigit() and int(self.snapshot_every) > 0):
+            _fail(f"{path}.snapshot_every", f"must be 'auto' or a positive integer, got {self.snapshot_every!r}")
+        if self.checkpoint_every < 0:
+            _fail(f"{path}.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        if self.straggler_policy not in STRAGGLER_POLICIES:
+            _fail(
+                f"{path}.straggler_policy",
+                f"unknown policy {self.straggler_policy!r}; known: {', '.join(STRAGGLER_POLICIES)}",
+            )
+
+
+@dataclass(kw_only=True)
+class Resources:
+    workers: int = 1
+    """Worker processes (one per slot: a GPU, or a CPU slot)."""
+    device: str = "cpu"
+    """``cpu`` (gloo) or ``cuda`` (NCCL, bf16 autocast)."""
+
+    def validate(self, path: str) -> None:
+        _positive(f"{path}.workers", self.workers)
+        if self.device not in DEVICES:
+            _fail(f"{path}.device", f"unknown device {self.device!r}; known: {', '.join(DEVICES)}")
+
+
+@dataclass(kw_only=True)
+class JobSpec:
+    name: str = "job"
+    """Job name: lowercase letters, digits and '-', at most 63 characters."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    seed: int = 0
+    """Seeds everything: init, sample order, dropout masks."""
+    steps: int = 50
+    """Optimizer steps to train."""
+    global_batch_size: int = 16
+    """Samples per step across all ranks; fixed when the world changes."""
+    micro_batch_size: int = 2
+    """Samples per forward/backward on one rank (pipeline micro-batch)."""
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    elastic: ElasticSpec = field(default_factory=ElasticSpec)
+    resources: Resources = field(default_factory=Resources)
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_dict(cls, data: Any, *, path: str = "spec") -> "JobSpec":
+        """Build and validate a spec from plain data (parsed YAML or JSON)."""
+        spec = _build(cls, data, path)
+        spec.validate()
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``SpecError`` naming the first bad field; return None if valid."""
+        if not isinstance(self.name, str) or len(self.name) > MAX_NAME_LEN or not _NAME_RE.match(self.name):
+            _fail(
+                "name",
+                f"must be 1-{MAX_NAME_LEN} lowercase letters, digits or '-' "
+                f"(not starting or ending with '-'), got {_short(self.name)!r}",
+            )
+        self.model.validate("model")
+        self.data.validate("data")
+        self.optimizer.validate("optimizer")
+        self.parallelism.validate("parallelism")
+        self.elastic.validate("elastic")
+        self.resources.validate("resources")
+        if self.seed < 0:
+            _fail("seed", f"must be >= 0, got {self.seed}")
+        _positive("steps", self.steps)
+        _positive("global_batch_size", self.global_batch_size)
+        _positive("micro_batch_size", self.micro_batch_size)
+        self._validate_layout()
+
+    def _validate_layout(self) -> None:
+        par, res = self.parallelism, self.resources
+        if par.dp * par.pp != res.workers:
+            _fail(
+                "parallelism",
+                f"dp*pp must equal resources.workers: {par.dp}*{par.pp}={par.dp * par.pp} != {res.workers}",
+            )
+        if par.pp > self.model.layers:
+            _fail("parallelism.pp", f"must be <= model.layers={self.model.layers}, got {par.pp}")
+        if self.global_batch_size < par.dp:
+            _fail(
+                "global_batch_size",
+                f"global batch {self.global_batch_size} is not reachable with dp={par.dp}: "
+                f"every data-parallel rank needs at least one sample",
+            )
+        smallest_share = self.global_batch_size // par.dp
+        if self.micro_batch_size > smallest_share:
+            _fail(
+                "micro_batch_size",
+                f"micro-batch {self.micro_batch_size} is larger than a data-parallel share "
+                f"({self.global_batch_size} // dp={par.dp} = {smallest_share})",
+            )
+        if self.data.kind == "synthetic" and self.data.num_samples < self.global_batch_size:
+            _fail(
+                "data.num_samples",
+                f"must be >= global_batch_size={self.global_batch_size}, got {self.data.num_samples}",
+            )
+        el = self.elastic
+        max_workers = el.max_workers or res.workers
+        if el.min_workers > res.workers:
+            _fail("elastic.min_workers", f"must be <= resources.workers={res.workers}, got {el.min_workers}")
+        if max_workers < res.workers:
+            _fail("elastic.max_workers", f"must be >= resources.workers={res.workers} (or 0), got {el.max_workers}")
+
+    @property
+    def max_workers(self) -> int:
+        return self.elastic.max_workers or self.resources.workers
+
+
+def _positive(path: str, value: int) -> None:
+    if value < 1:
+        _fail(path, f"must be >= 1, got {value}")
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Strictly convert a mapping into dataclass ``cls`` (unknown keys refused)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        _fail(path, f"must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in fields)
+    if unknown:
+        _fail(f"{path}.{unknown[0]}" if path != "spec" else unknown[0],
+              f"unknown option; known: {', '.join(fields)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        sub = key if path == "spec" else f"{path}.{key}"
+        kwargs[key] = _coerce(fields[key], value, sub)
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, path: str) -> Any:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if dataclasses.is_dataclass(default):
+        return _build(type(default), value, path)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            _fail(path, f"must be true or false, got {_short(value)!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            _fail(path, f"must be an integer, got {_short(value)!r}")
+        try:
+            return int(value)
+        except ValueError:
+            _fail(path, f"must be an integer, got {_short(value)!r}")
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            _fail(path, f"must be a number, got {_short(value)!r}")
+        try:
+            return float(value)
+        except ValueError:
+            _fail(path, f"must be a number, got {_short(value)!r}")
+    if isinstance(default, str):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # e.g. snapshot_every: 5
+        if not isinstance(value, str):
+            _fail(path, f"must be a string, got {_short(value)!r}")
+        limit = MAX_PATH_LEN if path.endswith(".path") else MAX_STRING_LEN
+        if len(value) > limit:
+            _fail(path, f"longer than {limit} characters")
+        return value
+    raise TypeError(f"unsupported field type at {path}")  # programming error, not input
