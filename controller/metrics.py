@@ -1,0 +1,65 @@
+"""Controller metrics (Prometheus). Names are prefixed ``tenax_``; label sets
+are bounded: ``job`` (series removed when a job ends), ``rank`` (< world size),
+``phase``/``state``/``condition``/``cause`` (small enums).
+
+This module is the catalog: ops/ dashboards and alert rules may use only the
+names defined here or in agent/metrics.py (a test checks it).
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# cluster
+CONTROLLER_IS_LEADER = Gauge("tenax_controller_is_leader", "1 if this replica leads, else 0", registry=REGISTRY)
+JOBS = Gauge("tenax_jobs", "Jobs by phase", ["phase"], registry=REGISTRY)
+NODES = Gauge("tenax_nodes", "Nodes by state (READY, NOT_READY, CORDONED)", ["state"], registry=REGISTRY)
+NODES_BY_CONDITION = Gauge("tenax_nodes_by_condition", "Nodes by health condition (HEALTHY, DEGRADED, FAILED)",
+                           ["condition"], registry=REGISTRY)
+GRPC_REQUESTS = Counter("tenax_grpc_requests_total", "gRPC requests by method and status code",
+                        ["method", "code"], registry=REGISTRY)
+
+# per job
+JOB_STEP = Gauge("tenax_job_step", "Last step reported by the job", ["job"], registry=REGISTRY)
+JOB_LOSS = Gauge("tenax_job_loss", "Loss at the last reported step", ["job"], registry=REGISTRY)
+JOB_TOKENS_PER_SECOND = Gauge("tenax_job_tokens_per_second", "Training throughput (tokens/s)", ["job"],
+                              registry=REGISTRY)
+JOB_GENERATION = Gauge("tenax_job_generation", "Current plan generation", ["job"], registry=REGISTRY)
+JOB_WORKERS = Gauge("tenax_job_workers", "Workers in the current plan", ["job"], registry=REGISTRY)
+JOB_LAST_PROGRESS = Gauge("tenax_job_last_progress_timestamp_seconds",
+                          "Unix time of the job's last step (progress heartbeat)", ["job"], registry=REGISTRY)
+JOB_RECOVERABLE_STEP_LAG = Gauge("tenax_job_recoverable_step_lag",
+                                 "Steps between the current step and the latest recoverable snapshot",
+                                 ["job"], registry=REGISTRY)
+JOB_RECOVERABLE_AGE = Gauge("tenax_job_recoverable_age_seconds",
+                            "Seconds since the latest recoverable snapshot was completed", ["job"],
+                            registry=REGISTRY)
+
+# recoveries and stragglers
+RECOVERIES = Counter("tenax_recoveries_total", "Recoveries by cause", ["cause"], registry=REGISTRY)
+RECOVERY_DURATION = Histogram(
+    "tenax_recovery_duration_seconds", "Recovery time by phase (detection, plan, rebuild, transfer, total)",
+    ["phase"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=REGISTRY)
+RECOVERY_MTTR = Gauge("tenax_recovery_mttr_seconds", "Total time of the job's last recovery", ["job"],
+                      registry=REGISTRY)
+STEPS_LOST = Counter("tenax_steps_lost_total", "Completed steps lost to recoveries", ["job"], registry=REGISTRY)
+STRAGGLER_SCORE = Gauge("tenax_straggler_score",
+                        "Robust z-score of a rank's compute time against the job's median (MAD units)",
+                        ["job", "rank"], registry=REGISTRY)
+STRAGGLERS_FLAGGED = Counter("tenax_stragglers_flagged_total", "Ranks flagged as persistent stragglers",
+                             ["job"], registry=REGISTRY)
+HANGS_DETECTED = Counter("tenax_hangs_detected_total", "Ranks declared hung (no progress)", ["job"],
+                         registry=REGISTRY)
+
+
+def forget_job(job: str) -> None:
+    """Drop a finished job's series so the label set stays bounded."""
+    for metric in (JOB_STEP, JOB_LOSS, JOB_TOKENS_PER_SECOND, JOB_GENERATION, JOB_WORKERS, JOB_LAST_PROGRESS,
+                   JOB_RECOVERABLE_STEP_LAG, JOB_RECOVERABLE_AGE, RECOVERY_MTTR):
+        try:
+            metric.remove(job)
+        except KeyError:
+            pass
+    for labels in list(STRAGGLER_SCORE._metrics):  # (job, rank) pairs
+        if labels[0] == job:
+            STRAGGLER_SCORE.remove(*labels)
