@@ -51,6 +51,15 @@ STRAGGLERS_FLAGGED = Counter("tenax_stragglers_flagged_total", "Ranks flagged as
 HANGS_DETECTED = Counter("tenax_hangs_detected_total", "Ranks declared hung (no progress)", ["job"],
                          registry=REGISTRY)
 
+# per-job views for ops/ (the job dashboard and the job-stalled / snapshot alerts)
+JOB_PHASE = Gauge("tenax_job_phase", "1 for the job's current phase (PENDING, RUNNING, RECOVERING, ...), else 0",
+                  ["job", "phase"], registry=REGISTRY)
+JOB_RECOVERIES = Counter("tenax_job_recoveries_total", "Recoveries of a job by cause", ["job", "cause"],
+                         registry=REGISTRY)
+JOB_LAST_RECOVERY = Gauge("tenax_job_last_recovery_seconds",
+                          "The job's last recovery by phase (detection, plan, rebuild, transfer, total)",
+                          ["job", "phase"], registry=REGISTRY)
+
 
 def forget_job(job: str) -> None:
     """Drop a finished job's series so the label set stays bounded."""
@@ -60,6 +69,7 @@ def forget_job(job: str) -> None:
             metric.remove(job)
         except KeyError:
             pass
-    for labels in list(STRAGGLER_SCORE._metrics):  # (job, rank) pairs
-        if labels[0] == job:
-            STRAGGLER_SCORE.remove(*labels)
+    for metric in (STRAGGLER_SCORE, JOB_PHASE, JOB_RECOVERIES, JOB_LAST_RECOVERY):
+        for labels in list(metric._metrics):  # (job, rank|phase|cause) pairs
+            if labels[0] == job:
+                metric.remove(*labels)
