@@ -1,0 +1,447 @@
+"""`tenax agent`: one per host. Registers the node, serves the rendezvous store,
+publishes telemetry, and runs the workers that plans put on this node.
+
+Tasks of a running agent (all in one asyncio loop)::
+
+    registration   NodeInfo under a lease (TTL, refresh every TTL/3, re-register when lost)
+    telemetry      psutil + NVML every few seconds -> Keys.node_health (under the lease), gauges,
+                   node condition (HEALTHY/DEGRADED/FAILED) -> NodeInfo when it changes
+    jobs watch     Keys.jobs(): plans naming this node -> Supervisor.apply_plan; cancel -> kill
+    supervisor     worker processes, their exits (reported < 100 ms), progress relays
+    http           /metrics, /healthz, /logs/<job>/<rank>?offset=N
+
+Worker state machine: see agent/supervisor.py. On SIGTERM/SIGINT the agent
+stops its workers (SIGTERM, then SIGKILL), reports them KILLED and revokes its
+lease (the node is NOT_READY at once). If it is killed outright, the kernel
+kills its workers (parent-death signal) and the lease expires after the TTL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("agent")
+
+
+@dataclass(kw_only=True)
+class AgentSettings:
+    etcd: str
+    """etcd endpoints, ``http://host:port[,...]``."""
+    node_id: str
+    """Unique node name (no '/'); default: the hostname."""
+    slots: int | None = None
+    """Worker slots; None: the number of GPUs NVML finds, or 1 on a host without GPUs."""
+    lease_ttl_s: int = 5
+    """Node lease TTL (seconds); the lease is refreshed every TTL/3."""
+    work_dir: Path
+    """Per-node directory for launch files, logs, metrics files and job run dirs."""
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
+    """HTTP port for /metrics, /healthz and /logs (0: ephemeral)."""
+    advertise_host: str = ""
+    """Host other machines use to reach this agent (HTTP and store); default: http_host, or the
+    hostname when http_host is a wildcard address."""
+    etcd_prefix: str = "/tenax"
+    telemetry_interval_s: float = 3.0
+    """Seconds between telemetry samples."""
+    kill_grace_s: float = 5.0
+    """Seconds between SIGTERM and SIGKILL when stopping a worker."""
+    progress_interval_s: float = 1.0
+    """Minimum seconds between two progress writes of one rank."""
+    worker_command: list[str] = field(default_factory=list)
+    """Worker command line; empty: ``python -m trainer.worker``."""
+    store_port: int = 0
+    """Rendezvous TCPStore port (0: ephemeral)."""
+    etcd_ca: str = ""
+    """CA of etcd's certificate (PEM), for https:// endpoints."""
+    etcd_cert: str = ""
+    """Client certificate for etcd (PEM), when etcd asks for one."""
+    etcd_key: str = ""
+    """Its private key (PEM)."""
+
+    def etcd_tls(self):
+        from controller.etcd import EtcdTls
+
+        return EtcdTls(ca_file=self.etcd_ca, cert_file=self.etcd_cert, key_file=self.etcd_key) \
+            if self.etcd_ca else None
+
+    def validate(self) -> "AgentSettings":
+        from controller.etcd import parse_endpoint
+        from protos.keys import Keys
+
+        parse_endpoint(self.etcd)
+        Keys(self.etcd_prefix)
+        if self.etcd.strip().startswith("https://") and not self.etcd_ca:
+            raise ValueError("--etcd is https: give --etcd-ca (and --etcd-cert/--etcd-key if etcd asks)")
+        if bool(self.etcd_cert) != bool(self.etcd_key):
+            raise ValueError("--etcd-cert and --etcd-key go together")
+        if not self.node_id or "/" in self.node_id or len(self.node_id) > 253:
+            raise ValueError(f"--node-id must be a non-empty name without '/', got {self.node_id!r}")
+        if self.slots is not None and self.slots < 0:
+            raise ValueError(f"--slots must be >= 0, got {self.slots}")
+        if self.lease_ttl_s < 2:
+            raise ValueError(f"--lease-ttl must be >= 2 seconds (etcd's minimum), got {self.lease_ttl_s}")
+        for name in ("telemetry_interval_s", "kill_grace_s", "progress_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("http_port", "store_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be a port (0-65535), got {getattr(self, name)}")
+        if not self.advertise_host:
+            wildcard = self.http_host in ("0.0.0.0", "::", "")
+            self.advertise_host = socket.gethostname() if wildcard else self.http_host
+        return self
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, *, gpu_source=None) -> None:
+        from agent.telemetry import open_gpu_source
+        from protos.keys import Keys
+
+        self.settings = settings
+        self.keys = Keys(settings.etcd_prefix)
+        self.gpu_source = gpu_source if gpu_source is not None else open_gpu_source()
+        gpus = self.gpu_source.device_count()
+        self.slots = settings.slots if settings.slots is not None else (gpus or 1)
+        self.started = time.time()
+        self.condition = ("HEALTHY", "")
+        self.address = ""
+        self.store_address = ""
+        self.stopping = asyncio.Event()
+        self.etcd = None
+        self.registration = None
+        self.supervisor = None
+        self._cancelled: set[str] = set()
+        """Jobs cancelled or ended (terminal phase): their workers are stopped, never started."""
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------ node info
+    def node_info(self) -> dict[str, Any]:
+        from protos.records import NodeRecord
+
+        return NodeRecord(id=self.settings.node_id, slots=self.slots, hostname=socket.gethostname(),
+                          address=self.address, store_address=self.store_address,
+                          condition=self.condition[0], condition_reason=self.condition[1],
+                          started=self.started).to_dict()
+
+    # ------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        from agent import metrics
+        from agent.http import AgentHttp
+        from agent.registration import Registration
+        from agent.store import RendezvousStore
+        from agent.supervisor import Supervisor
+        from controller.etcd import Etcd
+
+        s = self.settings
+        metrics.AGENT_INFO.labels(s.node_id).set(1)
+        metrics.AGENT_SLOTS.set(self.slots)
+        s.work_dir.mkdir(parents=True, exist_ok=True)
+        self.etcd = Etcd(s.etcd, tls=s.etcd_tls())
+        self.supervisor = Supervisor(etcd=self.etcd, keys=self.keys, node_id=s.node_id, work_dir=s.work_dir,
+                                     etcd_endpoints=s.etcd, worker_command=s.worker_command or None,
+                                     kill_grace_s=s.kill_grace_s, progress_interval_s=s.progress_interval_s,
+                                     extra_env={name: value for name, value in (
+                                         ("TENAX_ETCD_CA", s.etcd_ca), ("TENAX_ETCD_CERT", s.etcd_cert),
+                                         ("TENAX_ETCD_KEY", s.etcd_key)) if value})
+        self.registration = Registration(etcd=self.etcd, keys=self.keys, node_id=s.node_id, ttl_s=s.lease_ttl_s,
+                                         node_info=self.node_info)
+        http = AgentHttp(log_path=self.supervisor.log_path, healthy=lambda: self.registration.registered.is_set())
+        store = RendezvousStore()
+        try:
+            port = await http.start(s.http_host, s.http_port)
+            self.address = f"{s.advertise_host}:{port}"
+            bind = "0.0.0.0" if s.http_host in ("0.0.0.0", "") else s.http_host
+            store_port = await asyncio.to_thread(store.start, bind, s.store_port)
+            self.store_address = f"{s.advertise_host}:{store_port}"
+            await self._connect()
+            self.registration.start()
+            await self.registration.registered.wait()
+            self._tasks = [asyncio.create_task(self._telemetry_loop(), name="telemetry"),
+                           asyncio.create_task(self._jobs_loop(), name="jobs")]
+            log.info("agent %s ready: %d slots, http %s, store %s", s.node_id, self.slots, self.address,
+                     self.store_address)
+            await self.stopping.wait()
+        finally:
+            await self._shutdown(http, store)
+
+    async def _connect(self) -> None:
+        from controller.etcd import Backoff, EtcdError
+
+        backoff = Backoff(0.1, 2.0)
+        while True:
+            try:
+                await self.etcd.connect()
+                return
+            except EtcdError as exc:
+                log.warning("etcd %s not reachable (will retry): %r", self.settings.etcd, exc)
+                await backoff.sleep()
+
+    async def _shutdown(self, http, store) -> None:
+        log.info("agent %s stopping", self.settings.node_id)
+        for t in self._tasks:
+            t.cancel()
+        try:
+            if self.supervisor:
+                await asyncio.wait_for(self.supervisor.stop_all("agent shutdown"),
+                                       self.settings.kill_grace_s + 10)
+        except Exception as exc:
+            log.warning("stopping workers: %r", exc)
+        finally:
+            if self.supervisor:
+                self.supervisor.kill_all_now()
+        if self.registration:
+            try:
+                await asyncio.wait_for(self.registration.stop(revoke=True), 3.0)
+            except Exception as exc:
+                log.debug("revoke: %r", exc)
+        await http.stop()
+        store.stop()
+        self.gpu_source.close()
+        if self.etcd:
+            await self.etcd.close()
+
+    # ------------------------------------------------------------ telemetry
+    async def _telemetry_loop(self) -> None:
+        from agent.retrylog import FailureLog
+        from agent.telemetry import export_gauges, health_record, node_condition, sample_host
+        from controller.etcd import EtcdError
+
+        failures = FailureLog(log, "telemetry publishing")
+        while True:
+            try:
+                host = sample_host()
+                gpus = await asyncio.to_thread(self.gpu_source.sample)
+                export_gauges(host, gpus)
+                condition = node_condition(gpus)
+                if condition != self.condition:
+                    log.warning("node condition %s -> %s %s", self.condition[0], condition[0], condition[1])
+                    self.condition = condition
+                    await self.registration.update_info()
+                record = health_record(host, gpus, time.time())
+                await self.registration.put_leased(self.keys.node_health(self.settings.node_id),
+                                                   json.dumps(record))
+                failures.ok()
+            except EtcdError as exc:
+                failures.failed(exc)
+            except Exception:  # telemetry must never take the agent down
+                log.exception("telemetry sample failed")
+            await asyncio.sleep(self.settings.telemetry_interval_s)
+
+    # ------------------------------------------------------------ jobs
+    async def _jobs_loop(self) -> None:
+        """Sync with etcd, then follow changes; after any break (etcd restart) sync again."""
+        from controller.etcd import Backoff, EtcdError
+
+        from agent.retrylog import FailureLog
+
+        backoff = Backoff(0.1, 2.0)
+        failures = FailureLog(log, "jobs watch")
+        first = True
+        while True:
+            try:
+                revision = await self._sync(first=first)
+                first = False
+                failures.ok()
+                backoff.reset()
+                async for ev in self.etcd.watch_prefix(self.keys.jobs(), start_revision=revision + 1):
+                    await self._on_job_event(ev.kind, ev.key, ev.value)
+                raise EtcdError("watch ended")
+            except EtcdError as exc:
+                failures.failed(exc)
+                await backoff.sleep()
+            except Exception:  # a bug must not silently end the watch: log it, resync
+                log.exception("jobs watch failed; resyncing")
+                await backoff.sleep()
+
+    async def _sync(self, *, first: bool) -> int:
+        """Apply every plan naming this node; returns a revision to watch from.
+
+        The revision comes from a write made before the reads, so watching from
+        it replays at most a few events we already saw (plans are idempotent)
+        and never misses one.
+        """
+        from protos.records import TERMINAL_PHASES, JobStatusRecord, WorkerStatusRecord, parse_or_none
+
+        from controller.etcd import EtcdUnavailable
+
+        node = self.settings.node_id
+        lease = self.registration.lease_id
+        if lease is None:  # never write NodeInfo without a lease: it would outlive the agent
+            raise EtcdUnavailable("not registered")
+        revision = await self.etcd.put(self.keys.node(node), json.dumps(self.node_info()), lease=lease)
+        job_ids = sorted({parsed[0] for key in await self.etcd.keys_prefix(self.keys.jobs())
+                          if (parsed := self.keys.parse_job_key(key)) is not None})
+        for job in job_ids:
+            plan_kv = await self.etcd.get(self.keys.job_plan(job))
+            if plan_kv is None:
+                continue
+            if await self.etcd.get(self.keys.job_cancel(job)) is not None:
+                self._cancelled.add(job)
+            status_kv = await self.etcd.get(self.keys.job_status(job))
+            status = parse_or_none(JobStatusRecord, status_kv.value, log, status_kv.key) if status_kv else None
+            terminal = status is not None and status.phase in TERMINAL_PHASES
+            for kv in await self.etcd.get_prefix(self.keys.job_workers(job)):
+                rec = parse_or_none(WorkerStatusRecord, kv.value, log, kv.key)
+                if rec is None or rec.node != node:
+                    continue
+                await self._remember_reported(job, rec, first=first)
+            if terminal:
+                await self._job_ended(job, status.phase)
+                continue
+            await self._on_plan(job, plan_kv.value)
+        return revision
+
+    async def _remember_reported(self, job: str, rec, *, first: bool) -> None:
+        """A worker status this node wrote earlier: never start that rank again for its generation.
+
+        At the agent's first sync, a STARTING/RUNNING record is from a previous life of
+        this agent; its workers died with it (parent-death signal): report them FAILED.
+        """
+        from agent.decisions import LocalWorker
+        from protos.records import WorkerStatusRecord
+
+        live = self.supervisor.workers.get((job, rec.rank))
+        if live is not None and live.alive:
+            return
+        self.supervisor.remember(LocalWorker(job=job, rank=rec.rank, slot=rec.slot, generation=rec.generation,
+                                             alive=False))
+        if first and rec.state in ("STARTING", "RUNNING"):
+            dead = WorkerStatusRecord(rank=rec.rank, node=rec.node, state="FAILED", slot=rec.slot, pid=rec.pid,
+                                      exit_code=None, signal="SIGKILL", generation=rec.generation,
+                                      time=time.time()).to_dict()
+            dead["reason"] = "agent restarted; the worker died with the previous agent"
+            await self.etcd.put(self.keys.job_worker(job, rec.rank), json.dumps(dead))
+
+    async def _on_job_event(self, kind: str, key: str, value: str) -> None:
+        parsed = self.keys.parse_job_key(key)
+        if parsed is None:
+            return
+        job, rest = parsed
+        if rest == "plan":
+            if kind == "put":
+                await self._on_plan(job, value)
+            else:
+                await self.supervisor.cancel_job(job)  # the job is gone
+        elif rest == "cancel" and kind == "put":
+            self._cancelled.add(job)
+            await self.supervisor.cancel_job(job)
+        elif rest == "status" and kind == "put":
+            from protos.records import TERMINAL_PHASES, JobStatusRecord, parse_or_none
+
+            status = parse_or_none(JobStatusRecord, value, log, key)
+            if status is not None and status.phase in TERMINAL_PHASES:
+                await self._job_ended(job, status.phase)
+
+    async def _job_ended(self, job: str, phase: str) -> None:
+        """A job reached a terminal phase: stop what is left of it (e.g. ranks blocked in a
+        collective after a peer failed) and forget it."""
+        self._cancelled.add(job)
+        await self.supervisor.cancel_job(job, reason=f"job {phase}")
+        self.supervisor.forget_job(job)
+
+    async def _on_plan(self, job: str, value: str) -> None:
+        from protos.plan import Plan, PlanError
+
+        try:
+            plan = Plan.from_json(value)
+        except PlanError as exc:
+            log.warning("skipping malformed plan of job %s: %s", job, exc)
+            return
+        if plan.job_id != job:
+            log.warning("skipping plan at job %s that names job %s", job, plan.job_id)
+            return
+        node = self.settings.node_id
+        has_local = any(w.job == job for w in self.supervisor.local_views())
+        if not plan.workers_on(node) and not has_local:
+            return
+        spec = await self._spec(job) if plan.workers_on(node) else None
+        await self.supervisor.apply_plan(plan, cancelled=job in self._cancelled, spec=spec)
+
+    async def _spec(self, job: str) -> dict[str, Any] | None:
+        kv = await self.etcd.get(self.keys.job_spec(job))
+        if kv is None:
+            return None
+        try:
+            spec = json.loads(kv.value)
+        except ValueError:
+            log.warning("job %s: malformed spec in etcd", job)
+            return None
+        return spec if isinstance(spec, dict) else None
+
+
+# ------------------------------------------------------------------ CLI
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def default_work_dir(node_id: str) -> Path:
+    home = Path(os.environ.get("TENAX_HOME") or Path.home() / ".tenax")
+    return home / "agents" / node_id
+
+
+def register(sub) -> None:
+    p = sub.add_parser("agent", help="run the node agent (one per host)",
+                       description="Register this host, publish telemetry and run the workers plans give it.")
+    p.add_argument("--etcd", default=os.environ.get("TENAX_ETCD", "http://127.0.0.1:2379"),
+                   help="etcd endpoint (default: $TENAX_ETCD or http://127.0.0.1:2379)")
+    p.add_argument("--etcd-prefix", default=os.environ.get("TENAX_ETCD_PREFIX", "/tenax"))
+    p.add_argument("--node-id", default=socket.gethostname(), help="node name (default: hostname)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="worker slots (default: GPUs found through NVML, else 1)")
+    p.add_argument("--lease-ttl", type=int, default=5, help="node lease TTL in seconds (default 5)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="logs, launch files and run dirs (default: $TENAX_HOME/agents/<node>)")
+    p.add_argument("--http", type=_host_port, default=("127.0.0.1", 0),
+                   help="HOST:PORT of /metrics, /healthz, /logs (port 0: ephemeral; default 127.0.0.1:0)")
+    p.add_argument("--advertise-host", default="", help="host others reach this agent at")
+    p.add_argument("--telemetry-interval", type=float, default=3.0, help="seconds between telemetry samples")
+    p.add_argument("--kill-grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument("--etcd-ca", default=os.environ.get("TENAX_ETCD_CA", ""),
+                   help="CA of etcd's certificate, for https:// endpoints (default $TENAX_ETCD_CA)")
+    p.add_argument("--etcd-cert", default=os.environ.get("TENAX_ETCD_CERT", ""), help="client certificate for etcd")
+    p.add_argument("--etcd-key", default=os.environ.get("TENAX_ETCD_KEY", ""), help="its private key")
+    p.add_argument("--worker-command", default="",
+                   help="worker command line (default: python -m trainer.worker); for tests")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import shlex
+
+    # gRPC core logs an INFO line on every fork (each worker start); keep its errors only.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    try:
+        settings = AgentSettings(
+            etcd=args.etcd, etcd_prefix=args.etcd_prefix, node_id=args.node_id, slots=args.slots,
+            lease_ttl_s=args.lease_ttl, work_dir=args.work_dir or default_work_dir(args.node_id),
+            http_host=args.http[0], http_port=args.http[1], advertise_host=args.advertise_host,
+            telemetry_interval_s=args.telemetry_interval, kill_grace_s=args.kill_grace,
+            worker_command=shlex.split(args.worker_command), etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert,
+            etcd_key=args.etcd_key).validate()
+    except ValueError as exc:
+        print(f"tenax agent: {exc}")
+        return 2
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: AgentSettings) -> int:
+    agent = Agent(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stopping.set)
+    await agent.run()
+    return 0

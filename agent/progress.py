@@ -1,0 +1,207 @@
+"""Progress relay: tail a worker's metrics JSONL file and publish it to etcd.
+
+* per rank, the latest step summary at ``Keys.job_progress_rank`` — at most one
+  write per ``min_interval_s`` (never one etcd write per step per rank);
+* for the job's metrics rank (dp rank 0 on the last pipeline stage: the rank
+  that computes the loss; rank 0 when pp=1), every step record, appended in
+  batches to ``Keys.job_metrics_batch(job, first_step)`` (``protos.records.MetricsBatch``);
+* the ``tenax_rank_*`` gauges.
+
+The worker writes one JSON object per line with at least ``step``, ``loss``,
+``tokens`` and ``step_time`` (seconds); ``tokens_per_s``, ``collective_time`` and
+``forward_time`` + ``backward_time`` (compute) are used when present. A malformed line is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from agent import metrics
+from agent.decisions import should_publish
+from agent.retrylog import FailureLog
+from controller.etcd import Backoff, Etcd, EtcdError
+from protos.keys import Keys
+from protos.records import MetricsBatch, ProgressRecord, StepRecord
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+"""How often the metrics file is read for new lines (seconds)."""
+MAX_BATCH = 200
+"""Step records per metrics batch key."""
+
+
+def _first(record: dict[str, Any], *names: str) -> Any:
+    for name in names:
+        if record.get(name) is not None:
+            return record[name]
+    return None
+
+
+def _compute_seconds(record: dict[str, Any]) -> float | None:
+    explicit = _first(record, "compute_s", "compute_time", "compute_time_s")
+    if explicit is not None:
+        return explicit
+    parts = [record.get("forward_time"), record.get("backward_time")]
+    if all(isinstance(p, (int, float)) for p in parts):
+        return float(parts[0]) + float(parts[1])
+    return None
+
+
+def summarize(record: dict[str, Any], generation: int) -> dict[str, Any] | None:
+    """One worker metrics line -> the progress/step record; None if it has no step."""
+    step = _first(record, "step")
+    if not isinstance(step, (int, float)) or isinstance(step, bool):
+        return None
+    step_time = _first(record, "step_time_s", "step_time")
+    tokens_per_s = _first(record, "tokens_per_s")
+    tokens = _first(record, "tokens")
+    if tokens_per_s is None and tokens is not None and step_time:
+        tokens_per_s = float(tokens) / float(step_time)
+    loss = _first(record, "loss")
+    return {
+        "step": int(step),
+        "loss": float(loss) if isinstance(loss, (int, float)) else None,
+        "tokens_per_s": float(tokens_per_s) if tokens_per_s is not None else 0.0,
+        "step_time_s": float(step_time) if step_time is not None else 0.0,
+        "time": float(_first(record, "time") or time.time()),
+        "generation": int(_first(record, "generation") or generation),
+        "compute_s": _compute_seconds(record),
+        "collective_s": _first(record, "collective_s", "collective_time", "collective_time_s", "comm_time"),
+        "recoverable_step": int(_first(record, "recoverable_step") or 0),
+    }
+
+
+class ProgressRelay:
+    def __init__(self, *, etcd: Etcd, keys: Keys, job: str, rank: int, path: Path, offset: int = 0,
+                 generation: int = 1, min_interval_s: float = 1.0, relay_steps: bool = False,
+                 on_first_record: Callable[[], None] | None = None) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        self.job = job
+        self.rank = rank
+        self.path = Path(path)
+        self.offset = offset
+        self.generation = generation
+        self.min_interval_s = min_interval_s
+        self.on_first_record = on_first_record
+        self.relay_steps = relay_steps
+        """True on the one rank per job whose step records go to the job's metrics."""
+        self.latest: dict[str, Any] | None = None
+        self._latest_published: dict[str, Any] | None = None
+        self._last_publish: float | None = None
+        self._batch: list[StepRecord] = []
+        self._partial = b""
+        self._seen_any = False
+        self._task: asyncio.Task | None = None
+        self.writes = 0
+        """etcd writes done (tests check the throttle)."""
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"progress-{self.job}-{self.rank}")
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop tailing; read what is left in the file and publish it (best effort within the timeout)."""
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._read_new_lines()
+        try:
+            await asyncio.wait_for(self._publish(force=True), timeout_s)
+        except (EtcdError, asyncio.TimeoutError) as exc:
+            log.warning("final progress of job %s rank %d not published: %r", self.job, self.rank, exc)
+
+    async def _run(self) -> None:
+        backoff = Backoff(0.2, 2.0)
+        failures = FailureLog(log, f"progress of job {self.job} rank {self.rank}")
+        while True:
+            self._read_new_lines()
+            try:
+                await self._publish(force=False)
+                failures.ok()
+                backoff.reset()
+                await asyncio.sleep(POLL_S)
+            except EtcdError as exc:
+                failures.failed(exc)
+                await backoff.sleep()
+
+    def _read_new_lines(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(4 * 1024 * 1024)
+        except FileNotFoundError:
+            return
+        if not data:
+            return
+        self.offset += len(data)
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()  # an incomplete last line waits for the rest
+        for line in lines:
+            if line.strip():
+                self._ingest(line)
+
+    def _ingest(self, line: bytes) -> None:
+        try:
+            raw = json.loads(line)
+        except ValueError:
+            log.warning("job %s rank %d: malformed metrics line skipped: %r", self.job, self.rank, line[:200])
+            return
+        if not isinstance(raw, dict):
+            return
+        rec = summarize(raw, self.generation)
+        if rec is None:
+            return
+        self.latest = rec
+        labels = (self.job, str(self.rank))
+        metrics.RANK_STEP.labels(*labels).set(rec["step"])
+        metrics.RANK_STEP_SECONDS.labels(*labels).set(rec["step_time_s"])
+        if isinstance(rec["compute_s"], (int, float)):
+            metrics.RANK_COMPUTE_SECONDS.labels(*labels).set(rec["compute_s"])
+        if isinstance(rec["collective_s"], (int, float)):
+            metrics.RANK_COLLECTIVE_SECONDS.labels(*labels).set(rec["collective_s"])
+        if self.relay_steps and rec["loss"] is not None:
+            self._batch.append(StepRecord(step=rec["step"], loss=rec["loss"], generation=rec["generation"],
+                                          time=rec["time"], step_time_s=rec["step_time_s"],
+                                          tokens_per_s=rec["tokens_per_s"]))
+        if not self._seen_any:
+            self._seen_any = True
+            if self.on_first_record:
+                self.on_first_record()
+
+    async def _publish(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and not should_publish(self._last_publish, now, self.min_interval_s):
+            return
+        wrote = False
+        if self.latest is not None and self.latest is not self._latest_published:
+            latest = self.latest
+            progress = ProgressRecord(step=latest["step"], time=latest["time"], loss=latest["loss"],
+                                      tokens_per_s=latest["tokens_per_s"], generation=latest["generation"],
+                                      step_time_s=latest["step_time_s"],
+                                      recoverable_step=latest["recoverable_step"]).to_dict()
+            # extra keys (readers ignore what they do not know): the straggler inputs
+            progress["compute_s"] = latest["compute_s"]
+            progress["collective_s"] = latest["collective_s"]
+            await self.etcd.put(self.keys.job_progress_rank(self.job, self.rank), json.dumps(progress))
+            self._latest_published = self.latest
+            self.writes += 1
+            wrote = True
+        while self._batch:
+            chunk = self._batch[:MAX_BATCH]
+            await self.etcd.put(self.keys.job_metrics_batch(self.job, chunk[0].step),
+                                MetricsBatch(steps=tuple(chunk)).to_json())
+            del self._batch[:len(chunk)]
+            self.writes += 1
+            wrote = True
+        if wrote:
+            self._last_publish = now

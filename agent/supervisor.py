@@ -1,0 +1,364 @@
+"""Worker supervision: start, watch, stop and report the workers of this node.
+
+Worker state machine (the value of ``Keys.job_worker(job, rank)``)::
+
+                 spawn                first metrics line
+    (plan) ──> STARTING ──────────────> RUNNING
+                  │                        │
+                  │  exit 0                │ exit 0             -> EXITED
+                  ├────────────────────────┤ exit != 0 / signal -> FAILED   (exit_code, signal)
+                  │                        │ we killed it       -> KILLED   (cancel, not in plan,
+                  ▼                        ▼                                 agent shutdown)
+
+* STARTING is written with the pid right after the process exists; RUNNING when
+  the worker wrote its first per-step metrics line (it is really training).
+* Every exit is seen at once: ``await proc.wait()`` on an asyncio subprocess
+  (the child watcher blocks in ``waitpid``; no polling), and reported before
+  anything else happens for that worker (``tenax_agent_exit_report_seconds``).
+* A worker runs in its own process group (``start_new_session``) with
+  ``PR_SET_PDEATHSIG=SIGKILL`` (set by an exec shim, see ``with_parent_death_signal``):
+  if the agent dies, even by SIGKILL, the kernel kills its workers. Stopping a worker is SIGTERM to its group, then SIGKILL to
+  the group after ``kill_grace_s``.
+* A worker that exited is not started again for the same plan generation: the
+  controller decides about it with a new generation (``decisions.plan_actions``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import metrics
+from agent.decisions import Adopt, LocalWorker, Start, Stop, exit_state, plan_actions
+from agent.progress import ProgressRelay
+from controller.etcd import Backoff, Etcd, EtcdError
+from protos.keys import Keys
+from protos.plan import Plan, WorkerAssignment
+from protos.records import WorkerStatusRecord
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+# The parent-death signal is set by a tiny exec shim, not by a preexec_fn: running
+# Python code between fork and exec in the agent (which has gRPC and torch threads)
+# runs their at-fork handlers in the child, and that crashed workers with SIGSEGV.
+# The shim asks for SIGKILL on parent death, checks the agent did not die before
+# that took effect, then execs the worker (same pid, the setting survives exec).
+_PDEATHSIG_SHIM = (
+    "import ctypes, os, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, {int(signal.SIGKILL)}, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n    os._exit(1)\n"
+    "try:\n    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as exc:\n"
+    "    print(f'tenax: cannot run worker command {sys.argv[2]!r}: {exc}', file=sys.stderr, flush=True)\n"
+    "    os._exit(127)\n"
+)
+
+
+def with_parent_death_signal(command: list[str], parent_pid: int) -> list[str]:
+    """``command`` wrapped so that the kernel SIGKILLs it when ``parent_pid`` dies."""
+    return [sys.executable, "-c", _PDEATHSIG_SHIM, str(parent_pid), *command]
+
+
+def default_worker_command() -> list[str]:
+    return [sys.executable, "-m", "trainer.worker"]
+
+
+@dataclass
+class Worker:
+    job: str
+    rank: int
+    slot: int
+    generation: int
+    pid: int
+    proc: asyncio.subprocess.Process | None
+    log_path: Path
+    metrics_path: Path
+    started: float
+    state: str = "STARTING"
+    exit_code: int | None = None
+    signal: str = ""
+    stop_reason: str = ""
+    """Set when the agent asked it to stop (then its exit is KILLED)."""
+    exited_at: float | None = None
+    """time.monotonic() when the exit was observed."""
+    relay: ProgressRelay | None = None
+    exit_reported: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the exit is written to etcd."""
+    _report_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def alive(self) -> bool:
+        return self.exited_at is None
+
+    def view(self) -> LocalWorker:
+        return LocalWorker(job=self.job, rank=self.rank, slot=self.slot, generation=self.generation,
+                           alive=self.alive)
+
+
+class Supervisor:
+    """Runs the workers that plans put on this node."""
+
+    def __init__(self, *, etcd: Etcd, keys: Keys, node_id: str, work_dir: Path, etcd_endpoints: str,
+                 worker_command: list[str] | None = None, kill_grace_s: float = 5.0,
+                 progress_interval_s: float = 1.0, extra_env: dict[str, str] | None = None) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        self.node_id = node_id
+        self.work_dir = Path(work_dir)
+        self.etcd_endpoints = etcd_endpoints
+        self.worker_command = worker_command or default_worker_command()
+        self.kill_grace_s = kill_grace_s
+        self.progress_interval_s = progress_interval_s
+        self.extra_env = dict(extra_env or {})
+        self.workers: dict[tuple[str, int], Worker] = {}
+        self._history: list[LocalWorker] = []
+        """Workers that ran before (exited, or reported by an earlier life of this agent)."""
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self.last_exit_report_s: float | None = None
+
+    # ---------------------------------------------------------------- plans
+    def local_views(self) -> list[LocalWorker]:
+        return self._history + [w.view() for w in self.workers.values()]
+
+    def remember(self, view: LocalWorker) -> None:
+        """Record a worker that ran for a generation (so it is not started again)."""
+        self._history.append(view)
+
+    async def apply_plan(self, plan: Plan, *, cancelled: bool = False, spec: dict[str, Any] | None = None) -> list:
+        async with self._lock:
+            actions = plan_actions(self.node_id, self.local_views(), plan, cancelled=cancelled)
+            for action in actions:
+                log.info("job %s: %s", plan.job_id, action)
+            # Stops first, and waited for: a rank that moves to another slot (or a new worker
+            # on a freed slot) must not start while the old process still holds it.
+            stops = [self.stop(a.job, a.rank, a.reason) for a in actions if isinstance(a, Stop)]
+            if stops:
+                await asyncio.gather(*stops)
+            for action in actions:
+                if isinstance(action, Start):
+                    try:
+                        await self._start(plan, action.assignment, spec)
+                    except OSError as exc:  # cannot exec or cannot write the launch files
+                        await self._report_start_failure(plan, action.assignment, exc)
+                elif isinstance(action, Adopt):
+                    worker = self.workers.get((action.job, action.rank))
+                    if worker:
+                        worker.generation = action.generation
+                        if worker.relay:
+                            worker.relay.generation = action.generation
+            self._export_counts()
+            return actions
+
+    async def cancel_job(self, job: str, reason: str = "cancelled") -> None:
+        stops = [self.stop(job, rank, reason) for (j, rank), w in list(self.workers.items())
+                 if j == job and w.alive]
+        if stops:
+            await asyncio.gather(*stops)
+
+    def forget_job(self, job: str) -> None:
+        """Drop what we remember of a finished job (its exited workers, history, gauge series)."""
+        for key, w in list(self.workers.items()):
+            if key[0] == job and not w.alive:
+                del self.workers[key]
+                for gauge in (metrics.RANK_STEP, metrics.RANK_STEP_SECONDS, metrics.RANK_COMPUTE_SECONDS,
+                              metrics.RANK_COLLECTIVE_SECONDS):
+                    try:
+                        gauge.remove(job, str(w.rank))
+                    except KeyError:
+                        pass
+        self._history = [h for h in self._history if h.job != job]
+
+    # ---------------------------------------------------------------- start
+    def _job_dir(self, job: str) -> Path:
+        return self.work_dir / "jobs" / job
+
+    def log_path(self, job: str, rank: int) -> Path:
+        return self._job_dir(job) / f"rank-{rank}.log"
+
+    async def _start(self, plan: Plan, a: WorkerAssignment, spec: dict[str, Any] | None) -> None:
+        job_dir = self._job_dir(plan.job_id)
+        run_dir = job_dir / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        launch_file = job_dir / f"launch-g{plan.generation}-rank-{a.rank}.json"
+        launch_file.write_text(json.dumps({"spec": spec or {}, "plan": plan.to_dict()}, sort_keys=True))
+        metrics_path = job_dir / f"rank-{a.rank}.metrics.jsonl"
+        metrics_path.touch()
+        log_path = self.log_path(plan.job_id, a.rank)
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env.update({
+            "TENAX_JOB_ID": plan.job_id,
+            "TENAX_RANK": str(a.rank),
+            "TENAX_LAUNCH_FILE": str(launch_file),
+            "TENAX_METRICS_FILE": str(metrics_path),
+            "TENAX_RUN_DIR": str(run_dir),
+            "TENAX_ETCD": self.etcd_endpoints,
+            "TENAX_ETCD_PREFIX": self.keys.prefix,
+            "TENAX_NODE_ID": self.node_id,
+            "PYTHONUNBUFFERED": "1",
+        })
+        device = str(((spec or {}).get("resources") or {}).get("device", "cpu"))
+        # CPU jobs must not grab a GPU of this host; CUDA jobs get exactly their slot.
+        env["CUDA_VISIBLE_DEVICES"] = str(a.slot) if device == "cuda" else ""
+        offset = metrics_path.stat().st_size  # a restarted rank appends: relay only the new lines
+        with open(log_path, "ab") as log_file:
+            log_file.write(f"--- tenax: rank {a.rank} generation {plan.generation} on {self.node_id} "
+                           f"at {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
+            log_file.flush()
+            proc = await asyncio.create_subprocess_exec(
+                *with_parent_death_signal(self.worker_command, os.getpid()), env=env, cwd=str(run_dir),
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = Worker(job=plan.job_id, rank=a.rank, slot=a.slot, generation=plan.generation, pid=proc.pid,
+                        proc=proc, log_path=log_path, metrics_path=metrics_path, started=time.time())
+        old = self.workers.get((plan.job_id, a.rank))
+        if old is not None:
+            self._history.append(old.view())
+        self.workers[(plan.job_id, a.rank)] = worker
+        worker.relay = ProgressRelay(etcd=self.etcd, keys=self.keys, job=plan.job_id, rank=a.rank,
+                                     path=metrics_path, offset=offset, generation=plan.generation,
+                                     min_interval_s=self.progress_interval_s,
+                                     relay_steps=(a.dp_rank == 0 and a.pp_rank == plan.pp - 1),
+                                     on_first_record=lambda w=worker: self._mark_running(w))
+        worker.relay.start()
+        self._spawn(self._watch_exit(worker))
+        self._spawn(self._report(worker))
+        log.info("started job %s rank %d (pid %d, slot %d, generation %d)", plan.job_id, a.rank, proc.pid,
+                 a.slot, plan.generation)
+
+    async def _report_start_failure(self, plan: Plan, a: WorkerAssignment, exc: OSError) -> None:
+        log.error("job %s rank %d could not start: %r", plan.job_id, a.rank, exc)
+        metrics.WORKER_EXITS.labels("error").inc()
+        self._history.append(LocalWorker(job=plan.job_id, rank=a.rank, slot=a.slot, generation=plan.generation,
+                                         alive=False))
+        record = WorkerStatusRecord(rank=a.rank, node=self.node_id, state="FAILED", slot=a.slot, exit_code=127,
+                                    generation=plan.generation, time=time.time()).to_dict()
+        record["reason"] = f"could not start the worker: {exc}"
+        try:
+            await self.etcd.put(self.keys.job_worker(plan.job_id, a.rank), json.dumps(record))
+        except EtcdError as put_exc:
+            log.warning("start failure of job %s rank %d not reported: %r", plan.job_id, a.rank, put_exc)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _mark_running(self, worker: Worker) -> None:
+        if worker.alive and worker.state == "STARTING":
+            worker.state = "RUNNING"
+            self._export_counts()
+            self._spawn(self._report(worker))
+
+    # ---------------------------------------------------------------- exit
+    async def _watch_exit(self, worker: Worker) -> None:
+        if worker.proc is None:
+            return
+        returncode = await worker.proc.wait()
+        worker.exited_at = time.monotonic()
+        state, sig, reason = exit_state(returncode, bool(worker.stop_reason))
+        worker.state, worker.signal = state, sig
+        worker.exit_code = returncode if returncode >= 0 else 128 - returncode
+        metrics.WORKER_EXITS.labels(reason).inc()
+        self._kill_group(worker.pid, signal.SIGKILL)  # leftovers of its process group, if any
+        await self._report(worker)
+        worker.exit_reported.set()
+        self.last_exit_report_s = time.monotonic() - worker.exited_at
+        metrics.EXIT_REPORT_LATENCY.set(self.last_exit_report_s)
+        log.info("job %s rank %d exited: %s code=%s %s (reported in %.1f ms)", worker.job, worker.rank, state,
+                 worker.exit_code, sig, self.last_exit_report_s * 1000)
+        if worker.relay:
+            await worker.relay.stop()  # drains the file: the last steps are published too
+        self._export_counts()
+
+    def status_record(self, worker: Worker) -> dict[str, Any]:
+        """The WorkerStatusRecord at Keys.job_worker, plus context readers may ignore."""
+        record = WorkerStatusRecord(rank=worker.rank, node=self.node_id, state=worker.state, slot=worker.slot,
+                                    pid=worker.pid, exit_code=worker.exit_code, signal=worker.signal,
+                                    generation=worker.generation, time=time.time()).to_dict()
+        record.update(reason=worker.stop_reason, log=str(worker.log_path), started=worker.started)
+        return record
+
+    async def _report(self, worker: Worker) -> None:
+        """Write the worker's current status; retry while etcd is unavailable (the latest state wins)."""
+        backoff = Backoff(0.05, 1.0)
+        async with worker._report_lock:
+            while True:
+                record = self.status_record(worker)
+                try:
+                    await self.etcd.put(self.keys.job_worker(worker.job, worker.rank), json.dumps(record))
+                    return
+                except EtcdError as exc:
+                    log.warning("report job %s rank %d %s failed (will retry): %r", worker.job, worker.rank,
+                                worker.state, exc)
+                    await backoff.sleep()
+
+    # ---------------------------------------------------------------- stop
+    @staticmethod
+    def _kill_group(pid: int, sig: int) -> None:
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop(self, job: str, rank: int, reason: str) -> None:
+        """SIGTERM the worker's group, SIGKILL after the grace period; returns once it exited."""
+        worker = self.workers.get((job, rank))
+        if worker is None or not worker.alive or worker.proc is None:
+            return
+        worker.stop_reason = worker.stop_reason or reason
+        self._kill_group(worker.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.proc.wait()), self.kill_grace_s)
+        except asyncio.TimeoutError:
+            log.warning("job %s rank %d ignored SIGTERM for %.1f s: SIGKILL", job, rank, self.kill_grace_s)
+            self._kill_group(worker.pid, signal.SIGKILL)
+            await asyncio.wait_for(asyncio.shield(worker.proc.wait()), 10.0)
+        try:  # the exit watcher reports it; wait for that, but never forever (etcd may be down)
+            await asyncio.wait_for(worker.exit_reported.wait(), 5.0)
+        except asyncio.TimeoutError:
+            log.warning("job %s rank %d: exit not reported yet (etcd slow or down); still retrying", job, rank)
+
+    async def stop_all(self, reason: str, *, report_timeout_s: float = 3.0) -> None:
+        """Stop every live worker (agent shutdown); reports are best effort within the timeout."""
+        live = [(w.job, w.rank) for w in self.workers.values() if w.alive]
+        for job, rank in live:
+            self.workers[(job, rank)].stop_reason = reason
+        if live:
+            await asyncio.gather(*(self.stop(job, rank, reason) for job, rank in live), return_exceptions=True)
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=report_timeout_s)
+        for t in list(self._tasks):
+            t.cancel()
+
+    def kill_all_now(self) -> None:
+        """Last resort (synchronous): SIGKILL every live worker group."""
+        for w in self.workers.values():
+            if w.alive:
+                self._kill_group(w.pid, signal.SIGKILL)
+
+    # ---------------------------------------------------------------- metrics
+    def _export_counts(self) -> None:
+        counts = {"STARTING": 0, "RUNNING": 0}
+        for w in self.workers.values():
+            if w.alive:
+                counts[w.state] = counts.get(w.state, 0) + 1
+        for state, n in counts.items():
+            metrics.AGENT_WORKERS.labels(state).set(n)
+
+    def used_slots(self) -> int:
+        return sum(1 for w in self.workers.values() if w.alive)
