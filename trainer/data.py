@@ -1,0 +1,155 @@
+"""Datasets whose samples depend only on (seed, step, position in the global batch).
+
+The samples of step t are positions [t*B, (t+1)*B) of an endless stream made
+of seeded permutations of the dataset (one permutation per epoch). A dp rank
+takes its contiguous sub-slice of the global batch (``ParallelLayout``), so the
+union of what the ranks see never depends on the world size.
+
+Two sources:
+* synthetic: each sample is a seeded random motif repeated over the sequence,
+  so a model can learn it (copy from earlier positions) and the loss moves;
+* tokens: a memory-mapped flat token file (uint16/uint32), cut into
+  non-overlapping windows of seq_len+1 tokens.
+
+``python -m trainer.data build TEXT OUT [--dtype uint16]`` makes a token file
+from text with a byte-level tokenizer (token = UTF-8 byte, vocabulary 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import mmap
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer import rng
+
+_TORCH_DTYPES = {"uint16": torch.uint16, "uint32": torch.uint32}
+MOTIF_LEN = 8
+
+
+class SyntheticTokens:
+    """``num_samples`` samples of seq_len+1 tokens, each a function of (seed, index)."""
+
+    def __init__(self, *, num_samples: int, seq_len: int, vocab_size: int, seed: int):
+        self.num_samples, self.seq_len, self.vocab_size, self.seed = num_samples, seq_len, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def sample(self, index: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(rng.key(rng.DATA_SAMPLE, self.seed, index))
+        motif = torch.randint(0, self.vocab_size, (MOTIF_LEN,), generator=gen)
+        return motif.repeat(-(-(self.seq_len + 1) // MOTIF_LEN))[: self.seq_len + 1]
+
+
+class TokenFile:
+    """Non-overlapping windows of seq_len+1 tokens of a flat uint16/uint32 file (memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike, *, dtype: str, seq_len: int, vocab_size: int):
+        self.path, self.seq_len = Path(path), seq_len
+        if dtype not in _TORCH_DTYPES:
+            raise ValueError(f"data.dtype: unknown token dtype {dtype!r}")
+        itemsize = 2 if dtype == "uint16" else 4
+        size = self.path.stat().st_size
+        if size % itemsize:
+            raise ValueError(f"data.path: {path} is {size} bytes, not a whole number of {dtype} tokens")
+        n_tokens = size // itemsize
+        self.num_samples = (n_tokens - 1) // seq_len
+        if self.num_samples < 1:
+            raise ValueError(f"data.path: {path} holds {n_tokens} tokens, fewer than one sample of {seq_len + 1}")
+        with open(self.path, "rb") as f:
+            # Copy-on-write private map: pages are read lazily, and torch gets a
+            # writable buffer without any chance of touching the file.
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._tokens = torch.frombuffer(self._map, dtype=_TORCH_DTYPES[dtype])
+        self.vocab_size = vocab_size
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def sample(self, index: int) -> torch.Tensor:
+        start = index * self.seq_len
+        window = self._tokens[start : start + self.seq_len + 1].to(torch.int64)
+        if int(window.max()) >= self.vocab_size:
+            raise ValueError(f"token {int(window.max())} in {self.path} is >= model.vocab_size={self.vocab_size}")
+        return window
+
+
+class StepSampler:
+    """Which dataset samples step t uses, at which global-batch positions."""
+
+    def __init__(self, dataset, *, global_batch_size: int, seed: int):
+        self.dataset, self.batch, self.seed = dataset, global_batch_size, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(rng.key(rng.DATA_ORDER, self.seed, epoch))
+            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=gen), epoch
+        return self._perm
+
+    def sample_index(self, step: int, position: int) -> int:
+        """Dataset index at ``position`` in [0, B) of the global batch of ``step``."""
+        stream = step * self.batch + position
+        epoch, offset = divmod(stream, len(self.dataset))
+        return int(self._permutation(epoch)[offset])
+
+    def batch_tokens(self, step: int, positions: range) -> torch.Tensor:
+        """[len(positions), seq_len+1] int64 tokens of those global-batch positions."""
+        return torch.stack([self.dataset.sample(self.sample_index(step, p)) for p in positions])
+
+
+def build_dataset(spec):
+    """The dataset a JobSpec names (``data.kind``)."""
+    m, d = spec.model, spec.data
+    if d.kind == "synthetic":
+        return SyntheticTokens(num_samples=d.num_samples, seq_len=m.seq_len, vocab_size=m.vocab_size, seed=spec.seed)
+    return TokenFile(d.path, dtype=d.dtype, seq_len=m.seq_len, vocab_size=m.vocab_size)
+
+
+# ------------------------------------------------------------------ tokenizer
+def encode_bytes(text: str) -> list[int]:
+    """Byte-level tokenizer: one token per UTF-8 byte (vocabulary 256)."""
+    return list(text.encode("utf-8"))
+
+
+def decode_bytes(tokens) -> str:
+    return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+def write_token_file(tokens: list[int], out: str | os.PathLike, *, dtype: str = "uint16") -> int:
+    """Write tokens as a flat little-endian array; returns the token count."""
+    arr = array.array("H" if dtype == "uint16" else "I", tokens)
+    if arr.itemsize != (2 if dtype == "uint16" else 4):
+        raise RuntimeError(f"no {dtype} array type on this platform")
+    if sys.byteorder != "little":
+        arr.byteswap()
+    Path(out).write_bytes(arr.tobytes())
+    return len(arr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="tokenize a UTF-8 text file into a token file (byte-level)")
+    build.add_argument("text", help="input text file (UTF-8)")
+    build.add_argument("out", help="output token file")
+    build.add_argument("--dtype", choices=sorted(_TORCH_DTYPES), default="uint16")
+    args = parser.parse_args(argv)
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: cannot read {args.text}: {exc}", file=sys.stderr)
+        return 2
+    count = write_token_file(encode_bytes(text), args.out, dtype=args.dtype)
+    print(f"wrote {count} tokens ({args.dtype}, vocabulary 256) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

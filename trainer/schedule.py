@@ -1,0 +1,96 @@
+"""The 1F1B pipeline schedule and its executor for one stage.
+
+Stage s of P with M micro-batches runs min(P-s-1, M) warm-up forwards, then
+alternates one forward / one backward, then drains the remaining backwards.
+This bounds live activations per stage at P-s micro-batches (GPipe keeps M).
+With P == 1 it degenerates to plain gradient accumulation (F0 B0 F1 B1 ...).
+
+Activations go forward and gradients backward with asynchronous sends (kept
+alive until the end of the step) and blocking receives, so a slow peer shows up
+as pipeline wait, never as a deadlock.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def one_f_one_b(num_micro: int, pp: int, stage: int) -> list[tuple[str, int]]:
+    """The ordered actions ("F"|"B", micro-batch index) of ``stage``."""
+    warmup = min(pp - stage - 1, num_micro)
+    actions = [("F", i) for i in range(warmup)]
+    forward, backward = warmup, 0
+    while forward < num_micro:
+        actions += [("F", forward), ("B", backward)]
+        forward, backward = forward + 1, backward + 1
+    actions += [("B", i) for i in range(backward, num_micro)]
+    return actions
+
+
+class StageTimes:
+    """Seconds spent per phase during one step (metrics)."""
+
+    def __init__(self):
+        self.forward = self.backward = self.pipeline_wait = 0.0
+
+
+class PipelineStageRunner:
+    """Runs one step of 1F1B for this stage; returns the summed (already normalised) loss.
+
+    ``prev_rank``/``next_rank`` are global ranks of the neighbouring stages (None at the ends).
+    ``forward_fn(i, x)`` runs the stage on micro-batch i (input tokens or hidden)
+    and returns the output (hidden, or the normalised loss on the last stage).
+    """
+
+    def __init__(self, *, prev_rank: int | None, next_rank: int | None, hidden_shape: Callable[[int], tuple],
+                 device: torch.device, sync: Callable[[], None] = lambda: None):
+        self.prev_rank, self.next_rank = prev_rank, next_rank
+        self.hidden_shape, self.device, self.sync = hidden_shape, device, sync
+
+    def _recv(self, shape, src: int, times: StageTimes) -> torch.Tensor:
+        buf = torch.empty(shape, device=self.device, dtype=torch.float32)
+        start = time.perf_counter()
+        dist.irecv(buf, src=src).wait()
+        times.pipeline_wait += time.perf_counter() - start
+        return buf
+
+    def run(self, num_micro: int, pp: int, stage: int, *, first_input: Callable[[int], torch.Tensor],
+            forward_fn: Callable[[int, torch.Tensor], torch.Tensor], times: StageTimes) -> torch.Tensor:
+        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        pending: list[tuple[object, torch.Tensor]] = []  # (work, tensor kept alive until sent)
+        loss_sum = torch.zeros((), device=self.device)
+        for kind, i in one_f_one_b(num_micro, pp, stage):
+            if kind == "F":
+                if self.prev_rank is None:
+                    x = first_input(i)
+                else:
+                    x = self._recv(self.hidden_shape(i), self.prev_rank, times).requires_grad_()
+                start = time.perf_counter()
+                out = forward_fn(i, x)
+                self.sync()
+                times.forward += time.perf_counter() - start
+                if self.next_rank is None:
+                    loss_sum += out.detach()
+                else:
+                    sent = out.detach().float().contiguous()
+                    pending.append((dist.isend(sent, dst=self.next_rank), sent))
+                saved[i] = (x, out)
+            else:
+                x, out = saved.pop(i)
+                grad = None if self.next_rank is None else self._recv(self.hidden_shape(i), self.next_rank, times)
+                start = time.perf_counter()
+                out.backward(grad)
+                self.sync()
+                times.backward += time.perf_counter() - start
+                if self.prev_rank is not None:
+                    sent = x.grad.float().contiguous()
+                    pending.append((dist.isend(sent, dst=self.prev_rank), sent))
+        start = time.perf_counter()
+        for work, _ in pending:
+            work.wait()
+        times.pipeline_wait += time.perf_counter() - start
+        return loss_sum

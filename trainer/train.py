@@ -1,0 +1,344 @@
+"""The per-rank trainer: one pipeline stage, one ZeRO shard, one step at a time.
+
+``Trainer`` is built from a JobSpec, a ParallelLayout and this rank, inside an
+initialised default process group whose ranks are the layout's ranks. The
+model is parallelised by small ``apply_*`` steps in a fixed order (see
+``__init__``). A step is:
+
+  1. 1F1B over this dp rank's micro-batches (loss already divided by the
+     GLOBAL token count, so summing gradients over dp ranks gives the global
+     mean gradient however the samples were split);
+  2. gradient sync in the stage's dp group: all-reduce (zero 0/1) or
+     reduce-scatter (zero 2);
+  3. one world all-reduce of [squared norm of the owned chunk, loss]: the true
+     global gradient norm over all stages and shards, and the global loss;
+  4. clip, AdamW on the owned range, all-gather the parameters (zero 1/2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer.data import StepSampler, build_dataset
+from trainer.model import DropoutContext, build_stage, init_parameters
+from trainer.optim import FlatStage, ShardedAdamW, lr_at
+from trainer.parallel import ParallelLayout
+from trainer.schedule import PipelineStageRunner, StageTimes
+from trainer.sharding import update_range
+from trainer.zero2 import ShardedGradReducer
+
+
+def _all_gather_into(output: torch.Tensor, chunk: torch.Tensor, group) -> None:
+    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, chunk, group=group)
+
+
+class MetricsWriter:
+    """Appends one flushed JSON line per step (one write() on an O_APPEND fd,
+    so ranks sharing a file never interleave within a line)."""
+
+    def __init__(self, path: str | None):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if path else None
+
+    def write(self, record: dict) -> None:
+        if self.fd is not None:
+            os.write(self.fd, (json.dumps(record, sort_keys=True) + "\n").encode())
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on CUDA; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def should_compile(device: torch.device) -> bool:
+    mode = os.environ.get("TENAX_COMPILE", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"TENAX_COMPILE must be auto, 0 or 1, got {mode!r}")
+    return mode == "1" or (mode == "auto" and device.type == "cuda")
+
+
+def pick_device(spec) -> torch.device:
+    if spec.resources.device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("resources.device is 'cuda' but no CUDA device is visible")
+        torch.cuda.set_device(0)  # the agent sets CUDA_VISIBLE_DEVICES to this worker's slot
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(*, store, rank: int, world_size: int, device: torch.device, timeout_s: float) -> None:
+    """Join the default group of a layout over ``store`` (already prefixed per generation)."""
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(
+        backend_for(device), store=store, rank=rank, world_size=world_size,
+        timeout=timedelta(seconds=timeout_s), **kwargs,
+    )
+
+
+class Trainer:
+    """One rank of a layout: its stage, its ZeRO shard, and ``train_step``.
+
+    Call inside an initialised default process group whose ranks are exactly the
+    layout's (``init_process_group``). ``step`` counts committed steps;
+    ``state_views``/``export_state``/``import_state`` hand the owned state over.
+    """
+
+    def __init__(self, spec, layout: ParallelLayout, rank: int, *, device: torch.device,
+                 generation: int = 1, metrics: MetricsWriter | None = None):
+        self.spec, self.layout, self.rank, self.device = spec, layout, rank, device
+        self.generation, self.metrics = generation, metrics or MetricsWriter(None)
+        self.dp_rank, self.pp_rank = layout.coords(rank)
+        self.is_first, self.is_last = self.pp_rank == 0, self.pp_rank == layout.pp - 1
+        self.global_tokens = spec.global_batch_size * spec.model.seq_len
+        self.sampler = StepSampler(build_dataset(spec), global_batch_size=spec.global_batch_size, seed=spec.seed)
+        # Parallelisation, in this order (each step relies on the previous):
+        self.stage = self.apply_pipeline_split()  # 1. this stage's blocks only, global names, on meta (no memory)
+        self.flat = self.apply_flat_buffers()     # 2. materialise params (and grads) as views of flat padded buffers
+        self.apply_init()                         # 3. layout-independent init keyed by (seed, name), in place
+        self.dp_group = self.apply_dp_groups()    # 4. one group per stage's replicas (ZeRO group)
+        self.optimizer = self.apply_zero()        # 5. optimizer state on this rank's range only
+        self.reducer = self.apply_zero2_grads()   # 6. zero 2: gradients reduced to their owners in buckets
+        self.autocast = self.apply_autocast()     # 7. bf16 autocast on CUDA (fp32 master/state)
+        self.apply_compile()                      # 8. last: compile the blocks as they will run
+        self.runner = PipelineStageRunner(
+            prev_rank=None if self.is_first else layout.rank_of(self.dp_rank, self.pp_rank - 1),
+            next_rank=None if self.is_last else layout.rank_of(self.dp_rank, self.pp_rank + 1),
+            hidden_shape=self._hidden_shape,
+            device=device,
+        )
+        self.step = 0  # steps completed (committed)
+
+    bucket_numel = 1 << 20
+    """Gradient reduction piece (fp32 elements) of ZeRO-2, and of ZeRO-1 over gloo:
+    bounds the transient memory of the reduction."""
+
+    # ------------------------------------------------------------ apply_*
+    def apply_pipeline_split(self):
+        stage = build_stage(
+            self.spec.model, layers=self.layout.stage_layers(self.pp_rank),
+            is_first=self.is_first, is_last=self.is_last, device="meta",
+        )
+        return stage.train()
+
+    def apply_init(self) -> None:
+        init_parameters(self.stage, seed=self.spec.seed, layers=self.spec.model.layers)
+
+    @property
+    def shards_gradients(self) -> bool:
+        return self.layout.zero_stage == 2 and self.layout.dp > 1
+
+    def apply_flat_buffers(self) -> FlatStage:
+        # to_empty only reserves memory; FlatStage then moves every parameter into
+        # one flat buffer, so the weights are never held twice.
+        self.stage.to_empty(device=self.device)
+        return FlatStage(self.stage, dp=self.layout.dp, device=self.device, grad_buffer=not self.shards_gradients)
+
+    def apply_dp_groups(self):
+        # new_group is collective over the whole world: every rank creates every
+        # stage's group, in the same order, and keeps its own.
+        mine = None
+        for pp_rank in range(self.layout.pp):
+            ranks = self.layout.dp_group_ranks(pp_rank)
+            group = dist.new_group(ranks) if self.layout.dp > 1 else None
+            if pp_rank == self.pp_rank:
+                mine = group
+        return mine
+
+    def apply_zero(self) -> ShardedAdamW:
+        lo, hi = update_range(self.flat.numel, self.layout, self.dp_rank)
+        return ShardedAdamW(self.flat, lo, hi, self.spec.optimizer)
+
+    def apply_zero2_grads(self) -> ShardedGradReducer | None:
+        if not self.shards_gradients:
+            return None
+        return ShardedGradReducer(
+            self.flat, self.stage, lo=self.optimizer.lo, hi=self.optimizer.hi,
+            dp_ranks=self.layout.dp_group_ranks(self.pp_rank), chunk=self.flat.padded // self.layout.dp,
+            group=self.dp_group, bucket_numel=self.bucket_numel,
+        )
+
+    def apply_autocast(self):
+        if self.device.type == "cuda":
+            return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext
+
+    def apply_compile(self) -> None:
+        """torch.compile each block (fuses LayerNorm/GELU/residual kernels) when TENAX_COMPILE
+        says so: ``auto`` (default) compiles on CUDA only, ``1`` always, ``0`` never."""
+        if should_compile(self.device):
+            for block in self.stage.blocks.values():
+                block.compile()
+
+    # ------------------------------------------------------------ the step
+    def _hidden_shape(self, i: int) -> tuple[int, int, int]:
+        lo, hi = self._micro[i]
+        return (hi - lo, self.spec.model.seq_len, self.spec.model.d_model)
+
+    def _forward(self, step: int, i: int, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self._micro[i]
+        self.stage.set_dropout_context(DropoutContext(seed=self.spec.seed, step=step, positions=list(range(lo, hi))))
+        with self.autocast():
+            out = self.stage(x)
+        if not self.is_last:
+            return out
+        targets = self._tokens[lo - self._start : hi - self._start, 1:].to(self.device)
+        loss = F.cross_entropy(out.float().reshape(-1, out.shape[-1]), targets.reshape(-1), reduction="sum")
+        return loss / self.global_tokens
+
+    def _first_input(self, i: int) -> torch.Tensor:
+        lo, hi = self._micro[i]
+        return self._tokens[lo - self._start : hi - self._start, :-1].to(self.device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step(self) -> dict:
+        step, layout, spec = self.step, self.layout, self.spec
+        t_start = time.perf_counter()
+        times = StageTimes()
+        self._micro = layout.micro_batches(self.dp_rank)
+        self._start, end = layout.sample_range(self.dp_rank)
+        self._tokens = (
+            self.sampler.batch_tokens(step, range(self._start, end)) if (self.is_first or self.is_last) else None
+        )
+        if self.reducer is not None:
+            self.reducer.zero_grad()
+        else:
+            self.flat.zero_grad()
+        loss_sum = self.runner.run(
+            len(self._micro), layout.pp, self.pp_rank,
+            first_input=self._first_input, forward_fn=lambda i, x: self._forward(step, i, x), times=times,
+        )
+
+        t0 = time.perf_counter()
+        if self.reducer is not None:  # reductions ran inside backward: book them as collective time
+            times.backward -= self.reducer.comm_seconds
+            t0 -= self.reducer.comm_seconds
+        grad = self._sync_gradients()
+        chunk_lo, chunk_hi = layout.shard_range(self.flat.numel, self.dp_rank)
+        norm_part = self._norm_part(grad, chunk_lo, chunk_hi)
+        totals = torch.stack([norm_part, loss_sum.float() if self.is_last else torch.zeros((), device=self.device)])
+        dist.all_reduce(totals)
+        grad_norm, loss = totals[0].sqrt().item(), totals[1].item()
+        collective = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        clip = spec.optimizer.grad_clip
+        scale = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
+        if scale < 1.0:
+            grad.mul_(scale)
+        lr = lr_at(step, spec.optimizer, spec.steps)
+        self.optimizer.step(grad, lr)
+        self._sync()
+        optimizer_time = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self._gather_params()
+        collective += time.perf_counter() - t0
+
+        self.step += 1
+        record = {
+            "step": self.step, "loss": loss, "tokens": self.global_tokens,
+            "rank_tokens": (end - self._start) * spec.model.seq_len,
+            "step_time": time.perf_counter() - t_start, "forward_time": times.forward,
+            "backward_time": times.backward, "pipeline_wait_time": times.pipeline_wait,
+            "collective_time": collective, "optimizer_time": optimizer_time,
+            "grad_norm": grad_norm, "lr": lr, "generation": self.generation,
+            "rank": self.rank, "dp_rank": self.dp_rank, "pp_rank": self.pp_rank, "layout": layout.describe(),
+            "params_held": self.flat.numel, "optimizer_state_bytes": self.optimizer.state_bytes,
+            "state_bytes_held": self.state_bytes_held(), "peak_memory_bytes": peak_memory_bytes(self.device),
+            "time": time.time(),
+        }
+        self.metrics.write(record)
+        return record
+
+    def state_bytes_held(self) -> int:
+        """Training state this rank keeps between steps: params, gradients, optimizer (bytes)."""
+        grads = self.flat.grads.numel() + (self.reducer.shard.numel() if self.reducer is not None else 0)
+        return 4 * (self.flat.params.numel() + grads) + self.optimizer.state_bytes
+
+    def _sync_gradients(self) -> torch.Tensor:
+        """Sum gradients over the dp group; return the gradient of the update range."""
+        lo, hi = self.optimizer.lo, self.optimizer.hi
+        if self.layout.dp == 1:
+            return self.flat.grads[lo:hi]
+        if self.reducer is not None:
+            most = max(len(self.layout.micro_batches(d)) for d in range(self.layout.dp))
+            return self.reducer.finish(most - len(self._micro))
+        if self.layout.zero_stage == 1:
+            # Only the owned chunk is needed: reduce-scatter + the later all-gather of
+            # parameters move as many bytes as one all-reduce.
+            if self.device.type == "cuda":
+                shard = torch.empty(self.flat.padded // self.layout.dp, device=self.device)
+                dist.reduce_scatter_tensor(shard, self.flat.grads, group=self.dp_group)
+                return shard[: hi - lo]
+            # gloo's reduce-scatter stages the whole input in a scratch copy; reducing
+            # bucket-sized pieces to their owners in place keeps memory flat.
+            chunk = self.flat.padded // self.layout.dp
+            ranks = self.layout.dp_group_ranks(self.pp_rank)
+            for start in range(0, self.flat.padded, self.bucket_numel):
+                end = min(start + self.bucket_numel, self.flat.padded)
+                for owner in range(start // chunk, (end - 1) // chunk + 1):
+                    a, b = max(start, owner * chunk), min(end, (owner + 1) * chunk)
+                    dist.reduce(self.flat.grads[a:b], dst=ranks[owner], group=self.dp_group)
+            return self.flat.grads[lo:hi]
+        dist.all_reduce(self.flat.grads, group=self.dp_group)
+        return self.flat.grads[lo:hi]
+
+    def _norm_part(self, grad: torch.Tensor, chunk_lo: int, chunk_hi: int) -> torch.Tensor:
+        """Squared norm of this rank's dp chunk only, so the world sum counts every element once."""
+        if self.layout.zero_stage == 0 and self.layout.dp > 1:
+            grad = grad[chunk_lo:chunk_hi]
+        return grad.float().pow(2).sum()
+
+    def _gather_params(self) -> None:
+        if self.layout.zero_stage == 0 or self.layout.dp == 1:
+            return
+        chunk = self.flat.padded // self.layout.dp
+        mine = self.flat.params[self.dp_rank * chunk : (self.dp_rank + 1) * chunk].clone()
+        _all_gather_into(self.flat.params, mine, self.dp_group)
+
+    # ---------------------------------------------------- elastic hand-over
+    def state_views(self) -> dict[str, torch.Tensor]:
+        """Live views of the state this rank owns ({"kind/name": flat slice}); see trainer.sharding."""
+        return self.optimizer.state_views()
+
+    def export_state(self) -> dict:
+        """A copy of this rank's owned state + the committed step (the step to resume at)."""
+        state = self.optimizer.export_state()
+        state["committed_step"] = self.step
+        return state
+
+    def import_state(self, state: dict) -> None:
+        """Load owned state exported (or resharded) for this rank, then re-gather the stage's params."""
+        self.optimizer.import_state(state)
+        self.step = int(state["committed_step"])
+        self._gather_params()
+
+    def train(self, steps: int) -> list[dict]:
+        return [self.train_step() for _ in range(steps - self.step)]
