@@ -6,8 +6,9 @@ takes its contiguous sub-slice of the global batch (``ParallelLayout``), so the
 union of what the ranks see never depends on the world size.
 
 Two sources:
-* synthetic: each sample is a seeded random motif repeated over the sequence,
-  so a model can learn it (copy from earlier positions) and the loss moves;
+* synthetic: each sample walks a seeded global successor rule (next token =
+  perm[token], with a seeded 10% chance of a random token instead), so even a
+  tiny model learns it within a few dozen steps and the loss clearly moves;
 * tokens: a memory-mapped flat token file (uint16/uint32), cut into
   non-overlapping windows of seq_len+1 tokens.
 
@@ -29,7 +30,7 @@ import torch
 from trainer import rng
 
 _TORCH_DTYPES = {"uint16": torch.uint16, "uint32": torch.uint32}
-MOTIF_LEN = 8
+NOISE_PROBABILITY = 0.1
 
 
 class SyntheticTokens:
@@ -43,8 +44,22 @@ class SyntheticTokens:
 
     def sample(self, index: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(rng.key(rng.DATA_SAMPLE, self.seed, index))
-        motif = torch.randint(0, self.vocab_size, (MOTIF_LEN,), generator=gen)
-        return motif.repeat(-(-(self.seq_len + 1) // MOTIF_LEN))[: self.seq_len + 1]
+        length = self.seq_len + 1
+        noise = torch.rand(length, generator=gen) < NOISE_PROBABILITY
+        random_tokens = torch.randint(0, self.vocab_size, (length,), generator=gen)
+        successor = self._successor()
+        tokens = torch.empty(length, dtype=torch.int64)
+        tokens[0] = random_tokens[0]
+        for i in range(1, length):
+            tokens[i] = random_tokens[i] if noise[i] else successor[tokens[i - 1]]
+        return tokens
+
+    def _successor(self) -> torch.Tensor:
+        """The dataset's rule: one seeded permutation of the vocabulary (cached)."""
+        if getattr(self, "_perm", None) is None:
+            gen = torch.Generator().manual_seed(rng.key(rng.DATA_SAMPLE, self.seed, -1))
+            self._perm = torch.randperm(self.vocab_size, generator=gen)
+        return self._perm
 
 
 class TokenFile:
