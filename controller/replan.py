@@ -1,0 +1,313 @@
+"""Plan generation g+1 from generation g: pure decisions, no I/O.
+
+Every function here takes the job spec, the current plan and a view of the
+cluster (which ranks are lost, which slots are free on which live node, where
+each live node serves its rendezvous store) and returns ``(plan | None, reason)``.
+``None`` means "no new plan": the reason says why (below ``min_workers``, the
+global batch cannot be kept, nothing to grow into...).
+
+Layout rules (issue 4, DESIGN principles 3-6):
+
+* Keep the pipeline depth when it still fits; otherwise re-partition the layers
+  over fewer stages (the deepest pipeline that fits, dp = 1).
+* dp is what remains: ``floor(capacity / pp)``, capped so every data-parallel
+  rank gets at least ``micro_batch_size`` samples and the world stays within
+  ``max_workers``. Survivors left over stay alive as idle spares (listed in
+  ``plan.extra["idle"]``): survivors are never restarted.
+* The global batch never changes: sample shares are recomputed to sum to it.
+* ZeRO stage is unchanged; the trainer re-partitions the shards for the new dp.
+* Survivors keep their node/slot, and (where possible) their stage and rank,
+  so most state stays where it is and transfers are small.
+* Failures switch now (``switch_at_step = -1``); growth and drain switch at a
+  given step boundary, so no step is lost.
+* The rendezvous store stays where it was if that node survives (else it moves
+  to the node of new rank 0); every generation gets a fresh key prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+from protos.plan import Plan, WorkerAssignment
+from trainer.config import JobSpec
+
+Decision = tuple[Plan | None, str]
+"""A new plan (or None) and the reason, readable in logs and job status."""
+
+PartitionFn = Callable[[JobSpec, int], tuple[int, ...]]
+"""(spec, pp) -> pp+1 layer boundaries."""
+
+
+def even_partition(spec: JobSpec, pp: int) -> tuple[int, ...]:
+    """Split the layers over ``pp`` stages by count; the first stages take the remainder."""
+    layers = spec.model.layers
+    base, extra = divmod(layers, pp)
+    bounds = [0]
+    for stage in range(pp):
+        bounds.append(bounds[-1] + base + (1 if stage < extra else 0))
+    return tuple(bounds)
+
+
+def cost_balanced_partition(spec: JobSpec, pp: int) -> tuple[int, ...]:
+    """The trainer's cost-balanced split (embedding/head costs on the end stages)."""
+    from trainer.partition import partition_for_spec  # torch-free
+
+    return tuple(partition_for_spec(spec.model, pp))
+
+
+def default_partition(spec: JobSpec, pp: int) -> tuple[int, ...]:
+    """Cost-balanced when trainer.partition is importable, else an even split."""
+    try:
+        return cost_balanced_partition(spec, pp)
+    except ImportError:
+        return even_partition(spec, pp)
+
+
+@dataclass(kw_only=True, frozen=True)
+class Candidate:
+    """Something that can run a rank of the new plan: a survivor or a free slot."""
+
+    node: str
+    slot: int
+    old_rank: int | None = None
+    """Rank in the current plan; None for a free slot (spare, new node)."""
+    old_dp_rank: int | None = None
+    old_layers: tuple[int, int] | None = None
+    """[lo, hi) layers the survivor holds now; None for a spare."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class ClusterView:
+    """What the controller knows about the cluster when it replans."""
+
+    lost_ranks: frozenset[int] = frozenset()
+    """Ranks of the current plan that are gone (exited, hung, on a lost node)."""
+    lost_nodes: frozenset[str] = frozenset()
+    """Nodes that are gone; every rank on them is lost and their slots unusable."""
+    free_slots: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    """Free (startable) slots per live node: spares, uncordoned or joined nodes."""
+    store_addresses: Mapping[str, str] = field(default_factory=dict)
+    """host:port of the rendezvous store each live node serves."""
+
+
+# ----------------------------------------------------------------- entry points
+def replan(
+    spec: JobSpec,
+    current: Plan,
+    view: ClusterView,
+    *,
+    cause: str,
+    now: float,
+    partition: PartitionFn = default_partition,
+) -> Decision:
+    """Plan g+1 after a failure: survivors plus free slots, switch now."""
+    lost = set(view.lost_ranks) | {w.rank for w in current.workers if w.node in view.lost_nodes}
+    if not lost:
+        return None, "no rank of the current plan is lost"
+    survivors = [w for w in current.workers if w.rank not in lost]
+    return _plan_from(
+        spec, current, survivors, _spare_candidates(view, exclude_nodes=view.lost_nodes),
+        view=view, cause=cause, now=now, switch_at_step=-1, partition=partition, shrink_ok=True,
+    )
+
+
+def grow(
+    spec: JobSpec,
+    current: Plan,
+    view: ClusterView,
+    *,
+    at_step: int,
+    now: float,
+    partition: PartitionFn = default_partition,
+) -> Decision:
+    """Plan g+1 that adds free slots (a node joined or was uncordoned) at step ``at_step``."""
+    if current.world_size >= spec.max_workers:
+        return None, f"job already has {current.world_size} workers, max_workers={spec.max_workers}"
+    plan, reason = _plan_from(
+        spec, current, list(current.workers), _spare_candidates(view, exclude_nodes=view.lost_nodes),
+        view=view, cause="grow", now=now, switch_at_step=at_step, partition=partition, shrink_ok=False,
+    )
+    if plan is not None and plan.world_size <= current.world_size:
+        return None, (f"no growth possible: the best layout uses {plan.world_size} workers "
+                      f"(dp={plan.dp} pp={plan.pp}), the job has {current.world_size}")
+    return plan, reason
+
+
+def drain(
+    spec: JobSpec,
+    current: Plan,
+    view: ClusterView,
+    *,
+    node: str,
+    at_step: int,
+    now: float,
+    partition: PartitionFn = default_partition,
+) -> Decision:
+    """Plan g+1 without ``node`` at step ``at_step`` (its ranks hand their state over first)."""
+    if not current.workers_on(node):
+        return None, f"job has no worker on node {node!r}"
+    staying = [w for w in current.workers if w.node != node]
+    return _plan_from(
+        spec, current, staying, _spare_candidates(view, exclude_nodes=view.lost_nodes | {node}),
+        view=view, cause=f"drain {node}", now=now, switch_at_step=at_step, partition=partition, shrink_ok=True,
+    )
+
+
+# ---------------------------------------------------------------- the decision
+def choose_layout(spec: JobSpec, current: Plan, capacity: int) -> tuple[int, int] | str:
+    """(dp, pp) for ``capacity`` usable workers, or the reason none works.
+
+    Preference: the spec's pp if it fits (restores depth after a shrink), then
+    the current pp, then shallower pipelines; the first that reaches
+    ``min_workers`` wins. dp is capped so that every dp rank gets at least
+    ``micro_batch_size`` samples of the (fixed) global batch.
+    """
+    capacity = min(capacity, spec.max_workers)
+    max_dp = max(1, spec.global_batch_size // spec.micro_batch_size)
+    preferred = [spec.parallelism.pp, current.pp] + list(range(min(current.pp, capacity), 0, -1))
+    tried: list[str] = []
+    for pp in dict.fromkeys(preferred):  # ordered, unique
+        if pp > capacity or pp > spec.model.layers:
+            continue
+        dp = min(capacity // pp, max_dp)
+        if dp * pp >= spec.elastic.min_workers:
+            return dp, pp
+        tried.append(f"dp={dp}·pp={pp}={dp * pp}")
+    if capacity < spec.elastic.min_workers:
+        return f"only {capacity} workers available, below elastic.min_workers={spec.elastic.min_workers}"
+    return (f"no layout reaches elastic.min_workers={spec.elastic.min_workers} with {capacity} workers "
+            f"while keeping global_batch_size={spec.global_batch_size} at >= micro_batch_size="
+            f"{spec.micro_batch_size} per data-parallel rank (tried {', '.join(tried)})")
+
+
+def sample_shares(global_batch: int, dp: int) -> tuple[int, ...]:
+    """Split the global batch over dp ranks as evenly as possible (first ranks take the remainder)."""
+    base, extra = divmod(global_batch, dp)
+    return tuple(base + (1 if r < extra else 0) for r in range(dp))
+
+
+def assign(
+    candidates: Sequence[Candidate], dp: int, partition: Sequence[int]
+) -> tuple[dict[int, Candidate], list[Candidate]]:
+    """Place candidates on the dp×pp grid: ({new rank: candidate}, unused candidates).
+
+    Greedy on a score per (candidate, cell), highest first: how many of the
+    cell's layers the candidate already holds (its parameters stay local), then
+    keeping its old rank, then its old dp row. Spares score zero and fill what
+    is left, in (node, slot) order. Deterministic.
+    """
+    pp = len(partition) - 1
+    cells = [(d, s) for d in range(dp) for s in range(pp)]
+    scored = []
+    for ci, cand in enumerate(candidates):
+        for d, s in cells:
+            overlap = 0
+            if cand.old_layers is not None:
+                lo, hi = cand.old_layers
+                overlap = max(0, min(hi, partition[s + 1]) - max(lo, partition[s]))
+            same_rank = cand.old_rank == d * pp + s
+            same_row = cand.old_dp_rank == d
+            # survivors before spares even at zero overlap: their process is already warm
+            survivor = cand.old_rank is not None
+            scored.append(((overlap, same_rank, same_row, survivor), ci, d * pp + s))
+    scored.sort(key=lambda x: (x[0], -x[1], -x[2]), reverse=True)
+    placed: dict[int, Candidate] = {}
+    used: set[int] = set()
+    for _, ci, rank in scored:
+        if rank in placed or ci in used:
+            continue
+        placed[rank] = candidates[ci]
+        used.add(ci)
+        if len(placed) == len(cells):
+            break
+    unused = [c for i, c in enumerate(candidates) if i not in used]
+    return placed, unused
+
+
+def _plan_from(
+    spec: JobSpec,
+    current: Plan,
+    staying: Sequence[WorkerAssignment],
+    spares: Sequence[Candidate],
+    *,
+    view: ClusterView,
+    cause: str,
+    now: float,
+    switch_at_step: int,
+    partition: PartitionFn,
+    shrink_ok: bool,
+) -> Decision:
+    survivors = [
+        Candidate(node=w.node, slot=w.slot, old_rank=w.rank, old_dp_rank=w.dp_rank,
+                  old_layers=(current.layer_partition[w.pp_rank], current.layer_partition[w.pp_rank + 1]))
+        for w in staying
+    ]
+    taken = {(c.node, c.slot) for c in survivors}
+    spares = [c for c in spares if (c.node, c.slot) not in taken]
+    layout = choose_layout(spec, current, len(survivors) + len(spares))
+    if isinstance(layout, str):
+        return None, layout
+    dp, pp = layout
+    if not shrink_ok and dp * pp < current.world_size:
+        return None, f"growth would shrink the job to dp={dp}·pp={pp}"
+    bounds = current.layer_partition if pp == current.pp else tuple(partition(spec, pp))
+    placed, unused = assign(survivors + spares, dp, bounds)
+    workers = tuple(
+        WorkerAssignment(rank=r, node=c.node, slot=c.slot, dp_rank=r // pp, pp_rank=r % pp)
+        for r, c in sorted(placed.items())
+    )
+    store_address = _store_for(current, workers, view.store_addresses)
+    if store_address is None:
+        return None, "no live node of the new plan serves a rendezvous store"
+    generation = current.generation + 1
+    idle = [{"node": c.node, "slot": c.slot, "old_rank": c.old_rank} for c in unused if c.old_rank is not None]
+    reason = (f"{cause}: dp={current.dp}·pp={current.pp} ({current.world_size} workers) -> "
+              f"dp={dp}·pp={pp} ({len(workers)} workers)"
+              + ("" if pp == current.pp else f", layers re-partitioned {list(current.layer_partition)} -> {list(bounds)}")
+              + (f", {len(idle)} survivor(s) idle" if idle else ""))
+    plan = Plan(
+        job_id=current.job_id,
+        generation=generation,
+        workers=workers,
+        dp=dp,
+        pp=pp,
+        zero_stage=current.zero_stage,
+        layer_partition=tuple(bounds),
+        sample_shares=sample_shares(spec.global_batch_size, dp),
+        store_address=store_address,
+        store_prefix=f"{current.job_id}/g{generation}/",
+        switch_at_step=switch_at_step,
+        reason=reason,
+        extra={
+            "cause": cause,
+            "planned_at": now,
+            "previous_generation": current.generation,
+            # new rank -> rank in the previous generation (survivors only): the
+            # resharding planner reads where each slice used to live from this.
+            "previous_ranks": {str(r): c.old_rank for r, c in placed.items() if c.old_rank is not None},
+            "idle": idle,
+        },
+    )
+    plan.check()
+    return plan, reason
+
+
+def _spare_candidates(view: ClusterView, *, exclude_nodes: Iterable[str]) -> list[Candidate]:
+    excluded = set(exclude_nodes)
+    return [
+        Candidate(node=node, slot=slot)
+        for node in sorted(view.free_slots)
+        if node not in excluded
+        for slot in sorted(view.free_slots[node])
+    ]
+
+
+def _store_for(current: Plan, workers: Sequence[WorkerAssignment], addresses: Mapping[str, str]) -> str | None:
+    """Keep the current store if its node is still live; else the store of rank 0's node."""
+    if current.store_address in addresses.values():
+        return current.store_address
+    for w in sorted(workers, key=lambda w: w.rank):
+        if w.node in addresses:
+            return addresses[w.node]
+    return None

@@ -1,0 +1,163 @@
+"""trainer.abort: survivors of a dead or hung peer are released within ~1 s and re-form.
+
+Real processes over gloo. The test serves the store, plays the controller
+(kills, stops, sets the abort key) and kills every process it started.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.dist_harness import Workers
+from trainer.abort import ABORT_KEY, AbortSettings, AbortWatcher, CommAborted, CommFailed
+
+
+def run_abort(tmp_path, scenario: str, sig: int, *, controller_aborts: bool):
+    workers = Workers(scenario, 3, tmp_path)
+    try:
+        workers.wait_key("victim-ready", timeout_s=90)
+        time.sleep(0.3)  # the survivors are now blocked in the step's collective
+        failed_at = workers.signal(2, sig)
+        if controller_aborts:  # a hang is seen by heartbeats; the controller's plan g+1 aborts
+            dist.PrefixStore("g1/", workers.store).set(ABORT_KEY, "plan g2: rank 2 hung")
+            failed_at = time.time()
+        codes = workers.wait_exit([0, 1], timeout_s=60)
+        assert codes == {0: 0, 1: 0}, workers.log(0) + workers.log(1)
+        results = [workers.result(r) for r in (0, 1)]
+    finally:
+        workers.kill_all()
+    for r in results:
+        assert r["error"] in ("CommFailed", "CommAborted"), r
+        assert r["step"] == 3
+        assert r["g2_sum"] == [2.0] * 4  # the two survivors, same processes, new prefix
+    latency = max(r["released_at"] for r in results) - failed_at
+    return latency, results
+
+
+@pytest.mark.parametrize("scenario", ["abort-allreduce", "abort-pipeline"])
+def test_survivors_of_a_killed_peer_are_released_and_reform_without_restarting(tmp_path, scenario):
+    latency, results = run_abort(tmp_path, scenario, signal.SIGKILL, controller_aborts=False)
+    print(f"{scenario}: released {latency:.3f} s after kill -9; re-formed in "
+          f"{max(r['reform_s'] for r in results):.3f} s")
+    assert latency < 1.0
+    if scenario == "abort-pipeline":
+        # rank 0 never talked to the victim: it was released by rank 1's abort key
+        assert results[0]["error"] == "CommAborted" and "abort key set" in results[0]["message"]
+
+
+def test_survivors_of_a_hung_peer_are_released_by_the_abort_key(tmp_path):
+    latency, results = run_abort(tmp_path, "abort-allreduce", signal.SIGSTOP, controller_aborts=True)
+    print(f"SIGSTOP: released {latency:.3f} s after the abort key; re-formed in "
+          f"{max(r['reform_s'] for r in results):.3f} s")
+    assert latency < 1.0
+    assert all(r["error"] == "CommAborted" for r in results)
+
+
+# ------------------------------------------------- the watcher alone (fake works)
+class FakeWork:
+    """A Work whose completion the test controls; ``future=False`` behaves like
+    gloo's send/recv works (no future; wait() blocks)."""
+
+    def __init__(self, *, future: bool = True) -> None:
+        self._done = threading.Event()
+        self._error: Exception | None = None
+        self._future = torch.futures.Future() if future else None
+        self.waits = 0
+
+    def finish(self, error: Exception | None = None) -> None:
+        self._error = error
+        self._done.set()
+        if self._future is not None:
+            self._future.set_result(None)
+
+    def get_future(self):
+        if self._future is None:
+            raise RuntimeError("Work::getFuture not implemented.")
+        return self._future
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout=None) -> bool:
+        self.waits += 1
+        if not self._done.wait(30):
+            raise RuntimeError("fake work never finished")
+        if self._error is not None:
+            raise self._error
+        return True
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.values: dict[str, bytes] = {}
+
+    def set(self, key: str, value: str) -> None:
+        self.values[key] = value.encode()
+
+    def check(self, keys) -> bool:
+        return all(k in self.values for k in keys)
+
+    def get(self, key: str) -> bytes:
+        return self.values[key]
+
+
+@pytest.mark.parametrize("future", [True, False])
+def test_wait_returns_when_the_work_completes(future):
+    watcher, work = AbortWatcher(rank=0), FakeWork(future=future)
+    threading.Timer(0.05, work.finish).start()
+    watcher.wait(work, "allreduce", timeout_s=10)
+    assert work.waits == 1  # a gloo send/recv is never waited on twice
+
+
+@pytest.mark.parametrize("future", [True, False])
+def test_abort_from_another_thread_releases_a_blocked_wait(future):
+    watcher, work = AbortWatcher(rank=0), FakeWork(future=future)
+    threading.Timer(0.05, watcher.abort, args=("plan g2",)).start()
+    started = time.monotonic()
+    with pytest.raises(CommAborted, match="plan g2"):
+        watcher.wait(work, "allreduce", timeout_s=10)
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(CommAborted):  # the generation stays aborted
+        watcher.wait(FakeWork(), "next")
+    work.finish()
+
+
+def test_a_failed_work_tells_the_peers_through_the_store():
+    store = FakeStore()
+    watcher = AbortWatcher(rank=1)
+    watcher.watch_store(store)
+    work = FakeWork()
+    work.finish(RuntimeError("Connection closed by peer [127.0.0.1]:1234"))
+    with pytest.raises(CommFailed, match="Connection closed"):
+        watcher.wait(work, "step 7")
+    watcher.close()
+    assert store.values[ABORT_KEY].decode().startswith("rank 1: step 7 failed: Connection closed")
+    assert watcher.aborted
+
+
+def test_the_abort_key_set_by_a_peer_aborts_this_rank():
+    store = FakeStore()
+    watcher = AbortWatcher(AbortSettings(poll_interval_s=0.005), rank=0)
+    seen = []
+    watcher.on_abort.append(seen.append)
+    watcher.watch_store(store)
+    store.set(ABORT_KEY, "rank 2: step 3 failed")
+    deadline = time.monotonic() + 5
+    while not watcher.aborted and time.monotonic() < deadline:
+        time.sleep(0.005)
+    watcher.close()
+    assert seen == ["abort key set: rank 2: step 3 failed"]
+
+
+def test_a_wait_past_its_timeout_raises_and_aborts_the_generation():
+    watcher, work = AbortWatcher(rank=0), FakeWork()
+    with pytest.raises(TimeoutError):
+        watcher.wait(work, "allreduce", timeout_s=0.05)
+    assert watcher.aborted and "timed out" in watcher.reason
+    work.finish()

@@ -1,0 +1,64 @@
+"""trainer.transfer: executing reshard plans between live processes (gloo), buddy replication."""
+
+from __future__ import annotations
+
+from tests.dist_harness import Workers
+from trainer.transfer import buddy_ring, recoverable_step
+
+
+def test_buddy_ring_puts_every_buddy_on_another_node_and_receives_one_replica_each():
+    nodes = {0: "a", 1: "a", 2: "b", 3: "b", 4: "c"}
+    ring = buddy_ring(nodes)
+    assert sorted(ring) == sorted(ring.values()) == [0, 1, 2, 3, 4]
+    assert all(nodes[r] != nodes[b] for r, b in ring.items())
+    assert buddy_ring({0: "a", 1: "a"}) == {0: 1, 1: 0}  # one node: a copy, but not off-node
+    assert buddy_ring({0: "a"}) == {}
+
+
+def test_recoverable_step_is_the_oldest_acknowledged_step():
+    assert recoverable_step([5, 4, 6]) == 4
+    assert recoverable_step([5, -1]) == -1
+
+
+def test_a_plan_from_layout_a_to_b_reproduces_exactly_what_a_fresh_b_owner_holds(tmp_path):
+    workers = Workers("transfer", 3, tmp_path)
+    try:
+        codes = workers.wait_exit([0, 1, 2], timeout_s=120)
+        assert codes == {0: 0, 1: 0, 2: 0}, "".join(workers.log(r) for r in range(3))
+        results = [workers.result(r) for r in range(3)]
+    finally:
+        workers.kill_all()
+    for r in results:
+        assert r["none"]["exact"] and r["home"]["exact"] and r["wire"]["exact"]
+        assert r["none"]["rounds"] == 1 and r["none"]["bad"] == []
+        assert r["lost"].startswith("no surviving copy")
+    # corrupted copies at home are never advertised; the other copy is used
+    bad_home = sorted(b for r in results for b in r["home"]["bad"])
+    assert bad_home == ["buddy copy of m[18:25] on rank 0", "owner copy of w[10:20] on rank 1"]
+    # a piece corrupted on the wire is caught on arrival and fetched again from another copy
+    assert all(r["wire"]["rounds"] == 2 for r in results)
+    assert any("arrived corrupt" in b for b in results[0]["wire"]["bad"])
+    moved = sum(r["none"]["sent"] for r in results)
+    assert moved == sum(r["none"]["received"] for r in results) > 0
+
+
+def test_buddy_replicas_make_a_killed_rank_s_shard_recoverable_in_place(tmp_path):
+    import signal
+    workers = Workers("recovery", 4, tmp_path)
+    try:
+        workers.wait_key("victim-ready", timeout_s=120)
+        workers.signal(3, signal.SIGKILL)
+        codes = workers.wait_exit([0, 1, 2], timeout_s=90)
+        assert codes == {0: 0, 1: 0, 2: 0}, "".join(workers.log(r) for r in range(3))
+        results = [workers.result(r) for r in range(3)]
+    finally:
+        workers.kill_all()
+    for r in results:
+        # step 3 of rank 0 rotted before replication: its buddy refused it, so step 3
+        # never became recoverable; step 4 did
+        assert r["recoverable"] == [1, 2, 2, 4]
+        assert r["released"] in ("CommFailed", "CommAborted")
+        assert r["step"] == 4 and r["exact"]
+    assert results[2]["rejected"] == 1  # rank 2 is rank 0's buddy (the other node)
+    assert results[1]["buddy"] == 3 and results[1]["replica_step"] == 4  # rank 1 holds dead rank 3's copy
+    assert sum(r["bytes_sent"] for r in results) > 0

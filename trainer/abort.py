@@ -1,0 +1,293 @@
+"""Unblocking survivors: abort the communicators of a generation, then re-form.
+
+Design note (what torch 2.13 offers, measured in tests/test_abort.py):
+
+* A peer that *dies* (kill -9, crash) closes its TCP connections: gloo raises
+  "Connection closed by peer" on the ranks that talk to it directly, within
+  tens of milliseconds. Ranks that are not in a collective with it (a
+  pipeline neighbour waiting on a send from a rank that is itself waiting on
+  the dead one) stay blocked, so the first rank that sees the error tells the
+  others: it sets the generation's ``abort`` key in the rendezvous store.
+* A peer that *hangs* (SIGSTOP, deadlock, stuck kernel) keeps its sockets open;
+  gloo blocks until its collective timeout. ``ProcessGroupGloo.abort()``,
+  ``shutdown()`` and ``distributed_c10d._abort_process_group()`` all return at
+  once but do NOT release a thread blocked in ``Work.wait()`` (tried: the
+  blocked allreduce stays blocked). What works on every backend is to never
+  block inside C++: issue collectives with ``async_op=True`` and wait through
+  ``AbortWatcher.wait(work)``, which sleeps on an Event set either by the
+  work's completion callback or by ``abort()``. The stuck gloo worker thread
+  of the old group is left behind (it ends when the hung process is killed),
+  and the old group object is parked (``retire``) so that its destructor —
+  which joins that thread — never runs on a live thread.
+* NCCL: ``abort()`` additionally calls ``ProcessGroup.abort()`` on registered
+  NCCL groups (ncclCommAbort), which frees kernels stuck on a dead peer; with
+  ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0`` so the watchdog does not tear the
+  process down first. Not exercised here (no GPUs in the test host).
+* After the abort, survivors read plan g+1 and form the new group with
+  ``form_group`` under the new store prefix (``PrefixStore``): keys of the old
+  generation are never read again, and no process restarts.
+
+Triggers of ``abort()``: the plan watcher (plan g+1 appeared: a hung rank was
+detected by heartbeats, or a node was lost), the generation's store key (set by
+a survivor that saw a collective fail, by the agent, or by the controller),
+and the backstop collective timeout of ``wait``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Sequence
+
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+log = logging.getLogger(__name__)
+
+ABORT_KEY = "abort"
+"""Key inside a generation's PrefixStore; its value is the reason (UTF-8)."""
+
+
+class CommAborted(RuntimeError):
+    """The generation's communicators were aborted; read the next plan and re-form."""
+
+
+class CommFailed(RuntimeError):
+    """A collective failed on this rank (a peer died); peers have been told to abort."""
+
+
+@dataclass(kw_only=True)
+class AbortSettings:
+    poll_interval_s: float = 0.02
+    """How often the watcher thread checks the store's abort key (seconds)."""
+    collective_timeout_s: float = 300.0
+    """Backstop: the longest one wait() may block with nobody aborting (seconds)."""
+
+
+class AbortWatcher:
+    """Makes every collective of one generation abortable from another thread."""
+
+    def __init__(self, settings: AbortSettings | None = None, *, rank: int = -1) -> None:
+        self.settings = settings or AbortSettings()
+        self.rank = rank
+        self._lock = threading.Lock()
+        self._aborted = threading.Event()
+        self._reason = ""
+        self._waiters: set[threading.Event] = set()
+        self._groups: list[Any] = []
+        self._store: Any = None
+        self._stop_watch = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_abort: list[Callable[[str], None]] = []
+        """Callbacks run (on the aborting thread) once per abort, with the reason."""
+        self.aborted_at: float | None = None
+        """time.monotonic() of the abort, for recovery timing."""
+
+    # ---------------------------------------------------------------- state
+    @property
+    def aborted(self) -> bool:
+        return self._aborted.is_set()
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    def register(self, *groups: Any) -> None:
+        """Process groups to abort at the backend level too (effective for NCCL)."""
+        self._groups.extend(g for g in groups if g is not None)
+
+    # ---------------------------------------------------------------- abort
+    def abort(self, reason: str) -> bool:
+        """Abort this generation: every current and future wait() raises CommAborted.
+
+        Idempotent and thread-safe; returns True for the call that aborted."""
+        with self._lock:
+            if self._aborted.is_set():
+                return False
+            self._reason = reason
+            self.aborted_at = time.monotonic()
+            self._aborted.set()
+            waiters = list(self._waiters)
+        for ev in waiters:
+            ev.set()
+        for group in self._groups:
+            _abort_backend(group)
+        for callback in self.on_abort:
+            try:
+                callback(reason)
+            except Exception:  # a bad callback must not stop the abort
+                log.exception("on_abort callback failed")
+        log.warning("rank %d: communicators aborted: %s", self.rank, reason)
+        return True
+
+    def signal_peers(self, reason: str) -> None:
+        """Tell every rank of the generation to abort (sets the store key), then abort here."""
+        if self._store is not None:
+            try:
+                self._store.set(ABORT_KEY, reason)
+            except Exception as exc:  # the store may be gone with its node; abort locally anyway
+                log.warning("rank %d: could not set the abort key: %r", self.rank, exc)
+        self.abort(reason)
+
+    # ------------------------------------------------------------ the watch
+    def watch_store(self, store: Any) -> None:
+        """Poll ``store`` (a PrefixStore of this generation, on its own connection:
+        a blocked store call must not stall the trainer's) for the abort key."""
+        self._store = store
+        self._thread = threading.Thread(target=self._watch, name="abort-watcher", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop_watch.is_set() and not self._aborted.is_set():
+            try:
+                if self._store.check([ABORT_KEY]):
+                    reason = self._store.get(ABORT_KEY).decode(errors="replace")
+                    self.abort(f"abort key set: {reason}")
+                    return
+            except Exception as exc:  # store unreachable: its node is gone; the plan watcher decides
+                log.debug("rank %d: abort-key poll failed: %r", self.rank, exc)
+            self._stop_watch.wait(self.settings.poll_interval_s)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop the watcher thread (the generation is over)."""
+        self._stop_watch.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # ------------------------------------------------------------- waiting
+    def wait(self, work: Any | Sequence[Any], what: str = "collective", *, timeout_s: float | None = None) -> None:
+        """Wait for one ``Work`` (or several) like ``work.wait()``, but abortably.
+
+        Raises CommAborted if the generation is aborted meanwhile, CommFailed
+        (after telling the peers) if a work itself failed, TimeoutError after
+        ``timeout_s`` (default: the backstop collective timeout)."""
+        works = list(work) if isinstance(work, (list, tuple)) else [work]
+        if self._aborted.is_set():
+            raise CommAborted(f"{what}: {self._reason}")
+        if not works:
+            return
+        limit = self.settings.collective_timeout_s if timeout_s is None else timeout_s
+        batch = _Completion(works)
+        with self._lock:
+            self._waiters.add(batch.event)
+        try:
+            if not batch.event.wait(limit):
+                self.signal_peers(f"rank {self.rank}: {what} timed out after {limit} s")
+                raise TimeoutError(f"{what} did not complete within {limit} s")
+            if batch.error is None and not batch.done:  # woken by abort()
+                raise CommAborted(f"{what}: {self._reason}")
+            try:
+                if batch.error is not None:
+                    raise batch.error
+                for w in batch.with_future:
+                    w.wait()  # completed: returns at once, or raises the work's error
+            except Exception as exc:
+                self.signal_peers(f"rank {self.rank}: {what} failed: {str(exc).splitlines()[0][:200]}")
+                raise CommFailed(f"{what} failed: {exc}") from exc
+        finally:
+            with self._lock:
+                self._waiters.discard(batch.event)
+
+
+class _Completion:
+    """Sets ``event`` once every work completed (or one failed), without blocking the caller.
+
+    Works with a future (collectives) report through a done-callback; gloo's
+    send/recv works have none (``getFuture`` is not implemented) and report
+    ``is_completed`` only after ``wait()``, so one daemon thread waits on those.
+    If a peer hangs, that thread stays blocked until the peer is killed — the
+    same fate as gloo's own worker thread — while the caller has moved on."""
+
+    def __init__(self, works: Sequence[Any]) -> None:
+        self.event = threading.Event()
+        self.error: BaseException | None = None
+        self._left = len(works)
+        self._lock = threading.Lock()
+        self.with_future: list[Any] = []
+        """Works whose errors still need surfacing with wait() (the others were waited on, once:
+        waiting twice on a gloo send/recv blocks until the next message)."""
+        blocking = []
+        for w in works:
+            try:
+                w.get_future().add_done_callback(lambda _f: self._one_done())
+                self.with_future.append(w)
+            except RuntimeError:  # "Work::getFuture not implemented"
+                blocking.append(w)
+        if blocking:
+            threading.Thread(target=self._wait_blocking, args=(blocking,), name="comm-wait", daemon=True).start()
+
+    @property
+    def done(self) -> bool:
+        with self._lock:
+            return self._left == 0
+
+    def _one_done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            finished = self._left == 0
+        if finished:
+            self.event.set()
+
+    def _wait_blocking(self, works: Sequence[Any]) -> None:
+        for w in works:
+            try:
+                w.wait()
+            except BaseException as exc:
+                self.error = exc
+                self.event.set()
+                return
+            self._one_done()
+
+
+def _abort_backend(group: Any) -> None:
+    """ncclCommAbort for NCCL groups; gloo's abort does not release waits (see above)."""
+    try:
+        if dist.get_backend(group) == "gloo":
+            return
+        group.abort()
+    except Exception as exc:
+        log.warning("backend abort failed: %r", exc)
+
+
+# ------------------------------------------------------------ re-forming
+_graveyard: list[Any] = []
+"""Process groups of aborted generations, kept referenced on purpose: their
+destructors join worker threads that may still be blocked on a hung peer."""
+
+
+def retire_default_group() -> None:
+    """Forget the current default group without running its destructor."""
+    if not dist.is_initialized():
+        return
+    _graveyard.append(c10d._get_default_group())
+    _graveyard.extend(g for g in list(c10d._world.pg_map) if g is not None)
+    dist.destroy_process_group()
+
+
+def form_group(store: Any, prefix: str, *, rank: int, world_size: int, backend: str = "gloo",
+               timeout_s: float = 60.0, device_id: Any = None) -> Any:
+    """Form the generation's default group under ``prefix`` of ``store`` and return it.
+
+    ``timeout_s`` bounds the rendezvous and is the backend's collective timeout
+    (a backstop: aborts normally come from the watcher)."""
+    retire_default_group()
+    kwargs = {"device_id": device_id} if device_id is not None else {}
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
+    return c10d._get_default_group()
+
+
+def generation_store(host: str, port: int, prefix: str, *, timeout_s: float = 5.0) -> Any:
+    """A fresh client connection to the rendezvous store, scoped to one generation
+    (for the watcher thread, so its polling never contends with the trainer's)."""
+    client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s),
+                           wait_for_workers=False)
+    return dist.PrefixStore(prefix, client)
+
+
+def graveyard_size() -> int:
+    return len(_graveyard)
+
