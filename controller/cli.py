@@ -7,6 +7,7 @@ file only wires them together:
 * controller/local.py       up, down, demo
 * agent/main.py             agent
 * trainer/local.py          train-local
+* controller/security_cli.py audit, tokens, certs
 
 Controller address resolution for client commands: ``--controller``, else
 ``TENAX_CONTROLLER``, else the local cluster recorded by ``tenax up``.
@@ -26,6 +27,7 @@ _PARTS = (
     "controller.local",
     "agent.main",
     "trainer.local",
+    "controller.security_cli",
 )
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -79,11 +80,40 @@ class EtcdServer:
             self.process.wait(timeout=10)
 
 
+@dataclass(kw_only=True)
+class EtcdServerTls:
+    """TLS for etcd's client port (PEM files; see controller/tls.py ensure_dev_pki)."""
+
+    cert_file: str
+    """etcd's server certificate (must name 127.0.0.1)."""
+    key_file: str
+    """Its private key."""
+    ca_file: str
+    """CA that clients' certificates must chain to (with ``client_cert_auth``)."""
+    client_cert_auth: bool = True
+    """Require a client certificate from ``ca_file`` on every client connection."""
+    client_cert_file: str = ""
+    """A client certificate for our own health probe (needed with ``client_cert_auth``)."""
+    client_key_file: str = ""
+
+    def flags(self) -> list[str]:
+        out = ["--cert-file", self.cert_file, "--key-file", self.key_file, "--trusted-ca-file", self.ca_file]
+        return out + (["--client-cert-auth"] if self.client_cert_auth else [])
+
+    def probe_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.client_cert_file:
+            ctx.load_cert_chain(self.client_cert_file, self.client_key_file)
+        return ctx
+
+
 def start_etcd(data_dir: str | Path, *, client_port: int | None = None, peer_port: int | None = None,
-               log_path: str | Path | None = None, timeout_s: float = 20.0) -> EtcdServer:
+               log_path: str | Path | None = None, timeout_s: float = 20.0,
+               tls: EtcdServerTls | None = None) -> EtcdServer:
     """Start etcd on 127.0.0.1 and wait until it answers /health.
 
     Pass the same ports and data dir again to restart a stopped server with its data.
+    With ``tls`` the client port speaks TLS only (``https://`` URL); peers stay on loopback.
     """
     binary = find_etcd_binary()
     data_dir = Path(data_dir)
@@ -93,7 +123,7 @@ def start_etcd(data_dir: str | Path, *, client_port: int | None = None, peer_por
     for _attempt in range(3):  # free_port() can race with another process
         cport = client_port or free_port()
         pport = peer_port or free_port()
-        url = f"http://127.0.0.1:{cport}"
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{cport}"
         cmd = [
             binary,
             "--name", "tenax-local",
@@ -107,14 +137,15 @@ def start_etcd(data_dir: str | Path, *, client_port: int | None = None, peer_por
             "--log-level", "warn",
             "--auto-compaction-retention", "1h",
             "--quota-backend-bytes", str(2 * 1024**3),
-        ]
+        ] + (tls.flags() if tls else [])
         log_file = open(log_path, "ab")
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         log_file.close()
         server = EtcdServer(proc, url, cport, pport, data_dir, log_path)
         try:
-            wait_healthy(url, timeout_s=timeout_s, process=proc)
+            wait_healthy(url, timeout_s=timeout_s, process=proc,
+                         ssl_context=tls.probe_context() if tls else None)
             return server
         except RuntimeError as exc:
             last_error = exc
@@ -124,13 +155,14 @@ def start_etcd(data_dir: str | Path, *, client_port: int | None = None, peer_por
     raise RuntimeError(f"etcd did not start: {last_error} (log: {log_path})")
 
 
-def wait_healthy(url: str, *, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+def wait_healthy(url: str, *, timeout_s: float, process: subprocess.Popen | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"etcd exited with code {process.returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1.0) as resp:
+            with urllib.request.urlopen(f"{url}/health", timeout=1.0, context=ssl_context) as resp:
                 if resp.status == 200 and b"true" in resp.read():
                     return
         except OSError:

@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 
 import aetcd
 import aetcd.exceptions
+import aetcd.rpc
+import aetcd.watcher
 import grpc
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,63 @@ def _translate(exc: BaseException, what: str) -> EtcdError:
     return EtcdError(f"etcd refused {what}: {exc!r}")
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """TLS for etcd client connections (PEM files)."""
+
+    ca_file: str
+    """CA that signed etcd's server certificate."""
+    cert_file: str = ""
+    """Client certificate, for an etcd started with --client-cert-auth."""
+    key_file: str = ""
+    """Private key of ``cert_file``."""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as exc:  # permanent: a wrong path does not fix itself
+                raise EtcdError(f"cannot read etcd TLS file {path!r}: {exc}") from exc
+
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("etcd TLS: give both cert_file and key_file, or neither")
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+
+class _TlsClient(aetcd.Client):
+    """aetcd's client over a TLS channel.
+
+    aetcd only builds insecure channels. gRPC channels connect lazily, so right
+    after aetcd's own ``connect`` (before any call) we swap in a secure channel
+    and rebuild the stubs on it; nothing was ever sent on the insecure one.
+    """
+
+    def __init__(self, tls: EtcdTls, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._credentials = tls.credentials()
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        await super().connect()
+        if self.auth_stub is not None:  # etcd user/password auth is not used by Tenax
+            raise EtcdError("etcd password auth is not supported together with TLS")
+        unused = self.channel
+        # No await between super().connect() and the swap: no other task can see the old stubs.
+        self.channel = aetcd.rpc.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                                options=self._options.items())
+        self.kvstub = aetcd.rpc.KVStub(self.channel)
+        self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+        self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+        self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(aetcd.rpc.WatchStub(self.channel), timeout=self._timeout,
+                                              metadata=self.metadata)
+        await unused.close()
+
+
 class Etcd:
     """An asyncio etcd client with timeouts and typed errors.
 
@@ -109,11 +168,17 @@ class Etcd:
     ``EtcdUnavailable``.
     """
 
-    def __init__(self, endpoint: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, endpoint: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 tls: "EtcdTls | None" = None) -> None:
         self.endpoint = endpoint
         self.host, self.port = parse_endpoint(endpoint)
         self.timeout_s = timeout_s
-        self._client = aetcd.Client(host=self.host, port=self.port, timeout=timeout_s)
+        if endpoint.strip().startswith("https://") and tls is None:
+            raise ValueError(f"etcd endpoint {endpoint!r} is https: pass tls=EtcdTls(ca_file=...)")
+        if tls is None:
+            self._client = aetcd.Client(host=self.host, port=self.port, timeout=timeout_s)
+        else:
+            self._client = _TlsClient(tls, host=self.host, port=self.port, timeout=timeout_s)
 
     async def __aenter__(self) -> "Etcd":
         await self.connect()
@@ -159,6 +224,21 @@ class Etcd:
 
     async def delete_prefix(self, prefix: str) -> int:
         res = await self._call(f"delete_prefix {prefix}", self._client.delete_prefix(prefix.encode()))
+        return int(res.deleted) if res else 0
+
+    async def keys_prefix(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` in key order, without their values (cheap listing)."""
+        res = await self._call(f"keys_prefix {prefix}", self._client.get_prefix(prefix.encode(), keys_only=True))
+        return [_kv(item).key for item in res]
+
+    async def get_range(self, start: str, end: str) -> list[KV]:
+        """Keys in ``[start, end)`` in key order."""
+        res = await self._call(f"get_range {start}", self._client.get_range(start.encode(), end.encode()))
+        return [_kv(item) for item in res]
+
+    async def delete_range(self, start: str, end: str) -> int:
+        """Delete keys in ``[start, end)``; return how many were deleted."""
+        res = await self._call(f"delete_range {start}", self._client.delete_range(start.encode(), end.encode()))
         return int(res.deleted) if res else 0
 
     async def create(self, key: str, value: str, *, lease: int | None = None) -> bool:

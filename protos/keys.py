@@ -6,9 +6,11 @@ finds a malformed value logs it and skips it; it never crashes.
 Layout (``P`` is the cluster prefix, default ``/tenax``)::
 
     P/leader                              controller leader record, under the leader's lease
+    P/_rev                                scratch key (empty): a put+delete tells a reader the store's revision
     P/nodes/<node>                        NodeInfo, under the agent's lease (gone => NOT_READY)
     P/nodes/<node>/health                 latest NodeHealth (telemetry), under the agent's lease
     P/cordons/<node>                      present => node is cordoned (survives agent restarts)
+    P/registry/<node>                     the controller's persistent record of a node (lost nodes show NOT_READY)
     P/jobs/<job>/spec                     JobSpec (written once, at submit)
     P/jobs/<job>/status                   JobStatus (phase, step, loss, workers, recoveries ...)
     P/jobs/<job>/plan                     the current Plan (generation g); g+1 is written in a txn guarded by g
@@ -17,6 +19,9 @@ Layout (``P`` is the cluster prefix, default ``/tenax``)::
     P/jobs/<job>/progress/<rank>          latest progress summary of a rank (throttled by the agent)
     P/jobs/<job>/metrics/<step:012d>      a batch of per-step records starting at <step> (rank 0)
     P/jobs/<job>/events/<seq:012d>        job events for WatchJob (phase, plan, recovery)
+    P/owners/<job>                        the identity that submitted the job (written with its spec)
+    P/auth/tokens/<token_id>              an API token: name, role, salt and hash (never the token itself)
+    P/audit/<time_ns:020d>-<rand>         one audit record per mutating call (bounded retention)
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class Keys:
     def leader(self) -> str:
         return f"{self.prefix}/leader"
 
+    def revision_probe(self) -> str:
+        return f"{self.prefix}/_rev"
+
     def nodes(self) -> str:
         return f"{self.prefix}/nodes/"
 
@@ -50,6 +58,12 @@ class Keys:
 
     def cordon(self, node: str) -> str:
         return f"{self.prefix}/cordons/{node}"
+
+    def registry(self) -> str:
+        return f"{self.prefix}/registry/"
+
+    def node_registry(self, node: str) -> str:
+        return f"{self.prefix}/registry/{node}"
 
     # jobs ---------------------------------------------------------------
     def jobs(self) -> str:
@@ -93,6 +107,26 @@ class Keys:
 
     def job_event(self, job: str, seq: int) -> str:
         return f"{self.prefix}/jobs/{job}/events/{seq:012d}"
+
+    # security (controller/auth.py, controller/audit.py) -------------------
+    def owners(self) -> str:
+        return f"{self.prefix}/owners/"
+
+    def job_owner(self, job: str) -> str:
+        return f"{self.prefix}/owners/{job}"
+
+    def tokens(self) -> str:
+        return f"{self.prefix}/auth/tokens/"
+
+    def token(self, token_id: str) -> str:
+        return f"{self.prefix}/auth/tokens/{token_id}"
+
+    def audit(self) -> str:
+        return f"{self.prefix}/audit/"
+
+    def audit_record(self, time_ns: int, suffix: str) -> str:
+        """Keys sort by time, so the oldest records come first in a range read."""
+        return f"{self.prefix}/audit/{time_ns:020d}-{suffix}"
 
     # parsing --------------------------------------------------------------
     def parse_job_key(self, key: str) -> tuple[str, str] | None:

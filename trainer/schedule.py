@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from trainer import comm
+
 
 def one_f_one_b(num_micro: int, pp: int, stage: int) -> list[tuple[str, int]]:
     """The ordered actions ("F"|"B", micro-batch index) of ``stage``."""
@@ -54,7 +56,7 @@ class PipelineStageRunner:
     def _recv(self, shape, src: int, times: StageTimes) -> torch.Tensor:
         buf = torch.empty(shape, device=self.device, dtype=torch.float32)
         start = time.perf_counter()
-        dist.irecv(buf, src=src).wait()
+        comm.wait(dist.irecv(buf, src=src), "pipeline receive")
         times.pipeline_wait += time.perf_counter() - start
         return buf
 
@@ -90,7 +92,6 @@ class PipelineStageRunner:
                     sent = x.grad.float().contiguous()
                     pending.append((dist.isend(sent, dst=self.prev_rank), sent))
         start = time.perf_counter()
-        for work, _ in pending:
-            work.wait()
+        comm.wait([work for work, _ in pending], "pipeline send")
         times.pipeline_wait += time.perf_counter() - start
         return loss_sum

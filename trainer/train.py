@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainer import comm
 from trainer.data import StepSampler, build_dataset
 from trainer.model import DropoutContext, build_stage, init_parameters
 from trainer.optim import FlatStage, ShardedAdamW, lr_at
@@ -39,7 +40,7 @@ from trainer.zero2 import ShardedGradReducer
 def _all_gather_into(output: torch.Tensor, chunk: torch.Tensor, group) -> None:
     # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, chunk, group=group)
+    comm.wait(gather(output, chunk, group=group, async_op=True), "parameter all-gather")
 
 
 class MetricsWriter:
@@ -131,6 +132,9 @@ class Trainer:
             device=device,
         )
         self.step = 0  # steps completed (committed)
+        self.before_update = None
+        """Called right before the optimizer mutates the owned state (an in-flight
+        snapshot copy must be fenced off first: trainer.elastic)."""
 
     bucket_numel = 1 << 20
     """Gradient reduction piece (fp32 elements) of ZeRO-2, and of ZeRO-1 over gloo:
@@ -243,7 +247,7 @@ class Trainer:
         chunk_lo, chunk_hi = layout.shard_range(self.flat.numel, self.dp_rank)
         norm_part = self._norm_part(grad, chunk_lo, chunk_hi)
         totals = torch.stack([norm_part, loss_sum.float() if self.is_last else torch.zeros((), device=self.device)])
-        dist.all_reduce(totals)
+        comm.wait(dist.all_reduce(totals, async_op=True), "step totals all-reduce")
         grad_norm, loss = totals[0].sqrt().item(), totals[1].item()
         collective = time.perf_counter() - t0
 
@@ -253,6 +257,8 @@ class Trainer:
         if scale < 1.0:
             grad.mul_(scale)
         lr = lr_at(step, spec.optimizer, spec.steps)
+        if self.before_update is not None:
+            self.before_update()
         self.optimizer.step(grad, lr)
         self._sync()
         optimizer_time = time.perf_counter() - t0
@@ -295,7 +301,8 @@ class Trainer:
             # parameters move as many bytes as one all-reduce.
             if self.device.type == "cuda":
                 shard = torch.empty(self.flat.padded // self.layout.dp, device=self.device)
-                dist.reduce_scatter_tensor(shard, self.flat.grads, group=self.dp_group)
+                comm.wait(dist.reduce_scatter_tensor(shard, self.flat.grads, group=self.dp_group, async_op=True),
+                          "gradient reduce-scatter")
                 return shard[: hi - lo]
             # gloo's reduce-scatter stages the whole input in a scratch copy; reducing
             # bucket-sized pieces to their owners in place keeps memory flat.
@@ -305,9 +312,10 @@ class Trainer:
                 end = min(start + self.bucket_numel, self.flat.padded)
                 for owner in range(start // chunk, (end - 1) // chunk + 1):
                     a, b = max(start, owner * chunk), min(end, (owner + 1) * chunk)
-                    dist.reduce(self.flat.grads[a:b], dst=ranks[owner], group=self.dp_group)
+                    comm.wait(dist.reduce(self.flat.grads[a:b], dst=ranks[owner], group=self.dp_group, async_op=True),
+                              "gradient reduce")
             return self.flat.grads[lo:hi]
-        dist.all_reduce(self.flat.grads, group=self.dp_group)
+        comm.wait(dist.all_reduce(self.flat.grads, group=self.dp_group, async_op=True), "gradient all-reduce")
         return self.flat.grads[lo:hi]
 
     def _norm_part(self, grad: torch.Tensor, chunk_lo: int, chunk_hi: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from trainer import comm
 from trainer.optim import FlatStage
 
 
@@ -73,7 +74,7 @@ class ShardedGradReducer:
         for owner in range(first_owner, last_owner + 1):
             a, b = max(bucket["lo"], owner * self.chunk), min(bucket["hi"], (owner + 1) * self.chunk)
             piece = staging[a - bucket["lo"] : b - bucket["lo"]]
-            dist.reduce(piece, dst=self.dp_ranks[owner], group=self.group)
+            comm.wait(dist.reduce(piece, dst=self.dp_ranks[owner], group=self.group, async_op=True), "gradient reduce")
             if owner == self.my_dp:
                 self.shard[a - self.lo : b - self.lo] += piece
         self.comm_seconds += time.perf_counter() - start

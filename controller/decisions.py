@@ -1,0 +1,234 @@
+"""Pure decision functions of the controller: ``(state, now) -> (decision, reason)``.
+
+Nothing here touches etcd, gRPC or the clock: the server gathers the state,
+calls these, and writes what they decide. That keeps every rule testable as a
+plain function call (tests/test_controller_decisions.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from protos.plan import Plan, WorkerAssignment
+from protos.records import TERMINAL_PHASES, ProgressRecord, WorkerStatusRecord
+from trainer.config import JobSpec
+
+
+# ------------------------------------------------------------------ nodes
+@dataclass(kw_only=True, frozen=True)
+class NodeView:
+    """What the scheduler needs to know about one node."""
+
+    id: str
+    slots: int
+    ready: bool
+    """The agent holds its lease (its NodeInfo key exists)."""
+    cordoned: bool = False
+    used_slots: frozenset[int] = frozenset()
+    """Slots taken by the current plans of active jobs."""
+    store_address: str = ""
+
+    @property
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.slots) if s not in self.used_slots]
+
+    @property
+    def schedulable(self) -> bool:
+        return self.ready and not self.cordoned
+
+
+def node_state(*, registered: bool, cordon_reason: str | None) -> tuple[str, str]:
+    """A node's state: NOT_READY if its lease is gone (wins: nothing runs there),
+    else CORDONED if cordoned or draining, else READY."""
+    if not registered:
+        return "NOT_READY", "agent lease expired (no NodeInfo key)"
+    if cordon_reason is not None:
+        return "CORDONED", f"{cordon_reason} by operator"
+    return "READY", "agent registered"
+
+
+# ------------------------------------------------------------------ scheduling
+@dataclass(kw_only=True, frozen=True)
+class Slot:
+    node: str
+    slot: int
+
+
+def schedule(spec: JobSpec, nodes: list[NodeView]) -> tuple[list[Slot] | None, str]:
+    """Pick one slot per rank (index = rank) or say why the job must wait.
+
+    Packs by node: nodes with the most free slots first, so a job (and each of
+    its pipelines, whose stages are consecutive ranks) spans as few nodes as
+    possible. If one node alone can hold the job, the smallest such node is
+    used, to keep big nodes free for big jobs.
+    """
+    world = spec.parallelism.dp * spec.parallelism.pp
+    candidates = [n for n in nodes if n.schedulable and n.free_slots]
+    free_total = sum(len(n.free_slots) for n in candidates)
+    if free_total < world:
+        return None, (f"waiting for {world} free slots; {free_total} free on {len(candidates)} "
+                      f"ready, uncordoned node(s)")
+    fitting = sorted((n for n in candidates if len(n.free_slots) >= world), key=lambda n: (len(n.free_slots), n.id))
+    if fitting:
+        order = [fitting[0]]
+    else:
+        order = sorted(candidates, key=lambda n: (-len(n.free_slots), n.id))
+    placement: list[Slot] = []
+    for node in order:
+        for slot in node.free_slots:
+            if len(placement) == world:
+                break
+            placement.append(Slot(node=node.id, slot=slot))
+    nodes_used = len({s.node for s in placement})
+    return placement, f"placed {world} worker(s) on {nodes_used} node(s)"
+
+
+def even_shares(total: int, parts: int) -> tuple[int, ...]:
+    """Split ``total`` into ``parts`` near-equal shares; the remainder goes to the first parts."""
+    if parts < 1 or total < parts:
+        raise ValueError(f"cannot split {total} into {parts} positive shares")
+    base, extra = divmod(total, parts)
+    return tuple(base + (1 if i < extra else 0) for i in range(parts))
+
+
+def equal_layer_partition(layers: int, stages: int) -> tuple[int, ...]:
+    """Boundaries (stages+1) giving each stage a contiguous, near-equal range of layers."""
+    sizes = even_shares(layers, stages)
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    return tuple(bounds)
+
+
+def layer_partition(spec: JobSpec) -> tuple[int, ...]:
+    """Cost-balanced partition from trainer.partition (embedding on the first stage,
+    head on the last), else an equal split by layer count."""
+    layers, stages = spec.model.layers, spec.parallelism.pp
+    try:
+        from trainer.partition import partition_for_spec
+    except ImportError:  # the trainer part is optional for the controller
+        return equal_layer_partition(layers, stages)
+    bounds = tuple(int(b) for b in partition_for_spec(spec.model, stages))
+    if (len(bounds) != stages + 1 or bounds[0] != 0 or bounds[-1] != layers
+            or any(b <= a for a, b in zip(bounds, bounds[1:]))):
+        return equal_layer_partition(layers, stages)  # never write a plan that fails Plan.check
+    return bounds
+
+
+def build_plan(*, job_id: str, spec: JobSpec, placement: list[Slot], store_address: str,
+               generation: int = 1, reason: str = "submit") -> Plan:
+    """The plan for ``placement`` (index = rank, dp-major: rank = dp_rank*pp + pp_rank)."""
+    dp, pp = spec.parallelism.dp, spec.parallelism.pp
+    workers = tuple(
+        WorkerAssignment(rank=rank, node=s.node, slot=s.slot, dp_rank=rank // pp, pp_rank=rank % pp)
+        for rank, s in enumerate(placement)
+    )
+    plan = Plan(
+        job_id=job_id,
+        generation=generation,
+        workers=workers,
+        dp=dp,
+        pp=pp,
+        zero_stage=spec.parallelism.zero_stage,
+        layer_partition=layer_partition(spec),
+        sample_shares=even_shares(spec.global_batch_size, dp),
+        store_address=store_address,
+        store_prefix=f"{job_id}/g{generation}",
+        switch_at_step=-1,
+        reason=reason,
+    )
+    plan.check()
+    return plan
+
+
+# ------------------------------------------------------------------ job phase
+@dataclass(kw_only=True, frozen=True)
+class JobState:
+    """Everything the phase decision looks at (gathered from etcd by the server)."""
+
+    phase: str
+    """The phase stored now."""
+    cancelled: bool = False
+    plan: Plan | None = None
+    workers: dict[int, WorkerStatusRecord] = field(default_factory=dict)
+    live_nodes: frozenset[str] = frozenset()
+
+
+def on_worker_failure(state: JobState, failed: list[str]) -> tuple[str, str]:
+    """What a failed worker or lost node does to a job. For now the job fails;
+    elastic recovery will replace this with 'write plan g+1' (RECOVERING)."""
+    return "FAILED", "; ".join(failed)
+
+
+def job_phase(state: JobState, now: float) -> tuple[str, str]:
+    """The phase a job should be in now, and why."""
+    del now  # time-based rules (hang detection) come with elastic recovery
+    if state.phase in TERMINAL_PHASES:
+        return state.phase, "terminal"
+    if state.cancelled:
+        return "CANCELLED", "cancelled by user"
+    plan = state.plan
+    if plan is None:
+        return "PENDING", "waiting to be scheduled"
+    current = {rank: w for rank, w in state.workers.items()
+               if w.generation in (0, plan.generation) and rank < plan.world_size}
+    failed = []
+    for rank in sorted(current):
+        w = current[rank]
+        if w.failed:
+            how = f"signal {w.signal}" if w.signal else f"exit code {w.exit_code}"
+            failed.append(f"rank {rank} on {w.node} {w.state.lower()} ({how})")
+    for node in sorted({a.node for a in plan.workers} - state.live_nodes):
+        ranks = [a.rank for a in plan.workers if a.node == node
+                 and not (a.rank in current and current[a.rank].succeeded)]
+        if ranks:
+            failed.append(f"node {node} lost (ranks {ranks})")
+    if failed:
+        return on_worker_failure(state, failed)
+    if len(current) == plan.world_size and all(w.succeeded for w in current.values()):
+        return "SUCCEEDED", f"all {plan.world_size} workers exited 0"
+    if state.phase == "RECOVERING" and not _all_on_generation(plan, state.workers):
+        # whoever wrote plan g+1 set RECOVERING; it ends when every rank runs generation g+1
+        return "RECOVERING", f"waiting for all ranks to run plan generation {plan.generation}"
+    return "RUNNING", f"plan generation {plan.generation} with {plan.world_size} workers"
+
+
+def _all_on_generation(plan: Plan, workers: dict[int, WorkerStatusRecord]) -> bool:
+    return all(a.rank in workers and workers[a.rank].generation == plan.generation
+               and workers[a.rank].state in ("RUNNING", "EXITED") for a in plan.workers)
+
+
+# ------------------------------------------------------------------ progress
+@dataclass(kw_only=True, frozen=True)
+class Progress:
+    step: int = 0
+    loss: float | None = None
+    tokens_per_s: float = 0.0
+    eta_s: float = 0.0
+    recoverable_step: int = 0
+    time: float = 0.0
+    generation: int = 0
+
+
+def fold_progress(spec: JobSpec, ranks: dict[int, ProgressRecord]) -> Progress:
+    """The job's progress from its ranks' latest records: the furthest step, the
+    loss at it (only ranks that compute the loss report one), the throughput and
+    an ETA from tokens per step."""
+    if not ranks:
+        return Progress()
+    latest = max(ranks.values(), key=lambda p: (p.step, p.time))
+    step = latest.step
+    with_loss = [p for p in ranks.values() if p.loss is not None and math.isfinite(p.loss)]
+    loss = max(with_loss, key=lambda p: (p.step, p.time)).loss if with_loss else None
+    at_step = [p for p in ranks.values() if p.step == step]
+    tokens_per_s = max(p.tokens_per_s for p in at_step)
+    remaining = max(spec.steps - step, 0)
+    step_time = max((p.step_time_s for p in at_step), default=0.0)
+    if tokens_per_s > 0:
+        eta = remaining * spec.global_batch_size * spec.model.seq_len / tokens_per_s
+    else:
+        eta = remaining * step_time
+    return Progress(step=step, loss=loss, tokens_per_s=tokens_per_s, eta_s=eta,
+                    recoverable_step=min(p.recoverable_step for p in ranks.values()),
+                    time=latest.time, generation=latest.generation)

@@ -1,0 +1,163 @@
+"""`tenax audit`, `tenax tokens` and `tenax certs`.
+
+* ``tenax audit [--json] [--limit N]`` reads the audit log through the API
+  (``AuditService.ListAudit``, admins only); clients never talk to etcd.
+* ``tenax tokens create|list|revoke`` manage API tokens. They are operator
+  commands that write to etcd directly (whoever can write etcd already owns the
+  cluster), which also solves the first-admin-token problem. ``create`` shows
+  the token once (or writes it to ``--out`` with mode 0600); etcd keeps a hash.
+* ``tenax certs dev DIR`` makes (or reuses) a development CA and certificates;
+  ``tenax certs client DIR NAME --role R`` issues one more client certificate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+import grpc
+
+from controller import auth, security, tls
+from controller.etcd import Etcd, EtcdError
+from protos import tenax_pb2, tenax_pb2_grpc
+from protos.keys import DEFAULT_PREFIX, Keys
+
+RPC_TIMEOUT_S = 10.0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    audit = sub.add_parser("audit", help="show the audit log (admins)")
+    audit.add_argument("--controller", default="", help="controller host:port (default $TENAX_CONTROLLER)")
+    audit.add_argument("--limit", type=int, default=50, help="newest N records")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line")
+    security.add_client_args(audit)
+    audit.set_defaults(func=run_audit)
+
+    tokens = sub.add_parser("tokens", help="create, list or revoke API tokens (talks to etcd)")
+    tokens.add_argument("--etcd", default=os.environ.get("TENAX_ETCD", "http://127.0.0.1:2379"))
+    tokens.add_argument("--prefix", default=os.environ.get("TENAX_ETCD_PREFIX", DEFAULT_PREFIX))
+    tokens.add_argument("--etcd-ca", default=os.environ.get("TENAX_ETCD_CA", ""))
+    tokens.add_argument("--etcd-cert", default=os.environ.get("TENAX_ETCD_CERT", ""))
+    tokens.add_argument("--etcd-key", default=os.environ.get("TENAX_ETCD_KEY", ""))
+    verbs = tokens.add_subparsers(dest="verb", metavar="VERB", required=True)
+    create = verbs.add_parser("create", help="make a token (shown once)")
+    create.add_argument("name")
+    create.add_argument("--role", required=True, choices=auth.ROLES)
+    create.add_argument("--out", default="", help="write the token to this file (0600) instead of stdout")
+    listing = verbs.add_parser("list", help="list tokens (names, roles; never secrets)")
+    listing.add_argument("--json", action="store_true")
+    revoke = verbs.add_parser("revoke", help="revoke a token by id, or every token of a name")
+    revoke.add_argument("id_or_name")
+    tokens.set_defaults(func=run_tokens)
+
+    certs = sub.add_parser("certs", help="development certificates")
+    kinds = certs.add_subparsers(dest="kind", metavar="KIND", required=True)
+    dev = kinds.add_parser("dev", help="make or reuse a dev CA, server and client certificates under DIR/pki")
+    dev.add_argument("dir")
+    dev.add_argument("--host", action="append", default=[], help="extra server name or IP (repeatable)")
+    client = kinds.add_parser("client", help="issue a client certificate from DIR's dev CA")
+    client.add_argument("dir")
+    client.add_argument("name")
+    client.add_argument("--role", required=True, choices=auth.ROLES)
+    certs.set_defaults(func=run_certs)
+
+
+# ------------------------------------------------------------------ audit
+def local_cluster() -> dict:
+    """The record `tenax up` left (controller address, ``security``), or {} if there is none."""
+    try:
+        from controller.local import local_cluster_state
+
+        return local_cluster_state() or {}
+    except Exception:  # no local cluster part, or a broken state file: same as none
+        return {}
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    local = local_cluster()
+    target = args.controller or os.environ.get("TENAX_CONTROLLER", "") or str(local.get("controller", ""))
+    if not target:
+        print("tenax audit: give --controller, set TENAX_CONTROLLER, or start a local cluster", file=sys.stderr)
+        return 2
+    try:
+        address = target.split(",")[0].strip()
+        channel = security.client_channel(args, address, local=security.local_security_for(address, local))
+    except ValueError as exc:
+        print(f"tenax audit: {exc}", file=sys.stderr)
+        return 2
+    with channel:
+        try:
+            reply = tenax_pb2_grpc.AuditServiceStub(channel).ListAudit(
+                tenax_pb2.ListAuditRequest(limit=args.limit), timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            print(f"tenax audit: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    for record in reply.records:
+        print(json.dumps(audit_dict(record), sort_keys=True) if args.json else audit_line(record))
+    return 0
+
+
+def audit_dict(record: tenax_pb2.AuditRecord) -> dict:
+    return {f.name: getattr(record, f.name) for f in record.DESCRIPTOR.fields}
+
+
+def audit_line(record: tenax_pb2.AuditRecord) -> str:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.time))
+    who = f"{record.identity or '-'}({record.role or '-'})"
+    method = record.method.rsplit("/", 1)[-1]
+    return f"{when}  {who:<24} {method:<14} {record.target or '-':<24} {record.code}  {record.detail}"
+
+
+# ------------------------------------------------------------------ tokens
+def run_tokens(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(asyncio.wait_for(_tokens(args), 30))
+    except (EtcdError, ValueError, asyncio.TimeoutError) as exc:
+        print(f"tenax tokens: {exc or 'timed out'}", file=sys.stderr)
+        return 1
+
+
+async def _tokens(args: argparse.Namespace) -> int:
+    etcd_tls = security.etcd_tls_from_args(args)
+    async with Etcd(args.etcd, tls=etcd_tls) as etcd:
+        store = auth.TokenStore(etcd, Keys(args.prefix), cache_ttl_s=0)
+        if args.verb == "create":
+            token, record = await store.create(args.name, args.role)
+            if args.out:
+                security.write_secret(args.out, token)
+                print(f"token {record.token_id} for {record.name} ({record.role}) written to {args.out}")
+            else:
+                print(token)
+                print(f"token {record.token_id} for {record.name} ({record.role}); it is not shown again",
+                      file=sys.stderr)
+            return 0
+        if args.verb == "list":
+            for record in await store.list():
+                row = {"id": record.token_id, "name": record.name, "role": record.role, "created": record.created}
+                print(json.dumps(row, sort_keys=True) if args.json else
+                      f"{record.token_id}  {record.name:<24} {record.role:<10} "
+                      f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(record.created))}")
+            return 0
+        gone = await store.revoke(args.id_or_name)
+        print(f"revoked {gone} token(s)")
+        return 0 if gone else 1
+
+
+# ------------------------------------------------------------------ certs
+def run_certs(args: argparse.Namespace) -> int:
+    try:
+        if args.kind == "dev":
+            pki = tls.ensure_dev_pki(args.dir, hosts=tuple(args.host))
+            print(json.dumps({"ca": pki.ca_file, "server": pki.server.__dict__,
+                              "clients": {k: v.__dict__ for k, v in pki.clients.items()}}, indent=2))
+            return 0
+        pki = tls.ensure_dev_pki(args.dir, clients={args.name: args.role})
+        print(json.dumps({"ca": pki.ca_file, **pki.clients[args.name].__dict__}, indent=2))
+        return 0
+    except (ValueError, OSError) as exc:
+        print(f"tenax certs: {exc}", file=sys.stderr)
+        return 1

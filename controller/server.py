@@ -1,0 +1,555 @@
+"""The Tenax controller: asyncio gRPC server, leader election, scheduler loop, /metrics.
+
+The RPC handlers live in controller/api.py, the etcd mirror and views in
+controller/state.py, the pure decisions in controller/decisions.py, the
+election in controller/leader.py; this module wires them and runs the loops.
+
+Replica roles (any number of replicas share one etcd):
+
+* Every replica serves every RPC. Reads come from its watched mirror of etcd
+  (``controller.state.ClusterCache``) or straight from etcd (GetJob).
+* Mutating RPCs (SubmitJob, CancelJob, Cordon/Uncordon/DrainNode) only record
+  the user's intent in etcd with one atomic write, so any replica may accept
+  them: no forwarding, and a client never needs to know who leads.
+* Decisions (scheduling, writing plans, job phase changes, the node registry)
+  are taken only by the leader, elected through an etcd lease
+  (``controller.leader``). A standby takes over within the lease TTL.
+
+The health service reports ``""`` (the process) SERVING whenever it runs, and
+``tenax.v1.Leader`` SERVING only on the leader (also the
+``tenax_controller_is_leader`` gauge).
+
+Run: ``python -m controller.server --etcd http://127.0.0.1:2379 --tls-cert ... --tls-key ...`` (or ``tenax
+controller``); it prints one JSON line with its gRPC and metrics addresses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from controller import metrics
+from controller.api import JobService, NodeService
+from controller.decisions import JobState, NodeView, build_plan, job_phase, schedule
+from controller.etcd import Backoff, Etcd, EtcdUnavailable, WatchEvent
+from controller.leader import LeaderElector
+from controller.state import (ClusterCache, JobView, build_job, jobs_from, nodes_from, parse_uncached,
+                              read_prefix_paged)
+from protos import tenax_pb2 as pb
+from protos import tenax_pb2_grpc as pb_grpc
+from protos.keys import DEFAULT_PREFIX, Keys
+from protos.records import (
+    JOB_PHASES,
+    TERMINAL_PHASES,
+    JobStatusRecord,
+    LeaderRecord,
+    MetricsBatch,
+    NodeRecord,
+    RecordError,
+    RegistryRecord,
+    StepRecord,
+)
+
+log = logging.getLogger("tenax.controller")
+
+LEADER_SERVICE = "tenax.v1.Leader"
+GRPC_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(kw_only=True)
+class ControllerSettings:
+    etcd: str
+    """etcd endpoint(s), ``http://host:port``."""
+    listen: str = "127.0.0.1:0"
+    """gRPC listen address host:port; port 0 asks the kernel for one."""
+    advertise: str = ""
+    """Address clients should use (host:port); default: the listen host and bound port."""
+    metrics_port: int = 0
+    """Prometheus /metrics HTTP port; 0 = ephemeral, -1 = off."""
+    metrics_host: str = "127.0.0.1"
+    id: str = ""
+    """Replica id; default hostname-pid."""
+    lease_ttl_s: int = 5
+    """Leader lease TTL (seconds): a standby leads at most this long after the leader dies."""
+    prefix: str = DEFAULT_PREFIX
+    """etcd key prefix of the cluster."""
+    reconcile_interval_s: float = 0.5
+    """Leader loop period (seconds) when nothing wakes it earlier."""
+    security: Any = None
+    """``controller.security.SecuritySettings`` (TLS, authentication, limits, audit); None serves
+    plaintext without authentication (in-process tests only; the command line asks for it explicitly)."""
+    etcd_tls: Any = None
+    """``controller.etcd.EtcdTls`` for an https:// etcd endpoint; None for http://."""
+
+    def validate(self) -> None:
+        if self.lease_ttl_s < 1:
+            raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
+        if not 0.01 <= self.reconcile_interval_s <= 60:
+            raise ValueError(f"reconcile_interval_s must be in [0.01, 60], got {self.reconcile_interval_s}")
+        if self.metrics_port < -1 or self.metrics_port > 65535:
+            raise ValueError(f"metrics_port must be -1..65535, got {self.metrics_port}")
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"listen must be host:port, got {self.listen!r}")
+        Keys(self.prefix)  # raises ValueError on a bad prefix
+        if not self.id:
+            self.id = f"{socket.gethostname()}-{os.getpid()}"
+
+
+# ------------------------------------------------------------------ controller
+class Controller:
+    def __init__(self, settings: ControllerSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.etcd = Etcd(settings.etcd, tls=settings.etcd_tls)
+        self.security = None
+        """controller.security.ServerSecurity when settings.security is given."""
+        self.cache = ClusterCache(self.etcd, self.keys)
+        self.address = ""
+        self.metrics_address = ""
+        self.elector: LeaderElector | None = None
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http = None
+        self._tasks: list[asyncio.Task] = []
+        self._leader_tasks: list[asyncio.Task] = []
+        self._wake = asyncio.Event()
+        self._registry_queue: asyncio.Queue[tuple[str, str, float, str]] = asyncio.Queue()
+        self._job_series: set[str] = set()
+        self.cache.add_listener(self._on_change)
+
+    @property
+    def is_leader(self) -> bool:
+        return bool(self.elector and self.elector.is_leader)
+
+    # -------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        await self._connect_etcd()
+        if self.settings.security is not None:
+            from controller.security import ServerSecurity  # optional part: TLS, auth, limits, audit
+
+            self.security = ServerSecurity(self.etcd, self.keys, self.settings.security)
+            server = grpc.aio.server(interceptors=self.security.interceptors(),
+                                     options=self.security.server_options())
+        else:
+            log.warning("controller API without TLS or authentication (no security settings)")
+            server = grpc.aio.server(options=[
+                ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+            ])
+        pb_grpc.add_JobServiceServicer_to_server(JobService(self), server)
+        pb_grpc.add_NodeServiceServicer_to_server(NodeService(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        served = ["JobService", "NodeService"] + (["AuditService"] if self.security is not None else [])
+        reflection.enable_server_reflection(
+            tuple(pb.DESCRIPTOR.services_by_name[name].full_name for name in served
+                  if name in pb.DESCRIPTOR.services_by_name)
+            + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        if self.security is not None:
+            self.security.add_services(server)
+        host = self.settings.listen.rpartition(":")[0]
+        if self.security is not None:
+            port = self.security.add_port(server, self.settings.listen)
+        else:
+            port = server.add_insecure_port(self.settings.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.settings.listen}")
+        await server.start()
+        self._server = server
+        self.address = self.settings.advertise or f"{host}:{port}"
+        if self.settings.metrics_port >= 0:
+            http, _thread = start_http_server(self.settings.metrics_port, self.settings.metrics_host,
+                                              registry=metrics.REGISTRY)
+            self._metrics_http = http
+            self.metrics_address = f"{self.settings.metrics_host}:{http.server_port}"
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(LEADER_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        metrics.CONTROLLER_IS_LEADER.set(0)
+        self.elector = LeaderElector(
+            self.etcd, self.keys, LeaderRecord(id=self.settings.id, address=self.address),
+            ttl_s=self.settings.lease_ttl_s, on_elected=self._elected, on_demoted=self._demoted)
+        self._tasks = [
+            asyncio.create_task(self.cache.run(), name="cache"),
+            asyncio.create_task(self.elector.run(), name="election"),
+            asyncio.create_task(self._gauges_loop(), name="gauges"),
+        ]
+
+    async def _connect_etcd(self) -> None:
+        backoff = Backoff(0.2, 2.0)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await self.etcd.connect()
+                return
+            except EtcdUnavailable as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("etcd not reachable yet (retrying): %s", exc)
+                await backoff.sleep()
+
+    async def stop(self) -> None:
+        tasks = self._leader_tasks + self._tasks
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # asyncio.wait, not gather: a task that swallows its cancellation (inside a
+            # client library) must not hold the shutdown forever.
+            _done, pending = await asyncio.wait(tasks, timeout=3.0)
+            if pending:
+                log.warning("%d task(s) did not stop in time: %s", len(pending),
+                            ", ".join(t.get_name() for t in pending))
+        if self.elector is not None:
+            await self.elector.resign()
+        metrics.CONTROLLER_IS_LEADER.set(0)
+        if self._server:
+            await self._server.stop(grace=1.0)
+        if self._metrics_http:
+            # shutdown() blocks until the HTTP thread's loop notices; keep it off the event loop.
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self._metrics_http.shutdown), 2.0)
+            except asyncio.TimeoutError:
+                log.warning("metrics HTTP server did not stop in time")
+            self._metrics_http.server_close()
+        await self.etcd.close()
+
+    async def _elected(self) -> None:
+        self._registry_queue = asyncio.Queue()  # changes seen while a standby are covered by the sync
+        metrics.CONTROLLER_IS_LEADER.set(1)
+        await self.health.set(LEADER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._leader_tasks = [
+            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+            asyncio.create_task(self._registry_loop(), name="registry"),
+        ]
+
+    async def _demoted(self, reason: str) -> None:
+        metrics.CONTROLLER_IS_LEADER.set(0)
+        await self.health.set(LEADER_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for task in self._leader_tasks:
+            task.cancel()
+        await asyncio.gather(*self._leader_tasks, return_exceptions=True)
+        self._leader_tasks = []
+
+    # -------------------------------------------------------------- change feed
+    def _on_change(self, ev: WatchEvent) -> None:
+        keys = self.keys
+        node = keys.parse_node_key(ev.key)
+        if node is not None:
+            if self.is_leader:
+                # time.time() here is the controller's detection time of a lost lease.
+                self._registry_queue.put_nowait((ev.kind, node, time.time(), ev.value))
+            self._wake.set()
+            return
+        parsed = keys.parse_job_key(ev.key)
+        if parsed and not parsed[1].startswith("progress/"):
+            self._wake.set()
+        elif ev.key.startswith(keys.cordons()):
+            self._wake.set()
+
+    # -------------------------------------------------------------- leader: node registry
+    async def _registry_loop(self) -> None:
+        """Persist what the leader learns about nodes: first registration, and the
+        moment a lease expired (so a vanished node is listed NOT_READY, with its time)."""
+        await self.cache.synced.wait()
+        await self._sync_registry()
+        backoff = Backoff(0.1, 2.0)
+        while True:
+            kind, node, when, value = await self._registry_queue.get()
+            while True:
+                try:
+                    await self._record_node(kind, node, when, value)
+                    backoff.reset()
+                    break
+                except EtcdUnavailable as exc:
+                    log.warning("registry write for %s failed (retrying): %s", node, exc)
+                    await backoff.sleep()
+
+    async def _sync_registry(self) -> None:
+        now = time.time()
+        live = {self.keys.parse_node_key(k): v for k, v in self.cache.prefixed(self.keys.nodes()).items()}
+        live.pop(None, None)
+        for key in list(self.cache.prefixed(self.keys.registry())):
+            node = key[len(self.keys.registry()):]
+            if node not in live:
+                await self._record_node("delete", node, now, "")
+        for node, value in live.items():
+            await self._record_node("put", node, now, value)
+
+    async def _record_node(self, kind: str, node: str, when: float, value: str) -> None:
+        key = self.keys.node_registry(node)
+        old_raw = self.cache.get(key)
+        old = None
+        if old_raw is not None:
+            try:
+                old = RegistryRecord.from_json(old_raw)
+            except RecordError as exc:
+                self.cache.warn_malformed(key, str(exc))
+        if kind == "delete":
+            if old is None or old.lost_at is not None:
+                return
+            log.warning("node %s NOT_READY: agent lease expired", node)
+            await self.etcd.put(key, RegistryRecord(node=old.node, first_seen=old.first_seen, lost_at=when).to_json())
+            return
+        try:
+            record = NodeRecord.from_json(value).to_dict()
+        except RecordError as exc:
+            self.cache.warn_malformed(self.keys.node(node), str(exc))
+            return
+        if old is not None and old.lost_at is None and old.node == record:
+            return
+        if old is None or old.lost_at is not None:
+            log.info("node %s READY (%s slots)", node, record.get("slots"))
+        await self.etcd.put(key, RegistryRecord(node=record, first_seen=old.first_seen if old else when).to_json())
+
+    # -------------------------------------------------------------- leader: jobs
+    async def _reconcile_loop(self) -> None:
+        await self.cache.synced.wait()
+        backoff = Backoff(0.1, 2.0)
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.reconcile_once()
+                backoff.reset()
+            except EtcdUnavailable as exc:
+                log.warning("reconcile: etcd unavailable (will retry): %s", exc)
+                await backoff.sleep()
+            except Exception:  # a bug in one pass must not kill the leader loop
+                log.exception("reconcile pass failed")
+                await asyncio.sleep(self.settings.reconcile_interval_s)
+            await asyncio.sleep(0.05)  # coalesce bursts of changes
+
+    async def reconcile_once(self) -> None:
+        now = time.time()
+        jobs = jobs_from(self.cache)
+        if not any(job.active for job in jobs.values()):
+            return  # idle: no node view to build (it matters at thousands of nodes)
+        nodes = nodes_from(self.cache, jobs)
+        live = frozenset(n.id for n in nodes.values() if n.registered)
+        used = {n.id: set(n.used) for n in nodes.values()}
+        for job in sorted(jobs.values(), key=lambda j: (j.status.created, j.id)):
+            if not job.active:
+                continue
+            state = JobState(phase=job.status.phase, cancelled=job.cancelled, plan=job.plan,
+                             workers=job.workers, live_nodes=live)
+            phase, reason = job_phase(state, now)
+            if phase == "PENDING":
+                await self._schedule(job, nodes, used, now)
+            elif phase != job.status.phase:
+                await self._set_phase(job, phase, reason, now)
+
+    async def _schedule(self, job: JobView, nodes: dict, used: dict[str, set[int]], now: float) -> None:
+        views = [NodeView(id=n.id, slots=int(n.record.get("slots", 0) or 0), ready=n.registered,
+                          cordoned=n.cordon is not None, used_slots=frozenset(used.get(n.id, ())),
+                          store_address=str(n.record.get("store_address", "")))
+                 for n in nodes.values()]
+        placement, reason = schedule(job.spec, views)
+        if placement is None:
+            if job.status.message != reason:
+                await self._write_status(job, JobStatusRecord(**{**job.status.to_dict(), "message": reason,
+                                                                  "updated": now}))
+            return
+        store_address = next(v.store_address for v in views if v.id == placement[0].node)
+        plan = build_plan(job_id=job.id, spec=job.spec, placement=placement, store_address=store_address)
+        status = JobStatusRecord(**{**job.status.to_dict(), "phase": "RUNNING", "generation": plan.generation,
+                                    "message": reason, "updated": now})
+        ok = await self.etcd.put_many_if(self.keys.job_plan(job.id), 0, {
+            self.keys.job_plan(job.id): plan.to_json(),
+            self.keys.job_status(job.id): status.to_json(),
+        })
+        if ok:
+            log.info("job %s scheduled: %s", job.id, reason)
+            for slot in placement:
+                used.setdefault(slot.node, set()).add(slot.slot)
+
+    async def _set_phase(self, job: JobView, phase: str, reason: str, now: float) -> None:
+        status = JobStatusRecord(**{**job.status.to_dict(), "phase": phase, "message": reason, "updated": now})
+        if await self._write_status(job, status):
+            log.info("job %s %s -> %s: %s", job.id, job.status.phase, phase, reason)
+            if phase in TERMINAL_PHASES:
+                metrics.forget_job(job.id)
+                self._job_series.discard(job.id)
+
+    async def _write_status(self, job: JobView, status: JobStatusRecord) -> bool:
+        """Compare-and-swap on the status key, so a deposed leader cannot overwrite a newer decision."""
+        key = self.keys.job_status(job.id)
+        revision = self.cache.data.get(key, ("", 0))[1]
+        return await self.etcd.put_if_revision(key, status.to_json(), revision)
+
+    # -------------------------------------------------------------- gauges (every replica)
+    async def _gauges_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.update_gauges()
+            except Exception:
+                log.exception("updating gauges failed")
+
+    def update_gauges(self) -> None:
+        jobs = jobs_from(self.cache)
+        nodes = nodes_from(self.cache, jobs)
+        for phase in JOB_PHASES:
+            metrics.JOBS.labels(phase).set(sum(1 for j in jobs.values() if j.status.phase == phase))
+        for state in ("READY", "NOT_READY", "CORDONED"):
+            metrics.NODES.labels(state).set(sum(1 for n in nodes.values() if n.state == state))
+        for condition in ("HEALTHY", "DEGRADED", "FAILED"):
+            metrics.NODES_BY_CONDITION.labels(condition).set(
+                sum(1 for n in nodes.values() if n.registered and n.record.get("condition", "HEALTHY") == condition))
+        active = set()
+        for job in jobs.values():
+            if not job.active:
+                continue
+            active.add(job.id)
+            p = job.progress
+            metrics.JOB_STEP.labels(job.id).set(p.step)
+            if p.loss is not None:
+                metrics.JOB_LOSS.labels(job.id).set(p.loss)
+            metrics.JOB_TOKENS_PER_SECOND.labels(job.id).set(p.tokens_per_s)
+            metrics.JOB_GENERATION.labels(job.id).set(job.plan.generation if job.plan else 0)
+            metrics.JOB_WORKERS.labels(job.id).set(job.plan.world_size if job.plan else 0)
+            if p.time:
+                metrics.JOB_LAST_PROGRESS.labels(job.id).set(p.time)
+            metrics.JOB_RECOVERABLE_STEP_LAG.labels(job.id).set(max(p.step - p.recoverable_step, 0))
+        for gone in self._job_series - active:
+            metrics.forget_job(gone)
+        self._job_series = active
+
+    # -------------------------------------------------------------- reads
+    async def read_job(self, job_id: str) -> JobView | None:
+        """One job straight from etcd (fresh on any replica, right after a submit)."""
+        k = self.keys
+        spec, status, plan, cancel, workers, progress = await asyncio.gather(
+            self.etcd.get(k.job_spec(job_id)), self.etcd.get(k.job_status(job_id)),
+            self.etcd.get(k.job_plan(job_id)), self.etcd.get(k.job_cancel(job_id)),
+            self.etcd.get_prefix(k.job_workers(job_id)), self.etcd.get_prefix(k.job_progress(job_id)))
+        raw: dict[str, str] = {}
+        for name, kv in (("spec", spec), ("status", status), ("plan", plan), ("cancel", cancel)):
+            if kv is not None:
+                raw[name] = kv.value
+        for kv in workers + progress:
+            parsed = k.parse_job_key(kv.key)
+            if parsed:
+                raw[parsed[1]] = kv.value
+        return build_job(job_id, raw, parse_uncached(self.cache.warn_malformed), k)
+
+    async def step_metrics(self, job_id: str, since_step: int) -> list[StepRecord]:
+        """Per-step records from the metric batches; a step re-run after a recovery keeps its last record."""
+        by_step: dict[int, StepRecord] = {}
+        batches = await read_prefix_paged(self.etcd, self.keys.job_metrics(job_id), lambda key: True, page=200)
+        for kv in sorted(batches, key=lambda kv: kv.mod_revision):
+            try:
+                batch = MetricsBatch.from_json(kv.value)
+            except RecordError as exc:
+                log.warning("skipping malformed metrics batch at %s: %s", kv.key, exc)
+                continue
+            for step in batch.steps:
+                if step.step >= since_step:
+                    by_step[step.step] = step
+        return [by_step[s] for s in sorted(by_step)]
+
+
+# ------------------------------------------------------------------ entry point
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--etcd", default=os.environ.get("TENAX_ETCD", "http://127.0.0.1:2379"),
+                        help="etcd endpoint (default $TENAX_ETCD or http://127.0.0.1:2379)")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="gRPC listen host:port (port 0 = ephemeral)")
+    parser.add_argument("--advertise", default="", help="address clients should use (default: listen address)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="/metrics HTTP port (0 = ephemeral, -1 = off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="/metrics HTTP bind address")
+    parser.add_argument("--id", default="", help="replica id (default hostname-pid)")
+    parser.add_argument("--lease-ttl", type=int, default=5, help="leader lease TTL, seconds")
+    parser.add_argument("--prefix", default=os.environ.get("TENAX_ETCD_PREFIX", DEFAULT_PREFIX),
+                        help="etcd key prefix")
+    try:
+        from controller import security
+    except ModuleNotFoundError as exc:
+        if exc.name != "controller.security":
+            raise  # a missing dependency must not silently turn security off
+        return  # built without the security part: plaintext only
+    security.add_server_args(parser)  # --tls/--tls-cert/--no-auth/... (plaintext must be asked for)
+
+
+def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
+    """Raises ValueError on bad or inconsistent flags."""
+    sec = etcd_tls = None
+    if hasattr(args, "tls"):  # the security part is built in
+        from controller import security
+
+        sec = security.server_settings_from_args(args)
+        etcd_tls = security.etcd_tls_from_args(args)
+    return ControllerSettings(etcd=args.etcd, listen=args.listen, advertise=args.advertise,
+                              metrics_port=args.metrics_port, metrics_host=args.metrics_host, id=args.id,
+                              lease_ttl_s=args.lease_ttl, prefix=args.prefix, security=sec, etcd_tls=etcd_tls)
+
+
+STOP_TIMEOUT_S = 10.0
+"""Longest a graceful stop may take (resign, drain RPCs, close etcd) before the process just exits."""
+
+
+async def serve(settings: ControllerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before anything a supervisor could interrupt
+        loop.add_signal_handler(sig, stop.set)
+    controller = Controller(settings)
+    try:
+        await controller.start()
+        print(json.dumps({"controller": controller.address, "metrics": controller.metrics_address,
+                          "id": settings.id, "pid": os.getpid()}), flush=True)
+        await stop.wait()
+    finally:
+        log.info("controller %s stopping", settings.id)
+        stopping = asyncio.ensure_future(controller.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=STOP_TIMEOUT_S)
+        if not done:
+            # Something ignores cancellation; exit anyway (the lease expires by itself).
+            log.error("controller %s did not stop within %.0f s; exiting", settings.id, STOP_TIMEOUT_S)
+            logging.shutdown()
+            os._exit(1)
+
+
+def run_controller(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+        settings.validate()
+    except ValueError as exc:
+        print(f"tenax controller: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings))
+    except (EtcdUnavailable, OSError) as exc:
+        print(f"tenax controller: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controller.server", description="Run a Tenax controller replica.")
+    add_server_args(parser)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_controller(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
