@@ -104,8 +104,11 @@ class OptimizerSpec:
     weight_decay: float = 0.01
     """Decoupled weight decay."""
     beta1: float = 0.9
+    """AdamW first-moment decay, in [0, 1)."""
     beta2: float = 0.95
+    """AdamW second-moment decay, in [0, 1)."""
     eps: float = 1e-8
+    """AdamW denominator epsilon (> 0)."""
     grad_clip: float = 1.0
     """Clip the true global gradient norm to this value; 0 disables clipping."""
 
