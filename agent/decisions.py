@@ -12,14 +12,21 @@ from protos.plan import Plan, WorkerAssignment
 
 @dataclass(kw_only=True, frozen=True)
 class LocalWorker:
-    """What the decision needs to know about a worker this agent started."""
+    """What the decision needs to know about a worker this agent started.
+
+    A worker is identified by ``(job, slot)`` on its node: ranks are renumbered
+    when the controller changes the layout, the process on a slot is not.
+    """
 
     job: str
     rank: int
+    """Its rank in ``generation``."""
     slot: int
     generation: int
     """The plan generation the worker was started for (or last adopted)."""
     alive: bool
+    retired: bool = False
+    """Left out of a newer plan: it is on its way out and is never adopted again."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -31,21 +38,38 @@ class Start:
 
 @dataclass(kw_only=True, frozen=True)
 class Stop:
+    """Stop now (the job is cancelled or over)."""
+
     job: str
     rank: int
     reason: str
+    slot: int = 0
 
 
 @dataclass(kw_only=True, frozen=True)
 class Adopt:
-    """A running worker stays: the new generation still names it (same rank, same slot)."""
+    """A running worker stays: the new generation names its slot, maybe with another rank."""
 
     job: str
     rank: int
+    """Its rank in the new generation."""
     generation: int
+    slot: int = 0
 
 
-Action = Start | Stop | Adopt
+@dataclass(kw_only=True, frozen=True)
+class Retire:
+    """A live worker the new generation does not name (its node is drained, it was left idle,
+    a layout shrank). The worker sees the plan and exits by itself, after handing over its
+    state at the switch step; the agent stops it only if it is still there after a grace period."""
+
+    job: str
+    rank: int
+    slot: int
+    reason: str
+
+
+Action = Start | Stop | Adopt | Retire
 
 
 def plan_actions(node: str, local: list[LocalWorker], plan: Plan, *, cancelled: bool = False) -> list[Action]:
@@ -53,32 +77,37 @@ def plan_actions(node: str, local: list[LocalWorker], plan: Plan, *, cancelled: 
 
     * a plan older than a generation we already run is stale: nothing;
     * a cancelled job: stop every live worker, start nothing;
-    * a live worker the plan still names (rank and slot) is adopted, never restarted;
-    * a live worker the plan no longer names is stopped;
-    * an assignment with no worker of this generation is started; a worker that
-      already ran (and exited) for this generation is not started again — a rank
-      that finished or failed is the controller's to re-plan.
+    * a live worker whose slot the plan names is adopted (with the plan's rank for that
+      slot), never restarted: survivors keep their process across generations;
+    * any other live worker (idle survivor, drained, dropped) is retired: it exits by
+      itself (the worker side), and is stopped after a grace period if it does not;
+    * an assigned slot with no live worker and no worker that already ran there for this
+      generation gets a new worker (growth, a spare, a restart on a new generation) —
+      a worker that finished or failed in this generation is the controller's to re-plan;
+    * an assigned slot whose worker was retired earlier and is still exiting waits: the
+      supervisor applies the plan again when that worker is gone.
     """
     mine = [w for w in local if w.job == plan.job_id]
     if any(w.generation > plan.generation for w in mine):
         return []
     if cancelled:
-        return [Stop(job=w.job, rank=w.rank, reason="cancelled") for w in mine if w.alive]
+        return [Stop(job=w.job, rank=w.rank, slot=w.slot, reason="cancelled") for w in mine if w.alive]
 
-    wanted = {a.rank: a for a in plan.workers_on(node)}
+    wanted = {a.slot: a for a in plan.workers_on(node)}
     actions: list[Action] = []
     for w in mine:
-        if not w.alive:
+        if not w.alive or w.retired:
             continue
-        a = wanted.get(w.rank)
-        if a is None or a.slot != w.slot:
-            actions.append(Stop(job=w.job, rank=w.rank,
-                                reason=f"not in plan generation {plan.generation}"))
-        elif w.generation < plan.generation:
-            actions.append(Adopt(job=w.job, rank=w.rank, generation=plan.generation))
+        a = wanted.get(w.slot)
+        if a is not None:
+            if w.generation < plan.generation or w.rank != a.rank:
+                actions.append(Adopt(job=w.job, rank=a.rank, slot=w.slot, generation=plan.generation))
+        else:
+            actions.append(Retire(job=w.job, rank=w.rank, slot=w.slot,
+                                  reason=f"not in plan generation {plan.generation}"))
 
-    for rank, a in sorted(wanted.items()):
-        same = [w for w in mine if w.rank == rank and w.slot == a.slot]
+    for slot, a in sorted(wanted.items()):
+        same = [w for w in mine if w.slot == slot]
         if any(w.alive for w in same):
             continue
         if any(w.generation == plan.generation for w in same):

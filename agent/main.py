@@ -110,7 +110,7 @@ class Agent:
 
         self.settings = settings
         self.keys = Keys(settings.etcd_prefix)
-        self.gpu_source = gpu_source if gpu_source is not None else open_gpu_source()
+        self.gpu_source = gpu_source if gpu_source is not None else open_gpu_source(settings.node_id)
         gpus = self.gpu_source.device_count()
         self.slots = settings.slots if settings.slots is not None else (gpus or 1)
         self.started = time.time()
@@ -169,6 +169,9 @@ class Agent:
             await self.registration.registered.wait()
             self._tasks = [asyncio.create_task(self._telemetry_loop(), name="telemetry"),
                            asyncio.create_task(self._jobs_loop(), name="jobs")]
+            from agent.chaos import start_agent_tasks  # chaos/kill requests, rank timings for detection
+
+            self._tasks += start_agent_tasks(self)
             log.info("agent %s ready: %d slots, http %s, store %s", s.node_id, self.slots, self.address,
                      self.store_address)
             await self.stopping.wait()
@@ -311,8 +314,8 @@ class Agent:
         from agent.decisions import LocalWorker
         from protos.records import WorkerStatusRecord
 
-        live = self.supervisor.workers.get((job, rec.rank))
-        if live is not None and live.alive:
+        # a worker is its slot: the record may sit under the rank it had in an older generation
+        if any(w.job == job and w.slot == rec.slot and w.alive for w in self.supervisor.all_workers()):
             return
         self.supervisor.remember(LocalWorker(job=job, rank=rec.rank, slot=rec.slot, generation=rec.generation,
                                              alive=False))

@@ -10,6 +10,18 @@
 The worker writes one JSON object per line with at least ``step``, ``loss``,
 ``tokens`` and ``step_time`` (seconds); ``tokens_per_s``, ``collective_time`` and
 ``forward_time`` + ``backward_time`` (compute) are used when present. A malformed line is logged and skipped.
+
+Generations (elastic recovery): the same process may hold another rank after a
+re-plan. A step line names its ``generation`` (and ``rank``, ``dp_rank``,
+``pp_rank``, ``layout``); it is published under the rank it had in that
+generation, and it feeds the job's metrics if it was the metrics rank then.
+The supervisor tells the relay each generation's role (``set_role``); lines of
+a generation the agent has not seen yet wait for it (unless they carry their
+role themselves). Recovery records (``protos.recovery``, ``"event": "recovery"``)
+and the first step done at a new generation are published at once (not
+throttled), inside the progress record: ``"recovery"`` (the latest record) and
+``"generation_first_step"`` (``{generation, step, time}``); the controller
+folds them into the job's recovery entry (controller/recovery.py).
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +40,7 @@ from agent.retrylog import FailureLog
 from controller.etcd import Backoff, Etcd, EtcdError
 from protos.keys import Keys
 from protos.records import MetricsBatch, ProgressRecord, StepRecord
+from protos.recovery import is_recovery_line
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +48,9 @@ POLL_S = 0.2
 """How often the metrics file is read for new lines (seconds)."""
 MAX_BATCH = 200
 """Step records per metrics batch key."""
+MAX_WAITING_LINES = 10_000
+"""Lines of a not-yet-seen generation kept until its role is known (then the oldest are dropped)."""
+_PP_RE = re.compile(r"pp(\d+)")
 
 
 def _first(record: dict[str, Any], *names: str) -> Any:
@@ -92,6 +109,14 @@ class ProgressRelay:
         self.on_first_record = on_first_record
         self.relay_steps = relay_steps
         """True on the one rank per job whose step records go to the job's metrics."""
+        self.roles: dict[int, tuple[int, bool]] = {generation: (rank, relay_steps)}
+        """generation -> (rank, is the metrics rank) of this worker in that generation."""
+        self._waiting: list[dict[str, Any]] = []
+        self.recovery: dict[str, Any] | None = None
+        """The worker's latest recovery record."""
+        self.first_step: dict[str, Any] | None = None
+        """{generation, step, time} of the first step this worker did at its newest generation."""
+        self._urgent = False
         self.latest: dict[str, Any] | None = None
         self._latest_published: dict[str, Any] | None = None
         self._last_publish: float | None = None
@@ -150,26 +175,74 @@ class ProgressRelay:
             if line.strip():
                 self._ingest(line)
 
+    def set_role(self, generation: int, rank: int, relay_steps: bool) -> None:
+        """This worker's rank (and whether it is the metrics rank) in ``generation``."""
+        self.roles[generation] = (rank, relay_steps)
+        if generation >= self.generation:
+            self.generation, self.rank, self.relay_steps = generation, rank, relay_steps
+        waiting, self._waiting = self._waiting, []
+        for raw in waiting:
+            self._handle(raw)
+
+    def _role(self, generation: int, raw: dict[str, Any]) -> tuple[int, bool] | None:
+        """(rank, metrics rank?) for a line of ``generation``; None: wait for the agent to see that plan."""
+        if generation in self.roles:
+            return self.roles[generation]
+        rank, dp_rank, pp_rank = raw.get("rank"), raw.get("dp_rank"), raw.get("pp_rank")
+        pp = _PP_RE.search(str(raw.get("layout", "")))
+        if all(isinstance(x, int) for x in (rank, dp_rank, pp_rank)) and pp:
+            return rank, dp_rank == 0 and pp_rank == int(pp.group(1)) - 1  # the line says it itself
+        if generation > max(self.roles):
+            return None
+        older = [g for g in self.roles if g <= generation]
+        return self.roles[max(older) if older else min(self.roles)]
+
     def _ingest(self, line: bytes) -> None:
         try:
             raw = json.loads(line)
         except ValueError:
             log.warning("job %s rank %d: malformed metrics line skipped: %r", self.job, self.rank, line[:200])
             return
-        if not isinstance(raw, dict):
+        if isinstance(raw, dict):
+            self._handle(raw)
+
+    def _wait_for_role(self, raw: dict[str, Any]) -> None:
+        self._waiting.append(raw)
+        if len(self._waiting) > MAX_WAITING_LINES:
+            del self._waiting[0]
+
+    def _handle(self, raw: dict[str, Any]) -> None:
+        if is_recovery_line(raw):
+            generation = int(raw.get("new_generation") or 0)
+            if generation > max(self.roles) and not isinstance(raw.get("rank"), int):
+                self._wait_for_role(raw)
+                return
+            self.recovery = raw
+            self._urgent = True
             return
+        if "event" in raw:
+            return  # other worker events (e.g. step_error) name a step but are no step done
         rec = summarize(raw, self.generation)
         if rec is None:
             return
+        role = self._role(rec["generation"], raw)
+        if role is None:
+            self._wait_for_role(raw)
+            return
+        rank, relay_steps = role
+        rec["rank"] = rank
+        if self.first_step is None or rec["generation"] > self.first_step["generation"]:
+            self.first_step = {"generation": rec["generation"], "step": rec["step"], "time": rec["time"]}
+            self._urgent = True  # the controller ends a recovery on it
         self.latest = rec
-        labels = (self.job, str(self.rank))
+        labels = (self.job, str(rank))
         metrics.RANK_STEP.labels(*labels).set(rec["step"])
         metrics.RANK_STEP_SECONDS.labels(*labels).set(rec["step_time_s"])
         if isinstance(rec["compute_s"], (int, float)):
             metrics.RANK_COMPUTE_SECONDS.labels(*labels).set(rec["compute_s"])
         if isinstance(rec["collective_s"], (int, float)):
             metrics.RANK_COLLECTIVE_SECONDS.labels(*labels).set(rec["collective_s"])
-        if self.relay_steps and rec["loss"] is not None:
+        if relay_steps and rec["loss"] is not None:
             self._batch.append(StepRecord(step=rec["step"], loss=rec["loss"], generation=rec["generation"],
                                           time=rec["time"], step_time_s=rec["step_time_s"],
                                           tokens_per_s=rec["tokens_per_s"]))
@@ -180,9 +253,16 @@ class ProgressRelay:
 
     async def _publish(self, *, force: bool) -> None:
         now = time.monotonic()
-        if not force and not should_publish(self._last_publish, now, self.min_interval_s):
+        if not force and not self._urgent and not should_publish(self._last_publish, now, self.min_interval_s):
             return
         wrote = False
+        newest = max(self.roles)
+        stale = self.latest is not None and self.latest["generation"] < newest and \
+            self.latest["rank"] != self.roles[newest][0]
+        if stale:
+            # a step of the old generation under the old rank: that key may belong to another
+            # worker of the new generation now; this worker's next step publishes its new rank
+            self._latest_published = self.latest
         if self.latest is not None and self.latest is not self._latest_published:
             latest = self.latest
             progress = ProgressRecord(step=latest["step"], time=latest["time"], loss=latest["loss"],
@@ -192,7 +272,12 @@ class ProgressRelay:
             # extra keys (readers ignore what they do not know): the straggler inputs
             progress["compute_s"] = latest["compute_s"]
             progress["collective_s"] = latest["collective_s"]
-            await self.etcd.put(self.keys.job_progress_rank(self.job, self.rank), json.dumps(progress))
+            if self.recovery is not None:
+                progress["recovery"] = self.recovery
+            if self.first_step is not None:
+                progress["generation_first_step"] = self.first_step
+            self._urgent = False
+            await self.etcd.put(self.keys.job_progress_rank(self.job, latest["rank"]), json.dumps(progress))
             self._latest_published = self.latest
             self.writes += 1
             wrote = True

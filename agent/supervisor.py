@@ -21,6 +21,15 @@ Worker state machine (the value of ``Keys.job_worker(job, rank)``)::
   the group after ``kill_grace_s``.
 * A worker that exited is not started again for the same plan generation: the
   controller decides about it with a new generation (``decisions.plan_actions``).
+
+Generations (elastic recovery). A worker is identified by its slot on this node:
+on plan g+1 a live worker whose slot the plan names is *adopted* (same process,
+maybe a new rank: ``workers`` is re-keyed and its status is written under the
+new rank); a new worker is started on an assigned slot with no live worker; a
+live worker the plan does not name is *retired*: it reads the plan, hands its
+state over at the switch step and exits by itself; the agent stops it only if
+it is still alive ``retire_grace_s`` later. A retired worker no longer writes
+status keys (its old rank key may belong to another worker now).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import metrics
-from agent.decisions import Adopt, LocalWorker, Start, Stop, exit_state, plan_actions
+from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, plan_actions
 from agent.progress import ProgressRelay
 from controller.etcd import Backoff, Etcd, EtcdError
 from protos.keys import Keys
@@ -96,6 +105,8 @@ class Worker:
     relay: ProgressRelay | None = None
     exit_reported: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the exit is written to etcd."""
+    retired: bool = False
+    """Not in the job's current plan any more (see the module docstring)."""
     _report_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -104,7 +115,7 @@ class Worker:
 
     def view(self) -> LocalWorker:
         return LocalWorker(job=self.job, rank=self.rank, slot=self.slot, generation=self.generation,
-                           alive=self.alive)
+                           alive=self.alive, retired=self.retired)
 
 
 class Supervisor:
@@ -112,7 +123,8 @@ class Supervisor:
 
     def __init__(self, *, etcd: Etcd, keys: Keys, node_id: str, work_dir: Path, etcd_endpoints: str,
                  worker_command: list[str] | None = None, kill_grace_s: float = 5.0,
-                 progress_interval_s: float = 1.0, extra_env: dict[str, str] | None = None) -> None:
+                 progress_interval_s: float = 1.0, extra_env: dict[str, str] | None = None,
+                 retire_grace_s: float = 30.0) -> None:
         self.etcd = etcd
         self.keys = keys
         self.node_id = node_id
@@ -123,6 +135,12 @@ class Supervisor:
         self.progress_interval_s = progress_interval_s
         self.extra_env = dict(extra_env or {})
         self.workers: dict[tuple[str, int], Worker] = {}
+        """(job, rank in the worker's current generation) -> worker."""
+        self.retired: dict[tuple[str, int], Worker] = {}
+        """(job, slot) -> a worker the current plan no longer names (it exits by itself)."""
+        self.retire_grace_s = retire_grace_s
+        self._plans: dict[str, tuple[Plan, dict[str, Any] | None]] = {}
+        """job -> the latest plan applied (and its spec), to apply again when a retired worker is gone."""
         self._history: list[LocalWorker] = []
         """Workers that ran before (exited, or reported by an earlier life of this agent)."""
         self._lock = asyncio.Lock()
@@ -131,7 +149,10 @@ class Supervisor:
 
     # ---------------------------------------------------------------- plans
     def local_views(self) -> list[LocalWorker]:
-        return self._history + [w.view() for w in self.workers.values()]
+        return self._history + [w.view() for w in self.workers.values()] + [w.view() for w in self.retired.values()]
+
+    def all_workers(self) -> list[Worker]:
+        return list(self.workers.values()) + list(self.retired.values())
 
     def remember(self, view: LocalWorker) -> None:
         """Record a worker that ran for a generation (so it is not started again)."""
@@ -139,32 +160,91 @@ class Supervisor:
 
     async def apply_plan(self, plan: Plan, *, cancelled: bool = False, spec: dict[str, Any] | None = None) -> list:
         async with self._lock:
+            if cancelled:
+                self._plans.pop(plan.job_id, None)
+            elif plan.generation >= self._plans.get(plan.job_id, (plan, None))[0].generation:
+                self._plans[plan.job_id] = (plan, spec)
             actions = plan_actions(self.node_id, self.local_views(), plan, cancelled=cancelled)
             for action in actions:
                 log.info("job %s: %s", plan.job_id, action)
             # Stops first, and waited for: a rank that moves to another slot (or a new worker
             # on a freed slot) must not start while the old process still holds it.
-            stops = [self.stop(a.job, a.rank, a.reason) for a in actions if isinstance(a, Stop)]
+            stops = [self._stop_worker(w, a.reason) for a in actions if isinstance(a, Stop)
+                     for w in self.all_workers() if w.job == a.job and w.slot == a.slot and w.alive]
             if stops:
                 await asyncio.gather(*stops)
+            for action in actions:
+                if isinstance(action, Retire):
+                    self._retire(action)
+            self._adopt(plan, [a for a in actions if isinstance(a, Adopt)])
             for action in actions:
                 if isinstance(action, Start):
                     try:
                         await self._start(plan, action.assignment, spec)
                     except OSError as exc:  # cannot exec or cannot write the launch files
                         await self._report_start_failure(plan, action.assignment, exc)
-                elif isinstance(action, Adopt):
-                    worker = self.workers.get((action.job, action.rank))
-                    if worker:
-                        worker.generation = action.generation
-                        if worker.relay:
-                            worker.relay.generation = action.generation
             self._export_counts()
             return actions
 
+    def _live_on_slot(self, job: str, slot: int, *, retired: bool = False) -> Worker | None:
+        for w in self.all_workers():
+            if w.job == job and w.slot == slot and w.alive and w.retired == retired:
+                return w
+        return None
+
+    def _adopt(self, plan: Plan, adopts: list[Adopt]) -> None:
+        """Survivors take their rank in the new generation: re-key them all at once (ranks
+        may be swapped between them), then publish their status under the new rank."""
+        moving = []
+        for action in adopts:
+            worker = self._live_on_slot(action.job, action.slot)
+            if worker is None:
+                continue
+            self.workers.pop((worker.job, worker.rank), None)
+            self.retired.pop((worker.job, worker.slot), None)
+            moving.append((worker, action))
+        for worker, action in moving:
+            old = self.workers.get((worker.job, action.rank))
+            if old is not None and old is not worker:
+                self._history.append(old.view())  # an exited worker that held this rank before
+            a = plan.worker(action.rank)
+            worker.rank, worker.generation, worker.retired = action.rank, action.generation, False
+            self.workers[(worker.job, worker.rank)] = worker
+            if worker.relay:
+                worker.relay.set_role(action.generation, action.rank, _is_metrics_rank(plan, a))
+            self._spawn(self._report(worker))
+
+    def _retire(self, action: Retire) -> None:
+        worker = self._live_on_slot(action.job, action.slot)
+        if worker is None or worker.retired:
+            return
+        if self.workers.get((worker.job, worker.rank)) is worker:
+            del self.workers[(worker.job, worker.rank)]
+        worker.retired = True
+        self.retired[(worker.job, worker.slot)] = worker
+        log.info("job %s: rank %d on slot %d retired (%s); stopped in %.0f s unless it exits", worker.job,
+                 worker.rank, worker.slot, action.reason, self.retire_grace_s)
+        self._spawn(self._stop_when_overdue(worker, action.reason))
+
+    async def _stop_when_overdue(self, worker: Worker, reason: str) -> None:
+        if worker.proc is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.proc.wait()), self.retire_grace_s)
+        except asyncio.TimeoutError:
+            if worker.retired and worker.alive:
+                log.warning("job %s: retired worker on slot %d still alive after %.0f s: stopping it",
+                            worker.job, worker.slot, self.retire_grace_s)
+                await self._stop_worker(worker, reason)
+        await worker.exit_reported.wait()
+        # its slot may be assigned in the latest plan (a start that had to wait for it)
+        latest = self._plans.get(worker.job)
+        if latest is not None:
+            await self.apply_plan(latest[0], spec=latest[1])
+
     async def cancel_job(self, job: str, reason: str = "cancelled") -> None:
-        stops = [self.stop(job, rank, reason) for (j, rank), w in list(self.workers.items())
-                 if j == job and w.alive]
+        self._plans.pop(job, None)  # nothing of this job is (re)started after this
+        stops = [self._stop_worker(w, reason) for w in self.all_workers() if w.job == job and w.alive]
         if stops:
             await asyncio.gather(*stops)
 
@@ -179,6 +259,10 @@ class Supervisor:
                         gauge.remove(job, str(w.rank))
                     except KeyError:
                         pass
+        for key, w in list(self.retired.items()):
+            if key[0] == job and not w.alive:
+                del self.retired[key]
+        self._plans.pop(job, None)
         self._history = [h for h in self._history if h.job != job]
 
     # ---------------------------------------------------------------- start
@@ -186,7 +270,17 @@ class Supervisor:
         return self.work_dir / "jobs" / job
 
     def log_path(self, job: str, rank: int) -> Path:
-        return self._job_dir(job) / f"rank-{rank}.log"
+        """The log of the worker that holds ``rank`` now (a survivor keeps the file it started with)."""
+        worker = self.workers.get((job, rank))
+        return worker.log_path if worker is not None else self._job_dir(job) / f"rank-{rank}.log"
+
+    def _worker_files(self, job: str, a: WorkerAssignment, generation: int) -> tuple[Path, Path]:
+        """(log, metrics file) of a new worker: one pair per process. A survivor keeps writing to
+        the files it started with whatever its rank becomes, so a worker started for a later
+        generation gets its own names (``rank-R-gG``) instead of sharing ``rank-R``."""
+        stem = f"rank-{a.rank}" if generation <= 1 else f"rank-{a.rank}-g{generation}"
+        job_dir = self._job_dir(job)
+        return job_dir / f"{stem}.log", job_dir / f"{stem}.metrics.jsonl"
 
     async def _start(self, plan: Plan, a: WorkerAssignment, spec: dict[str, Any] | None) -> None:
         job_dir = self._job_dir(plan.job_id)
@@ -194,9 +288,8 @@ class Supervisor:
         run_dir.mkdir(parents=True, exist_ok=True)
         launch_file = job_dir / f"launch-g{plan.generation}-rank-{a.rank}.json"
         launch_file.write_text(json.dumps({"spec": spec or {}, "plan": plan.to_dict()}, sort_keys=True))
-        metrics_path = job_dir / f"rank-{a.rank}.metrics.jsonl"
+        log_path, metrics_path = self._worker_files(plan.job_id, a, plan.generation)
         metrics_path.touch()
-        log_path = self.log_path(plan.job_id, a.rank)
         env = dict(os.environ)
         env.update(self.extra_env)
         env.update({
@@ -230,7 +323,7 @@ class Supervisor:
         worker.relay = ProgressRelay(etcd=self.etcd, keys=self.keys, job=plan.job_id, rank=a.rank,
                                      path=metrics_path, offset=offset, generation=plan.generation,
                                      min_interval_s=self.progress_interval_s,
-                                     relay_steps=(a.dp_rank == 0 and a.pp_rank == plan.pp - 1),
+                                     relay_steps=_is_metrics_rank(plan, a),
                                      on_first_record=lambda w=worker: self._mark_running(w))
         worker.relay.start()
         self._spawn(self._watch_exit(worker))
@@ -297,6 +390,8 @@ class Supervisor:
         backoff = Backoff(0.05, 1.0)
         async with worker._report_lock:
             while True:
+                if worker.retired:
+                    return  # its old rank key may belong to another worker of the new generation
                 record = self.status_record(worker)
                 try:
                     await self.etcd.put(self.keys.job_worker(worker.job, worker.rank), json.dumps(record))
@@ -315,9 +410,15 @@ class Supervisor:
             pass
 
     async def stop(self, job: str, rank: int, reason: str) -> None:
-        """SIGTERM the worker's group, SIGKILL after the grace period; returns once it exited."""
+        """Stop the worker that holds ``rank`` of ``job`` now (see ``_stop_worker``)."""
         worker = self.workers.get((job, rank))
-        if worker is None or not worker.alive or worker.proc is None:
+        if worker is not None:
+            await self._stop_worker(worker, reason)
+
+    async def _stop_worker(self, worker: Worker, reason: str) -> None:
+        """SIGTERM the worker's group, SIGKILL after the grace period; returns once it exited."""
+        job, rank = worker.job, worker.rank
+        if not worker.alive or worker.proc is None:
             return
         worker.stop_reason = worker.stop_reason or reason
         self._kill_group(worker.pid, signal.SIGTERM)
@@ -334,11 +435,11 @@ class Supervisor:
 
     async def stop_all(self, reason: str, *, report_timeout_s: float = 3.0) -> None:
         """Stop every live worker (agent shutdown); reports are best effort within the timeout."""
-        live = [(w.job, w.rank) for w in self.workers.values() if w.alive]
-        for job, rank in live:
-            self.workers[(job, rank)].stop_reason = reason
+        live = [w for w in self.all_workers() if w.alive]
+        for w in live:
+            w.stop_reason = reason
         if live:
-            await asyncio.gather(*(self.stop(job, rank, reason) for job, rank in live), return_exceptions=True)
+            await asyncio.gather(*(self._stop_worker(w, reason) for w in live), return_exceptions=True)
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=report_timeout_s)
@@ -347,18 +448,24 @@ class Supervisor:
 
     def kill_all_now(self) -> None:
         """Last resort (synchronous): SIGKILL every live worker group."""
-        for w in self.workers.values():
+        for w in self.all_workers():
             if w.alive:
                 self._kill_group(w.pid, signal.SIGKILL)
 
     # ---------------------------------------------------------------- metrics
     def _export_counts(self) -> None:
         counts = {"STARTING": 0, "RUNNING": 0}
-        for w in self.workers.values():
+        for w in self.all_workers():
             if w.alive:
                 counts[w.state] = counts.get(w.state, 0) + 1
         for state, n in counts.items():
             metrics.AGENT_WORKERS.labels(state).set(n)
 
     def used_slots(self) -> int:
-        return sum(1 for w in self.workers.values() if w.alive)
+        return sum(1 for w in self.all_workers() if w.alive)
+
+
+def _is_metrics_rank(plan: Plan, a: WorkerAssignment) -> bool:
+    """The rank whose per-step records become the job's metrics: dp rank 0 on the last stage
+    (it computes the loss)."""
+    return a.dp_rank == 0 and a.pp_rank == plan.pp - 1

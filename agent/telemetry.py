@@ -8,15 +8,25 @@ GPU gets ``NoGpuSource``: no GPU telemetry, never a crash.
 The node condition is a pure function of the latest GPU samples
 (``node_condition``):
 
-* FAILED   — an XID error in the fatal set, or any volatile double-bit ECC error
-* DEGRADED — any other XID error, retired pages pending, thermal or power throttling
+* FAILED   — an XID error in the fatal set, any volatile double-bit ECC error, or
+             a row remapping failure (no spare rows left)
+* DEGRADED — any other XID error, retired pages or remapped rows pending (need a
+             reset), thermal or power throttling, PCIe replays growing past a
+             threshold, NVLink CRC/replay/recovery errors
 * HEALTHY  — otherwise (also when there are no GPUs)
+
+Tests and game days inject GPU telemetry without a GPU: ``TENAX_FAKE_GPU_DIR``
+selects ``FileGpuSource``, which reads ``<dir>/<node id>.json`` (a JSON list of
+GpuSample fields) at every sample; no file means no GPUs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent import metrics
@@ -65,6 +75,14 @@ class GpuSample:
     xid_events: list[int] = field(default_factory=list)
     """XID error codes seen on this GPU since the agent started (the latest 16): a GPU
     that reported a fatal XID stays FAILED until it is reset and the agent restarts."""
+    remapped_rows_pending: int = 0
+    """1 if row remappings are pending (the GPU needs a reset to apply them), else 0."""
+    remapped_rows_failed: int = 0
+    """1 if a row remapping failed (no spare rows: the memory cannot be repaired), else 0."""
+    pcie_replay_errors: int = 0
+    """PCIe replay counter (cumulative since boot)."""
+    nvlink_errors: int = 0
+    """Sum of NVLink CRC, replay and recovery error counters over all links (cumulative)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +129,42 @@ class FakeGpuSource:
 
     def sample(self) -> list[GpuSample]:
         return [GpuSample(**g.to_dict()) for g in self.gpus]
+
+    def close(self) -> None:
+        pass
+
+
+class FileGpuSource:
+    """GPU telemetry read from a JSON file at every sample (``TENAX_FAKE_GPU_DIR``): lets a test
+    inject XID or ECC errors into a running agent. A missing or malformed file reads as no GPUs
+    (the previous sample is kept when the file is being rewritten)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._last: list[GpuSample] = []
+
+    def device_count(self) -> int:
+        return len(self.sample())
+
+    def sample(self) -> list[GpuSample]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            self._last = []
+            return []
+        except (OSError, ValueError) as exc:
+            log.warning("fake GPU file %s unreadable (keeping the last sample): %r", self.path, exc)
+            return [GpuSample(**g.to_dict()) for g in self._last]
+        gpus = []
+        for i, item in enumerate(raw if isinstance(raw, list) else []):
+            if isinstance(item, dict):
+                known = {k: v for k, v in item.items() if k in GpuSample.__dataclass_fields__}
+                try:
+                    gpus.append(GpuSample(**{"index": i, **known}))
+                except TypeError as exc:
+                    log.warning("fake GPU %d in %s skipped: %r", i, self.path, exc)
+        self._last = gpus
+        return [GpuSample(**g.to_dict()) for g in gpus]
 
     def close(self) -> None:
         pass
@@ -179,6 +233,8 @@ class NvmlSource:
                              nv.NVML_VOLATILE_ECC, default=0)
             pending = self._read("retired pages", nv.nvmlDeviceGetRetiredPagesPendingStatus, h, default=0)
             name = self._read("name", nv.nvmlDeviceGetName, h, default="")
+            remap = self._read("row remapping", nv.nvmlDeviceGetRemappedRows, h, default=None)
+            pcie_replays = self._read("pcie replays", nv.nvmlDeviceGetPcieReplayCounter, h, default=0)
             out.append(GpuSample(
                 index=i,
                 name=name.decode() if isinstance(name, bytes) else str(name),
@@ -193,8 +249,30 @@ class NvmlSource:
                 ecc_volatile_dbe=int(dbe or 0),
                 retired_pages=int(bool(pending)),
                 xid_events=list(xids.get(i, [])),
+                # (correctable rows, uncorrectable rows, pending, failure) on Ampere and later
+                remapped_rows_pending=int(bool(remap[2])) if remap and len(remap) >= 4 else 0,
+                remapped_rows_failed=int(bool(remap[3])) if remap and len(remap) >= 4 else 0,
+                pcie_replay_errors=int(pcie_replays or 0),
+                nvlink_errors=self._nvlink_errors(h),
             ))
         return out
+
+    def _nvlink_errors(self, handle) -> int:
+        """CRC + replay + recovery error counters summed over the links (0 where there is no NVLink)."""
+        nv = self._nvml
+        counters = [getattr(nv, name, None) for name in ("NVML_NVLINK_ERROR_DL_CRC_FLIT", "NVML_NVLINK_ERROR_DL_REPLAY",
+                                                          "NVML_NVLINK_ERROR_DL_RECOVERY")]
+        max_links = getattr(nv, "NVML_NVLINK_MAX_LINKS", 18)
+        total = 0
+        for link in range(max_links):
+            state = self._read("nvlink state", nv.nvmlDeviceGetNvLinkState, handle, link, default=None)
+            if not state:
+                continue  # link absent or down; absent links raise, which _read turns into None
+            for counter in counters:
+                if counter is not None:
+                    total += int(self._read("nvlink errors", nv.nvmlDeviceGetNvLinkErrorCounter, handle, link,
+                                            counter, default=0) or 0)
+        return total
 
     def close(self) -> None:
         try:
@@ -209,8 +287,13 @@ def throttle_names(mask: int) -> list[str]:
     return [name for bit, name in THROTTLE_BITS.items() if mask & bit]
 
 
-def open_gpu_source() -> GpuSource:
-    """NVML when it works and sees at least one GPU; otherwise no GPUs."""
+def open_gpu_source(node_id: str = "") -> GpuSource:
+    """``FileGpuSource`` under ``TENAX_FAKE_GPU_DIR`` (tests); else NVML when it works and sees at
+    least one GPU; otherwise no GPUs."""
+    fake_dir = os.environ.get("TENAX_FAKE_GPU_DIR", "")
+    if fake_dir:
+        log.warning("GPU telemetry from %s (TENAX_FAKE_GPU_DIR), not NVML", fake_dir)
+        return FileGpuSource(Path(fake_dir) / f"{node_id or 'node'}.json")
     try:
         source = NvmlSource()
     except Exception as exc:  # no library, no driver, no device
@@ -232,6 +315,11 @@ def sample_host() -> HostSample:
 
 
 # ------------------------------------------------------------------ decisions
+PCIE_REPLAY_DEGRADED = 100
+"""PCIe replays (cumulative) at which a GPU counts as DEGRADED: a few replays are normal,
+a steady stream means a bad link or riser that slows every transfer."""
+
+
 def gpu_condition(gpu: GpuSample) -> tuple[str, str]:
     """(condition, reason) of one GPU sample."""
     fatal = sorted(set(gpu.xid_events) & FATAL_XIDS)
@@ -239,10 +327,18 @@ def gpu_condition(gpu: GpuSample) -> tuple[str, str]:
         return FAILED, f"gpu {gpu.index}: XID {fatal[0]}"
     if gpu.ecc_volatile_dbe > 0:
         return FAILED, f"gpu {gpu.index}: {gpu.ecc_volatile_dbe} volatile double-bit ECC errors"
+    if gpu.remapped_rows_failed:
+        return FAILED, f"gpu {gpu.index}: row remapping failed (no spare rows)"
     if gpu.xid_events:
         return DEGRADED, f"gpu {gpu.index}: XID {sorted(set(gpu.xid_events))[0]}"
     if gpu.retired_pages > 0:
         return DEGRADED, f"gpu {gpu.index}: retired pages pending"
+    if gpu.remapped_rows_pending:
+        return DEGRADED, f"gpu {gpu.index}: remapped rows pending (needs a reset)"
+    if gpu.nvlink_errors > 0:
+        return DEGRADED, f"gpu {gpu.index}: {gpu.nvlink_errors} NVLink errors"
+    if gpu.pcie_replay_errors >= PCIE_REPLAY_DEGRADED:
+        return DEGRADED, f"gpu {gpu.index}: {gpu.pcie_replay_errors} PCIe replays"
     if gpu.throttle_reasons:
         return DEGRADED, f"gpu {gpu.index}: throttled ({', '.join(gpu.throttle_reasons)})"
     return HEALTHY, ""

@@ -174,6 +174,9 @@ class JobService(pb_grpc.JobServiceServicer):
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        unknown = [p for p in request.phases if p not in pb.JobPhase.values()]
+        if unknown:  # found by tests/test_security_fuzz.py: was INTERNAL
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"phases: unknown job phase {unknown[0]}")
         wanted = {convert.phase_name(p) for p in request.phases}
         jobs = sorted(jobs_from(self.c.cache).values(), key=lambda j: (j.status.created, j.id))
         return pb.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs
@@ -318,8 +321,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
 
     @unary
     async def DrainNode(self, request: pb.NodeRequest, context) -> pb.NodeInfo:
-        # Drain = cordon now; moving running workers off the node needs elastic
-        # re-planning (plan g+1), which the recovery work adds.
+        # Drain = cordon with reason "drain" (the intent, in etcd); the leader then moves every
+        # job off the node with plan g+1 at a step boundary (controller/recovery.py).
         return await self._cordon(request.node_id, "drain")
 
     @unary

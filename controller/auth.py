@@ -120,6 +120,7 @@ METHOD_RULES: dict[str, MethodRule] = {
     NODE + "UncordonNode": MethodRule(role="admin", mutating=True),
     NODE + "DrainNode": MethodRule(role="admin", mutating=True),
     "/tenax.v1.AuditService/ListAudit": MethodRule(role="admin", mutating=False),
+    "/tenax.v1.ChaosService/Inject": MethodRule(role="admin", mutating=True),
     # Load balancers and kubelets probe health without credentials.
     "/grpc.health.v1.Health/Check": MethodRule(role=PUBLIC, mutating=False),
     "/grpc.health.v1.Health/Watch": MethodRule(role=PUBLIC, mutating=False),

@@ -3,7 +3,8 @@
 Each part registers its own subcommands (``register(subparsers)``), so this
 file only wires them together:
 
-* controller/client_cli.py  submit, jobs, job, nodes, cancel, logs, controller, chaos
+* controller/client_cli.py  submit, jobs, job, nodes, cancel, logs, controller
+* controller/chaos_cli.py   chaos
 * controller/local.py       up, down, demo
 * agent/main.py             agent
 * trainer/local.py          train-local
@@ -28,6 +29,7 @@ _PARTS = (
     "agent.main",
     "trainer.local",
     "controller.security_cli",
+    "controller.chaos_cli",
 )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from controller.recovery_decisions import newest_by_slot
 from controller.state import JobView, NodeSummary
 from protos import tenax_pb2 as pb
 from protos.plan import Plan
@@ -78,8 +79,10 @@ def job_to_proto(job: JobView) -> pb.Job:
     )
     if job.plan:
         status.layout.CopyFrom(layout_to_proto(job.plan.dp, job.plan.pp, job.plan.zero_stage))
+        # a worker is its (node, slot): ranks are renumbered when the layout changes
+        by_slot = newest_by_slot(job.plan, job.workers)
         for a in job.plan.workers:
-            w = job.workers.get(a.rank)
+            w = by_slot.get(a.rank)
             status.workers.append(pb.WorkerStatus(
                 rank=a.rank, node=a.node, slot=a.slot,
                 pid=w.pid if w else 0,

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from protos.plan import Plan, WorkerAssignment
+from controller.recovery_decisions import all_ranks_on_generation, find_failure, plan_records
 from protos.records import TERMINAL_PHASES, ProgressRecord, WorkerStatusRecord
 from trainer.config import JobSpec
 
@@ -153,12 +154,15 @@ class JobState:
     plan: Plan | None = None
     workers: dict[int, WorkerStatusRecord] = field(default_factory=dict)
     live_nodes: frozenset[str] = frozenset()
+    progress: dict[int, ProgressRecord] = field(default_factory=dict)
+    """Latest progress per rank (a rank is on a generation once it did a step there)."""
 
 
 def on_worker_failure(state: JobState, failed: list[str]) -> tuple[str, str]:
-    """What a failed worker or lost node does to a job. For now the job fails;
-    elastic recovery will replace this with 'write plan g+1' (RECOVERING)."""
-    return "FAILED", "; ".join(failed)
+    """What a failed worker or lost node does to a job: it needs plan g+1 (RECOVERING).
+    controller/recovery.py writes that plan (or FAILED when none is possible) before this
+    rule is consulted; the phase here only says what the job is waiting for."""
+    return "RECOVERING", "needs a new plan: " + "; ".join(failed)
 
 
 def job_phase(state: JobState, now: float) -> tuple[str, str]:
@@ -171,32 +175,17 @@ def job_phase(state: JobState, now: float) -> tuple[str, str]:
     plan = state.plan
     if plan is None:
         return "PENDING", "waiting to be scheduled"
-    current = {rank: w for rank, w in state.workers.items()
-               if w.generation in (0, plan.generation) and rank < plan.world_size}
-    failed = []
-    for rank in sorted(current):
-        w = current[rank]
-        if w.failed:
-            how = f"signal {w.signal}" if w.signal else f"exit code {w.exit_code}"
-            failed.append(f"rank {rank} on {w.node} {w.state.lower()} ({how})")
-    for node in sorted({a.node for a in plan.workers} - state.live_nodes):
-        ranks = [a.rank for a in plan.workers if a.node == node
-                 and not (a.rank in current and current[a.rank].succeeded)]
-        if ranks:
-            failed.append(f"node {node} lost (ranks {ranks})")
-    if failed:
-        return on_worker_failure(state, failed)
+    # workers are identified by (node, slot): ranks are renumbered when the layout changes
+    current = plan_records(plan, state.workers)
+    failure = find_failure(plan, state.workers, state.live_nodes)
+    if failure is not None:
+        return on_worker_failure(state, failure.description.split("; "))
     if len(current) == plan.world_size and all(w.succeeded for w in current.values()):
         return "SUCCEEDED", f"all {plan.world_size} workers exited 0"
-    if state.phase == "RECOVERING" and not _all_on_generation(plan, state.workers):
-        # whoever wrote plan g+1 set RECOVERING; it ends when every rank runs generation g+1
+    if state.phase == "RECOVERING" and not all_ranks_on_generation(plan, state.progress, state.workers):
+        # whoever wrote plan g+1 set RECOVERING; it ends when every rank did a step at generation g+1
         return "RECOVERING", f"waiting for all ranks to run plan generation {plan.generation}"
     return "RUNNING", f"plan generation {plan.generation} with {plan.world_size} workers"
-
-
-def _all_on_generation(plan: Plan, workers: dict[int, WorkerStatusRecord]) -> bool:
-    return all(a.rank in workers and workers[a.rank].generation == plan.generation
-               and workers[a.rank].state in ("RUNNING", "EXITED") for a in plan.workers)
 
 
 # ------------------------------------------------------------------ progress

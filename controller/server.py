@@ -47,6 +47,7 @@ from controller.api import JobService, NodeService
 from controller.decisions import JobState, NodeView, build_plan, job_phase, schedule
 from controller.etcd import Backoff, Etcd, EtcdUnavailable, WatchEvent
 from controller.leader import LeaderElector
+from controller.recovery import Recovery
 from controller.state import (ClusterCache, JobView, build_job, jobs_from, nodes_from, parse_uncached,
                               read_prefix_paged)
 from protos import tenax_pb2 as pb
@@ -131,6 +132,8 @@ class Controller:
         self._wake = asyncio.Event()
         self._registry_queue: asyncio.Queue[tuple[str, str, float, str]] = asyncio.Queue()
         self._job_series: set[str] = set()
+        self.recovery = Recovery(self)
+        """Plan generations g+1: failures, growth, drains, rebalances (controller/recovery.py)."""
         self.cache.add_listener(self._on_change)
 
     @property
@@ -154,8 +157,11 @@ class Controller:
             ])
         pb_grpc.add_JobServiceServicer_to_server(JobService(self), server)
         pb_grpc.add_NodeServiceServicer_to_server(NodeService(self), server)
+        from controller.chaos import ChaosService  # admin-only fault injection (controller/auth.py)
+
+        pb_grpc.add_ChaosServiceServicer_to_server(ChaosService(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        served = ["JobService", "NodeService"] + (["AuditService"] if self.security is not None else [])
+        served = ["JobService", "NodeService", "ChaosService"] + (["AuditService"] if self.security is not None else [])
         reflection.enable_server_reflection(
             tuple(pb.DESCRIPTOR.services_by_name[name].full_name for name in served
                   if name in pb.DESCRIPTOR.services_by_name)
@@ -235,6 +241,7 @@ class Controller:
         self._leader_tasks = [
             asyncio.create_task(self._reconcile_loop(), name="reconcile"),
             asyncio.create_task(self._registry_loop(), name="registry"),
+            asyncio.create_task(self._health_loop(), name="health"),
         ]
 
     async def _demoted(self, reason: str) -> None:
@@ -256,7 +263,7 @@ class Controller:
             self._wake.set()
             return
         parsed = keys.parse_job_key(ev.key)
-        if parsed and not parsed[1].startswith("progress/"):
+        if parsed and not parsed[1].startswith(("progress/", "telemetry/")):
             self._wake.set()
         elif ev.key.startswith(keys.cordons()):
             self._wake.set()
@@ -316,6 +323,12 @@ class Controller:
             log.info("node %s READY (%s slots)", node, record.get("slots"))
         await self.etcd.put(key, RegistryRecord(node=record, first_seen=old.first_seen if old else when).to_json())
 
+    async def _health_loop(self) -> None:
+        """Hang, straggler and degraded-GPU detection (controller/health_loop.py)."""
+        from controller.health_loop import HealthLoop
+
+        await HealthLoop(self).run()
+
     # -------------------------------------------------------------- leader: jobs
     async def _reconcile_loop(self) -> None:
         await self.cache.synced.wait()
@@ -345,11 +358,17 @@ class Controller:
         nodes = nodes_from(self.cache, jobs)
         live = frozenset(n.id for n in nodes.values() if n.registered)
         used = {n.id: set(n.used) for n in nodes.values()}
+        waiting = any(j.status.phase == "PENDING" for j in jobs.values())
         for job in sorted(jobs.values(), key=lambda j: (j.status.created, j.id)):
             if not job.active:
                 continue
+            if await self.recovery.reconcile_job(job, nodes, now, jobs_waiting=waiting):
+                # it wrote plan g+1 or a phase: the slots it took are no longer free for the next job
+                nodes = nodes_from(self.cache, jobs)
+                used = {n.id: set(n.used) for n in nodes.values()}
+                continue
             state = JobState(phase=job.status.phase, cancelled=job.cancelled, plan=job.plan,
-                             workers=job.workers, live_nodes=live)
+                             workers=job.workers, live_nodes=live, progress=job.progress_ranks)
             phase, reason = job_phase(state, now)
             if phase == "PENDING":
                 await self._schedule(job, nodes, used, now)
@@ -428,6 +447,11 @@ class Controller:
             if p.time:
                 metrics.JOB_LAST_PROGRESS.labels(job.id).set(p.time)
             metrics.JOB_RECOVERABLE_STEP_LAG.labels(job.id).set(max(p.step - p.recoverable_step, 0))
+            # age ~ steps at risk x step time (the ranks report steps, not when a snapshot completed)
+            step_time = max((r.step_time_s for r in job.progress_ranks.values()), default=0.0)
+            metrics.JOB_RECOVERABLE_AGE.labels(job.id).set(max(p.step - p.recoverable_step, 0) * step_time)
+            for phase in JOB_PHASES:
+                metrics.JOB_PHASE.labels(job.id, phase).set(1 if job.status.phase == phase else 0)
         for gone in self._job_series - active:
             metrics.forget_job(gone)
         self._job_series = active

@@ -272,7 +272,9 @@ def build_job(job_id: str, raw: dict[str, str], parse: ParseFn, keys: Keys) -> J
             record = parse(keys.job_progress_rank(job_id, rank), value, ProgressRecord.from_json)
             if record is not None:
                 job.progress_ranks[rank] = record
-    job.progress = fold_progress(spec, job.progress_ranks)
+    # ranks beyond the current world are left over from a larger generation: not progress any more
+    world = job.plan.world_size if job.plan is not None else None
+    job.progress = fold_progress(spec, {r: p for r, p in job.progress_ranks.items() if world is None or r < world})
     return job
 
 

@@ -19,6 +19,8 @@ Layout (``P`` is the cluster prefix, default ``/tenax``)::
     P/jobs/<job>/progress/<rank>          latest progress summary of a rank (throttled by the agent)
     P/jobs/<job>/metrics/<step:012d>      a batch of per-step records starting at <step> (rank 0)
     P/jobs/<job>/events/<seq:012d>        job events for WatchJob (phase, plan, recovery)
+    P/jobs/<job>/telemetry/<node>         per-step rank timings and liveness of the node's ranks (agent, ~1/s)
+    P/chaos/<node>/<id>                   a chaos (fault injection) or kill request for that node's agent
     P/owners/<job>                        the identity that submitted the job (written with its spec)
     P/auth/tokens/<token_id>              an API token: name, role, salt and hash (never the token itself)
     P/audit/<time_ns:020d>-<rand>         one audit record per mutating call (bounded retention)
@@ -107,6 +109,19 @@ class Keys:
 
     def job_event(self, job: str, seq: int) -> str:
         return f"{self.prefix}/jobs/{job}/events/{seq:012d}"
+
+    def job_telemetry(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/telemetry/"
+
+    def job_telemetry_node(self, job: str, node: str) -> str:
+        return f"{self.prefix}/jobs/{job}/telemetry/{node}"
+
+    # chaos and kill requests (controller/chaos.py -> agent/chaos.py) -------
+    def chaos(self, node: str) -> str:
+        return f"{self.prefix}/chaos/{node}/"
+
+    def chaos_request(self, node: str, request_id: str) -> str:
+        return f"{self.prefix}/chaos/{node}/{request_id}"
 
     # security (controller/auth.py, controller/audit.py) -------------------
     def owners(self) -> str:

@@ -19,6 +19,12 @@ Worker launch contract (agent -> ``python -m trainer.worker``), environment:
 The rendezvous store is a TCPStore served by an agent (``NodeInfo.store_address``);
 each generation uses its own key prefix, so a new generation never reads
 stale keys of the one before.
+
+Generations: workers survive plan changes in process (trainer/elastic.py). On
+plan g+1 an agent keeps every worker whose (node, slot) is in g+1's workers or
+``extra["idle"]`` and starts workers only for new (node, slot)s; each worker
+appends a recovery record (protos/recovery.py) to its metrics file. The whole
+control-side contract: docs/elastic-worker.md.
 """
 
 from __future__ import annotations

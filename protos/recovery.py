@@ -32,6 +32,7 @@ Fields (times in seconds; ``*_s`` are durations measured on this worker):
     total_s          noticed -> ready to run the next step (MTTR as seen by the worker;
                      detection before "noticed" is the control side's to add)
     bytes_moved      bytes this worker received over the network (plus read from disk)
+    bytes_local      bytes it copied from copies it held itself (own snapshot, buddy replica)
     from_disk        true if the state came from the disk checkpoint
     bad_copies       descriptions of copies that failed their checksum (never used)
     time             unix time the record was written
@@ -64,6 +65,7 @@ class RecoveryRecord:
     total_s: float
     bytes_moved: int
     from_disk: bool
+    bytes_local: int = 0
     bad_copies: list[str] = field(default_factory=list)
     time: float = 0.0
 

@@ -500,3 +500,27 @@ class ListAuditResponse(_message.Message):
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[AuditRecord]
     def __init__(self, records: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ...) -> None: ...
+
+class ChaosRequest(_message.Message):
+    __slots__ = ("action", "job_id", "rank", "factor", "node_id")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    job_id: str
+    rank: int
+    factor: float
+    node_id: str
+    def __init__(self, action: _Optional[str] = ..., job_id: _Optional[str] = ..., rank: _Optional[int] = ..., factor: _Optional[float] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class ChaosResponse(_message.Message):
+    __slots__ = ("id", "node_id", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    node_id: str
+    message: str
+    def __init__(self, id: _Optional[str] = ..., node_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

@@ -583,3 +583,75 @@ class AuditService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ChaosServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Inject = channel.unary_unary(
+                '/tenax.v1.ChaosService/Inject',
+                request_serializer=protos_dot_tenax__pb2.ChaosRequest.SerializeToString,
+                response_deserializer=protos_dot_tenax__pb2.ChaosResponse.FromString,
+                _registered_method=True)
+
+
+class ChaosServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Inject(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ChaosServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Inject': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inject,
+                    request_deserializer=protos_dot_tenax__pb2.ChaosRequest.FromString,
+                    response_serializer=protos_dot_tenax__pb2.ChaosResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tenax.v1.ChaosService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tenax.v1.ChaosService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ChaosService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Inject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenax.v1.ChaosService/Inject',
+            protos_dot_tenax__pb2.ChaosRequest.SerializeToString,
+            protos_dot_tenax__pb2.ChaosResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

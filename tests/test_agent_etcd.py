@@ -144,8 +144,9 @@ def test_worker_exit_is_reported_within_100ms(etcd_url, tmp_path):
 
 def test_cancel_kills_workers_and_reports_killed(etcd_url, tmp_path):
     keys = Keys()
-    stubborn = [sys.executable, "-c",
-                "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"]
+    # it says when its SIGTERM handler is in place (a loaded host can take over a second to get there)
+    stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "open('handler-ready', 'w').close(); time.sleep(120)"]
 
     async def scenario():
         async with Etcd(etcd_url) as etcd:
@@ -153,7 +154,10 @@ def test_cancel_kills_workers_and_reports_killed(etcd_url, tmp_path):
                              worker_command=stubborn, kill_grace_s=0.5)
             await sup.apply_plan(make_plan(1, [("n1", 0)]), spec={})
             pid = sup.workers[("j1", 0)].pid
-            await asyncio.sleep(0.5)  # let it install its SIGTERM handler
+            ready = tmp_path / "jobs" / "j1" / "run" / "handler-ready"  # its cwd is the job's run dir
+            deadline = time.monotonic() + 20
+            while not ready.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             t0 = time.monotonic()
             await sup.cancel_job("j1")
             took = time.monotonic() - t0
@@ -399,8 +403,36 @@ def test_worker_that_cannot_start_is_reported_failed(etcd_url, tmp_path):
 
 
 def test_new_generation_moves_a_rank_to_another_slot(etcd_url, tmp_path):
-    """Generation 2 moves rank 0 from slot 0 to slot 1: the old process is stopped before the
-    new one starts; generation 3 keeps it (adopted, same pid)."""
+    """Generation 2 moves rank 0 from slot 0 to slot 1: a new process starts on slot 1; the old
+    one is retired (it would exit by itself; this one ignores plans, so it is stopped after the
+    retire grace period); generation 3 keeps the new one (adopted, same pid)."""
+    keys = Keys()
+
+    async def scenario():
+        async with Etcd(etcd_url) as etcd:
+            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path, etcd_endpoints=etcd_url,
+                             worker_command=SLEEPER, kill_grace_s=1.0, retire_grace_s=0.5)
+            try:
+                await sup.apply_plan(make_plan(1, [("n1", 0)]), spec={})
+                old = sup.workers[("j1", 0)]
+                await sup.apply_plan(make_plan(2, [("n1", 1)]), spec={})
+                new = sup.workers[("j1", 0)]
+                assert new.alive and new.slot == 1 and new.pid != old.pid
+                assert old.retired and sup.retired[("j1", 0)] is old
+                await asyncio.wait_for(old.exit_reported.wait(), 10)
+                assert not old.alive and old.state == "KILLED"
+                await sup.apply_plan(make_plan(3, [("n1", 1)]), spec={})
+                assert sup.workers[("j1", 0)] is new and new.generation == 3 and new.alive
+                assert sum(1 for w in sup.local_views() if w.alive) == 1
+            finally:
+                await sup.stop_all("test over")
+
+    run_async(scenario(), 30)
+
+
+def test_survivors_swap_ranks_across_generations_without_a_restart(etcd_url, tmp_path):
+    """Generation 2 swaps the ranks of the two workers (slot 0 -> rank 1, slot 1 -> rank 0):
+    both keep their process; their status is written under their new rank."""
     keys = Keys()
 
     async def scenario():
@@ -408,15 +440,24 @@ def test_new_generation_moves_a_rank_to_another_slot(etcd_url, tmp_path):
             sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path, etcd_endpoints=etcd_url,
                              worker_command=SLEEPER, kill_grace_s=1.0)
             try:
-                await sup.apply_plan(make_plan(1, [("n1", 0)]), spec={})
-                old = sup.workers[("j1", 0)]
-                await sup.apply_plan(make_plan(2, [("n1", 1)]), spec={})
-                new = sup.workers[("j1", 0)]
-                assert not old.alive and old.state == "KILLED"
-                assert new.alive and new.slot == 1 and new.pid != old.pid
-                await sup.apply_plan(make_plan(3, [("n1", 1)]), spec={})
-                assert sup.workers[("j1", 0)] is new and new.generation == 3 and new.alive
-                assert sum(1 for w in sup.local_views() if w.alive) == 1
+                await sup.apply_plan(make_plan(1, [("n1", 0), ("n1", 1)]), spec={})
+                pids = {w.slot: w.pid for w in sup.workers.values()}
+                await sup.apply_plan(make_plan(2, [("n1", 1), ("n1", 0)]), spec={})
+                assert {(rank, w.slot, w.pid, w.generation) for (_, rank), w in sup.workers.items()} == {
+                    (0, 1, pids[1], 2), (1, 0, pids[0], 2)}
+
+                async def reported():
+                    recs = {int(kv.key.rsplit("/", 1)[1]): WorkerStatusRecord.from_json(kv.value)
+                            for kv in await etcd.get_prefix(keys.job_workers("j1"))}
+                    return recs if len(recs) == 2 and all(r.generation == 2 for r in recs.values()) else None
+
+                deadline = time.monotonic() + 10
+                recs = None
+                while recs is None and time.monotonic() < deadline:
+                    recs = await reported()
+                    await asyncio.sleep(0.05)
+                assert recs is not None, "statuses of generation 2 not written"
+                assert {r: (rec.slot, rec.pid) for r, rec in recs.items()} == {0: (1, pids[1]), 1: (0, pids[0])}
             finally:
                 await sup.stop_all("test over")
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from agent import metrics
-from agent.decisions import Adopt, LocalWorker, Start, Stop, exit_state, plan_actions, should_publish
+from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, plan_actions, should_publish
 from agent.http import AgentHttp
 from agent.progress import summarize
 from agent.telemetry import (DEGRADED, FAILED, HEALTHY, FakeGpuSource, GpuSample, NoGpuSource, export_gauges,
@@ -47,13 +47,37 @@ def test_worker_that_exited_is_not_restarted_in_the_same_generation():
     assert plan_actions("a", [local(0, 0, 1, alive=False)], plan) == []
 
 
-def test_new_generation_adopts_survivors_and_stops_dropped_workers():
+def test_new_generation_adopts_survivors_and_retires_dropped_workers():
     plan = make_plan(2, [("a", 0), ("b", 0)])
     actions = plan_actions("a", [local(0, 0, 1), local(2, 1, 1)], plan)
-    assert Adopt(job="j1", rank=0, generation=2) in actions
-    stops = [x for x in actions if isinstance(x, Stop)]
-    assert [(x.rank, "generation 2" in x.reason) for x in stops] == [(2, True)]
-    assert not any(isinstance(x, Start) for x in actions)
+    assert Adopt(job="j1", rank=0, slot=0, generation=2) in actions
+    retired = [x for x in actions if isinstance(x, Retire)]
+    # not stopped at once: it hands its state over and exits by itself
+    assert [(x.rank, x.slot, "generation 2" in x.reason) for x in retired] == [(2, 1, True)]
+    assert not any(isinstance(x, (Start, Stop)) for x in actions)
+
+
+def test_survivor_keeps_its_process_when_ranks_are_renumbered():
+    """dp2 on (a,0) (b,0) (a,1) (b,1); b is lost; generation 2 renumbers a's workers 0 and 1."""
+    plan = make_plan(2, [("a", 1), ("a", 0)])
+    actions = plan_actions("a", [local(0, 0, 1), local(2, 1, 1)], plan)
+    assert sorted(actions, key=lambda x: x.slot) == [Adopt(job="j1", rank=1, slot=0, generation=2),
+                                                     Adopt(job="j1", rank=0, slot=1, generation=2)]
+
+
+def test_growth_starts_new_workers_only_on_new_slots():
+    plan = make_plan(3, [("a", 0), ("a", 1), ("a", 2)])
+    actions = plan_actions("a", [local(0, 0, 2), local(1, 1, 2)], plan)
+    assert [type(x) for x in actions] == [Adopt, Adopt, Start]
+    assert actions[2].assignment.slot == 2 and actions[2].generation == 3
+
+
+def test_slot_of_a_retired_worker_waits_until_it_is_gone():
+    plan = make_plan(4, [("a", 0)])
+    leaving = LocalWorker(job="j1", rank=3, slot=0, generation=2, alive=True, retired=True)
+    assert plan_actions("a", [leaving], plan) == []
+    gone = LocalWorker(job="j1", rank=3, slot=0, generation=2, alive=False, retired=True)
+    assert [type(x) for x in plan_actions("a", [gone], plan)] == [Start]
 
 
 def test_new_generation_restarts_a_rank_that_died_in_an_older_one():
@@ -62,10 +86,10 @@ def test_new_generation_restarts_a_rank_that_died_in_an_older_one():
     assert [type(x) for x in actions] == [Start]
 
 
-def test_moved_slot_means_stop_and_start():
+def test_moved_slot_means_retire_and_start():
     plan = make_plan(2, [("a", 1)])
     actions = plan_actions("a", [local(0, 0, 1)], plan)
-    assert [type(x) for x in actions] == [Stop, Start]
+    assert [type(x) for x in actions] == [Retire, Start]
 
 
 def test_stale_plan_is_ignored():
@@ -76,7 +100,7 @@ def test_stale_plan_is_ignored():
 def test_cancelled_job_stops_live_workers_and_starts_none():
     plan = make_plan(1, [("a", 0), ("a", 1)])
     actions = plan_actions("a", [local(0, 0, 1), local(1, 1, 1, alive=False)], plan, cancelled=True)
-    assert actions == [Stop(job="j1", rank=0, reason="cancelled")]
+    assert actions == [Stop(job="j1", rank=0, slot=0, reason="cancelled")]
 
 
 def test_other_jobs_workers_are_untouched():

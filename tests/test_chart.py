@@ -336,7 +336,7 @@ def test_controller_replicas_and_leader_election():
     assert env_of(c)["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert flag(args, "--metrics-port") == "9100"
     assert flag(args, "--metrics-host") == "0.0.0.0"  # scrapable from other pods
-    assert "--tls" not in args  # controller.tls.mode "" passes nothing
+    assert flag(args, "--tls") == "tls"  # the default: TLS with a chart-generated certificate
     # Rolling updates never take the last replica down, nor do voluntary disruptions.
     assert deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert one(docs, "PodDisruptionBudget", "controller")["spec"]["maxUnavailable"] == 1
@@ -374,7 +374,7 @@ def test_external_etcd_with_tls():
     assert not find(docs, "StatefulSet") and not find(docs, "Service", "etcd")
     assert not find(docs, "ServiceAccount", "etcd") and not find(docs, "PodDisruptionBudget", "etcd")
     values = yaml.safe_load(VALUE_SETS["external-etcd-tls"].read_text())["etcd"]
-    secret = one(docs, "Secret")
+    secret = one([d for d in docs if "etcd" in d["metadata"]["name"]], "Secret")
     assert set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
     for kind, component, name in (("Deployment", "controller", "controller"), ("DaemonSet", "agent", "agent")):
         workload = one(docs, kind, component)
@@ -389,7 +389,7 @@ def test_external_etcd_with_tls():
 
     # With an existing Secret the chart mounts it and creates none.
     existing = render("-f", str(VALUE_SETS["external-etcd-tls"]), "--set", "etcd.tls.existingSecret=etcd-client")
-    assert not find(existing, "Secret")
+    assert not [d for d in find(existing, "Secret") if "etcd" in d["metadata"]["name"]]
     volumes = one(existing, "DaemonSet", "agent")["spec"]["template"]["spec"]["volumes"]
     assert next(v for v in volumes if v["name"] == "etcd-tls")["secret"]["secretName"] == "etcd-client"
     # No TLS flags at all when TLS is off.
@@ -448,7 +448,11 @@ def test_probes_present():
     docs = rendered("defaults")
     ctl = container(one(docs, "Deployment", "controller"), "controller")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert ctl[probe]["grpc"]["port"] == 50051  # grpc.health.v1, native probe
+        # The default API is TLS and native gRPC probes speak plaintext only: a TCP check.
+        assert ctl[probe]["tcpSocket"] == {"port": "grpc"}
+    plain = container(one(render("--set", "controller.tls.mode=plaintext"), "Deployment", "controller"), "controller")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert plain[probe]["grpc"]["port"] == 50051  # grpc.health.v1, native probe
     agent = container(one(docs, "DaemonSet", "agent"), "agent")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert agent[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -554,7 +558,7 @@ BAD_VALUES = [
       "--set", "etcd.tls.enabled=true", "--set", "etcd.tls.existingSecret=s"], "etcd.external.endpoints"),
     (["--set", "etcd.bundled.enabled=false", "--set", "etcd.external.endpoints={https://e:2379}",
       "--set", "etcd.tls.enabled=true"], "etcd.tls"),
-    (["--set", "controller.tls.mode=tls"], "controller.tls.existingSecret"),
+    (["--set", "controller.tls.mode=mtls"], "controller.tls.existingSecret"),
     (["--set", "controller.tls.mode=ssl"], "controller.tls.mode"),
     (["--set", "monitoring.serviceMonitor.interval=often"], "monitoring.serviceMonitor.interval"),
     (["--set", "image.pullPolicy=Sometimes"], "image.pullPolicy"),

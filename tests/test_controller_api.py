@@ -258,11 +258,14 @@ def test_job_lifecycle_pending_running_succeeded_with_watch_and_metrics(etcd_url
     run_async(main(), 80)
 
 
-def test_worker_failure_fails_the_job_and_cancel_cancels(etcd_url):
+def test_worker_failure_fails_a_job_that_cannot_shrink_and_cancel_cancels(etcd_url):
+    """min_workers = workers: no smaller plan exists, so the failure fails the job (elastic
+    recovery of a job that can shrink: tests/test_recovery_controller.py)."""
     async def main():
         async with running(etcd_url) as api:
             lease = await add_node(api.etcd, "n1", 4, ttl_s=30)
-            a = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=good_spec()), timeout=5)
+            a = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=good_spec(**{"elastic.min_workers": 2})),
+                                         timeout=5)
             b = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=good_spec()), timeout=5)
             await wait_until(lambda: _in_phase(api, a.id, pb.RUNNING), 5)
             await wait_until(lambda: _in_phase(api, b.id, pb.RUNNING), 5)
@@ -270,6 +273,7 @@ def test_worker_failure_fails_the_job_and_cancel_cancels(etcd_url):
                 rank=1, node="n1", slot=1, state="FAILED", exit_code=None, signal="SIGKILL", generation=1).to_json())
             failed = await wait_until(lambda: _in_phase(api, a.id, pb.FAILED), 5)
             assert "rank 1" in failed.status.message and "SIGKILL" in failed.status.message
+            assert "elastic.min_workers=2" in failed.status.message
 
             resp = await api.jobs.CancelJob(pb.CancelJobRequest(job_id=b.id), timeout=5)
             assert resp.id == b.id

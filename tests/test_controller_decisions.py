@@ -124,18 +124,19 @@ def test_phase_succeeded_when_all_exit_zero():
     assert job_phase(state, 0) == ("SUCCEEDED", "all 2 workers exited 0")
 
 
-def test_phase_failed_on_nonzero_exit_or_signal():
+def test_phase_needs_a_new_plan_on_nonzero_exit_or_signal():
+    # controller/recovery.py writes plan g+1 (or FAILED) before this rule runs
     state = JobState(phase="RUNNING", plan=_plan(), live_nodes=LIVE,
                      workers={0: ws(0, "EXITED", 3), 1: ws(1, "KILLED", signal="SIGKILL")})
     phase, reason = job_phase(state, 0)
-    assert phase == "FAILED"
+    assert phase == "RECOVERING" and reason.startswith("needs a new plan")
     assert "rank 0" in reason and "exit code 3" in reason and "SIGKILL" in reason
 
 
-def test_phase_failed_when_a_node_with_running_ranks_is_lost():
+def test_phase_needs_a_new_plan_when_a_node_with_running_ranks_is_lost():
     state = JobState(phase="RUNNING", plan=_plan(), workers={0: ws(0, "RUNNING")}, live_nodes=frozenset({"a"}))
     phase, reason = job_phase(state, 0)
-    assert phase == "FAILED" and "node b lost" in reason
+    assert phase == "RECOVERING" and "node b lost" in reason
 
 
 def test_phase_ignores_lost_node_whose_ranks_already_succeeded():
@@ -157,8 +158,15 @@ def test_phase_recovering_lasts_until_every_rank_runs_the_new_generation():
     on_old = JobState(phase="RECOVERING", plan=plan, live_nodes=LIVE,
                       workers={0: ws(0, "RUNNING", generation=2), 1: ws(1, "RUNNING", generation=1)})
     assert job_phase(on_old, 0) == ("RECOVERING", "waiting for all ranks to run plan generation 2")
-    on_new = JobState(phase="RECOVERING", plan=plan, live_nodes=LIVE,
-                      workers={0: ws(0, "RUNNING", generation=2), 1: ws(1, "RUNNING", generation=2)})
+    adopted = {0: ws(0, "RUNNING", generation=2), 1: ws(1, "RUNNING", generation=2)}
+    # adopted by its agent is not enough: every rank must have done a step at generation 2
+    one_step = JobState(phase="RECOVERING", plan=plan, live_nodes=LIVE, workers=adopted,
+                        progress={0: ProgressRecord(step=9, time=1.0, generation=2),
+                                  1: ProgressRecord(step=8, time=1.0, generation=1)})
+    assert job_phase(one_step, 0)[0] == "RECOVERING"
+    on_new = JobState(phase="RECOVERING", plan=plan, live_nodes=LIVE, workers=adopted,
+                      progress={0: ProgressRecord(step=9, time=1.0, generation=2),
+                                1: ProgressRecord(step=9, time=1.0, generation=2)})
     assert job_phase(on_new, 0)[0] == "RUNNING"
 
 

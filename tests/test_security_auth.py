@@ -59,7 +59,9 @@ def test_every_rpc_in_the_contract_is_classified():
     assert missing == []
     mutating = {m for m, rule in auth.METHOD_RULES.items() if rule.mutating}
     assert mutating == {"/tenax.v1.JobService/SubmitJob", CANCEL, "/tenax.v1.NodeService/CordonNode",
-                        "/tenax.v1.NodeService/UncordonNode", "/tenax.v1.NodeService/DrainNode"}
+                        "/tenax.v1.NodeService/UncordonNode", "/tenax.v1.NodeService/DrainNode",
+                        "/tenax.v1.ChaosService/Inject"}
+    assert auth.METHOD_RULES["/tenax.v1.ChaosService/Inject"].role == "admin"
 
 
 # ------------------------------------------------------------------ tokens

@@ -87,3 +87,12 @@ def test_other_spec_strings_are_bounded_and_enumerated():
         JobSpec.from_dict({"elastic": {"snapshot_every": "1; id"}})
     with pytest.raises(SpecError, match="longer than"):
         JobSpec.from_dict({"data": {"kind": "tokens", "path": "p" * 5000}})
+
+
+@pytest.mark.parametrize("field, value", [("optimizer.lr", "inf"), ("optimizer.weight_decay", "nan"),
+                                          ("optimizer.grad_clip", float("nan")), ("model.dropout", "-inf")])
+def test_non_finite_numbers_are_refused(field, value):
+    """NaN slips past every `< 0` check and inf cannot be stored as JSON (both found by the fuzzer)."""
+    section, name = field.split(".")
+    with pytest.raises(SpecError, match=f"^{field}: must be a finite number"):
+        JobSpec.from_dict({section: {name: value}})

@@ -132,3 +132,11 @@ def test_real_controller_jobs_per_user_counts_only_active_jobs(etcd_url, tmp_pat
         assert sam.SubmitJob(pb.SubmitJobRequest(spec=tiny_spec("third")), timeout=CALL_TIMEOUT_S).id
     finally:
         api.stop()
+
+
+def test_unknown_job_phase_filter_is_invalid_argument(controller):
+    """Found by the fuzzer: ListJobs(phases=[-1]) used to answer INTERNAL."""
+    vera, _ = _stubs(controller, "vera")
+    with pytest.raises(grpc.RpcError) as err:
+        vera.ListJobs(pb.ListJobsRequest(phases=[-1]), timeout=CALL_TIMEOUT_S)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "phases" in err.value.details()

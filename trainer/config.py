@@ -13,6 +13,7 @@ This module must stay import-light (no torch): the controller imports it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -328,9 +329,13 @@ def _coerce(f: dataclasses.Field, value: Any, path: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             _fail(path, f"must be a number, got {_short(value)!r}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             _fail(path, f"must be a number, got {_short(value)!r}")
+        # NaN passes every `< 0` check and inf breaks JSON: found by tests/test_security_fuzz.py
+        if not math.isfinite(number):
+            _fail(path, f"must be a finite number, got {_short(value)!r}")
+        return number
     if isinstance(default, str):
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # e.g. snapshot_every: 5

@@ -192,7 +192,7 @@ def _last_loss(path: str):
     last = None
     for line in Path(path).read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("rank") == 0:
+        if rec.get("rank") == 0 and "loss" in rec:  # other lines (heartbeats, recoveries) have no loss
             last = rec["loss"]
     return last
 

@@ -34,6 +34,7 @@ from trainer.optim import FlatStage, ShardedAdamW, lr_at
 from trainer.parallel import ParallelLayout
 from trainer.schedule import PipelineStageRunner, StageTimes
 from trainer.sharding import update_range
+from trainer.telemetry import StepTelemetry
 from trainer.zero2 import ShardedGradReducer
 
 
@@ -132,6 +133,7 @@ class Trainer:
             device=device,
         )
         self.step = 0  # steps completed (committed)
+        self.telemetry = StepTelemetry(device_type=device.type, rank=rank, write=self.metrics.write)
         self.before_update = None
         """Called right before the optimizer mutates the owned state (an in-flight
         snapshot copy must be fenced off first: trainer.elastic)."""
@@ -222,14 +224,20 @@ class Trainer:
             torch.cuda.synchronize()
 
     def train_step(self) -> dict:
+        with self.telemetry.step(self.step):  # heartbeat phases, CUDA events, error events
+            return self._train_step()
+
+    def _train_step(self) -> dict:
         step, layout, spec = self.step, self.layout, self.spec
         t_start = time.perf_counter()
         times = StageTimes()
         self._micro = layout.micro_batches(self.dp_rank)
         self._start, end = layout.sample_range(self.dp_rank)
+        self.telemetry.data_started()
         self._tokens = (
             self.sampler.batch_tokens(step, range(self._start, end)) if (self.is_first or self.is_last) else None
         )
+        self.telemetry.data_done()
         if self.reducer is not None:
             self.reducer.zero_grad()
         else:
@@ -239,6 +247,8 @@ class Trainer:
             first_input=self._first_input, forward_fn=lambda i, x: self._forward(step, i, x), times=times,
         )
 
+        times.backward += self.telemetry.apply_slowdown(times.forward + times.backward)  # chaos slow
+        self.telemetry.mark("collective")
         t0 = time.perf_counter()
         if self.reducer is not None:  # reductions ran inside backward: book them as collective time
             times.backward -= self.reducer.comm_seconds
@@ -251,6 +261,7 @@ class Trainer:
         grad_norm, loss = totals[0].sqrt().item(), totals[1].item()
         collective = time.perf_counter() - t0
 
+        self.telemetry.mark("optimizer")
         t0 = time.perf_counter()
         clip = spec.optimizer.grad_clip
         scale = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
@@ -263,6 +274,7 @@ class Trainer:
         self._sync()
         optimizer_time = time.perf_counter() - t0
 
+        self.telemetry.mark("collective")
         t0 = time.perf_counter()
         self._gather_params()
         collective += time.perf_counter() - t0
@@ -280,6 +292,7 @@ class Trainer:
             "state_bytes_held": self.state_bytes_held(), "peak_memory_bytes": peak_memory_bytes(self.device),
             "time": time.time(),
         }
+        record.update(self.telemetry.fields(forward_s=times.forward, backward_s=times.backward))
         self.metrics.write(record)
         return record
 

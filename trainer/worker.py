@@ -7,6 +7,13 @@ per-job directory. The rendezvous store is the TCPStore at plan.store_address,
 under plan.store_prefix. The plan (not spec.parallelism) is authoritative for
 the layout, since the controller changes it as the world changes.
 
+Elastic by default (trainer/elastic.py): with TENAX_ETCD set, the worker follows
+the job's plan in etcd and survives failures of its peers in process; it exits 0
+after the last step or when a new generation has no place for it. TENAX_FAULT
+injects failures (tests). TENAX_ELASTIC=0 runs the plain single-generation
+trainer; TENAX_SNAPSHOTS=0 keeps the elastic runtime without snapshots (both
+for benchmarks). TENAX_PLAN_WAIT_S (default 60) bounds the wait for plan g+1.
+
 Exit codes: 0 after the last step; 2 for a bad launch (env, spec, plan);
 1 for a failure while training. Every blocking call has a timeout:
 TENAX_STORE_TIMEOUT_S (default 30) for the store, TENAX_COLLECTIVE_TIMEOUT_S
@@ -98,7 +105,38 @@ def run() -> int:
     spec, plan, rank, layout = load_launch()
     store_timeout = _float_env("TENAX_STORE_TIMEOUT_S", 30.0)
     collective_timeout = _float_env("TENAX_COLLECTIVE_TIMEOUT_S", 60.0)
+    if os.environ.get("TENAX_ELASTIC", "1") == "0":
+        return run_plain(spec, plan, rank, layout, store_timeout, collective_timeout)
+    return run_elastic(spec, plan, rank, store_timeout, collective_timeout)
 
+
+def run_elastic(spec, plan, rank: int, store_timeout: float, collective_timeout: float) -> int:
+    """The default: survive failures in process (trainer/elastic.py has the state machine)."""
+    from trainer.elastic import ElasticSettings, ElasticWorker, parse_faults
+    from trainer.train import MetricsWriter, pick_device
+
+    if not plan.store_address:
+        raise LaunchError("plan.store_address is empty")
+    settings = ElasticSettings(
+        store_timeout_s=store_timeout, collective_timeout_s=collective_timeout,
+        plan_wait_s=_float_env("TENAX_PLAN_WAIT_S", 60.0), transfer_timeout_s=collective_timeout,
+        snapshot_every=spec.elastic.snapshot_every, checkpoint_every=spec.elastic.checkpoint_every,
+        run_dir=os.environ.get("TENAX_RUN_DIR", ""),
+    )
+    metrics = MetricsWriter(os.environ.get("TENAX_METRICS_FILE") or None)
+    try:
+        worker = ElasticWorker(
+            spec, plan, rank, device=pick_device(spec), metrics=metrics, settings=settings,
+            etcd=os.environ.get("TENAX_ETCD", ""), etcd_prefix=os.environ.get("TENAX_ETCD_PREFIX", "/tenax"),
+            faults=parse_faults(os.environ.get("TENAX_FAULT", "")),
+        )
+        return worker.run()
+    finally:
+        metrics.close()
+
+
+def run_plain(spec, plan, rank, layout, store_timeout: float, collective_timeout: float) -> int:
+    """TENAX_ELASTIC=0: one generation, no snapshots, a failure ends the worker (baseline for benchmarks)."""
     import torch.distributed as dist
 
     from trainer.train import MetricsWriter, Trainer, init_process_group, pick_device

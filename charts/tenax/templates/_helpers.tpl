@@ -146,6 +146,11 @@ checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha
 {{- end }}
 {{- end -}}
 
+{{/* The controller's API certificate: the operator's Secret, or the one the chart generates. */}}
+{{- define "tenax.controllerTLSSecretName" -}}
+{{- .Values.controller.tls.existingSecret | default (printf "%s-tls" (include "tenax.componentName" (dict "root" . "component" "controller"))) -}}
+{{- end -}}
+
 {{- define "tenax.apiTLSDir" -}}/etc/tenax/api-tls{{- end -}}
 
 {{/* The API is served with TLS: Kubernetes' native gRPC probes speak plaintext only. */}}

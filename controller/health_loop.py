@@ -1,0 +1,446 @@
+"""The leader's health loop: hang, straggler and degraded-GPU detection, wired to actions.
+
+Every ``interval_s`` the leader gathers what the agents published (the etcd
+mirror: ``Keys.job_telemetry_node`` per job and node, written by
+agent/rank_health.py; node conditions in NodeInfo, from agent/telemetry.py),
+asks the pure decisions of controller/detection.py, and acts:
+
+* hang      no progress for max(k x median step time, floor) -> a kill request for
+            each culprit rank to its agent (controller/chaos.py, the same path as
+            ``tenax chaos kill``); the worker's exit starts the recovery
+            (controller/recovery.py). ``tenax_hangs_detected_total``.
+* straggler per-step compute times of every rank -> robust z-scores
+            (``tenax_straggler_score``), flagged ranks (``tenax_stragglers_flagged_total``),
+            and per the job's ``elastic.straggler_policy``: ``rebalance`` sample shares
+            at a step boundary (``Recovery.request_rebalance``; the global batch is
+            unchanged), ``evict`` a persistently slow rank to a spare at a step boundary
+            (``Recovery.request_migration``), or ``alert`` only (log + metrics).
+* degraded  a node whose agent reports DEGRADED or FAILED (XID, ECC, remapping,
+            throttling...) and still runs workers -> drain it: cordon, and the
+            recovery moves its workers at a step boundary (``Recovery.request_drain``).
+
+The gathering functions are pure (``rank_progress``, ``step_window``,
+``nodes_to_drain``): ``(state, now) -> decision``. The loop itself keeps only
+what stops it from repeating an action (the ranks it already killed in a
+generation, the generation it already rebalanced); a new leader may repeat one
+action at most, which every action tolerates (a kill of a dead rank is a no-op,
+a rebalance is guarded by the plan generation).
+
+Settings come from the environment (``HealthSettings.from_env``) so that a local
+cluster (``tenax up``) and the tests can shorten the timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from controller import chaos, metrics
+from controller.detection import (
+    HangDecision,
+    HangSettings,
+    RankProgress,
+    StepTiming,
+    StragglerAction,
+    StragglerPolicy,
+    StragglerSettings,
+    decide_straggler,
+    detect_hang,
+    per_sample_seconds,
+)
+from controller.decisions import even_shares
+from controller.etcd import EtcdError
+from controller.state import JobView, NodeSummary, jobs_from, nodes_from
+from protos.plan import Plan
+
+if TYPE_CHECKING:
+    from controller.server import Controller
+
+log = logging.getLogger("tenax.controller.health")
+
+BAD_CONDITIONS = ("DEGRADED", "FAILED")
+
+
+@dataclass(kw_only=True)
+class HealthSettings:
+    interval_s: float = 0.5
+    """Seconds between two passes of the loop (> 0)."""
+    hang: HangSettings = field(default_factory=HangSettings)
+    straggler: StragglerSettings = field(default_factory=StragglerSettings)
+    switch_ahead_steps: int = 5
+    """A rebalance switches this many steps after the latest step seen (steps, >= 1): every
+    rank must read the new plan before it reaches the boundary."""
+    min_rebalance_gain: float = 0.1
+    """A rebalance must make the predicted step this much faster (0.1 = 10%; in [0, 1)): per-sample
+    speeds measured on a busy host easily differ by 5% between windows."""
+    drain_degraded: bool = True
+    """Drain nodes whose GPUs report DEGRADED or FAILED (False: metrics and logs only)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
+            raise ValueError(f"interval_s: must be > 0 seconds, got {self.interval_s}")
+        if not 0 <= self.min_rebalance_gain < 1:
+            raise ValueError(f"min_rebalance_gain: must be in [0, 1), got {self.min_rebalance_gain}")
+        if self.switch_ahead_steps < 1:
+            raise ValueError(f"switch_ahead_steps: must be >= 1 steps, got {self.switch_ahead_steps}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "HealthSettings":
+        """TENAX_HEALTH_INTERVAL_S, TENAX_HANG_K, TENAX_HANG_FLOOR_S, TENAX_HANG_STARTUP_S,
+        TENAX_STRAGGLER_WINDOW, TENAX_STRAGGLER_Z, TENAX_DRAIN_DEGRADED (0/1). Raises ValueError."""
+        env = os.environ if env is None else env
+
+        def number(name: str, default: float) -> float:
+            raw = env.get(name, "")
+            try:
+                return float(raw) if raw else default
+            except ValueError:
+                raise ValueError(f"{name}: must be a number, got {raw!r}") from None
+
+        hang = HangSettings(k=number("TENAX_HANG_K", 5.0), floor_s=number("TENAX_HANG_FLOOR_S", 10.0),
+                            startup_timeout_s=number("TENAX_HANG_STARTUP_S", 300.0))
+        window = number("TENAX_STRAGGLER_WINDOW", 20)
+        if window != int(window):
+            raise ValueError(f"TENAX_STRAGGLER_WINDOW: must be an integer number of steps, got {window}")
+        straggler = StragglerSettings(window_steps=int(window), z_threshold=number("TENAX_STRAGGLER_Z", 3.5))
+        drain = env.get("TENAX_DRAIN_DEGRADED", "1")
+        if drain not in ("0", "1"):
+            raise ValueError(f"TENAX_DRAIN_DEGRADED: must be 0 or 1, got {drain!r}")
+        return cls(interval_s=number("TENAX_HEALTH_INTERVAL_S", 0.5), hang=hang, straggler=straggler,
+                   drain_degraded=drain == "1")
+
+
+# ------------------------------------------------------------------ pure gathering
+def telemetry_ranks(raw_values: Sequence[str]) -> dict[int, dict[str, Any]]:
+    """rank -> its latest summary, from the job's telemetry values (one per node). Malformed
+    values and entries are skipped; if two nodes report a rank (a move), the fresher wins."""
+    ranks: dict[int, dict[str, Any]] = {}
+    for raw in raw_values:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            continue
+        entries = data.get("ranks") if isinstance(data, dict) else None
+        if not isinstance(entries, dict):
+            continue
+        for rank_text, entry in entries.items():
+            if not (isinstance(rank_text, str) and rank_text.isdigit() and isinstance(entry, dict)):
+                continue
+            rank = int(rank_text)
+            old = ranks.get(rank)
+            if old is None or _number(entry.get("progress_at")) >= _number(old.get("progress_at")):
+                ranks[rank] = entry
+    return ranks
+
+
+def _number(value: Any, default: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return default
+    return float(value)
+
+
+def rank_progress(plan: Plan, ranks: Mapping[int, Mapping[str, Any]], *, generation_seen_at: float
+                  ) -> list[RankProgress]:
+    """Liveness of the plan's ranks that report telemetry for the plan's generation.
+
+    Progress never predates ``generation_seen_at`` (when this loop first saw the
+    generation): a recovery's rendezvous and state transfer are not a hang.
+    """
+    out = []
+    for w in plan.workers:
+        entry = ranks.get(w.rank)
+        if entry is None or int(_number(entry.get("generation"))) != plan.generation:
+            continue
+        heartbeat = entry.get("heartbeat_at")
+        out.append(RankProgress(
+            rank=w.rank, step=int(_number(entry.get("step"))),
+            progress_at=max(_number(entry.get("progress_at")), generation_seen_at),
+            heartbeat_at=max(_number(heartbeat), generation_seen_at) if heartbeat is not None else None,
+            in_collective=(entry.get("phase") == "collective") if entry.get("phase") else None,
+            process_stopped=entry.get("stopped") if isinstance(entry.get("stopped"), bool) else None,
+        ))
+    return out
+
+
+def step_window(plan: Plan, ranks: Mapping[int, Mapping[str, Any]]) -> list[StepTiming]:
+    """The steps every rank of the plan reported at the plan's generation, oldest first.
+
+    Compute times are scaled to an even share (``t x (global batch / dp) / share``):
+    after a rebalance the ranks hold different shares on purpose, and a rank with
+    more samples must not look slow for it. With even shares nothing changes.
+
+    Collective time is split into moving and waiting across the ranks of one step:
+    the fastest rank's collective time is (close to) pure data movement, so each
+    rank's excess over it is time spent waiting for a slower peer.
+    """
+    even = sum(plan.sample_shares) / plan.dp
+    per_step: dict[int, dict[int, tuple[float, float]]] = {}
+    for w in plan.workers:
+        entry = ranks.get(w.rank) or {}
+        steps = entry.get("steps")
+        for item in steps if isinstance(steps, list) else []:
+            if not (isinstance(item, list) and len(item) >= 5):
+                continue
+            step, compute, collective, _step_time, generation = item[:5]
+            if int(_number(generation)) != plan.generation or _number(compute, -1.0) <= 0:
+                continue
+            scaled = float(compute) * even / plan.sample_shares[w.dp_rank]
+            per_step.setdefault(int(_number(step)), {})[w.rank] = (scaled, _number(collective))
+    window = []
+    for step in sorted(per_step):
+        timings = per_step[step]
+        if len(timings) != plan.world_size:
+            continue  # a step some rank has not reported (yet)
+        fastest = min(c for _, c in timings.values())
+        window.append(StepTiming(step=step, compute_s={r: t[0] for r, t in timings.items()},
+                                 collective_wait_s={r: max(t[1] - fastest, 0.0) for r, t in timings.items()}))
+    return window
+
+
+def stepped_in_generation(entry: Mapping[str, Any], generation: int) -> bool:
+    """True once the rank completed a step of ``generation`` (its telemetry has one)."""
+    steps = entry.get("steps")
+    return any(isinstance(item, list) and len(item) >= 5 and int(_number(item[4])) == generation
+               for item in (steps if isinstance(steps, list) else []))
+
+
+def hang_decision(plan: Plan, ranks: Mapping[int, Mapping[str, Any]], now: float, *, generation_seen_at: float,
+                  settings: HangSettings) -> tuple[HangDecision, str]:
+    """Which ranks of the plan are hung now. Pure.
+
+    A rank that has not finished a step of this generation yet (process start,
+    rendezvous, state transfer, warm-up) is judged with the startup timeout,
+    never with k x the median of the ranks that already stepped: the first step
+    of a CPU worker alone can take longer than that.
+    """
+    progress = rank_progress(plan, ranks, generation_seen_at=generation_seen_at)
+    stepped = {r for r, e in ranks.items() if stepped_in_generation(e, plan.generation)}
+    running = [p for p in progress if p.rank in stepped]
+    starting = [p for p in progress if p.rank not in stepped]
+    hung: list[int] = []
+    stalled: list[int] = []
+    reasons = []
+    timeout = 0.0
+    for group, times in ((running, recent_step_times(ranks, plan.generation)), (starting, [])):
+        if not group:
+            continue
+        decision, reason = detect_hang(group, times, now, settings)
+        hung += decision.hung_ranks
+        stalled += decision.stalled_ranks
+        timeout = max(timeout, decision.timeout_s)
+        reasons.append(reason)
+    return HangDecision(hung_ranks=tuple(sorted(hung)), stalled_ranks=tuple(sorted(stalled)),
+                        timeout_s=timeout), "; ".join(reasons) or "no rank reports telemetry"
+
+
+def predicted_step_factor(shares: Sequence[int], seconds_per_sample: Sequence[float]) -> float:
+    """Relative step time of a share layout: the slowest replica, max(share x seconds per sample)."""
+    return max(share * t for share, t in zip(shares, seconds_per_sample))
+
+
+def worth_rebalancing(current: Sequence[int], proposed: Sequence[int], seconds_per_sample: Sequence[float],
+                      min_gain: float) -> bool:
+    """True if ``proposed`` shares make the step at least ``min_gain`` (0.05 = 5%) faster. Pure.
+
+    The hysteresis keeps noisy per-sample speeds from flipping a job between two
+    nearly equal layouts (each flip is a plan generation and a planned switch).
+    """
+    if tuple(proposed) == tuple(current):
+        return False
+    return (predicted_step_factor(proposed, seconds_per_sample)
+            <= (1 - min_gain) * predicted_step_factor(current, seconds_per_sample))
+
+
+def recent_step_times(ranks: Mapping[int, Mapping[str, Any]], generation: int) -> list[float]:
+    """Step wall times of the generation (all ranks), for the hang timeout's median."""
+    times = []
+    for entry in ranks.values():
+        for item in entry.get("steps") or []:
+            if isinstance(item, list) and len(item) >= 5 and int(_number(item[4])) == generation:
+                times.append(_number(item[3]))
+    return [t for t in times if t > 0]
+
+
+def nodes_to_drain(nodes: Mapping[str, NodeSummary]) -> list[tuple[str, str]]:
+    """(node, reason) for every registered, uncordoned node in a bad condition that runs workers."""
+    out = []
+    for node in nodes.values():
+        condition = str(node.record.get("condition", "HEALTHY"))
+        if node.registered and node.cordon is None and condition in BAD_CONDITIONS and node.used_slots > 0:
+            out.append((node.id, f"node {condition}: {node.record.get('condition_reason') or 'GPU health'}"))
+    return out
+
+
+def spare_exists(nodes: Mapping[str, NodeSummary]) -> bool:
+    """A free slot on a ready, uncordoned, healthy node."""
+    return any(n.registered and n.cordon is None and str(n.record.get("condition", "HEALTHY")) == "HEALTHY"
+               and int(n.record.get("slots", 0) or 0) > n.used_slots for n in nodes.values())
+
+
+def policy_of(job: JobView) -> StragglerPolicy:
+    try:
+        return StragglerPolicy(job.spec.elastic.straggler_policy)
+    except ValueError:
+        return StragglerPolicy.ALERT
+
+
+# ------------------------------------------------------------------ the loop
+@dataclass
+class _JobMemory:
+    generation: int = 0
+    seen_at: float = 0.0
+    killed: set[int] = field(default_factory=set)
+    flagged: set[int] = field(default_factory=set)
+    acted: bool = False
+    """A straggler action (rebalance/evict) was requested in this generation."""
+    last_reason: str = ""
+
+
+class HealthLoop:
+    def __init__(self, controller: "Controller", settings: HealthSettings | None = None) -> None:
+        self.c = controller
+        self.settings = settings or HealthSettings.from_env()
+        self._jobs: dict[str, _JobMemory] = {}
+        self._drained: set[str] = set()
+        self._rebalanced_for: dict[str, frozenset[int]] = {}
+        """job -> the flagged ranks its last rebalance was for. Measured per-sample speeds are
+        biased by per-step fixed costs (a rank with fewer samples looks slower per sample), so
+        re-deciding from the rebalanced shares would shrink the slow rank's share step after
+        step; a job is rebalanced again only for a different set of slow ranks."""
+        self.actions: list[tuple[str, str, str]] = []
+        """(kind, target, reason) of every action taken (logs, tests)."""
+
+    async def run(self) -> None:
+        await self.c.cache.synced.wait()
+        while True:
+            try:
+                await self.tick(time.time())
+            except (EtcdError, asyncio.TimeoutError) as exc:
+                log.warning("health pass: etcd unavailable (will retry): %r", exc)
+            except Exception:  # a bug in one pass must not stop detection for good
+                log.exception("health pass failed")
+            await asyncio.sleep(self.settings.interval_s)
+
+    async def tick(self, now: float) -> None:
+        jobs = jobs_from(self.c.cache)
+        nodes = nodes_from(self.c.cache, jobs)
+        for job in jobs.values():
+            if job.active and job.plan is not None:
+                await self._check_job(job, nodes, now)
+        for gone in set(self._jobs) - {j.id for j in jobs.values() if j.active}:
+            del self._jobs[gone]
+            self._rebalanced_for.pop(gone, None)
+        if self.settings.drain_degraded:
+            await self._drain_degraded(nodes)
+
+    def _memory(self, job: JobView, now: float) -> _JobMemory:
+        memory = self._jobs.get(job.id)
+        if memory is None or memory.generation != job.plan.generation:
+            memory = _JobMemory(generation=job.plan.generation, seen_at=now)
+            self._jobs[job.id] = memory
+        return memory
+
+    async def _check_job(self, job: JobView, nodes: Mapping[str, NodeSummary], now: float) -> None:
+        memory = self._memory(job, now)
+        raw = list(self.c.cache.prefixed(self.c.keys.job_telemetry(job.id)).values())
+        ranks = telemetry_ranks(raw)
+        if job.status.phase == "RUNNING":
+            await self._check_hang(job, ranks, memory, now)
+        await self._check_stragglers(job, ranks, nodes, memory)
+
+    # ---------------------------------------------------------------- hang
+    async def _check_hang(self, job: JobView, ranks, memory: _JobMemory, now: float) -> None:
+        decision, reason = hang_decision(job.plan, ranks, now, generation_seen_at=memory.seen_at,
+                                         settings=self.settings.hang)
+        for rank in decision.hung_ranks:
+            if rank in memory.killed:
+                continue
+            memory.killed.add(rank)
+            metrics.HANGS_DETECTED.labels(job.id).inc()
+            log.warning("job %s rank %d declared hung: %s", job.id, rank, reason)
+            record = chaos.rank_request(action="kill", plan=job.plan, job=job.id, rank=rank,
+                                        reason=f"hung: {reason}"[:500], now=now)
+            await chaos.send(self.c.etcd, self.c.keys, record)
+            self.actions.append(("kill", f"{job.id}/{rank}", reason))
+
+    # ---------------------------------------------------------------- stragglers
+    async def _check_stragglers(self, job: JobView, ranks, nodes, memory: _JobMemory) -> None:
+        plan = job.plan
+        window = step_window(plan, ranks)
+        if not window:
+            return
+        # the window holds compute scaled to even shares, so the decision sees even shares too;
+        # the shares it proposes depend only on the per-sample speeds
+        even = even_shares(sum(plan.sample_shares), plan.dp)
+        decision, reason = decide_straggler(
+            window, policy=policy_of(job), shares=even, micro_batch=job.spec.micro_batch_size,
+            pp=plan.pp, spare_available=spare_exists(nodes), settings=self.settings.straggler)
+        for rank, score in decision.scores.items():
+            metrics.STRAGGLER_SCORE.labels(job.id, str(rank)).set(score)
+        for rank in decision.flagged_ranks:
+            if rank not in memory.flagged:
+                memory.flagged.add(rank)
+                metrics.STRAGGLERS_FLAGGED.labels(job.id).inc()
+                log.warning("job %s rank %d flagged as a straggler: %s", job.id, rank, reason)
+                self.actions.append(("flag", f"{job.id}/{rank}", reason))
+        if memory.acted or job.status.phase != "RUNNING" or len(window) < self.settings.straggler.window_steps:
+            return  # one plan per generation; decide only on a full window
+        if decision.action is StragglerAction.REBALANCE:
+            if self._rebalanced_for.get(job.id) == frozenset(decision.flagged_ranks):
+                if memory.last_reason != "rebalanced":
+                    memory.last_reason = "rebalanced"
+                    log.info("job %s: ranks %s already rebalanced for; alert only (%s)", job.id,
+                             list(decision.flagged_ranks), reason)
+                return
+            speeds = per_sample_seconds(window[-self.settings.straggler.window_steps:], even, plan.pp)
+            if not worth_rebalancing(plan.sample_shares, decision.shares, [speeds[d] for d in range(plan.dp)],
+                                     self.settings.min_rebalance_gain):
+                if memory.last_reason != "balanced":
+                    memory.last_reason = "balanced"
+                    log.info("job %s: shares %s already fit the ranks' speeds (%s)", job.id,
+                             list(plan.sample_shares), reason)
+                return
+            at_step = window[-1].step + self.settings.switch_ahead_steps
+            await self._request(job, memory, "rebalance", reason,
+                                self.c.recovery.request_rebalance(job.id, list(decision.shares), at_step=at_step,
+                                                                  cause="straggler-rebalance"))
+            if memory.acted:
+                self._rebalanced_for[job.id] = frozenset(decision.flagged_ranks)
+        elif decision.action is StragglerAction.EVICT:
+            await self._request(job, memory, "evict", reason,
+                                self.c.recovery.request_migration(job.id, decision.evict_ranks,
+                                                                  cause="straggler-evict"))
+        elif decision.action is StragglerAction.ALERT and memory.last_reason != "alert":
+            memory.last_reason = "alert"
+            log.warning("job %s straggler (alert only): %s", job.id, reason)
+
+    async def _request(self, job: JobView, memory: _JobMemory, kind: str, reason: str, call) -> None:
+        done, why = await call
+        if done:
+            memory.acted = True
+            self.actions.append((kind, job.id, reason))
+            log.warning("job %s straggler %s requested: %s (%s)", job.id, kind, why, reason)
+        elif memory.last_reason != why:
+            memory.last_reason = why
+            log.info("job %s straggler %s refused: %s", job.id, kind, why)
+
+    # ---------------------------------------------------------------- degraded GPUs
+    async def _drain_degraded(self, nodes: Mapping[str, NodeSummary]) -> None:
+        for node, reason in nodes_to_drain(nodes):
+            if node in self._drained:
+                continue
+            done, why = await self.c.recovery.request_drain(node, reason)
+            if done:
+                self._drained.add(node)
+                self.actions.append(("drain", node, reason))
+                log.warning("node %s drained: %s", node, reason)
+        # once a node reports HEALTHY again (repaired), a new bad condition drains it again;
+        # an operator who uncordons a node that still reports bad health is not overruled
+        self._drained -= {n.id for n in nodes.values() if str(n.record.get("condition", "HEALTHY")) == "HEALTHY"}

@@ -1,0 +1,386 @@
+"""Elastic recovery, the control side: plan g+1 for failures, growth, drains and rebalances.
+
+The leader's reconcile pass calls ``Recovery.reconcile_job`` for every active
+job (controller/server.py). It:
+
+1. finds a failed worker (its agent reported the exit within milliseconds) or a
+   lost node (lease expired) of the current plan -> computes plan g+1 with
+   ``controller.replan.replan`` and writes it, the job status (RECOVERING, one
+   pending recovery entry) and an event in ONE etcd transaction guarded by the
+   plan key's revision (generation g; DESIGN principle 3). No plan possible
+   (below ``min_workers``...) -> FAILED with the reason. A failure during a
+   recovery re-plans from the latest plan.
+2. completes a recovery entry once every rank of its generation has done a step
+   there (RECOVERING -> RUNNING), from the workers' recovery records, and
+   updates the Prometheus metrics.
+3. drains: a node cordoned with reason ``drain`` that still runs workers of a
+   RUNNING job -> plan g+1 without it at a step boundary (no step lost).
+4. grows: a RUNNING job below ``max_workers`` with free slots on ready,
+   uncordoned nodes -> plan g+1 at a step boundary.
+
+Entry points for other parts of the controller (the health loop, chaos, the
+API); all are coroutines on the leader and return ``(done, reason)``:
+
+* ``await controller.recovery.request_replan(job_id, cause, lost_ranks=..., lost_nodes=..., detected_at=...)``
+  - ranks to give up on *now* (a hung rank, an evicted straggler): plan g+1
+  without them, switch now. Their agents stop the processes once they are out of
+  the plan (they are not killed first: the hang detector may do that).
+* ``await controller.recovery.request_migration(job_id, ranks, cause, at_step=None)``
+  - move ranks off their slots at a step boundary (a degrading GPU): plan g+1
+  without them, ``switch_at_step`` = ``at_step`` or a few seconds of steps ahead.
+* ``await controller.recovery.request_drain(node, reason="drain")`` - the same
+  as ``tenax nodes drain NODE``: cordon the node with reason ``drain``; the
+  reconcile pass moves every job off it at a step boundary.
+* ``await controller.recovery.request_rebalance(job_id, shares, at_step=None)``
+  - same workers and layout, new per-dp-rank sample shares (a straggler), at a
+  step boundary.
+
+All of them refuse (``(False, reason)``) on a replica that does not lead, for a
+job that is not RUNNING/RECOVERING, or when the plan changed under them (the
+transaction guard); none of them blocks for longer than the etcd timeouts.
+The pure rules live in controller/recovery_decisions.py and controller/replan.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from controller import metrics
+from controller.recovery_decisions import (
+    Failure,
+    all_ranks_on_generation,
+    cause_label,
+    close_superseded,
+    complete_recovery,
+    failed_slots,
+    find_failure,
+    free_slots_for,
+    open_recovery,
+    pending_recovery,
+    rebalance_plan,
+    should_drain,
+    should_grow,
+    switch_step,
+    without_slots,
+)
+from controller.replan import ClusterView, drain, grow, replan
+from controller.state import JobView, NodeSummary, jobs_from, nodes_from
+from protos.plan import Plan
+from protos.records import JobEventRecord, JobStatusRecord
+
+if TYPE_CHECKING:
+    from controller.server import Controller
+
+log = logging.getLogger("tenax.controller.recovery")
+
+DURATION_PHASES = ("detection", "plan", "rebuild", "transfer", "total")
+
+
+class Recovery:
+    """Writes plan generations for one controller (acts only while it leads)."""
+
+    def __init__(self, controller: "Controller") -> None:
+        self.c = controller
+        self._lock = asyncio.Lock()
+        """One plan write at a time (the reconcile pass and requests from other tasks)."""
+
+    # ------------------------------------------------------------ public requests
+    async def request_replan(self, job_id: str, cause: str, *, lost_ranks: Iterable[int] = (),
+                             lost_nodes: Iterable[str] = (), detected_at: float | None = None) -> tuple[bool, str]:
+        """Plan g+1 without ``lost_ranks`` / ``lost_nodes`` of the current plan, switching now.
+
+        ``detected_at``: when the caller saw the problem (unix seconds; default now), used
+        as the failure time of the recovery record (detection_s = 0 from the controller's view).
+        """
+        now = time.time()
+        failure = Failure(cause=cause, lost_ranks=frozenset(int(r) for r in lost_ranks),
+                          lost_nodes=frozenset(lost_nodes), failed_at=detected_at or now,
+                          description=f"{cause}: ranks {sorted(lost_ranks)} nodes {sorted(lost_nodes)}")
+        job, why = self._active_job(job_id)
+        if job is None:
+            return False, why
+        async with self._lock:
+            return await self._recover(job, failure, now)
+
+    async def request_migration(self, job_id: str, ranks: Iterable[int], cause: str = "migrate", *,
+                                at_step: int | None = None) -> tuple[bool, str]:
+        """Plan g+1 without ``ranks`` at a step boundary (their state is handed over first)."""
+        now = time.time()
+        job, why = self._active_job(job_id, phases=("RUNNING",))
+        if job is None:
+            return False, why
+        async with self._lock:
+            nodes = self._nodes()
+            view = self._view(job, nodes, lost_ranks=frozenset(int(r) for r in ranks))
+            plan, reason = replan(job.spec, job.plan, view, cause=cause, now=now)
+            if plan is None:
+                return False, reason
+            at = at_step if at_step is not None else switch_step(job.progress.step, self._step_time(job))
+            plan = dataclasses.replace(plan, switch_at_step=at, reason=f"{reason} at step {at}",
+                                       extra={**plan.extra, "cause": cause})
+            return await self._write_planned(job, plan, cause, now)
+
+    async def request_drain(self, node: str, reason: str = "drain") -> tuple[bool, str]:
+        """Cordon ``node`` for a drain; the reconcile pass moves jobs off it at a step boundary."""
+        from protos.records import CordonRecord
+
+        await self.c.etcd.put(self.c.keys.cordon(node), CordonRecord(time=time.time(), reason="drain").to_json())
+        self.c._wake.set()
+        return True, f"node {node} draining ({reason})"
+
+    async def request_rebalance(self, job_id: str, shares: Sequence[int], at_step: int | None = None,
+                                cause: str = "rebalance") -> tuple[bool, str]:
+        """Plan g+1 with new sample shares (one per dp rank, summing to the global batch)."""
+        now = time.time()
+        job, why = self._active_job(job_id, phases=("RUNNING",))
+        if job is None:
+            return False, why
+        async with self._lock:
+            at = at_step if at_step is not None else switch_step(job.progress.step, self._step_time(job))
+            plan, reason = rebalance_plan(job.plan, shares, at_step=at, now=now, cause=cause)
+            if plan is None:
+                return False, reason
+            return await self._write_planned(job, plan, cause, now)
+
+    # ------------------------------------------------------------ reconcile (leader)
+    async def reconcile_job(self, job: JobView, nodes: dict[str, NodeSummary], now: float, *,
+                            jobs_waiting: bool = False) -> bool:
+        """One pass over one active job with a plan; True if it wrote something.
+        ``jobs_waiting``: some job is PENDING (no growth then: it gets the free slots first)."""
+        if job.plan is None or job.cancelled or not job.active:
+            return False
+        live = frozenset(n.id for n in nodes.values() if n.registered)
+        async with self._lock:
+            failure = find_failure(job.plan, job.workers, live, job.progress_ranks, now)
+            if failure is not None:
+                # written or not (a lost race re-plans next pass), the phase rules must not run on it
+                await self._recover(job, failure, now, nodes=nodes)
+                return True
+            if await self._complete_if_settled(job, now):
+                return True
+            settled = open_recovery(job.status.recoveries, job.plan.generation) is None and \
+                job.status.phase == "RUNNING"
+            at = switch_step(job.progress.step, self._step_time(job))
+            for node in sorted(n.id for n in nodes.values() if n.cordon is not None and n.cordon.reason == "drain"):
+                ok, _ = should_drain(phase=job.status.phase, plan=job.plan, node=node, settled=settled, at_step=at,
+                                     total_steps=job.spec.steps)
+                if ok:
+                    return await self._drain(job, node, nodes, now)
+            return await self._maybe_grow(job, nodes, now, settled, jobs_waiting)
+
+    # ------------------------------------------------------------ failures
+    async def _recover(self, job: JobView, failure: Failure, now: float, *,
+                       nodes: dict[str, NodeSummary] | None = None) -> tuple[bool, str]:
+        nodes = nodes if nodes is not None else self._nodes()
+        view = self._view(job, nodes, lost_ranks=failure.lost_ranks, lost_nodes=failure.lost_nodes)
+        plan, reason = replan(job.spec, job.plan, view, cause=failure.cause, now=now)
+        if plan is None:
+            message = f"cannot recover from {failure.description}: {reason}"
+            await self._set_status(job, phase="FAILED", message=message, now=now)
+            log.error("job %s FAILED: %s", job.id, message)
+            return True, message
+        entry = pending_recovery(cause=failure.cause, old=job.plan, new=plan, at_step=job.progress.step,
+                                 failed_at=failure.failed_at, seen_at=now, planned_at=time.time())
+        message = f"recovering from {failure.description}: {reason}"
+        lost_nodes = failure.lost_nodes
+        dead = {(a.node, a.slot) for a in job.plan.workers if a.rank in failure.lost_ranks and a.node not in lost_nodes}
+        ok = await self._write_plan(job, plan, entry, phase="RECOVERING", message=message, failed=dead)
+        if ok:
+            log.warning("job %s RECOVERING (generation %d): %s", job.id, plan.generation, message)
+            return True, message
+        return False, "the plan changed meanwhile (another writer); the next pass re-plans"
+
+    # ------------------------------------------------------------ planned changes
+    async def _drain(self, job: JobView, node: str, nodes: dict[str, NodeSummary], now: float) -> bool:
+        view = self._view(job, nodes)
+        at = switch_step(job.progress.step, self._step_time(job))
+        plan, reason = drain(job.spec, job.plan, view, node=node, at_step=at, now=now)
+        if plan is None:
+            message = f"cannot drain {node}: {reason}"
+            if job.status.message != message:
+                await self._set_status(job, phase=job.status.phase, message=message, now=now)
+                log.warning("job %s: %s", job.id, message)
+            return False
+        ok, _ = await self._write_planned(job, plan, f"drain {node}", now)
+        return ok
+
+    async def _maybe_grow(self, job: JobView, nodes: dict[str, NodeSummary], now: float, settled: bool,
+                          jobs_waiting: bool) -> bool:
+        view = self._view(job, nodes)  # growth is for nodes that join or come back, never failed slots
+        free = sum(len(s) for s in view.free_slots.values())
+        at = switch_step(job.progress.step, self._step_time(job))
+        ok, _why = should_grow(phase=job.status.phase, plan=job.plan, max_workers=job.spec.max_workers,
+                               free_slot_count=free, step=job.progress.step, total_steps=job.spec.steps,
+                               at_step=at, jobs_waiting=jobs_waiting, settled=settled and all_ranks_on_generation(
+                                   job.plan, job.progress_ranks, job.workers))
+        if not ok:
+            return False
+        plan, reason = grow(job.spec, job.plan, view, at_step=at, now=now)
+        if plan is None:
+            return False
+        done, _ = await self._write_planned(job, plan, "grow", now)
+        return done
+
+    async def _write_planned(self, job: JobView, plan: Plan, cause: str, now: float) -> tuple[bool, str]:
+        entry = pending_recovery(cause=cause, old=job.plan, new=plan, at_step=plan.switch_at_step,
+                                 failed_at=now, seen_at=now, planned_at=time.time())
+        ok = await self._write_plan(job, plan, entry, phase=job.status.phase, message=plan.reason)
+        if ok:
+            log.info("job %s plan generation %d: %s", job.id, plan.generation, plan.reason)
+            return True, plan.reason
+        return False, "the plan changed meanwhile (another writer)"
+
+    # ------------------------------------------------------------ completion
+    async def _complete_if_settled(self, job: JobView, now: float) -> bool:
+        index = open_recovery(job.status.recoveries, job.plan.generation)
+        if index is None:
+            if job.status.phase == "RECOVERING" and all_ranks_on_generation(job.plan, job.progress_ranks,
+                                                                           job.workers):
+                await self._set_status(job, phase="RUNNING", now=now,
+                                       message=f"plan generation {job.plan.generation} running")
+                return True
+            return False
+        if not all_ranks_on_generation(job.plan, job.progress_ranks, job.workers):
+            return False
+        reports, first_steps = self._worker_reports(job)
+        entry = complete_recovery(job.status.recoveries[index], reports, first_steps)
+        recoveries = [dict(r) for r in job.status.recoveries]
+        recoveries[index] = entry
+        message = (f"recovered ({entry['cause']}) in {entry['total_s']:.2f} s, generation {job.plan.generation} "
+                   f"dp={job.plan.dp}·pp={job.plan.pp}")
+        if await self._set_status(job, phase="RUNNING", message=message, now=now, recoveries=recoveries):
+            record_metrics(job.id, entry)
+            log.info("job %s: %s (detection %.3f plan %.3f rebuild %.3f transfer %.3f steps lost %d)", job.id,
+                     message, entry["detection_s"], entry["plan_s"], entry["rebuild_s"], entry["transfer_s"],
+                     entry["steps_lost"])
+            await self._event(job.id, "recovery", entry)
+            return True
+        return False
+
+    def _worker_reports(self, job: JobView) -> tuple[list[dict[str, Any]], list[float]]:
+        """The ranks' recovery records and first-step times at the current generation, read from
+        the extra keys the agent adds to each rank's progress record (agent/progress.py)."""
+        reports: list[dict[str, Any]] = []
+        first_steps: list[float] = []
+        for a in job.plan.workers:
+            raw = self.c.cache.get(self.c.keys.job_progress_rank(job.id, a.rank))
+            try:
+                data = json.loads(raw) if raw else {}
+            except ValueError:
+                continue
+            if not isinstance(data, dict):
+                continue
+            rec = data.get("recovery")
+            if isinstance(rec, dict) and int(rec.get("new_generation", -1) or -1) == job.plan.generation:
+                reports.append(rec)
+            first = data.get("generation_first_step")
+            if isinstance(first, dict) and first.get("generation") == job.plan.generation:
+                try:
+                    first_steps.append(float(first["time"]))
+                except (KeyError, TypeError, ValueError):
+                    pass
+        return reports, first_steps
+
+    # ------------------------------------------------------------ etcd writes
+    async def _write_plan(self, job: JobView, plan: Plan, entry: dict[str, Any], *, phase: str,
+                          message: str, failed: set[tuple[str, int]] = frozenset()) -> bool:
+        """Plan g+1, the status and an event in one transaction guarded by plan g's revision."""
+        keys = self.c.keys
+        slots = sorted(failed_slots(job.plan) | set(failed))
+        if slots:
+            plan = dataclasses.replace(plan, extra={**plan.extra, "failed_slots": [list(x) for x in slots]})
+        plan_key = keys.job_plan(job.id)
+        raw, guard = self.c.cache.data.get(plan_key, ("", 0))
+        cached = self.c.cache.parse(plan_key, raw, Plan.from_json) if raw else None
+        if guard == 0 or cached is None or cached.generation != plan.generation - 1:
+            return False  # computed from a plan that is no longer the latest: the next pass re-plans
+        now = time.time()
+        recoveries = close_superseded(job.status.recoveries) + [entry]
+        status = JobStatusRecord(**{**job.status.to_dict(), "phase": phase, "message": message,
+                                    "generation": plan.generation, "recoveries": recoveries, "updated": now})
+        event = JobEventRecord(kind="plan", time=now, data={"generation": plan.generation, "reason": plan.reason,
+                                                            "cause": entry["cause"]})
+        ok = await self.c.etcd.put_many_if(plan_key, guard, {
+            plan_key: plan.to_json(),
+            keys.job_status(job.id): status.to_json(),
+            keys.job_event(job.id, _event_seq(plan.generation, 0)): event.to_json(),
+        })
+        if ok:
+            job.plan, job.status = plan, status  # this pass's view stays consistent with what we wrote
+            metrics.JOB_GENERATION.labels(job.id).set(plan.generation)
+        return ok
+
+    async def _set_status(self, job: JobView, *, phase: str, message: str, now: float,
+                          recoveries: list[dict[str, Any]] | None = None) -> bool:
+        fields = {**job.status.to_dict(), "phase": phase, "message": message, "updated": now}
+        if recoveries is not None:
+            fields["recoveries"] = recoveries
+        status = JobStatusRecord(**fields)
+        key = self.c.keys.job_status(job.id)
+        revision = self.c.cache.data.get(key, ("", 0))[1]
+        ok = await self.c.etcd.put_if_revision(key, status.to_json(), revision)
+        if ok:
+            job.status = status
+        return ok
+
+    async def _event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        seq = _event_seq(int(data.get("generation", 0)), 1)
+        await self.c.etcd.put(self.c.keys.job_event(job_id, seq),
+                              JobEventRecord(kind=kind, time=time.time(), data=data).to_json())
+
+    # ------------------------------------------------------------ views
+    def _active_job(self, job_id: str, phases: tuple[str, ...] = ("RUNNING", "RECOVERING")
+                    ) -> tuple[JobView | None, str]:
+        if not self.c.is_leader:
+            return None, "this controller replica does not lead"
+        job = jobs_from(self.c.cache).get(job_id)
+        if job is None:
+            return None, f"job {job_id!r} not found"
+        if job.plan is None or job.status.phase not in phases:
+            return None, f"job {job_id} is {job.status.phase}, not {' or '.join(phases)}"
+        return job, ""
+
+    def _nodes(self) -> dict[str, NodeSummary]:
+        return nodes_from(self.c.cache, jobs_from(self.c.cache))
+
+    def _view(self, job: JobView, nodes: dict[str, NodeSummary], *, lost_ranks: frozenset[int] = frozenset(),
+              lost_nodes: frozenset[str] = frozenset()) -> ClusterView:
+        live = {n.id: n for n in nodes.values() if n.registered}
+        schedulable = {n.id: range(int(n.record.get("slots", 0) or 0)) for n in live.values() if n.cordon is None}
+        used = {n.id: n.used for n in nodes.values()}
+        gone = frozenset(lost_nodes) | frozenset(w.node for w in job.plan.workers if w.node not in live)
+        # never a slot where a worker of this job failed (failed_slots): it could fail again, in a loop
+        free = without_slots(free_slots_for(schedulable, used), failed_slots(job.plan))
+        return ClusterView(lost_ranks=lost_ranks, lost_nodes=gone, free_slots=free,
+                           store_addresses={n.id: str(n.record.get("store_address", ""))
+                                            for n in live.values() if n.record.get("store_address")})
+
+    @staticmethod
+    def _step_time(job: JobView) -> float:
+        times = [p.step_time_s for p in job.progress_ranks.values() if p.step_time_s > 0]
+        return max(times) if times else 0.0
+
+
+def _event_seq(generation: int, part: int) -> int:
+    """Event keys sort by generation: plan event (part 0), then its recovery (part 1)."""
+    return generation * 10 + part
+
+
+def record_metrics(job_id: str, entry: dict[str, Any]) -> None:
+    """Prometheus series for one completed recovery."""
+    cause = cause_label(str(entry.get("cause", "")))
+    metrics.RECOVERIES.labels(cause).inc()
+    metrics.JOB_RECOVERIES.labels(job_id, cause).inc()
+    for phase in DURATION_PHASES:
+        value = float(entry.get(f"{phase}_s", 0.0) or 0.0)
+        metrics.RECOVERY_DURATION.labels(phase).observe(value)
+        metrics.JOB_LAST_RECOVERY.labels(job_id, phase).set(value)
+    metrics.RECOVERY_MTTR.labels(job_id).set(float(entry.get("total_s", 0.0) or 0.0))
+    lost = int(entry.get("steps_lost", 0) or 0)
+    if lost:
+        metrics.STEPS_LOST.labels(job_id).inc(lost)

@@ -1,0 +1,316 @@
+"""Pure decisions of elastic recovery: ``(state, now) -> (decision, reason)``.
+
+No etcd, no clock, no processes: ``controller/recovery.py`` gathers the state
+from the mirror, calls these, and writes what they decide (tests:
+tests/test_recovery_decisions.py).
+
+Identity across generations. Ranks are renumbered when the layout changes, so a
+worker is identified by where it runs, ``(node, slot)``, not by its rank. The
+agent writes a worker's status under the key of its *current* rank; after a
+re-plan, a record found under some rank key may belong to a worker of an older
+generation. ``plan_records`` pairs each assignment of the current plan with the
+newest record of its (node, slot) that is relevant to that plan.
+
+Recovery records. Every plan change (failure, growth, drain, rebalance) appends
+one entry to ``JobStatusRecord.recoveries`` when the plan is written
+(``pending_recovery``), with the control side's times (detection, plan). When
+every rank of the new generation has reported a step at that generation, the
+entry is completed (``complete_recovery``) from the workers' own recovery
+records (protos/recovery.py, relayed by the agent inside the rank's progress
+record under ``"recovery"``) and the time of the first step done at the new
+generation (``"generation_first_step_time"``). Entries mirror proto Recovery;
+the extra keys (``failed_at``, ``seen_at``, ``planned_at``, ``complete``,
+``reason``) are ignored by the proto conversion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+from protos.plan import Plan
+from protos.records import ProgressRecord, WorkerStatusRecord
+
+GROWTH_MARGIN_S = 1.5
+"""Growth and drain switch this many seconds of steps ahead (at least MIN_MARGIN_STEPS), so
+every survivor has read the plan before the boundary and a new worker has time to start."""
+MIN_MARGIN_STEPS = 3
+MAX_MARGIN_STEPS = 50
+
+CAUSE_LABELS = ("worker-failed", "node-lost", "hang", "grow", "drain", "rebalance", "migrate", "manual")
+"""Bounded values of the ``cause`` metric label; anything else is counted as ``manual``."""
+
+
+# ------------------------------------------------------------------ records <-> assignments
+def plan_records(plan: Plan, workers: Mapping[int, WorkerStatusRecord]) -> dict[int, WorkerStatusRecord]:
+    """rank of ``plan`` -> the status record of the worker holding that (node, slot) for it.
+
+    A record counts for the plan when it was written for this generation (or an
+    unknown one, 0), or when it is a *failure* written after the plan was (a
+    survivor that died before its agent adopted the new generation). Records of
+    newer generations than the plan are ignored (stale mirror); so are older
+    records that are not failures after the plan (e.g. the failure that caused it).
+    """
+    newest: dict[tuple[str, int], WorkerStatusRecord] = {}
+    for rec in workers.values():
+        key = (rec.node, rec.slot)
+        if key not in newest or rec.time >= newest[key].time:
+            newest[key] = rec
+    planned_at = float(plan.extra.get("planned_at", 0.0) or 0.0)
+    out: dict[int, WorkerStatusRecord] = {}
+    for a in plan.workers:
+        rec = newest.get((a.node, a.slot))
+        if rec is None or rec.generation > plan.generation:
+            continue
+        if rec.generation in (0, plan.generation) or (rec.failed and planned_at and rec.time >= planned_at):
+            out[a.rank] = rec
+    return out
+
+
+def newest_by_slot(plan: Plan, workers: Mapping[int, WorkerStatusRecord]) -> dict[int, WorkerStatusRecord]:
+    """rank of ``plan`` -> the newest record of its (node, slot), whatever its generation (for display:
+    a survivor shows its pid even before its agent re-wrote its status for the new rank)."""
+    newest: dict[tuple[str, int], WorkerStatusRecord] = {}
+    for rec in workers.values():
+        key = (rec.node, rec.slot)
+        if key not in newest or rec.time >= newest[key].time:
+            newest[key] = rec
+    return {a.rank: newest[(a.node, a.slot)] for a in plan.workers if (a.node, a.slot) in newest}
+
+
+# ------------------------------------------------------------------ failures
+@dataclass(kw_only=True, frozen=True)
+class Failure:
+    """Ranks of the current plan that are gone, and what we know of when it happened."""
+
+    cause: str
+    """``worker-failed`` or ``node-lost`` (the first that applies)."""
+    lost_ranks: frozenset[int]
+    lost_nodes: frozenset[str]
+    failed_at: float
+    """Best estimate of when it happened: the agent's exit record time for a worker; for a
+    lost node, the last progress heartbeat of its ranks (the host cannot report its own death)."""
+    description: str
+
+
+def find_failure(plan: Plan, workers: Mapping[int, WorkerStatusRecord], live_nodes: Iterable[str],
+                 progress: Mapping[int, ProgressRecord] | None = None, now: float = 0.0) -> Failure | None:
+    """The failure of the current plan to recover from, or None if every rank is fine."""
+    records = plan_records(plan, workers)
+    live = set(live_nodes)
+    lost_ranks: set[int] = set()
+    lost_nodes: set[str] = set()
+    parts: list[str] = []
+    times: list[float] = []
+    cause = ""
+    for rank in sorted(records):
+        rec = records[rank]
+        if rec.failed:
+            how = f"signal {rec.signal}" if rec.signal else f"exit code {rec.exit_code}"
+            parts.append(f"rank {rank} on {rec.node} {rec.state.lower()} ({how})")
+            lost_ranks.add(rank)
+            times.append(rec.time or now)
+            cause = cause or "worker-failed"
+    for node in sorted({a.node for a in plan.workers} - live):
+        ranks = [a.rank for a in plan.workers if a.node == node
+                 and not (a.rank in records and records[a.rank].succeeded)]
+        if not ranks:
+            continue
+        parts.append(f"node {node} lost (ranks {ranks})")
+        lost_nodes.add(node)
+        lost_ranks.update(ranks)
+        heartbeats = [p.time for r, p in (progress or {}).items() if r in ranks and p.time > 0]
+        times.append(max(heartbeats) if heartbeats else now)
+        cause = cause or "node-lost"
+    if not parts:
+        return None
+    return Failure(cause=cause, lost_ranks=frozenset(lost_ranks), lost_nodes=frozenset(lost_nodes),
+                   failed_at=min(times), description="; ".join(parts))
+
+
+def all_ranks_on_generation(plan: Plan, progress: Mapping[int, ProgressRecord],
+                            workers: Mapping[int, WorkerStatusRecord]) -> bool:
+    """Every rank of ``plan`` has done a step at its generation (or already exited 0 for it)."""
+    records = plan_records(plan, workers)
+    for a in plan.workers:
+        p = progress.get(a.rank)
+        if p is not None and p.generation >= plan.generation:
+            continue
+        rec = records.get(a.rank)
+        if rec is not None and rec.succeeded and rec.generation == plan.generation:
+            continue
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ cluster view inputs
+def free_slots_for(schedulable: Mapping[str, Sequence[int]],
+                   used: Mapping[str, Iterable[int]]) -> dict[str, list[int]]:
+    """Startable slots per node: slots of ready, uncordoned nodes that no active plan uses.
+    (An idle survivor is in no plan: it exits by itself, its slot is free.)"""
+    free = {node: sorted(s for s in slots if s not in set(used.get(node, ()))) for node, slots in schedulable.items()}
+    return {node: slots for node, slots in free.items() if slots}
+
+
+def failed_slots(plan: Plan | None) -> set[tuple[str, int]]:
+    """(node, slot) where a worker of this job failed (carried from plan to plan in
+    ``extra["failed_slots"]``). No later plan of the job (re-plan or growth) uses them: a slot
+    that just killed a worker would be re-used at once and could fail again, in a loop. Lost
+    nodes are not listed: a node that comes back (a new agent) is a node joining."""
+    out: set[tuple[str, int]] = set()
+    for item in (plan.extra.get("failed_slots") if plan is not None else None) or []:
+        if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int):
+            out.add((item[0], item[1]))
+    return out
+
+
+def without_slots(free: Mapping[str, Sequence[int]], excluded: set[tuple[str, int]]) -> dict[str, list[int]]:
+    kept = {node: [s for s in slots if (node, s) not in excluded] for node, slots in free.items()}
+    return {node: slots for node, slots in kept.items() if slots}
+
+
+# ------------------------------------------------------------------ planned changes
+def switch_step(step: int, step_time_s: float) -> int:
+    """The step boundary for a planned change (growth, drain, rebalance): far enough ahead that
+    every rank reads the plan before it (GROWTH_MARGIN_S of steps), close enough to matter."""
+    if step_time_s > 0:
+        margin = math.ceil(GROWTH_MARGIN_S / step_time_s)
+    else:
+        margin = MIN_MARGIN_STEPS
+    return step + max(MIN_MARGIN_STEPS, min(MAX_MARGIN_STEPS, margin))
+
+
+def should_grow(*, phase: str, plan: Plan, max_workers: int, free_slot_count: int, step: int,
+                total_steps: int, at_step: int, settled: bool, jobs_waiting: bool = False) -> tuple[bool, str]:
+    """Whether to try a growth plan now (``controller.replan.grow`` decides the layout)."""
+    if phase != "RUNNING":
+        return False, f"job is {phase}"
+    if jobs_waiting:
+        return False, "pending jobs come first: free slots are theirs"
+    if not settled:
+        return False, "the last plan change has not settled"
+    if plan.world_size >= max_workers:
+        return False, f"job has {plan.world_size} workers, max_workers={max_workers}"
+    if free_slot_count == 0:
+        return False, "no free slot on a ready, uncordoned node"
+    if step < 1:
+        return False, "job has not done a step yet"
+    if at_step >= total_steps:
+        return False, f"switch step {at_step} is past the job's last step {total_steps}"
+    return True, f"{free_slot_count} free slot(s), job below max_workers={max_workers}"
+
+
+def should_drain(*, phase: str, plan: Plan, node: str, settled: bool, at_step: int = 0,
+                 total_steps: int = 1 << 62) -> tuple[bool, str]:
+    """Whether a job must move off a draining node now."""
+    if not plan.workers_on(node):
+        return False, f"no worker on {node}"
+    if phase != "RUNNING":
+        return False, f"job is {phase}"
+    if not settled:
+        return False, "the last plan change has not settled"
+    if at_step >= total_steps:
+        return False, f"the job ends (step {total_steps}) before the switch step {at_step}: it leaves the node then"
+    return True, f"node {node} is draining"
+
+
+def rebalance_plan(current: Plan, shares: Sequence[int], *, at_step: int, now: float,
+                   cause: str = "rebalance") -> tuple[Plan | None, str]:
+    """Plan g+1 with the same workers and layout and new per-dp-rank sample shares at ``at_step``."""
+    shares = tuple(int(s) for s in shares)
+    total = sum(current.sample_shares)
+    if len(shares) != current.dp or any(s < 1 for s in shares) or sum(shares) != total:
+        return None, (f"shares {list(shares)} must be {current.dp} positive numbers summing to the "
+                      f"global batch {total}")
+    if shares == tuple(current.sample_shares):
+        return None, "shares unchanged"
+    generation = current.generation + 1
+    reason = f"{cause}: sample shares {list(current.sample_shares)} -> {list(shares)} at step {at_step}"
+    plan = Plan(job_id=current.job_id, generation=generation, workers=current.workers, dp=current.dp,
+                pp=current.pp, zero_stage=current.zero_stage, layer_partition=current.layer_partition,
+                sample_shares=shares, store_address=current.store_address,
+                store_prefix=f"{current.job_id}/g{generation}/", switch_at_step=at_step, reason=reason,
+                extra={"cause": cause, "planned_at": now, "previous_generation": current.generation,
+                       "previous_ranks": {str(w.rank): w.rank for w in current.workers},
+                       "idle": list(current.extra.get("idle", []) or [])})
+    plan.check()
+    return plan, reason
+
+
+# ------------------------------------------------------------------ recovery records
+def layout(plan: Plan) -> dict[str, int]:
+    return {"dp": plan.dp, "pp": plan.pp, "zero_stage": plan.zero_stage}
+
+
+def cause_label(cause: str) -> str:
+    """A bounded metric label for a cause string (``drain node-1`` -> ``drain``)."""
+    head = cause.split()[0].split(":")[0] if cause.strip() else "manual"
+    return head if head in CAUSE_LABELS else "manual"
+
+
+def pending_recovery(*, cause: str, old: Plan, new: Plan, at_step: int, failed_at: float, seen_at: float,
+                     planned_at: float) -> dict[str, Any]:
+    """The recovery entry written with plan g+1 (completed later by ``complete_recovery``).
+
+    detection = failure -> controller saw it; plan = saw -> plan written. For a
+    planned change (growth, drain, rebalance) there is no failure: both are the
+    time from the request to the plan, and total runs from the plan to the first
+    step done at the new generation (it includes the steps run up to the switch
+    boundary; the stall at the boundary is the workers' own ``worker_total_s``).
+    """
+    return {
+        "cause": cause, "generation": new.generation, "old_layout": layout(old), "new_layout": layout(new),
+        "at_step": at_step, "detection_s": max(seen_at - failed_at, 0.0), "plan_s": max(planned_at - seen_at, 0.0),
+        "rebuild_s": 0.0, "transfer_s": 0.0, "total_s": 0.0, "steps_lost": 0, "bytes_moved": 0,
+        "from_disk": False, "time": failed_at, "failed_at": failed_at, "seen_at": seen_at,
+        "planned_at": planned_at, "switch_at_step": new.switch_at_step, "reason": new.reason, "complete": False,
+    }
+
+
+def complete_recovery(entry: Mapping[str, Any], reports: Sequence[Mapping[str, Any]],
+                      first_step_times: Sequence[float], *, superseded: bool = False) -> dict[str, Any]:
+    """Fill a pending entry from the workers' recovery records of its generation.
+
+    rebuild/transfer: the slowest rank (the step waits for it); bytes_moved: the sum;
+    steps_lost / at_step: the largest any rank saw; total: failure -> first step at the new
+    generation done by every rank (the latest of the ranks' first-step times).
+    """
+    out = dict(entry)
+    gen = int(entry.get("generation", 0))
+    mine = [r for r in reports if int(r.get("new_generation", -1)) == gen]
+    if mine:
+        out["rebuild_s"] = max(float(r.get("rebuild_s", 0.0) or 0.0) for r in mine)
+        out["transfer_s"] = max(float(r.get("transfer_s", 0.0) or 0.0) for r in mine)
+        out["bytes_moved"] = sum(int(r.get("bytes_moved", 0) or 0) for r in mine)
+        out["bytes_local"] = sum(int(r.get("bytes_local", 0) or 0) for r in mine)
+        out["steps_lost"] = max(int(r.get("steps_lost", 0) or 0) for r in mine)
+        out["from_disk"] = any(bool(r.get("from_disk")) for r in mine)
+        out["at_step"] = max(int(r.get("at_step", 0) or 0) for r in mine)
+        out["ranks_reported"] = len(mine)
+        # the workers' own MTTR (noticed -> ready): for a planned switch, the stall at the boundary
+        out["worker_total_s"] = max(float(r.get("total_s", 0.0) or 0.0) for r in mine)
+        bad = sorted({str(b) for r in mine for b in (r.get("bad_copies") or [])})
+        if bad:
+            out["bad_copies"] = bad
+    if first_step_times:
+        out["total_s"] = max(max(first_step_times) - float(entry.get("failed_at", entry.get("time", 0.0))), 0.0)
+    out["complete"] = True
+    if superseded:
+        out["superseded"] = True
+    return out
+
+
+def open_recovery(recoveries: Sequence[Mapping[str, Any]], generation: int) -> int | None:
+    """Index of the incomplete entry for ``generation``, if any."""
+    for i in range(len(recoveries) - 1, -1, -1):
+        r = recoveries[i]
+        if int(r.get("generation", 0)) == generation and not r.get("complete", True):
+            return i
+    return None
+
+
+def close_superseded(recoveries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Entries still open when a newer plan replaces theirs are closed as superseded."""
+    return [complete_recovery(r, [], [], superseded=True) if not r.get("complete", True) else dict(r)
+            for r in recoveries]

@@ -1,0 +1,349 @@
+"""The leader's health loop: its pure gathering functions, and one pass of the loop
+against an in-memory etcd mirror with a fake recovery (which plan it would ask for).
+
+Includes the "no rank flagged over 500 steps of a healthy run" check, with
+synthetic seeded telemetry (per-rank jitter, a shared slow step now and then)
+through the real agent summary format, ``step_window`` and controller/detection.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+import yaml
+
+from controller import metrics
+from controller.decisions import Slot, build_plan
+from controller.detection import HangSettings, StragglerSettings
+from controller.health_loop import (HealthLoop, HealthSettings, hang_decision, nodes_to_drain, rank_progress,
+                                    spare_exists, step_window, telemetry_ranks)
+from controller.state import ClusterCache, NodeSummary
+from protos.keys import Keys
+from protos.records import JobStatusRecord
+from tests.conftest import REPO
+from trainer.config import JobSpec
+
+KEYS = Keys()
+JOB = "job-a"
+
+
+def spec(**overrides) -> JobSpec:
+    data = yaml.safe_load((REPO / "examples" / "tiny-gpt.yaml").read_text())
+    data.update(overrides)
+    return JobSpec.from_dict(data)
+
+
+def plan_for(s: JobSpec, nodes=("n0", "n1")):
+    world = s.parallelism.dp * s.parallelism.pp
+    placement = [Slot(node=nodes[r * len(nodes) // world], slot=r % 2) for r in range(world)]
+    return build_plan(job_id=JOB, spec=s, placement=placement, store_address="127.0.0.1:1")
+
+
+def entry(*, generation=1, step=0, progress_at=0.0, heartbeat_at=None, stopped=False, phase="", steps=()):
+    return {"pid": 1, "generation": generation, "step": step, "progress_at": progress_at,
+            "heartbeat_at": heartbeat_at, "phase": phase, "stopped": stopped, "steps": [list(s) for s in steps]}
+
+
+def steps_of(first: int, last: int, compute: float, generation=1, step_time=0.2):
+    return [[s, compute, 0.01, step_time, generation] for s in range(first, last + 1)]
+
+
+# ------------------------------------------------------------------ pure gathering
+def test_telemetry_ranks_merges_nodes_skips_garbage_and_prefers_fresher():
+    a = json.dumps({"node": "n0", "ranks": {"0": entry(progress_at=5), "1": entry(progress_at=9)}})
+    b = json.dumps({"node": "n1", "ranks": {"1": entry(progress_at=7), "x": {}, "2": "junk"}})
+    ranks = telemetry_ranks([a, b, "not json", json.dumps([1, 2])])
+    assert sorted(ranks) == [0, 1]
+    assert ranks[1]["progress_at"] == 9
+
+
+def test_step_window_keeps_complete_steps_of_the_plan_generation_and_splits_waiting():
+    plan = plan_for(spec(parallelism={"dp": 2, "pp": 1, "zero_stage": 1}, resources={"workers": 2, "device": "cpu"}))
+    ranks = {0: entry(steps=[[1, 0.1, 0.30, 0.4, 1], [2, 0.1, 0.3, 0.4, 1], [3, 0.1, 0.3, 0.4, 2]]),
+             1: entry(steps=[[1, 0.3, 0.05, 0.4, 1], [3, 0.3, 0.05, 0.4, 2]])}
+    window = step_window(plan, ranks)
+    assert [t.step for t in window] == [1]  # step 2: rank 1 missing; step 3: another generation
+    assert window[0].compute_s == {0: 0.1, 1: 0.3}
+    assert window[0].collective_wait_s[0] == pytest.approx(0.25)  # waited for the slow rank
+    assert window[0].collective_wait_s[1] == 0.0
+
+
+def test_rank_progress_never_predates_the_generation_and_reads_stopped():
+    plan = plan_for(spec())
+    ranks = {0: entry(progress_at=10.0, stopped=True, phase="collective"), 1: entry(generation=7)}
+    progress = rank_progress(plan, ranks, generation_seen_at=50.0)
+    assert [p.rank for p in progress] == [0]  # rank 1 reports another generation
+    assert progress[0].progress_at == 50.0 and progress[0].process_stopped and progress[0].in_collective
+
+
+def test_hang_decision_startup_ranks_get_the_startup_timeout_not_k_times_median():
+    plan = plan_for(spec())
+    settings = HangSettings(k=5, floor_s=4, startup_timeout_s=60)
+    # rank 1 finished step 1 (2 s); the others are still starting up, 11 s after launch
+    ranks = {r: entry(progress_at=0.0, heartbeat_at=10.5) for r in (0, 2, 3)}
+    ranks[1] = entry(step=1, progress_at=11.0, steps=steps_of(1, 1, 1.2, step_time=2.0))
+    decision, reason = hang_decision(plan, ranks, 11.5, generation_seen_at=0.0, settings=settings)
+    assert decision.hung_ranks == (), reason
+
+
+def test_hang_decision_picks_the_stopped_rank_among_stalled_ones():
+    plan = plan_for(spec())
+    settings = HangSettings(k=5, floor_s=4, startup_timeout_s=60)
+    now = 100.0
+    ranks = {r: entry(step=20, progress_at=90.0, heartbeat_at=99.5, phase="collective",
+                      steps=steps_of(1, 20, 0.1)) for r in range(4)}
+    ranks[2] = entry(step=20, progress_at=90.0, heartbeat_at=90.0, stopped=True, phase="compute",
+                     steps=steps_of(1, 20, 0.1))
+    decision, reason = hang_decision(plan, ranks, now, generation_seen_at=0.0, settings=settings)
+    assert decision.hung_ranks == (2,), reason
+    assert decision.stalled_ranks == (0, 1, 2, 3)
+    healthy, _ = hang_decision(plan, {r: entry(step=20, progress_at=99.0, steps=steps_of(1, 20, 0.1))
+                                      for r in range(4)}, now, generation_seen_at=0.0, settings=settings)
+    assert healthy.hung_ranks == ()
+
+
+def node(node_id, *, condition="HEALTHY", used=1, cordon=None, slots=2, registered=True):
+    return NodeSummary(id=node_id, record={"id": node_id, "slots": slots, "condition": condition,
+                                           "condition_reason": "gpu 0: XID 13" if condition != "HEALTHY" else ""},
+                       registered=registered, state="READY", reason="", cordon=cordon, used_slots=used)
+
+
+def test_nodes_to_drain_only_bad_uncordoned_registered_nodes_with_workers():
+    nodes = {"a": node("a", condition="DEGRADED"), "b": node("b", condition="FAILED", used=0),
+             "c": node("c", condition="DEGRADED", cordon=object()), "d": node("d"),
+             "e": node("e", condition="FAILED", registered=False)}
+    assert nodes_to_drain(nodes) == [("a", "node DEGRADED: gpu 0: XID 13")]
+    assert spare_exists({"d": node("d", used=1)}) and not spare_exists({"d": node("d", used=2)})
+    assert not spare_exists({"a": node("a", condition="DEGRADED", used=0)})
+
+
+def test_settings_from_env_validate():
+    s = HealthSettings.from_env({"TENAX_HANG_FLOOR_S": "3", "TENAX_STRAGGLER_WINDOW": "12"})
+    assert s.hang.floor_s == 3 and s.straggler.window_steps == 12
+    for bad in ({"TENAX_HANG_FLOOR_S": "x"}, {"TENAX_HANG_K": "0.5"}, {"TENAX_STRAGGLER_WINDOW": "2.5"},
+                {"TENAX_DRAIN_DEGRADED": "yes"}, {"TENAX_HEALTH_INTERVAL_S": "0"}):
+        with pytest.raises(ValueError):
+            HealthSettings.from_env(bad)
+
+
+# ------------------------------------------------------------------ 500 healthy steps
+def healthy_telemetry(world: int, steps: int, seed: int) -> list[dict[int, float]]:
+    """Per-step compute of ``world`` equal ranks: ~3% lognormal jitter per rank, and every
+    ~25 steps one rank has a 25% hiccup (page cache, a GC pause) for a single step."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(steps):
+        shared = rng.uniform(0.95, 1.05)  # the whole step is a little slower or faster
+        row = {r: 0.2 * shared * rng.lognormvariate(0, 0.03) for r in range(world)}
+        if rng.random() < 0.04:
+            row[rng.randrange(world)] *= 1.25
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("dp,pp", [(4, 1), (2, 2), (2, 1)])
+def test_no_rank_flagged_over_500_healthy_steps(dp, pp):
+    from controller.detection import StragglerPolicy, decide_straggler
+
+    s = spec(parallelism={"dp": dp, "pp": pp, "zero_stage": 1}, resources={"workers": dp * pp, "device": "cpu"})
+    plan = plan_for(s)
+    settings = StragglerSettings()
+    rows = healthy_telemetry(plan.world_size, 500, seed=dp * 10 + pp)
+    flagged_ever = set()
+    for end in range(1, len(rows) + 1):
+        # what the agents would publish: each rank's last 64 steps
+        start = max(0, end - 64)
+        ranks = {r: entry(step=end, steps=[[i + 1, rows[i][r], 0.01, 0.25, 1] for i in range(start, end)])
+                 for r in range(plan.world_size)}
+        window = step_window(plan, ranks)
+        decision, _ = decide_straggler(window, policy=StragglerPolicy.REBALANCE, shares=plan.sample_shares,
+                                       micro_batch=s.micro_batch_size, pp=plan.pp, settings=settings)
+        flagged_ever |= set(decision.flagged_ranks)
+    assert flagged_ever == set()
+
+
+# ------------------------------------------------------------------ one pass of the loop
+class FakeEtcd:
+    def __init__(self):
+        self.puts: dict[str, str] = {}
+
+    async def put(self, key, value, **_):
+        self.puts[key] = value
+        return 1
+
+
+class FakeRecovery:
+    def __init__(self):
+        self.calls = []
+
+    async def request_rebalance(self, job_id, shares, at_step=None, cause="rebalance"):
+        self.calls.append(("rebalance", job_id, tuple(shares), at_step, cause))
+        return True, "written"
+
+    async def request_migration(self, job_id, ranks, cause="migrate", *, at_step=None):
+        self.calls.append(("migrate", job_id, tuple(ranks), cause))
+        return True, "written"
+
+    async def request_drain(self, node_id, reason="drain"):
+        self.calls.append(("drain", node_id, reason))
+        return True, "draining"
+
+
+class FakeController:
+    def __init__(self):
+        self.keys = KEYS
+        self.etcd = FakeEtcd()
+        self.cache = ClusterCache(self.etcd, KEYS)
+        self.recovery = FakeRecovery()
+
+    def put(self, key: str, value: str) -> None:
+        self.cache.data[key] = (value, len(self.cache.data) + 1)
+
+
+def controller_with_job(s: JobSpec, *, policy="rebalance", conditions=None) -> tuple[FakeController, object]:
+    c = FakeController()
+    data = s.to_dict()
+    data["elastic"] = {**data["elastic"], "straggler_policy": policy}
+    plan = plan_for(s)
+    c.put(KEYS.job_spec(JOB), json.dumps(data))
+    c.put(KEYS.job_status(JOB), JobStatusRecord(phase="RUNNING", generation=1).to_json())
+    c.put(KEYS.job_plan(JOB), plan.to_json())
+    for n in ("n0", "n1", "n2"):
+        c.put(KEYS.node(n), json.dumps({"id": n, "slots": 2, "condition": (conditions or {}).get(n, "HEALTHY"),
+                                        "condition_reason": "gpu 1: XID 13" if (conditions or {}).get(n) else ""}))
+    return c, plan
+
+
+def publish(c: FakeController, plan, ranks: dict[int, dict]) -> None:
+    by_node: dict[str, dict] = {}
+    for w in plan.workers:
+        if w.rank in ranks:
+            by_node.setdefault(w.node, {})[str(w.rank)] = ranks[w.rank]
+    for n, entries in by_node.items():
+        c.put(KEYS.job_telemetry_node(JOB, n), json.dumps({"node": n, "time": 0, "ranks": entries}))
+
+
+def test_loop_flags_a_slow_rank_and_asks_for_a_rebalance_at_a_step_boundary():
+    s = spec(parallelism={"dp": 4, "pp": 1, "zero_stage": 1}, resources={"workers": 4, "device": "cpu"})
+    c, plan = controller_with_job(s)
+    loop = HealthLoop(c, HealthSettings(hang=HangSettings(floor_s=4, startup_timeout_s=60)))
+    ranks = {r: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.2)) for r in range(4)}
+    ranks[3] = entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.3))  # +50% compute
+    publish(c, plan, ranks)
+    asyncio.run(loop.tick(100.0))
+    [call] = c.recovery.calls
+    kind, job, shares, at_step, cause = call
+    assert (kind, job, cause) == ("rebalance", JOB, "straggler-rebalance")
+    assert sum(shares) == s.global_batch_size and shares[3] < min(shares[:3])
+    assert at_step == 30 + loop.settings.switch_ahead_steps
+    assert metrics.STRAGGLER_SCORE.labels(JOB, "3")._value.get() > 3.5
+    assert ("flag", f"{JOB}/3") in [(k, t) for k, t, _ in loop.actions]
+    asyncio.run(loop.tick(100.5))
+    assert len(c.recovery.calls) == 1, "asked twice in one generation"
+    # generation 2 with the new shares; the same rank still looks slow per sample: no new plan
+    # (per-sample speeds measured under uneven shares are biased; no ratcheting its share down)
+    g2 = plan.__class__.from_dict({**plan.to_dict(), "generation": 2, "sample_shares": list(shares)})
+    c.put(KEYS.job_plan(JOB), g2.to_json())
+    publish(c, g2, {r: {**e, "generation": 2, "steps": [[*x[:4], 2] for x in e["steps"]]} for r, e in ranks.items()})
+    asyncio.run(loop.tick(101.0))
+    assert len(c.recovery.calls) == 1, "rebalanced again for the same straggler"
+
+
+def test_loop_alert_policy_flags_but_writes_no_plan():
+    s = spec(parallelism={"dp": 4, "pp": 1, "zero_stage": 1}, resources={"workers": 4, "device": "cpu"})
+    c, plan = controller_with_job(s, policy="alert")
+    loop = HealthLoop(c, HealthSettings())
+    ranks = {r: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.3 if r == 0 else 0.2)) for r in range(4)}
+    publish(c, plan, ranks)
+    before = metrics.STRAGGLERS_FLAGGED.labels(JOB)._value.get()
+    asyncio.run(loop.tick(100.0))
+    assert c.recovery.calls == []
+    assert metrics.STRAGGLERS_FLAGGED.labels(JOB)._value.get() == before + 1
+
+
+def test_loop_kills_a_stopped_rank_through_its_agent_once():
+    s = spec()
+    c, plan = controller_with_job(s)
+    loop = HealthLoop(c, HealthSettings(hang=HangSettings(floor_s=4, startup_timeout_s=60)))
+    ranks = {r: entry(step=10, progress_at=80.0, heartbeat_at=99.0, steps=steps_of(1, 10, 0.1)) for r in range(4)}
+    ranks[1] = {**ranks[1], "stopped": True, "heartbeat_at": 80.0}
+    publish(c, plan, ranks)
+    loop._jobs.clear()
+    before = metrics.HANGS_DETECTED.labels(JOB)._value.get()
+    asyncio.run(loop.tick(10.0))  # first pass: the generation is first seen now (progress floor)
+    asyncio.run(loop.tick(100.0))
+    requests = {k: json.loads(v) for k, v in c.etcd.puts.items() if k.startswith(KEYS.prefix + "/chaos/")}
+    assert len(requests) == 1
+    [(key, record)] = requests.items()
+    assert key.startswith(KEYS.chaos(plan.worker(1).node))
+    assert (record["action"], record["job"], record["rank"], record["generation"]) == ("kill", JOB, 1, 1)
+    assert "stopped by a signal" in record["reason"]
+    assert metrics.HANGS_DETECTED.labels(JOB)._value.get() == before + 1
+    asyncio.run(loop.tick(101.0))
+    assert len([k for k in c.etcd.puts if k.startswith(KEYS.prefix + "/chaos/")]) == 1, "killed twice"
+
+
+def test_loop_drains_a_degraded_node_that_runs_workers_once():
+    s = spec()
+    c, plan = controller_with_job(s, conditions={"n1": "DEGRADED"})
+    loop = HealthLoop(c, HealthSettings())
+    asyncio.run(loop.tick(100.0))
+    asyncio.run(loop.tick(100.5))
+    assert c.recovery.calls == [("drain", "n1", "node DEGRADED: gpu 1: XID 13")]
+
+
+def test_worth_rebalancing_needs_a_real_gain():
+    from controller.health_loop import worth_rebalancing
+
+    speeds = [1.0, 1.5]  # seconds per sample of each dp rank
+    assert worth_rebalancing((8, 8), (10, 6), speeds, 0.05)  # 12 -> 10
+    assert not worth_rebalancing((10, 6), (10, 6), speeds, 0.05)
+    assert not worth_rebalancing((10, 6), (9, 7), speeds, 0.05)  # 10 -> 10.5: worse
+    assert not worth_rebalancing((9, 7), (10, 6), [1.0, 1.4], 0.05)  # 9.8 -> 10: not better
+
+
+def test_loop_leaves_shares_that_already_fit_and_scales_compute_by_share():
+    s = spec(parallelism={"dp": 2, "pp": 1, "zero_stage": 1}, resources={"workers": 2, "device": "cpu"})
+    c, plan = controller_with_job(s)
+    rebalanced = plan.__class__.from_dict({**plan.to_dict(), "sample_shares": [10, 6]})
+    c.put(KEYS.job_plan(JOB), rebalanced.to_json())
+    # per sample, rank 1 is 1.5x slower; with 10/6 shares their raw compute is close (0.25 vs 0.225)
+    ranks = {0: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.25)),
+             1: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.225))}
+    publish(c, rebalanced, ranks)
+    window = step_window(rebalanced, ranks)
+    assert window[-1].compute_s == {0: pytest.approx(0.2), 1: pytest.approx(0.3)}  # as if 8 samples each
+    loop = HealthLoop(c, HealthSettings())
+    asyncio.run(loop.tick(100.0))
+    assert c.recovery.calls == []  # the shares already fit: no plan
+    assert [t for k, t, _ in loop.actions if k == "flag"] == [f"{JOB}/1"]  # still the slow hardware
+
+
+@pytest.mark.parametrize("dp,global_batch", [(2, 16), (4, 64), (8, 256)])
+def test_rebalanced_throughput_reaches_the_best_a_slow_rank_allows(dp, global_batch):
+    """A rank 1.5x slower per sample, shares rebalanced by the real decision code: the
+    predicted throughput (slowest replica: max share x seconds per sample) against the
+    healthy run, and against the ceiling (every rank busy all step: sum of speeds)."""
+    from controller.detection import StragglerPolicy, StragglerSettings, StepTiming, decide_straggler
+    from controller.health_loop import predicted_step_factor
+
+    speeds = [1.0] * (dp - 1) + [1.5]  # seconds per sample
+    even = [global_batch // dp] * dp
+    window = [StepTiming(step=s, compute_s={r: even[r] * speeds[r] * 0.01 for r in range(dp)})
+              for s in range(20)]
+    decision, reason = decide_straggler(window, policy=StragglerPolicy.REBALANCE, shares=even, micro_batch=1,
+                                        settings=StragglerSettings())
+    assert decision.flagged_ranks == (dp - 1,), reason
+    healthy = predicted_step_factor(even, [1.0] * dp)
+    slowed = predicted_step_factor(even, speeds)
+    rebalanced = predicted_step_factor(decision.shares, speeds)
+    ceiling = global_batch / sum(1 / t for t in speeds)  # every rank finishes together
+    print(f"dp={dp}: throughput vs healthy: slowed {healthy / slowed:.0%}, rebalanced {healthy / rebalanced:.0%}, "
+          f"best possible {healthy / ceiling:.0%}")
+    assert sum(decision.shares) == global_batch
+    assert rebalanced <= 1.1 * ceiling  # within 10% of the best any split allows
+    if dp >= 8:  # where the ceiling itself is within 10% of healthy, so is the rebalanced run
+        assert healthy / rebalanced >= 0.9

@@ -1,0 +1,961 @@
+"""The worker's elastic runtime: survive a lost peer in process, reshard, resume.
+
+State machine of one worker process (decisions are the pure functions below)::
+
+                 launch plan g (generation 1, or > 1 for a worker that joins)
+                                      │
+                                      ▼
+    ┌──────────────► FORMING(g) ── rendezvous of g under plan.store_prefix,
+    │                    │          abort watcher on the generation's store,
+    │                    │          replication group, Trainer for g's layout
+    │                    ▼
+    │          fresh start (step 0)  or  TRANSFERRING: every participant
+    │                    │            advertises its verified copies (own
+    │                    │            snapshots, buddy replicas; a joiner has
+    │                    │            none), all pick the newest step every
+    │                    │            needed slice has a copy of
+    │                    │            (``choose_resume_step``), reshard_state
+    │                    │            moves the slices (checksummed; a bad copy
+    │                    │            is re-planned around), import_state.
+    │                    │            No step covered, or Unrecoverable: load the
+    │                    │            newest disk checkpoint that covers it.
+    │                    ▼
+    │                RUNNING(g) ── steps; after each (every ``snapshot_every``)
+    │                    │          an async host snapshot, replicated to a buddy
+    │                    │          on another node in the background; disk
+    │                    │          checkpoints every ``checkpoint_every``.
+    │                    │
+    │     ┌──────────────┼───────────────────────────┬────────────────────┐
+    │     │ plan g+1 with switch_at_step = -1         │ plan g+1 with       │ last step
+    │     │ seen by the PlanWatcher thread, or a      │ switch_at_step = S  │ done
+    │     │ collective failed here (CommFailed ->     │ and step == S:      ▼
+    │     │ abort key), or the abort key was set,     │ SWITCHING: sync   EXIT 0
+    │     │ or a backstop timeout                     │ snapshot S, one
+    │     ▼                                           │ replication round
+    │  ABORTING: abort watcher releases every         │
+    │  blocked wait (CommAborted); the old groups     │
+    │  are retired, never destroyed                   │
+    │     └──────────────┬───────────────────────────┘
+    │                    ▼
+    │                REFORMING: wait (bounded) for a plan newer than g in etcd;
+    │                    │      my new rank = the worker at my (node, slot);
+    │                    │      listed in plan.extra["idle"] -> take part in the
+    │                    │      transfer (group "<prefix>transfer/": the plan's
+    │                    │      ranks, then the idle ones), then EXIT 0;
+    │                    │      in neither (drained, dropped) -> EXIT 0
+    └────────────────────┘
+
+A failure while FORMING or TRANSFERRING goes back to REFORMING (a failure during
+a recovery); the recovery record then covers the whole outage.
+
+Timing of a recovery (``protos.recovery.RecoveryRecord``) starts when the worker
+notices (abort time, error time, or the switch boundary). The contract with the
+control side (agents keep processes, start only new slots, fold the records) is
+docs/elastic-worker.md.
+
+Steady state never waits for the control plane (principle 2): plans arrive on a
+watch thread, the loop only reads an attribute at each step boundary.
+Every blocking call has a timeout: rendezvous, plan wait, collectives (through
+the abort watcher), transfers, snapshot fences.
+
+Fault injection (test infrastructure, ``TENAX_FAULT``): ``;``-separated faults of
+``key=value`` pairs, e.g. ``rank=3,step=4,kind=kill,when=mid``:
+
+    kind=kill            SIGKILL this process at step boundary ``step`` (when=between)
+                         or during the next step (when=mid), once ``step`` is replicated
+    kind=corrupt-own     at recovery, flip a byte in each of this rank's own snapshots
+    kind=corrupt-replica at recovery, flip a byte in each buddy replica it holds
+    kind=kill-in-transfer SIGKILL at the start of the transfer of generation ``gen``
+                         (``rank``: the rank in that generation's transfer group)
+    ``rank`` is the rank in generation ``gen`` (default 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from protos.plan import Plan, PlanError
+from protos.recovery import RecoveryRecord
+from trainer import comm
+from trainer.abort import AbortSettings, AbortWatcher, CommAborted, CommFailed, form_group, generation_store
+from trainer.reshard import BUDDY, OWNER, Holding, plan_transfers
+from trainer.optim import STATE_KINDS, state_key
+from trainer.sharding import state_layout
+from trainer.snapshot import Snapshot, Snapshotter, SnapshotSettings, corrupt
+from trainer.snapshot import chunk_checksums
+from trainer.transfer import (BuddyReplicator, Copy, ReplicationSettings, TransferSettings, Unrecoverable,
+                              buddy_ring, gather_json, reshard_state)
+
+log = logging.getLogger(__name__)
+
+Interruptions = (CommAborted, CommFailed, TimeoutError, dist.DistError)
+"""What a generation ends with when a peer dies or hangs, or the plan changes."""
+
+
+# =================================================================== settings
+@dataclass(kw_only=True)
+class ElasticSettings:
+    store_timeout_s: float = 30.0
+    collective_timeout_s: float = 60.0
+    """Backstop for one wait and the rendezvous of a generation (aborts come much sooner)."""
+    plan_wait_s: float = 60.0
+    """Longest a worker waits for plan g+1 after it noticed a failure."""
+    transfer_timeout_s: float = 60.0
+    snapshot_every: str = "1"
+    checkpoint_every: int = 0
+    run_dir: str = ""
+
+
+# ============================================================ pure decisions
+def rank_in_plan(plan: Plan, node: str, slot: int) -> int | None:
+    """My rank in ``plan``: the worker placed on my (node, slot); None if I have no place."""
+    for w in plan.workers:
+        if w.node == node and w.slot == slot:
+            return w.rank
+    return None
+
+
+def idle_survivors(plan: Plan) -> list[tuple[str, int]]:
+    """(node, slot) of the survivors plan g+1 leaves idle (``extra["idle"]``, controller/replan.py)."""
+    return [(str(i["node"]), int(i["slot"])) for i in plan.extra.get("idle", [])
+            if isinstance(i, dict) and "node" in i and "slot" in i]
+
+
+def buddy_and_ward(plan: Plan, rank: int) -> tuple[int, int] | None:
+    """(rank I replicate to, rank whose replica I keep), on another node when possible."""
+    ring = buddy_ring({w.rank: w.node for w in plan.workers})
+    if not ring:
+        return None
+    ward = next(r for r, b in ring.items() if b == rank)
+    return ring[rank], ward
+
+
+LAYOUT_FIELDS = ("dp", "pp", "zero_stage", "layer_partition", "sample_shares", "micro_batch_size")
+
+
+def snapshot_metadata(layout, rank: int, generation: int) -> dict[str, Any]:
+    """What a flat snapshot needs to be read in any later layout: whose state it is, in which layout."""
+    fields = {f: getattr(layout, f) for f in LAYOUT_FIELDS}
+    fields["layer_partition"], fields["sample_shares"] = list(layout.layer_partition), list(layout.sample_shares)
+    return {"layout": fields, "rank": rank, "generation": generation}
+
+
+def named_pieces(model_spec, metadata: Mapping[str, Any]) -> list[tuple[str, str, int, int, int]]:
+    """(kind, "kind/name", start, end, offset) of every per-parameter slice in a flat snapshot:
+    ``name[start:end]`` of that kind lives at ``tensors[kind][offset:offset + end - start]``.
+
+    A snapshot is three flat tensors (the owned range of the stage's flat parameters and
+    the two AdamW moments of that range): a few large copies, checksums and sends per step
+    instead of three per parameter. Pieces are cut out only when a recovery needs them."""
+    from trainer.parallel import ParallelLayout
+    from trainer.sharding import stage_offsets, update_range
+
+    fields = dict(metadata["layout"])
+    fields["layer_partition"], fields["sample_shares"] = tuple(fields["layer_partition"]), tuple(fields["sample_shares"])
+    layout = ParallelLayout(**fields)
+    dp_rank, pp_rank = layout.coords(int(metadata["rank"]))
+    offsets = stage_offsets(model_spec, layout, pp_rank)
+    lo, hi = update_range(max((b for _, b in offsets.values()), default=0), layout, dp_rank)
+    pieces = []
+    for name, (a, b) in offsets.items():
+        if a < hi and b > lo:
+            start, end = max(a, lo) - a, min(b, hi) - a
+            for kind in STATE_KINDS:
+                pieces.append((kind, state_key(kind, name), start, end, a + start - lo))
+    return pieces
+
+
+def choose_resume_step(needs: Mapping[int, Mapping[str, Sequence[tuple[int, int]]]],
+                       holdings_by_step: Mapping[int, Sequence[Holding]]) -> int | None:
+    """The newest step whose copies (over all participants) cover every need; None if none does."""
+    for step in sorted(holdings_by_step, reverse=True):
+        transfers, _ = plan_transfers(needs, holdings_by_step[step])
+        if transfers is not None:
+            return step
+    return None
+
+
+def common_disk_step(per_rank_steps: Iterable[Iterable[int]]) -> int | None:
+    """The newest checkpoint step that every participant can load its part from."""
+    sets = [set(s) for s in per_rank_steps]
+    common = set.intersection(*sets) if sets else set()
+    return max(common) if common else None
+
+
+def auto_snapshot_interval(copy_s: float, step_s: float) -> int:
+    """Smallest interval (steps) whose snapshot copy is hidden by the training between two snapshots."""
+    if step_s <= 0:
+        return 1
+    return max(1, math.ceil(copy_s / step_s))
+
+
+def steps_lost(at_step: int, resumed_step: int) -> int:
+    return max(0, at_step - resumed_step)
+
+
+# ============================================================ fault injection
+@dataclass(kw_only=True, frozen=True)
+class Fault:
+    kind: str
+    rank: int
+    step: int = -1
+    gen: int = 1
+    when: str = "between"
+
+
+def parse_faults(raw: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (part.strip() for part in raw.split(";"))):
+        fields = dict(kv.split("=", 1) for kv in item.split(","))
+        faults.append(Fault(kind=fields["kind"], rank=int(fields["rank"]), step=int(fields.get("step", -1)),
+                            gen=int(fields.get("gen", 1)), when=fields.get("when", "between")))
+    return faults
+
+
+def _kill_self() -> None:
+    """SIGKILL this process; the moment goes to TENAX_RUN_DIR/killed-PID (benchmarks time MTTR from it)."""
+    run_dir = os.environ.get("TENAX_RUN_DIR")
+    if run_dir:
+        Path(run_dir, f"killed-{os.getpid()}").write_text(repr(time.time()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ============================================================== plan watcher
+class PlanWatcher:
+    """Follows Keys.job_plan(job) in etcd on a thread with its own event loop.
+
+    ``newest`` is the newest valid plan seen; ``on_plan(plan)`` runs on the watch
+    thread for every newer generation. Malformed values are logged and skipped."""
+
+    def __init__(self, endpoints: str, key: str, *, on_plan=None) -> None:
+        self.endpoint = endpoints.split(",")[0].strip()
+        self.key = key
+        self.on_plan = on_plan
+        self.newest: Plan | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._thread_main, name="plan-watcher", daemon=True)
+        self._thread.start()
+
+    def wait_newer(self, generation: int, timeout_s: float) -> Plan:
+        """The newest plan with a generation above ``generation``; TimeoutError if none comes in time."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self.newest is None or self.newest.generation <= generation:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no plan newer than generation {generation} within {timeout_s:.0f}s")
+                self._cond.wait(min(left, 0.5))
+            return self.newest
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _offer(self, raw: str) -> None:
+        try:
+            plan = Plan.from_json(raw)
+        except PlanError as exc:
+            log.warning("skipping malformed plan at %s: %s", self.key, exc)
+            return
+        with self._cond:
+            if self.newest is not None and plan.generation <= self.newest.generation:
+                return
+            self.newest = plan
+            self._cond.notify_all()
+        if self.on_plan is not None:
+            self.on_plan(plan)
+
+    def _thread_main(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        from controller.etcd import Backoff, Etcd, EtcdError
+
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                async with Etcd(self.endpoint) as etcd:
+                    kv = await etcd.get(self.key)
+                    if kv is not None:
+                        self._offer(kv.value)
+                    start = kv.mod_revision + 1 if kv is not None else None
+                    async for ev in etcd.watch_prefix(self.key, start_revision=start):
+                        if ev.key == self.key and ev.kind == "put":
+                            self._offer(ev.value)
+                        backoff.reset()
+                        if self._stop.is_set():
+                            return
+            except EtcdError as exc:
+                log.debug("plan watch on %s interrupted: %r", self.key, exc)
+                await backoff.sleep()
+
+
+# ================================================================ state copies
+class Copies:
+    """Every copy of training state this process holds, across generations:
+    its own snapshots (both buffers of the Snapshotter) and the buddy replicas it
+    kept for its wards. Only complete snapshots are offered; checksums decide."""
+
+    def __init__(self, snapper: Snapshotter, model_spec) -> None:
+        self.snapper, self.model_spec = snapper, model_spec
+        self.replicas: list[Snapshot] = []
+
+    def own(self) -> list[Snapshot]:
+        # Snapshotter exposes ``latest`` only; after a recovery the other buffer
+        # (one step older) may be the step every rank has, so both are offered.
+        return [s for s in self.snapper._buffers if s is not None and s.complete and s.step >= 0]
+
+    def keep_replica(self, replica: Snapshot | None) -> None:
+        if replica is not None and replica.complete and all(replica is not r for r in self.replicas):
+            self.replicas = (self.replicas + [replica])[-4:]
+
+    def offered(self, rank: int) -> tuple[list[tuple[int, Copy]], list[str]]:
+        """((step, per-parameter copy as new ``rank``) of every snapshot that verifies,
+        descriptions of the flat tensors that did not). A piece's checksum is taken from
+        its flat tensor right after that tensor verified against the checksum written
+        with the snapshot, so nothing unverified is ever offered."""
+        out, bad = [], []
+        for role, snaps in ((OWNER, self.own()), (BUDDY, list(self.replicas))):
+            for snap in snaps:
+                rotten = set(snap.verify())
+                bad += [f"{role} snapshot {kind} of step {snap.step} (generation {snap.metadata.get('generation')}, "
+                        f"rank {snap.metadata.get('rank')}) held on rank {rank}" for kind in sorted(rotten)]
+                for kind, key, start, end, offset in named_pieces(self.model_spec, snap.metadata):
+                    if kind in rotten:
+                        continue
+                    view = snap.tensors[kind][offset:offset + end - start]
+                    out.append((snap.step, Copy(holding=Holding(rank=rank, name=key, start=start, end=end, role=role),
+                                                data=view, checksum=chunk_checksums(view))))
+        return out, bad
+
+
+# ============================================================ disk checkpoints
+class DiskCheckpoints:
+    """Per-rank torch.distributed.checkpoint saves of a flat snapshot, loadable into any layout.
+
+    Each rank writes ``run_dir/checkpoints/step-S/gG-rR`` (``no_dist``: no collective,
+    so a save never waits for a peer): its three flat tensors, then a ``done`` file
+    with the snapshot's metadata (layout, rank) and checksums. A rank of any later
+    layout reads the flat tensors of the ranks that held what it needs, checks them
+    against the checksums, and cuts out its pieces (``named_pieces``)."""
+
+    def __init__(self, run_dir: str, model_spec) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.model_spec = model_spec
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._writer, name="disk-checkpoints", daemon=True)
+        self._thread.start()
+
+    def submit(self, snap: Snapshot, *, generation: int, rank: int) -> None:
+        """Write ``snap`` (a private copy) on the writer thread: neither training nor replication waits."""
+        self._queue.put((snap, generation, rank))
+
+    def _writer(self) -> None:
+        import torch.distributed.checkpoint  # noqa: F401 - the first import takes ~1 s: not on a save's clock
+
+        while True:
+            snap, generation, rank = self._queue.get()
+            try:
+                self.save(snap, generation=generation, rank=rank)
+            except Exception as exc:  # a failed checkpoint is logged; in-memory snapshots still protect the job
+                log.warning("disk checkpoint of step %d failed: %r", snap.step, exc)
+
+    def save(self, snap: Snapshot, *, generation: int, rank: int) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        path = self.root / f"step-{snap.step:08d}" / f"g{generation}-r{rank}"
+        path.mkdir(parents=True, exist_ok=True)
+        dcp.save(dict(snap.tensors), storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
+        done = {"step": snap.step, "metadata": snap.metadata, "checksums": snap.checksums,
+                "numel": {kind: t.numel() for kind, t in snap.tensors.items()}}
+        (path / "done").write_text(json.dumps(done))
+        return path
+
+    def _saved(self, step_dir: Path) -> list[tuple[Path, dict]]:
+        out = []
+        for rank_dir in sorted(step_dir.iterdir()):
+            try:
+                out.append((rank_dir, json.loads((rank_dir / "done").read_text())))
+            except (OSError, ValueError):
+                continue  # not complete (the rank died while saving)
+        return out
+
+    def steps_covering(self, needs: Mapping[str, Sequence[tuple[int, int]]]) -> list[int]:
+        if not self.root.exists():
+            return []
+        out = []
+        for step_dir in self.root.glob("step-*"):
+            holdings = [Holding(rank=0, name=key, start=a, end=b)
+                        for _, done in self._saved(step_dir)
+                        for _, key, a, b, _ in named_pieces(self.model_spec, done["metadata"])]
+            transfers, _ = plan_transfers({0: needs}, holdings)
+            if transfers is not None:
+                out.append(int(step_dir.name.split("-")[1]))
+        return out
+
+    def load(self, step: int, needs: Mapping[str, Sequence[tuple[int, int]]]) -> tuple[dict[str, torch.Tensor], int]:
+        """({"kind/name": tensor of my needed span}, bytes read); Unrecoverable if a file is corrupt."""
+        import torch.distributed.checkpoint as dcp
+
+        out = {name: torch.empty(spans[0][1] - spans[0][0]) for name, spans in needs.items()}
+        read = 0
+        for rank_dir, done in self._saved(self.root / f"step-{step:08d}"):
+            wanted = [p for p in named_pieces(self.model_spec, done["metadata"])
+                      if p[1] in needs and p[2] < needs[p[1]][0][1] and p[3] > needs[p[1]][0][0]]
+            if not wanted:
+                continue
+            flat = {kind: torch.empty(n) for kind, n in done["numel"].items()}
+            dcp.load(flat, storage_reader=dcp.FileSystemReader(str(rank_dir)), no_dist=True)
+            for kind, t in flat.items():
+                if chunk_checksums(t) != list(done["checksums"].get(kind, [])):
+                    raise Unrecoverable(f"disk checkpoint {rank_dir}: {kind} does not match its checksum")
+                read += t.numel() * t.element_size()
+            for kind, key, a, b, offset in wanted:
+                lo, hi = needs[key][0]
+                x, y = max(a, lo), min(b, hi)
+                out[key][x - lo:y - lo].copy_(flat[kind][offset + x - a:offset + y - a])
+        return out, read
+
+
+# ====================================================== one generation's comms
+@dataclass
+class Stopped:
+    """Why a generation ended (other than finishing)."""
+
+    cause: str
+    noticed: float
+    """time.monotonic() when this worker noticed."""
+    noticed_time: float
+    at_step: int
+    planned: Plan | None = None
+    trained: bool = True
+    """False if the generation ended before it could train (a failure during a recovery)."""
+
+
+@dataclass
+class Resume:
+    """What the next generation needs to know about the one before."""
+
+    cause: str
+    reason: str
+    noticed: float
+    noticed_time: float
+    plan_wait_s: float
+    old_generation: int
+    old_layout: str
+    at_step: int
+
+
+@dataclass
+class Restored:
+    """The outcome of TRANSFERRING on one rank."""
+
+    step: int
+    at_step: int
+    tensors: dict[str, torch.Tensor] | None = None
+    received: int = 0
+    local: int = 0
+    from_disk: bool = False
+    bad_copies: list[str] = field(default_factory=list)
+    rebuild_s: float = 0.0
+    transfer_s: float = 0.0
+
+
+class ElasticWorker:
+    """Runs one worker through generations (see the module docstring)."""
+
+    def __init__(self, spec, launch_plan: Plan, launch_rank: int, *, device: torch.device, metrics,
+                 settings: ElasticSettings, etcd: str = "", etcd_prefix: str = "/tenax",
+                 faults: Sequence[Fault] = ()) -> None:
+        self.spec, self.device, self.metrics, self.settings = spec, device, metrics, settings
+        self.launch_plan, self.launch_rank = launch_plan, launch_rank
+        me = launch_plan.worker(launch_rank)
+        self.node, self.slot = os.environ.get("TENAX_NODE_ID") or me.node, me.slot
+        if self.node != me.node:  # the launch plan is authoritative for where I run
+            self.node = me.node
+        self.faults = list(faults)
+        self.snapper = Snapshotter(SnapshotSettings(fence_timeout_s=settings.collective_timeout_s))
+        self.copies = Copies(self.snapper, spec.model)
+        self.disk = (DiskCheckpoints(settings.run_dir, spec.model)
+                     if settings.run_dir and settings.checkpoint_every else None)
+        self.generation = 0
+        self.watcher: AbortWatcher | None = None
+        self._watcher_lock = threading.Lock()
+        self.plans: PlanWatcher | None = None
+        if etcd:
+            from protos.keys import Keys
+
+            self.plans = PlanWatcher(etcd, Keys(etcd_prefix).job_plan(launch_plan.job_id), on_plan=self._on_plan)
+        self.snapshot_every = 1 if settings.snapshot_every == "auto" else int(settings.snapshot_every)
+        self.recoveries: list[RecoveryRecord] = []
+        self._last_step = -1
+        self._fired: set[Fault] = set()
+        """Newest step this process committed (at_step of a recovery that fails before training)."""
+        self._current_gen: _Generation | None = None
+        self._running_step: int | None = None
+        """The step being run (None between generations); read by the plan watch thread."""
+        self._old_rank: dict[int, int] = {}
+        """generation -> the rank this worker trained as in it (fault injection addresses old ranks)."""
+        threading.Thread(target=_warm_up_layout_math, args=(spec.model,), name="warm-up", daemon=True).start()
+        self.snapshots_on = os.environ.get("TENAX_SNAPSHOTS", "1") != "0"
+        """TENAX_SNAPSHOTS=0 turns snapshots and replication off (benchmarks: their overhead)."""
+
+    # --------------------------------------------------------------- driver
+    def run(self) -> int:
+        plan, rank = self.launch_plan, self.launch_rank
+        resume: Resume | None = None
+        if plan.generation > 1:  # started by the agent for a later generation: I join with no state
+            resume = Resume(cause="join", reason=plan.reason, noticed=time.monotonic(), noticed_time=time.time(),
+                            plan_wait_s=0.0, old_generation=0, old_layout="", at_step=-1)
+        while True:
+            stopped = self._run_generation(plan, rank, resume)
+            if stopped is None:
+                return 0  # trained to the end, or served my copies as an idle survivor
+            if self.plans is None:
+                raise RuntimeError(f"training interrupted ({stopped.cause}) and no etcd to read a new plan from")
+            old_plan = plan
+            plan = stopped.planned or self.plans.wait_newer(old_plan.generation, self.settings.plan_wait_s)
+            plan_wait_s = time.monotonic() - stopped.noticed
+            rank = rank_in_plan(plan, self.node, self.slot)
+            if rank is None and (self.node, self.slot) not in idle_survivors(plan):
+                log.warning("no place for %s/%d in generation %d: exiting", self.node, self.slot, plan.generation)
+                return 0
+            if resume is not None and not stopped.trained:
+                # a failure during a recovery: one outage, timed from the first notice
+                resume = dataclasses.replace(resume, cause=f"{resume.cause}+{stopped.cause}", reason=plan.reason,
+                                             plan_wait_s=time.monotonic() - resume.noticed)
+            else:
+                resume = Resume(cause=stopped.cause, reason=plan.reason, noticed=stopped.noticed,
+                                noticed_time=stopped.noticed_time, plan_wait_s=plan_wait_s,
+                                old_generation=old_plan.generation,
+                                old_layout=f"dp{old_plan.dp}pp{old_plan.pp}z{old_plan.zero_stage}",
+                                at_step=stopped.at_step)
+
+    def _on_plan(self, plan: Plan) -> None:
+        """Watch thread: a newer plan aborts the running generation if it switches now, or if
+        its switch step is already behind the step this worker is running (it saw the plan
+        too late to stop at the boundary; its peers did and left)."""
+        with self._watcher_lock:
+            watcher, generation = self.watcher, self.generation
+        running = self._running_step  # read after ``newest`` was published (see _train)
+        late = plan.switch_at_step >= 0 and running is not None and running > plan.switch_at_step
+        if watcher is not None and plan.generation > generation and (plan.switch_at_step < 0 or late):
+            watcher.abort(f"plan generation {plan.generation}: {plan.reason}")
+
+    def _pending_switch(self) -> Plan | None:
+        newest = self.plans.newest if self.plans is not None else None
+        if newest is not None and newest.generation > self.generation and newest.switch_at_step >= 0:
+            return newest
+        return None
+
+    # ------------------------------------------------------- one generation
+    def _run_generation(self, plan: Plan, rank: int | None, resume: Resume | None) -> Stopped | None:
+        """FORMING -> (TRANSFERRING) -> RUNNING; None when training is done (or I was an idle
+        survivor that only served its copies). ``rank`` is None for an idle survivor."""
+        from trainer.parallel import ParallelLayout
+        from trainer.train import Trainer
+
+        layout = ParallelLayout.from_plan(plan, micro_batch_size=self.spec.micro_batch_size)
+        idle = idle_survivors(plan)
+        gen = _Generation(plan, rank, self.settings, self.device, replicate=self.snapshots_on)
+        trainer = None
+        restored: Restored | None = None
+        try:
+            started = time.monotonic()
+            if resume is not None and idle:
+                # Idle survivors may hold the only good copy of a slice: they take part in
+                # the transfer (ranks world.. of a transfer group), then leave; the training
+                # ranks form the generation's own group afterwards.
+                restored = self._transfer_with_idle(plan, rank, layout, resume, idle)
+                if rank is None:
+                    return None
+                started = time.monotonic()
+            watcher = self._form(gen)
+            layout = ParallelLayout.from_plan(plan, micro_batch_size=self.spec.micro_batch_size)
+            trainer = Trainer(self.spec, layout, rank, device=self.device, generation=plan.generation,
+                              metrics=_RecoverableMetrics(self.metrics, self))
+            rebuild_s = time.monotonic() - started
+            if resume is not None:
+                if restored is None:
+                    restored = self._transfer(plan.generation, gen.rank, layout, resume, watcher.wait)
+                else:
+                    rebuild_s += restored.rebuild_s
+                self._resume(trainer, restored, resume, rebuild_s)
+            return self._train(gen, trainer)
+        except Interruptions as exc:
+            return self._stopped(gen, trainer, exc)
+        except Exception as exc:
+            if gen.watcher is not None and gen.watcher.aborted:  # e.g. a gloo error after the abort
+                return self._stopped(gen, trainer, exc)
+            raise
+        finally:
+            self._running_step = None
+            if gen.replicator is not None:
+                # Both replica buffers: the newest replica may be one step ahead of what a
+                # pipeline neighbour committed (it failed in the step's last all-gather).
+                # The spare is the previous verified replica (BuddyReplicator keeps it to
+                # receive into next; no round runs after close()).
+                self.copies.keep_replica(gen.replicator._spare)
+                self.copies.keep_replica(gen.replicator.replica)
+            gen.close()
+            with self._watcher_lock:
+                self.watcher = None
+
+    def _form(self, gen: "_Generation") -> AbortWatcher:
+        watcher = gen.form()
+        with self._watcher_lock:
+            self.watcher, self.generation = watcher, gen.plan.generation
+        self._current_gen = gen
+        newest = self.plans.newest if self.plans is not None else None
+        if newest is not None and newest.generation > gen.plan.generation and newest.switch_at_step < 0:
+            watcher.abort(f"plan generation {newest.generation} appeared while forming")
+        return watcher
+
+    def _transfer_with_idle(self, plan: Plan, rank: int | None, layout, resume: Resume,
+                            idle: list[tuple[str, int]]) -> "Restored":
+        """TRANSFERRING in a group of the plan's workers plus its idle survivors."""
+        started = time.monotonic()
+        me = rank if rank is not None else plan.world_size + idle.index((self.node, self.slot))
+        xfer = _Generation(plan, me, self.settings, self.device, replicate=False,
+                           prefix=f"{plan.store_prefix}transfer/", world_size=plan.world_size + len(idle))
+        try:
+            watcher = self._form(xfer)
+            rebuild_s = time.monotonic() - started
+            restored = self._transfer(plan.generation, me, layout, resume, watcher.wait)
+            restored.rebuild_s = rebuild_s
+            return restored
+        finally:
+            xfer.close()
+            with self._watcher_lock:
+                self.watcher = None
+
+    def _stopped(self, gen: "_Generation", trainer, exc: BaseException) -> Stopped:
+        watcher = gen.watcher
+        if watcher is not None and not watcher.aborted:
+            watcher.signal_peers(f"rank {gen.rank}: {type(exc).__name__}: {str(exc)[:200]}")
+        cause = {CommAborted: "comm-aborted", CommFailed: "comm-failed", TimeoutError: "timeout"}.get(
+            type(exc), "comm-failed")
+        if watcher is not None and watcher.reason.startswith("plan generation"):
+            cause = "plan"
+        noticed = watcher.aborted_at if watcher is not None and watcher.aborted_at else time.monotonic()
+        noticed_time = time.time() - (time.monotonic() - noticed)
+        at_step = trainer.step if trainer is not None else self._last_step
+        log.warning("rank %s generation %d stopped at step %d: %s", gen.rank, gen.plan.generation, at_step, exc)
+        return Stopped(cause=cause, noticed=noticed, noticed_time=noticed_time, at_step=at_step,
+                       trained=gen.trained)
+
+    # ------------------------------------------------------------ TRANSFERRING
+    def _transfer(self, generation: int, rank: int, layout, resume: Resume, wait) -> "Restored":
+        """Collective over the current default group: agree on the resume step and fill
+        ``needs[rank]`` from the verified copies of that step (or from disk)."""
+        started = time.monotonic()
+        self._inject_transfer_faults(generation, rank, resume.old_generation)
+        self.snapper.wait(self.settings.collective_timeout_s)  # no copy may still be writing a buffer
+        needs = state_layout(self.spec.model, layout)
+        good, bad = self.copies.offered(rank)  # a bad copy is never advertised
+        inventory = gather_json({"at_step": resume.at_step,
+                                 "holdings": [[step, *_holding_fields(c.holding)] for step, c in good]}, wait=wait)
+        at_step = max(part["at_step"] for part in inventory)
+        holdings_by_step: dict[int, list[Holding]] = {}
+        for part in inventory:
+            for step, *fields in part["holdings"]:
+                holdings_by_step.setdefault(step, []).append(Holding(*fields))
+        step = choose_resume_step(needs, holdings_by_step)
+        restored = Restored(step=step if step is not None else -1, at_step=at_step, bad_copies=list(bad))
+        mine = needs.get(rank, {})
+        if step is not None:
+            dest = {name: (spans[0][0], torch.empty(spans[0][1] - spans[0][0])) for name, spans in mine.items()}
+            try:
+                report = reshard_state(needs, [c for s, c in good if s == step], dest, rank=rank, wait=wait,
+                                       settings=TransferSettings(timeout_s=self.settings.transfer_timeout_s))
+                restored.received, restored.local = report.bytes_received, report.bytes_local
+                restored.bad_copies += report.bad_copies
+                restored.tensors = {name: t for name, (_, t) in dest.items()}
+            except Unrecoverable as exc:
+                log.warning("rank %d: in-memory copies cannot cover the new layout: %s", rank, exc)
+        if any(gather_json(restored.tensors is None, wait=wait)):
+            restored.step, restored.tensors, restored.received = self._load_from_disk(mine, wait)
+            restored.local, restored.from_disk = 0, True
+        restored.transfer_s = time.monotonic() - started
+        return restored
+
+    def _resume(self, trainer, restored: "Restored", resume: Resume, rebuild_s: float) -> None:
+        trainer.import_state({"tensors": restored.tensors, "step": restored.step, "committed_step": restored.step})
+        self._last_step = restored.step
+        record = RecoveryRecord(
+            cause=resume.cause, reason=resume.reason, old_generation=resume.old_generation,
+            new_generation=trainer.generation, old_layout=resume.old_layout, new_layout=trainer.layout.describe(),
+            rank=trainer.rank, at_step=restored.at_step, resumed_step=restored.step,
+            steps_lost=steps_lost(restored.at_step, restored.step), noticed_time=resume.noticed_time,
+            plan_wait_s=resume.plan_wait_s, rebuild_s=rebuild_s, transfer_s=restored.transfer_s,
+            total_s=time.monotonic() - resume.noticed, bytes_moved=restored.received, bytes_local=restored.local,
+            from_disk=restored.from_disk, bad_copies=restored.bad_copies, time=time.time())
+        self.recoveries.append(record)
+        self.metrics.write(record.to_dict())
+
+    def _load_from_disk(self, mine, wait) -> tuple[int, dict[str, torch.Tensor], int]:
+        steps = self.disk.steps_covering(mine) if self.disk is not None else []
+        step = common_disk_step(gather_json(steps, wait=wait))
+        if step is None:
+            raise Unrecoverable("no in-memory copy and no disk checkpoint covers the new layout")
+        tensors, read = self.disk.load(step, mine) if mine else ({}, 0)
+        return step, tensors, read
+
+    def _inject_transfer_faults(self, generation: int, rank: int, old_generation: int) -> None:
+        """Test hooks at the start of TRANSFERRING: die (a failure during a recovery), or let
+        this process's copies rot in memory after their checksums were taken."""
+        for f in self.faults:
+            if f.kind == "kill-in-transfer" and f.gen == generation and f.rank == rank:
+                _kill_self()
+        for f in self.faults:
+            if f.gen != old_generation or f.rank != self._old_rank.get(old_generation, -1) or f in self._fired:
+                continue
+            self._fired.add(f)  # once: flipping the same byte again would repair it
+            if f.kind == "corrupt-own":
+                for snap in self.copies.own():
+                    corrupt(snap, next(iter(sorted(snap.tensors))))
+            elif f.kind == "corrupt-replica":
+                for snap in self.copies.replicas:
+                    corrupt(snap, next(iter(sorted(snap.tensors))))
+
+    # ----------------------------------------------------------------- RUNNING
+    def _train(self, gen: "_Generation", trainer) -> Stopped | None:
+        self._old_rank[gen.plan.generation] = gen.rank
+        views = flat_state(trainer)
+        meta = snapshot_metadata(trainer.layout, gen.rank, gen.plan.generation)
+        trainer.before_update = self.snapper.fence
+        pump = _ReplicationPump(self, gen) if gen.replicator is not None or self.disk is not None else None
+        gen.pump = pump
+        kill = self._kill_fault(gen)
+        gen.first_step = trainer.step
+        gen.trained = True
+        while trainer.step < self.spec.steps:
+            # Publish the step about to run before looking for a planned switch; the watch
+            # thread publishes the plan before looking at this: one of the two sees the other.
+            self._running_step = trainer.step + 1
+            planned = self._pending_switch()
+            if planned is not None and trainer.step >= planned.switch_at_step:
+                self._running_step = None
+                return self._switch(gen, trainer, planned, views, meta)
+            if kill is not None and trainer.step == kill.step:
+                self._fire_kill(gen, kill)
+            trainer.train_step()
+            self._last_step = trainer.step
+            if self.snapshots_on and trainer.step % self.snapshot_every == 0:
+                self.snapper.begin(trainer.step, views, meta)
+                if pump is not None:
+                    pump.submit(trainer.step)
+            self._tune_snapshot_interval(gen, trainer)
+        self._running_step = None
+        comm.wait(dist.barrier(async_op=True), "final barrier")
+        return None
+
+    def _switch(self, gen: "_Generation", trainer, planned: Plan, views, meta) -> Stopped:
+        """SWITCHING: the state of step S is snapshotted and replicated before anyone moves."""
+        noticed, noticed_time = time.monotonic(), time.time()
+        timeout_s = self.settings.collective_timeout_s
+        if gen.pump is not None:
+            gen.pump.drain(timeout_s)  # no replication round pins a buffer any more
+        snap = self.snapper.wait(timeout_s)
+        if snap is None or snap.step != trainer.step:  # skipped (buffer busy) or not due: take it now
+            self.snapper.take(trainer.step, views, meta, timeout_s=timeout_s)
+        if gen.pump is not None:
+            # one more round on every rank (rounds must match): step S is replicated when we leave
+            gen.pump.submit(trainer.step)
+            gen.pump.drain(timeout_s)
+        return Stopped(cause="switch", noticed=noticed, noticed_time=noticed_time, at_step=trainer.step,
+                       planned=planned)
+
+    def _tune_snapshot_interval(self, gen: "_Generation", trainer) -> None:
+        """``snapshot_every: auto``: after 3 steps all ranks agree on the smallest hidden interval."""
+        if self.settings.snapshot_every != "auto" or trainer.step != gen.first_step + 3:
+            return
+        stats = self.snapper.stats
+        mine = auto_snapshot_interval(stats.last_copy_s + stats.last_checksum_s, gen.last_step_s or 0.0)
+        self.snapshot_every = max(gather_json(mine, wait=gen.watcher.wait))
+
+    # ------------------------------------------------------------- faults
+    def _kill_fault(self, gen: "_Generation") -> Fault | None:
+        for f in self.faults:
+            if f.kind == "kill" and f.gen == gen.plan.generation and f.rank == gen.rank:
+                return f
+        return None
+
+    def _fire_kill(self, gen: "_Generation", fault: Fault) -> None:
+        """Die like a lost machine: once ``fault.step`` is recoverable (as it is in steady
+        state), either right here between steps or a little into the next step."""
+        deadline = time.monotonic() + 30
+        while gen.replicator is not None and gen.replicator.acked_step < fault.step:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        if fault.when == "mid":
+            threading.Timer(0.02, _kill_self).start()
+        else:
+            _kill_self()
+
+
+
+def _warm_up_layout_math(model_spec) -> None:
+    """Build every module type once on the meta device, off the critical path: the first
+    meta construction of a kind a rank never built itself (e.g. the embedding, for a
+    last-stage rank) costs ~0.5-1 s of lazy torch initialisation, which would otherwise
+    land inside a recovery's transfer (``state_layout``/``named_pieces`` build stages)."""
+    from trainer.model import stage_param_shapes
+
+    try:
+        stage_param_shapes(model_spec, layers=range(0, 1), is_first=True, is_last=True)
+    except Exception as exc:  # only an optimisation
+        log.debug("warm-up failed: %r", exc)
+
+
+def flat_state(trainer) -> dict[str, torch.Tensor]:
+    """The owned state as three flat live views (see ``named_pieces``)."""
+    opt = trainer.optimizer
+    return {"param": trainer.flat.params[opt.lo:opt.hi], "exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq}
+
+
+def _holding_fields(h: Holding) -> list[Any]:
+    return [h.rank, h.name, h.start, h.end, h.role]
+
+
+class _RecoverableMetrics:
+    """Adds the recoverable step (this rank's newest snapshot its buddy verified) to every step line.
+    The job's recoverable step is the minimum over its ranks."""
+
+    def __init__(self, inner, worker: ElasticWorker) -> None:
+        self.inner, self.worker = inner, worker
+
+    def write(self, record: dict) -> None:
+        gen = self.worker._current_gen
+        if "step" in record:
+            record["pid"] = os.getpid()  # lets the control side (and tests) see a survivor was never restarted
+        if gen is not None and "step" in record:
+            if gen.replicator is not None:
+                record["recoverable_step"] = max(0, gen.replicator.acked_step)
+            else:
+                latest = self.worker.snapper.latest
+                record["recoverable_step"] = latest.step if latest is not None else 0
+            gen.last_step_s = record.get("step_time")
+        self.inner.write(record)
+
+
+class _Generation:
+    """The communicators of one plan generation: default group, abort watcher, replication."""
+
+    def __init__(self, plan: Plan, rank: int | None, settings: ElasticSettings, device: torch.device,
+                 *, replicate: bool = True, prefix: str | None = None, world_size: int | None = None) -> None:
+        self.plan, self.rank, self.settings, self.device = plan, rank, settings, device
+        self.replicate = replicate
+        self.prefix = plan.store_prefix if prefix is None else prefix
+        self.world_size = plan.world_size if world_size is None else world_size
+        self.watcher: AbortWatcher | None = None
+        self.replicator: BuddyReplicator | None = None
+        self.pump: _ReplicationPump | None = None
+        self.first_step = 0
+        self.last_step_s: float | None = None
+        self.trained = False
+        """True once this generation has its state (fresh start or restored) and trains."""
+
+    def form(self) -> AbortWatcher:
+        from trainer.train import backend_for
+
+        host, _, port = self.plan.store_address.rpartition(":")
+        timeout_s = self.settings.store_timeout_s
+        try:
+            store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
+                                  timeout=timedelta(seconds=timeout_s))
+        except Exception as exc:  # noqa: BLE001 - torch raises several types; not an interruption of training
+            raise RuntimeError(f"cannot reach the rendezvous store at {self.plan.store_address} "
+                               f"within {timeout_s:.0f}s: {exc}") from None
+        form_group(store, self.prefix, rank=self.rank, world_size=self.world_size,
+                   backend=backend_for(self.device), timeout_s=self.settings.collective_timeout_s,
+                   device_id=self.device if self.device.type == "cuda" else None)
+        self.watcher = AbortWatcher(AbortSettings(collective_timeout_s=self.settings.collective_timeout_s),
+                                    rank=self.rank)
+        self.watcher.register(dist.group.WORLD)
+        self.watcher.watch_store(generation_store(host, int(port), self.prefix,
+                                                  timeout_s=self.settings.store_timeout_s))
+        comm.set_waiter(self.watcher.wait)
+        pair = buddy_and_ward(self.plan, self.rank) if self.replicate else None
+        if pair is not None:
+            # replication must never sit in the ordering of training collectives: its own group
+            side = dist.new_group(backend="gloo")
+            self.replicator = BuddyReplicator(rank=self.rank, buddy=pair[0], ward=pair[1], group=side,
+                                              settings=ReplicationSettings(timeout_s=self.settings.collective_timeout_s))
+        return self.watcher
+
+    def close(self) -> None:
+        comm.set_waiter(None)
+        if self.pump is not None:
+            self.pump.close()
+        if self.replicator is not None:
+            self.replicator.close()
+        if self.watcher is not None:
+            self.watcher.close()
+
+
+class _ReplicationPump:
+    """Background: once a begun snapshot completes, hand it to the buddy replicator (one
+    round per snapshot boundary on every rank) and, every ``checkpoint_every`` steps, to disk."""
+
+    def __init__(self, worker: ElasticWorker, gen: _Generation) -> None:
+        self.worker, self.gen = worker, gen
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="snapshot-pump", daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int) -> None:
+        self._queue.put(step)
+
+    def drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                raise TimeoutError("snapshot replication did not finish in time")
+            time.sleep(0.002)
+        if self.gen.replicator is not None:
+            self.gen.replicator.drain(max(0.1, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        worker, gen = self.worker, self.gen
+        while True:
+            step = self._queue.get()
+            try:
+                if step is None:
+                    return
+                snap = worker.snapper.wait(worker.settings.collective_timeout_s)
+                if gen.replicator is not None:
+                    gen.replicator.submit(snap)
+                every = worker.settings.checkpoint_every
+                if worker.disk is not None and snap is not None and every and snap.step % every == 0:
+                    # a private copy (a memcpy): the disk write must not pin a snapshot buffer,
+                    # or the snapshotter would skip the step that wants it back
+                    with snap.reading():
+                        copy = Snapshot(step=snap.step, tensors={k: t.clone() for k, t in snap.tensors.items()},
+                                        checksums=dict(snap.checksums), metadata=dict(snap.metadata), complete=True)
+                    worker.disk.submit(copy, generation=gen.plan.generation, rank=gen.rank)
+            except Exception as exc:  # snapshots are best effort: training goes on, recoverable_step says
+                log.warning("rank %d: snapshot pump: %r", gen.rank, exc)
+            finally:
+                self._queue.task_done()
