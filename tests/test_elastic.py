@@ -50,6 +50,23 @@ def test_the_resume_step_is_the_newest_step_every_needed_slice_has_a_copy_of():
     assert steps_lost(7, 6) == 1 and steps_lost(6, 6) == 0
 
 
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_flat_snapshot_is_cut_into_exactly_the_slices_the_rank_owns(zero):
+    from trainer.elastic import named_pieces, snapshot_metadata
+    from trainer.parallel import ParallelLayout
+    from trainer.sharding import state_layout
+
+    spec = tiny_spec()
+    layout = ParallelLayout(dp=2, pp=2, zero_stage=zero, layer_partition=(0, 1, 4), sample_shares=(4, 4),
+                            micro_batch_size=2)
+    for rank in range(layout.world_size):
+        pieces = named_pieces(spec.model, snapshot_metadata(layout, rank, generation=3))
+        assert {key: [(a, b)] for _, key, a, b, _ in pieces} == state_layout(spec.model, layout)[rank]
+        for kind in ("param", "exp_avg", "exp_avg_sq"):  # the pieces tile the flat tensor, in order
+            spans = sorted((offset, b - a) for k, _, a, b, offset in pieces if k == kind)
+            assert [o for o, _ in spans] == [sum(n for _, n in spans[:i]) for i in range(len(spans))]
+
+
 def test_auto_snapshot_interval_hides_the_copy_behind_training():
     assert auto_snapshot_interval(0.001, 0.05) == 1
     assert auto_snapshot_interval(0.12, 0.05) == 3

@@ -126,3 +126,13 @@ def test_large_shards_are_checksummed_chunk_by_chunk_and_any_chunk_is_covered(mo
     assert len(snap.checksums["w"]) == 63
     corrupt(snap, "w", offset=3999)  # the last byte of the last chunk
     assert snap.verify() == ["w"]
+
+
+def test_complete_snapshots_are_the_latest_and_the_older_buffer_until_it_is_rewritten():
+    snapper = Snapshotter()
+    assert snapper.complete_snapshots() == []
+    snapper.take(1, make_state(1))
+    snapper.take(2, make_state(2))
+    assert sorted(s.step for s in snapper.complete_snapshots()) == [1, 2]
+    snapper.take(3, make_state(3))  # reuses step 1's buffer
+    assert sorted(s.step for s in snapper.complete_snapshots()) == [2, 3]

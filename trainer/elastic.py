@@ -97,8 +97,7 @@ from trainer.abort import AbortSettings, AbortWatcher, CommAborted, CommFailed, 
 from trainer.reshard import BUDDY, OWNER, Holding, plan_transfers
 from trainer.optim import STATE_KINDS, state_key
 from trainer.sharding import state_layout
-from trainer.snapshot import Snapshot, Snapshotter, SnapshotSettings, corrupt
-from trainer.snapshot import chunk_checksums
+from trainer.snapshot import Snapshot, Snapshotter, SnapshotSettings, chunk_checksums, corrupt
 from trainer.transfer import (BuddyReplicator, Copy, ReplicationSettings, TransferSettings, Unrecoverable,
                               buddy_ring, gather_json, reshard_state)
 
@@ -318,9 +317,8 @@ class Copies:
         self.replicas: list[Snapshot] = []
 
     def own(self) -> list[Snapshot]:
-        # Snapshotter exposes ``latest`` only; after a recovery the other buffer
-        # (one step older) may be the step every rank has, so both are offered.
-        return [s for s in self.snapper._buffers if s is not None and s.complete and s.step >= 0]
+        # both buffers: after a failure the older step may be the one every rank has
+        return self.snapper.complete_snapshots()
 
     def keep_replica(self, replica: Snapshot | None) -> None:
         if replica is not None and replica.complete and all(replica is not r for r in self.replicas):
@@ -610,10 +608,9 @@ class ElasticWorker:
             if gen.replicator is not None:
                 # Both replica buffers: the newest replica may be one step ahead of what a
                 # pipeline neighbour committed (it failed in the step's last all-gather).
-                # The spare is the previous verified replica (BuddyReplicator keeps it to
-                # receive into next; no round runs after close()).
-                self.copies.keep_replica(gen.replicator._spare)
-                self.copies.keep_replica(gen.replicator.replica)
+                gen.replicator.close()
+                for replica in gen.replicator.replicas():
+                    self.copies.keep_replica(replica)
             gen.close()
             with self._watcher_lock:
                 self.watcher = None

@@ -189,6 +189,11 @@ class Snapshotter:
         """The last complete snapshot; stays valid while the next one is written."""
         return None if self._latest is None else self._buffers[self._latest]
 
+    def complete_snapshots(self) -> list[Snapshot]:
+        """Every complete snapshot held: ``latest`` and the older buffer while it is still
+        intact (a recovery may need the older step: the one every rank has)."""
+        return [s for s in self._buffers if s is not None and s.complete and s.step >= 0]
+
     @property
     def busy(self) -> bool:
         return not self._done.is_set()

@@ -331,6 +331,11 @@ class BuddyReplicator:
         self._stop = threading.Event()
         self._thread.start()
 
+    def replicas(self) -> list[Snapshot]:
+        """The ward's verified replicas still held: the newest and the one before it (the
+        spare, until the next round receives into it). Call after ``close()`` to keep them."""
+        return [s for s in (self._spare, self.replica) if s is not None and s.complete]
+
     def submit(self, snapshot: Snapshot | None) -> None:
         """Queue one replication round of ``snapshot`` (None: nothing to send this time —
         the round still runs, to receive the ward's). The snapshot stays pinned until
