@@ -16,25 +16,11 @@ import json
 
 from controller.client_cli import Client, CliError, _client_parent, _command, controller_addresses
 from protos import tenax_pb2 as pb
-from protos import tenax_pb2_grpc as pb_grpc
 
 
 def inject(client: Client, request: pb.ChaosRequest) -> pb.ChaosResponse:
     """Inject on the first controller replica that answers (any replica accepts it)."""
-    import grpc
-
-    last = None
-    for address in client.addresses:
-        channel = client._channel(address)
-        try:
-            return pb_grpc.ChaosServiceStub(channel).Inject(request, timeout=client.timeout_s)
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
-            last = exc
-        finally:
-            channel.close()
-    raise last if last is not None else CliError("no controller address")
+    return client.call("chaos", "Inject", request)
 
 
 def request_from_args(args: argparse.Namespace) -> pb.ChaosRequest:

@@ -70,6 +70,14 @@ def _local_controller(state: dict | None) -> str | None:
     return state.get("controller")
 
 
+# Every replica serves every service; Client.call picks the stub by this name.
+_STUBS = {
+    "job": pb_grpc.JobServiceStub,
+    "node": pb_grpc.NodeServiceStub,
+    "chaos": pb_grpc.ChaosServiceStub,
+}
+
+
 class Client:
     """Calls one RPC on the first replica that answers (UNAVAILABLE -> next).
 
@@ -98,11 +106,12 @@ class Client:
             raise CliError(str(exc)) from exc
 
     def call(self, service: str, method: str, request: Any) -> Any:
+        """Call ``method`` of ``service`` (a key of ``_STUBS``) on the first replica that answers."""
         last: grpc.RpcError | None = None
         for address in self.addresses:
             channel = self._channel(address)
             try:
-                stub = (pb_grpc.JobServiceStub if service == "job" else pb_grpc.NodeServiceStub)(channel)
+                stub = _STUBS[service](channel)
                 return getattr(stub, method)(request, timeout=self.timeout_s)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
