@@ -103,6 +103,10 @@ from trainer.transfer import (BuddyReplicator, Copy, ReplicationSettings, Transf
 
 log = logging.getLogger(__name__)
 
+class StoreUnreachable(RuntimeError):
+    """The generation's rendezvous store cannot be reached (its node may be gone)."""
+
+
 Interruptions = (CommAborted, CommFailed, TimeoutError, dist.DistError)
 """What a generation ends with when a peer dies or hangs, or the plan changes."""
 
@@ -599,6 +603,10 @@ class ElasticWorker:
             return self._train(gen, trainer)
         except Interruptions as exc:
             return self._stopped(gen, trainer, exc)
+        except StoreUnreachable as exc:
+            if resume is None or self.plans is None:  # a bad launch: fail fast (exit 1)
+                raise
+            return self._stopped(gen, trainer, exc)  # mid-recovery: the next plan may move the store
         except Exception as exc:
             if gen.watcher is not None and gen.watcher.aborted:  # e.g. a gloo error after the abort
                 return self._stopped(gen, trainer, exc)
@@ -647,7 +655,8 @@ class ElasticWorker:
         watcher = gen.watcher
         if watcher is not None and not watcher.aborted:
             watcher.signal_peers(f"rank {gen.rank}: {type(exc).__name__}: {str(exc)[:200]}")
-        cause = {CommAborted: "comm-aborted", CommFailed: "comm-failed", TimeoutError: "timeout"}.get(
+        cause = {CommAborted: "comm-aborted", CommFailed: "comm-failed", TimeoutError: "timeout",
+                 StoreUnreachable: "store-unreachable"}.get(
             type(exc), "comm-failed")
         if watcher is not None and watcher.reason.startswith("plan generation"):
             cause = "plan"
@@ -880,8 +889,8 @@ class _Generation:
             store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
                                   timeout=timedelta(seconds=timeout_s))
         except Exception as exc:  # noqa: BLE001 - torch raises several types; not an interruption of training
-            raise RuntimeError(f"cannot reach the rendezvous store at {self.plan.store_address} "
-                               f"within {timeout_s:.0f}s: {exc}") from None
+            raise StoreUnreachable(f"cannot reach the rendezvous store at {self.plan.store_address} "
+                                   f"within {timeout_s:.0f}s: {exc}") from None
         form_group(store, self.prefix, rank=self.rank, world_size=self.world_size,
                    backend=backend_for(self.device), timeout_s=self.settings.collective_timeout_s,
                    device_id=self.device if self.device.type == "cuda" else None)
