@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 import yaml
 
 from tests.trainer_helpers import REPO, tiny_spec
+from trainer.telemetry import read_step_records
 
 TEXT = (
     "Tenax keeps training through node loss, hung ranks and slow GPUs. "
@@ -47,7 +47,7 @@ def test_loss_goes_down_on_text(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, out[-3000:]
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = read_step_records(metrics)
     rank0 = [r["loss"] for r in sorted((r for r in records if r["rank"] == 0), key=lambda r: r["step"])]
     assert len(rank0) == 40
     # every rank reports the same global loss each step

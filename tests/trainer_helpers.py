@@ -10,6 +10,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from trainer.telemetry import read_step_records
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,5 +86,5 @@ def run_sweep(tmp_path: Path, spec: dict, runs: list[dict], *, nproc: int, timeo
     results: dict[str, dict[int, list[dict]]] = {}
     for path in sorted(out.glob("*.jsonl")):
         name, rank_part = path.stem.rsplit(".rank", 1)
-        results.setdefault(name, {})[int(rank_part)] = [json.loads(l) for l in path.read_text().splitlines()]
+        results.setdefault(name, {})[int(rank_part)] = read_step_records(path)
     return results

@@ -189,12 +189,10 @@ def run_cli(args) -> int:
 
 
 def _last_loss(path: str):
-    last = None
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("rank") == 0 and "loss" in rec:  # other lines (heartbeats, recoveries) have no loss
-            last = rec["loss"]
-    return last
+    from trainer.telemetry import read_step_records
+
+    rank0 = [rec for rec in read_step_records(path) if rec.get("rank") == 0]
+    return rank0[-1]["loss"] if rank0 else None
 
 
 def main(argv: list[str] | None = None) -> int:

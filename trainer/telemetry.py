@@ -260,3 +260,21 @@ class _Heartbeat:
                 current.beat()
             except (OSError, ValueError) as exc:  # the metrics file is closed: the worker is ending
                 log.debug("heartbeat not written: %r", exc)
+
+
+def read_step_records(path) -> list[dict]:
+    """The per-step lines of a metrics file, skipping heartbeats and events.
+
+    A metrics file mixes step lines (they have ``step`` and ``loss``) with
+    heartbeat lines, ``step_error`` events and recovery records; readers that
+    want the training curve use this instead of parsing every line.
+    """
+    import json
+    from pathlib import Path
+
+    records = []
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        if "step" in record and "loss" in record:
+            records.append(record)
+    return records
