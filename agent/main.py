@@ -228,9 +228,7 @@ class Agent:
                 export_gauges(host, gpus)
                 condition = node_condition(gpus)
                 if condition != self.condition:
-                    log.warning("node condition %s -> %s %s", self.condition[0], condition[0], condition[1])
-                    self.condition = condition
-                    await self.registration.update_info()
+                    await self._publish_condition(condition)
                 record = health_record(host, gpus, time.time())
                 await self.registration.put_leased(self.keys.node_health(self.settings.node_id),
                                                    json.dumps(record))
@@ -240,6 +238,17 @@ class Agent:
             except Exception:  # telemetry must never take the agent down
                 log.exception("telemetry sample failed")
             await asyncio.sleep(self.settings.telemetry_interval_s)
+
+    async def _publish_condition(self, condition: tuple[str, str]) -> None:
+        """Rewrite NodeInfo with a new condition. The condition counts as published only once
+        written, so a failed write (etcd away) is retried at the next sample, not lost."""
+        previous, self.condition = self.condition, condition  # node_info() reads self.condition
+        try:
+            await self.registration.update_info()
+        except BaseException:
+            self.condition = previous
+            raise
+        log.warning("node condition %s -> %s %s", previous[0], condition[0], condition[1])
 
     # ------------------------------------------------------------ jobs
     async def _jobs_loop(self) -> None:

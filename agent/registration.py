@@ -99,12 +99,10 @@ class Registration:
             metrics.LEASE_LOST.inc()
             log.warning("node %s: lease lost, registering again", self.node_id)
 
-    async def update_info(self) -> None:
-        """Rewrite NodeInfo (e.g. the condition changed); skipped while unregistered."""
-        lease = self.lease_id
-        if lease is None:
-            return
-        await self.put_leased(self.keys.node(self.node_id), json.dumps(self.node_info()))
+    async def update_info(self) -> bool:
+        """Rewrite NodeInfo (e.g. the condition changed); False while unregistered (the next
+        registration writes the current NodeInfo anyway)."""
+        return await self.put_leased(self.keys.node(self.node_id), json.dumps(self.node_info()))
 
     async def put_leased(self, key: str, value: str) -> bool:
         """Write ``key`` under the current lease; False while unregistered."""
