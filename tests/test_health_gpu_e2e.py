@@ -17,13 +17,17 @@ from tests.test_e2e_cluster import KEYS, etcd_read, job_file, nodes, submit, wai
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
+# Long enough that the drain's step-boundary switch lands before the job ends,
+# also when detection is slow on a loaded host (a switch past the last step is refused).
+STEPS = 200
+
 
 def test_injected_xid_degrades_the_node_and_its_worker_migrates_without_losing_a_step(tmp_path):
     gpus = tmp_path / "gpus"
     gpus.mkdir()
     env = {**FAST_DETECTION_ENV, "TENAX_FAKE_GPU_DIR": str(gpus)}
     with cluster_with_env(tmp_path, env, agents=3, slots=1) as info:
-        path = job_file(tmp_path, steps=60, parallelism={"dp": 2, "pp": 1, "zero_stage": 1},
+        path = job_file(tmp_path, steps=STEPS, parallelism={"dp": 2, "pp": 1, "zero_stage": 1},
                         resources={"workers": 2, "device": "cpu"},
                         elastic={"min_workers": 1, "max_workers": 2, "snapshot_every": "1"})
         job_id = submit(info, path)
@@ -55,4 +59,4 @@ def test_injected_xid_degrades_the_node_and_its_worker_migrates_without_losing_a
                               for r in status.recoveries])
         moves = [r for r in status.recoveries if r.generation == plan.generation]
         assert moves and all(r.steps_lost == 0 for r in moves), list(status.recoveries)
-        assert status.step == 60
+        assert status.step == STEPS

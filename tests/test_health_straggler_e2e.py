@@ -30,7 +30,7 @@ from tests.health_e2e_helpers import (FAST_DETECTION_ENV, chaos_rpc, cluster_wit
                                       metric_value, metrics_lines, scrape)
 from tests.test_e2e_cluster import KEYS, etcd_read, job_file, job_json, submit
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300), pytest.mark.timing]
 
 DP = 2
 SLOW_RANK = 1
