@@ -37,7 +37,7 @@ from typing import Any, Callable
 from agent import metrics
 from agent.decisions import should_publish
 from agent.retrylog import FailureLog
-from controller.etcd import Backoff, Etcd, EtcdError
+from controller.etcd import Backoff, cancel_and_wait, Etcd, EtcdError
 from protos.keys import Keys
 from protos.records import MetricsBatch, ProgressRecord, StepRecord
 from protos.recovery import is_recovery_line
@@ -132,12 +132,7 @@ class ProgressRelay:
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Stop tailing; read what is left in the file and publish it (best effort within the timeout)."""
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
         self._read_new_lines()
         try:
             await asyncio.wait_for(self._publish(force=True), timeout_s)

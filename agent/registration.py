@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from agent import metrics
 from agent.retrylog import FailureLog
-from controller.etcd import Backoff, Etcd, EtcdError, LeaseKeeper, LeaseLost
+from controller.etcd import Backoff, cancel_and_wait, Etcd, EtcdError, LeaseKeeper, LeaseLost
 from protos.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,7 @@ class Registration:
         self._task = asyncio.create_task(self._run(), name=f"registration-{self.node_id}")
 
     async def stop(self, *, revoke: bool = True) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
         if self._keeper:
             await self._keeper.stop(revoke=revoke)  # revoking deletes NodeInfo: NOT_READY at once
 

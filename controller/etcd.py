@@ -372,12 +372,7 @@ class LeaseKeeper:
         self._task = asyncio.create_task(self._run(), name=f"lease-{self.lease_id:x}")
 
     async def stop(self, *, revoke: bool = False) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
         if revoke:
             try:
                 await self.etcd.revoke_lease(self.lease_id)
@@ -409,6 +404,18 @@ class LeaseKeeper:
         log.warning("lease %x lost: %s", self.lease_id, reason)
         if self.on_lost:
             await self.on_lost(reason)
+
+
+async def cancel_and_wait(task: asyncio.Task | None, timeout_s: float = 5.0) -> None:
+    """Cancel a background task and wait (bounded) until it has stopped; its errors are dropped
+    (the owner is shutting it down). No-op for None."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout_s)
+    except (asyncio.CancelledError, asyncio.TimeoutError, Exception):
+        pass
 
 
 class Backoff:
