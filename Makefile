@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-timing protos check-protos bench clean system-deps
+.PHONY: install demo test protos check-protos bench clean system-deps
 
 # System packages the checks need (promtool for alert rules). Best effort when not root.
 system-deps:
@@ -33,11 +33,7 @@ demo: install
 	$(VENV)/bin/tenax demo
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not timing"
-
-# Tests whose assertions are step-count timings (flaky on a loaded 2-core host).
-test-timing: install
-	$(PY) -m pytest -q -p no:cacheprovider -m timing
+	$(PY) -m pytest -q -p no:cacheprovider
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/tenax.proto

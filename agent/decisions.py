@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protos.plan import Plan, WorkerAssignment
+from protos.plan import Plan, PlanError, WorkerAssignment
+from protos.records import GrowthRecord
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -27,6 +28,9 @@ class LocalWorker:
     alive: bool
     retired: bool = False
     """Left out of a newer plan: it is on its way out and is never adopted again."""
+    preparing: str = ""
+    """The growth id it was started for, while that growth is not committed: it runs outside
+    every plan (``generation`` is the tentative one) and waits to be adopted by the plan."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -34,6 +38,8 @@ class Start:
     assignment: WorkerAssignment
     generation: int
     reason: str
+    growth_id: str = ""
+    """Set for a worker of a growth being prepared (launched with the tentative plan)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -85,11 +91,16 @@ def plan_actions(node: str, local: list[LocalWorker], plan: Plan, *, cancelled: 
       generation gets a new worker (growth, a spare, a restart on a new generation) —
       a worker that finished or failed in this generation is the controller's to re-plan;
     * an assigned slot whose worker was retired earlier and is still exiting waits: the
-      supervisor applies the plan again when that worker is gone.
+      supervisor applies the plan again when that worker is gone;
+    * a worker prepared for a growth (``preparing``) belongs to no plan older than the one
+      it was started for: such plans leave it alone. From that generation on it is like
+      any other: adopted on a slot the plan names (the growth was committed), retired
+      otherwise. A dead one never blocks a start (its growth was never committed).
     """
-    mine = [w for w in local if w.job == plan.job_id]
-    if any(w.generation > plan.generation for w in mine):
+    mine = [w for w in local if w.job == plan.job_id and not (w.preparing and not w.alive)]
+    if any(w.generation > plan.generation for w in mine if not w.preparing):
         return []
+    mine = [w for w in mine if not (w.preparing and w.generation > plan.generation)]
     if cancelled:
         return [Stop(job=w.job, rank=w.rank, slot=w.slot, reason="cancelled") for w in mine if w.alive]
 
@@ -100,7 +111,7 @@ def plan_actions(node: str, local: list[LocalWorker], plan: Plan, *, cancelled: 
             continue
         a = wanted.get(w.slot)
         if a is not None:
-            if w.generation < plan.generation or w.rank != a.rank:
+            if w.generation < plan.generation or w.rank != a.rank or w.preparing:
                 actions.append(Adopt(job=w.job, rank=a.rank, slot=w.slot, generation=plan.generation))
         else:
             actions.append(Retire(job=w.job, rank=w.rank, slot=w.slot,
@@ -114,6 +125,44 @@ def plan_actions(node: str, local: list[LocalWorker], plan: Plan, *, cancelled: 
             continue  # it already ran for this generation
         actions.append(Start(assignment=a, generation=plan.generation,
                              reason=f"plan generation {plan.generation} ({plan.reason or 'no reason'})"))
+    return actions
+
+
+def growth_actions(node: str, local: list[LocalWorker], growth: GrowthRecord | None, *, job: str,
+                   plan_generation: int | None, cancelled: bool = False) -> list[Action]:
+    """What this node does for a job's two-phase growth (controller/recovery.py).
+
+    * PREPARING on the job's current plan (``plan_generation``, None when unknown): start
+      a worker, launched with the tentative plan, on each of this node's joiner slots that
+      has no live worker of the job and did not already run one for this growth id;
+    * a worker still preparing for another growth id, for an ABANDONED growth, or with no
+      growth record at all (deleted) is stopped: that growth will never switch;
+    * COMMITTED: nothing here; plan g+1 adopts the prepared workers (``plan_actions``).
+    """
+    mine = [w for w in local if w.job == job]
+    actions: list[Action] = []
+    keep = growth.id if growth is not None and growth.state in ("PREPARING", "COMMITTED") else None
+    for w in mine:
+        if w.alive and w.preparing and w.preparing != keep:
+            why = "growth abandoned" if growth is not None and growth.id == w.preparing else "growth superseded"
+            actions.append(Stop(job=w.job, rank=w.rank, slot=w.slot, reason=why))
+    if growth is None or growth.state != "PREPARING" or cancelled:
+        return actions
+    if plan_generation is not None and plan_generation != growth.base_generation:
+        return actions  # stale: the controller abandons it on its next pass
+    try:
+        tentative = Plan.from_dict(growth.plan)
+    except PlanError:
+        return actions
+    stopping = {a.slot for a in actions}
+    for slot in sorted(s for n, s in growth.joiner_slots() if n == node):
+        same = [w for w in mine if w.slot == slot]
+        if any(w.alive and w.slot not in stopping for w in same) or any(w.preparing == growth.id for w in same):
+            continue  # busy, or already started (and maybe exited) for this growth
+        assignment = next((a for a in tentative.workers_on(node) if a.slot == slot), None)
+        if assignment is not None:
+            actions.append(Start(assignment=assignment, generation=tentative.generation, growth_id=growth.id,
+                                 reason=f"growth {growth.id}: prepare for generation {tentative.generation}"))
     return actions
 
 

@@ -6,7 +6,9 @@ Tasks of a running agent (all in one asyncio loop)::
     registration   NodeInfo under a lease (TTL, refresh every TTL/3, re-register when lost)
     telemetry      psutil + NVML every few seconds -> Keys.node_health (under the lease), gauges,
                    node condition (HEALTHY/DEGRADED/FAILED) -> NodeInfo when it changes
-    jobs watch     Keys.jobs(): plans naming this node -> Supervisor.apply_plan; cancel -> kill
+    jobs watch     Keys.jobs(): plans naming this node -> Supervisor.apply_plan; cancel -> kill;
+                   growths naming this node -> Supervisor.apply_growth (start the new workers
+                   before the plan switches; stop them if the growth is abandoned)
     supervisor     worker processes, their exits (reported < 100 ms), progress relays
     http           /metrics, /healthz, /logs/<job>/<rank>?offset=N
 
@@ -312,6 +314,8 @@ class Agent:
                 await self._job_ended(job, status.phase)
                 continue
             await self._on_plan(job, plan_kv.value)
+            growth_kv = await self.etcd.get(self.keys.job_growth(job))
+            await self._on_growth(job, growth_kv.value if growth_kv is not None else None)
         return revision
 
     async def _remember_reported(self, job: str, rec, *, first: bool) -> None:
@@ -345,6 +349,8 @@ class Agent:
                 await self._on_plan(job, value)
             else:
                 await self.supervisor.cancel_job(job)  # the job is gone
+        elif rest == "growth":
+            await self._on_growth(job, value if kind == "put" else None)
         elif rest == "cancel" and kind == "put":
             self._cancelled.add(job)
             await self.supervisor.cancel_job(job)
@@ -379,6 +385,29 @@ class Agent:
             return
         spec = await self._spec(job) if plan.workers_on(node) else None
         await self.supervisor.apply_plan(plan, cancelled=job in self._cancelled, spec=spec)
+
+    async def _on_growth(self, job: str, value: str | None) -> None:
+        """A growth record changed (or is gone): start or stop this node's new workers for it."""
+        from protos.plan import Plan, PlanError
+        from protos.records import GrowthRecord, parse_or_none
+
+        growth = parse_or_none(GrowthRecord, value, log, self.keys.job_growth(job)) if value else None
+        node = self.settings.node_id
+        mine = growth is not None and any(n == node for n, _ in growth.joiner_slots())
+        preparing = any(w.job == job and w.preparing for w in self.supervisor.local_views())
+        if not mine and not preparing:
+            return
+        generation = None
+        spec = None
+        if mine and growth.state == "PREPARING":
+            plan_kv = await self.etcd.get(self.keys.job_plan(job))
+            try:  # a growth on a plan that changed meanwhile is stale: start nothing for it
+                generation = Plan.from_json(plan_kv.value).generation if plan_kv is not None else None
+            except PlanError:
+                generation = None
+            spec = await self._spec(job)
+        await self.supervisor.apply_growth(job, growth, plan_generation=generation, spec=spec,
+                                           cancelled=job in self._cancelled)
 
     async def _spec(self, job: str) -> dict[str, Any] | None:
         kv = await self.etcd.get(self.keys.job_spec(job))

@@ -30,6 +30,15 @@ live worker the plan does not name is *retired*: it reads the plan, hands its
 state over at the switch step and exits by itself; the agent stops it only if
 it is still alive ``retire_grace_s`` later. A retired worker no longer writes
 status keys (its old rank key may belong to another worker now).
+
+Two-phase growth (``apply_growth``): for a growth being PREPARED the agent starts
+a worker on each of its joiner slots, launched with the tentative plan g+1 and
+``TENAX_GROWTH_ID``. Such a worker is *preparing*: it runs outside every plan, so
+it writes no status under a rank key (that rank may still belong to a worker of
+plan g); it reports itself READY (Keys.job_joiner) once prepared, and its agent
+writes an exit there if it ends first. When plan g+1 is written (the growth
+committed) it is adopted like a survivor; when the growth is abandoned (or
+replaced) it is stopped. A preparing worker that exited never blocks a later start.
 """
 
 from __future__ import annotations
@@ -47,12 +56,12 @@ from pathlib import Path
 from typing import Any
 
 from agent import metrics
-from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, plan_actions
+from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, growth_actions, plan_actions
 from agent.progress import ProgressRelay
 from controller.etcd import Backoff, Etcd, EtcdError
 from protos.keys import Keys
 from protos.plan import Plan, WorkerAssignment
-from protos.records import WorkerStatusRecord
+from protos.records import GrowthRecord, JoinerRecord, WorkerStatusRecord
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +116,8 @@ class Worker:
     """Set once the exit is written to etcd."""
     retired: bool = False
     """Not in the job's current plan any more (see the module docstring)."""
+    preparing: str = ""
+    """The growth id while the worker waits for its growth to be committed (module docstring)."""
     _report_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -115,7 +126,7 @@ class Worker:
 
     def view(self) -> LocalWorker:
         return LocalWorker(job=self.job, rank=self.rank, slot=self.slot, generation=self.generation,
-                           alive=self.alive, retired=self.retired)
+                           alive=self.alive, retired=self.retired, preparing=self.preparing)
 
 
 class Supervisor:
@@ -138,6 +149,10 @@ class Supervisor:
         """(job, rank in the worker's current generation) -> worker."""
         self.retired: dict[tuple[str, int], Worker] = {}
         """(job, slot) -> a worker the current plan no longer names (it exits by itself)."""
+        self.preparing: dict[tuple[str, int], Worker] = {}
+        """(job, slot) -> a worker started for a growth that is not committed yet (it may have exited)."""
+        self._growths: dict[str, tuple[GrowthRecord | None, int | None, dict[str, Any] | None]] = {}
+        """job -> the latest growth applied (with the plan generation and spec it was applied with)."""
         self.retire_grace_s = retire_grace_s
         self._plans: dict[str, tuple[Plan, dict[str, Any] | None]] = {}
         """job -> the latest plan applied (and its spec), to apply again when a retired worker is gone."""
@@ -149,10 +164,10 @@ class Supervisor:
 
     # ---------------------------------------------------------------- plans
     def local_views(self) -> list[LocalWorker]:
-        return self._history + [w.view() for w in self.workers.values()] + [w.view() for w in self.retired.values()]
+        return self._history + [w.view() for w in self.all_workers()]
 
     def all_workers(self) -> list[Worker]:
-        return list(self.workers.values()) + list(self.retired.values())
+        return list(self.workers.values()) + list(self.retired.values()) + list(self.preparing.values())
 
     def remember(self, view: LocalWorker) -> None:
         """Record a worker that ran for a generation (so it is not started again)."""
@@ -186,6 +201,30 @@ class Supervisor:
             self._export_counts()
             return actions
 
+    async def apply_growth(self, job: str, growth: GrowthRecord | None, *, plan_generation: int | None,
+                           spec: dict[str, Any] | None = None, cancelled: bool = False) -> list:
+        """Start the workers of a growth being prepared, or stop those of one that will never switch."""
+        async with self._lock:
+            self._growths[job] = (growth, plan_generation, spec)
+            actions = growth_actions(self.node_id, self.local_views(), growth, job=job,
+                                     plan_generation=plan_generation, cancelled=cancelled)
+            for action in actions:
+                log.info("job %s: %s", job, action)
+            stops = [self._stop_worker(w, a.reason) for a in actions if isinstance(a, Stop)
+                     for w in list(self.preparing.values()) if w.job == a.job and w.slot == a.slot and w.alive]
+            if stops:
+                await asyncio.gather(*stops)
+            for action in actions:
+                if isinstance(action, Start) and growth is not None:
+                    tentative = Plan.from_dict(growth.plan)
+                    try:
+                        await self._start(tentative, action.assignment, spec, growth_id=action.growth_id)
+                    except OSError as exc:
+                        await self._report_start_failure(tentative, action.assignment, exc,
+                                                         growth_id=action.growth_id)
+            self._export_counts()
+            return actions
+
     def _live_on_slot(self, job: str, slot: int, *, retired: bool = False) -> Worker | None:
         for w in self.all_workers():
             if w.job == job and w.slot == slot and w.alive and w.retired == retired:
@@ -200,8 +239,11 @@ class Supervisor:
             worker = self._live_on_slot(action.job, action.slot)
             if worker is None:
                 continue
-            self.workers.pop((worker.job, worker.rank), None)
+            if self.workers.get((worker.job, worker.rank)) is worker:
+                del self.workers[(worker.job, worker.rank)]
             self.retired.pop((worker.job, worker.slot), None)
+            if self.preparing.get((worker.job, worker.slot)) is worker:
+                del self.preparing[(worker.job, worker.slot)]
             moving.append((worker, action))
         for worker, action in moving:
             old = self.workers.get((worker.job, action.rank))
@@ -209,6 +251,7 @@ class Supervisor:
                 self._history.append(old.view())  # an exited worker that held this rank before
             a = plan.worker(action.rank)
             worker.rank, worker.generation, worker.retired = action.rank, action.generation, False
+            worker.preparing = ""  # its growth was committed: from now on a worker of the plan
             self.workers[(worker.job, worker.rank)] = worker
             if worker.relay:
                 worker.relay.set_role(action.generation, action.rank, _is_metrics_rank(plan, a))
@@ -220,7 +263,9 @@ class Supervisor:
             return
         if self.workers.get((worker.job, worker.rank)) is worker:
             del self.workers[(worker.job, worker.rank)]
-        worker.retired = True
+        if self.preparing.get((worker.job, worker.slot)) is worker:
+            del self.preparing[(worker.job, worker.slot)]  # a newer plan left its growth behind
+        worker.retired, worker.preparing = True, ""
         self.retired[(worker.job, worker.slot)] = worker
         log.info("job %s: rank %d on slot %d retired (%s); stopped in %.0f s unless it exits", worker.job,
                  worker.rank, worker.slot, action.reason, self.retire_grace_s)
@@ -237,13 +282,17 @@ class Supervisor:
                             worker.job, worker.slot, self.retire_grace_s)
                 await self._stop_worker(worker, reason)
         await worker.exit_reported.wait()
-        # its slot may be assigned in the latest plan (a start that had to wait for it)
+        # its slot may be assigned in the latest plan or growth (a start that had to wait for it)
         latest = self._plans.get(worker.job)
         if latest is not None:
             await self.apply_plan(latest[0], spec=latest[1])
+        growth = self._growths.get(worker.job)
+        if growth is not None and growth[0] is not None:
+            await self.apply_growth(worker.job, growth[0], plan_generation=growth[1], spec=growth[2])
 
     async def cancel_job(self, job: str, reason: str = "cancelled") -> None:
         self._plans.pop(job, None)  # nothing of this job is (re)started after this
+        self._growths.pop(job, None)
         stops = [self._stop_worker(w, reason) for w in self.all_workers() if w.job == job and w.alive]
         if stops:
             await asyncio.gather(*stops)
@@ -259,10 +308,12 @@ class Supervisor:
                         gauge.remove(job, str(w.rank))
                     except KeyError:
                         pass
-        for key, w in list(self.retired.items()):
-            if key[0] == job and not w.alive:
-                del self.retired[key]
+        for table in (self.retired, self.preparing):
+            for key, w in list(table.items()):
+                if key[0] == job and not w.alive:
+                    del table[key]
         self._plans.pop(job, None)
+        self._growths.pop(job, None)
         self._history = [h for h in self._history if h.job != job]
 
     # ---------------------------------------------------------------- start
@@ -282,7 +333,8 @@ class Supervisor:
         job_dir = self._job_dir(job)
         return job_dir / f"{stem}.log", job_dir / f"{stem}.metrics.jsonl"
 
-    async def _start(self, plan: Plan, a: WorkerAssignment, spec: dict[str, Any] | None) -> None:
+    async def _start(self, plan: Plan, a: WorkerAssignment, spec: dict[str, Any] | None, *,
+                     growth_id: str = "") -> None:
         job_dir = self._job_dir(plan.job_id)
         run_dir = job_dir / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -303,6 +355,10 @@ class Supervisor:
             "TENAX_NODE_ID": self.node_id,
             "PYTHONUNBUFFERED": "1",
         })
+        if growth_id:
+            env["TENAX_GROWTH_ID"] = growth_id  # prepare, say READY, join only once plan g+1 is written
+        else:
+            env.pop("TENAX_GROWTH_ID", None)
         device = str(((spec or {}).get("resources") or {}).get("device", "cpu"))
         # CPU jobs must not grab a GPU of this host; CUDA jobs get exactly their slot.
         env["CUDA_VISIBLE_DEVICES"] = str(a.slot) if device == "cuda" else ""
@@ -315,11 +371,15 @@ class Supervisor:
                 *with_parent_death_signal(self.worker_command, os.getpid()), env=env, cwd=str(run_dir),
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         worker = Worker(job=plan.job_id, rank=a.rank, slot=a.slot, generation=plan.generation, pid=proc.pid,
-                        proc=proc, log_path=log_path, metrics_path=metrics_path, started=time.time())
-        old = self.workers.get((plan.job_id, a.rank))
-        if old is not None:
-            self._history.append(old.view())
-        self.workers[(plan.job_id, a.rank)] = worker
+                        proc=proc, log_path=log_path, metrics_path=metrics_path, started=time.time(),
+                        preparing=growth_id)
+        if growth_id:
+            self.preparing[(plan.job_id, a.slot)] = worker  # its rank key may still be a plan-g worker's
+        else:
+            old = self.workers.get((plan.job_id, a.rank))
+            if old is not None:
+                self._history.append(old.view())
+            self.workers[(plan.job_id, a.rank)] = worker
         worker.relay = ProgressRelay(etcd=self.etcd, keys=self.keys, job=plan.job_id, rank=a.rank,
                                      path=metrics_path, offset=offset, generation=plan.generation,
                                      min_interval_s=self.progress_interval_s,
@@ -328,12 +388,20 @@ class Supervisor:
         worker.relay.start()
         self._spawn(self._watch_exit(worker))
         self._spawn(self._report(worker))
-        log.info("started job %s rank %d (pid %d, slot %d, generation %d)", plan.job_id, a.rank, proc.pid,
-                 a.slot, plan.generation)
+        log.info("started job %s rank %d (pid %d, slot %d, generation %d%s)", plan.job_id, a.rank, proc.pid,
+                 a.slot, plan.generation, f", preparing for growth {growth_id}" if growth_id else "")
 
-    async def _report_start_failure(self, plan: Plan, a: WorkerAssignment, exc: OSError) -> None:
+    async def _report_start_failure(self, plan: Plan, a: WorkerAssignment, exc: OSError, *,
+                                    growth_id: str = "") -> None:
         log.error("job %s rank %d could not start: %r", plan.job_id, a.rank, exc)
         metrics.WORKER_EXITS.labels("error").inc()
+        if growth_id:  # the growth is abandoned on this report; never tried again for this id
+            self._history.append(LocalWorker(job=plan.job_id, rank=a.rank, slot=a.slot, generation=plan.generation,
+                                             alive=False, preparing=growth_id))
+            await self._put_joiner(plan.job_id, JoinerRecord(
+                growth_id=growth_id, node=self.node_id, slot=a.slot, state="FAILED", time=time.time(),
+                reason=f"could not start the worker: {exc}"))
+            return
         self._history.append(LocalWorker(job=plan.job_id, rank=a.rank, slot=a.slot, generation=plan.generation,
                                          alive=False))
         record = WorkerStatusRecord(rank=a.rank, node=self.node_id, state="FAILED", slot=a.slot, exit_code=127,
@@ -385,8 +453,27 @@ class Supervisor:
         record.update(reason=worker.stop_reason, log=str(worker.log_path), started=worker.started)
         return record
 
+    async def _put_joiner(self, job: str, record: JoinerRecord, *, tries: int = 20) -> None:
+        """Write a joiner record, retrying for a while (the growth deadline covers a lost one)."""
+        backoff = Backoff(0.05, 1.0)
+        for _ in range(tries):
+            try:
+                await self.etcd.put(self.keys.job_joiner(job, record.node, record.slot), record.to_json())
+                return
+            except EtcdError as exc:
+                log.warning("joiner record of job %s slot %d not written (will retry): %r", job, record.slot, exc)
+                await backoff.sleep()
+
     async def _report(self, worker: Worker) -> None:
-        """Write the worker's current status; retry while etcd is unavailable (the latest state wins)."""
+        """Write the worker's current status; retry while etcd is unavailable (the latest state wins).
+        A preparing worker has no rank key yet: only its exit is reported, as a joiner record."""
+        if worker.preparing:
+            if not worker.alive:  # ended before its growth switched: the controller abandons it now
+                await self._put_joiner(worker.job, JoinerRecord(
+                    growth_id=worker.preparing, node=self.node_id, slot=worker.slot, state=worker.state,
+                    pid=worker.pid, time=time.time(), reason=worker.stop_reason or (
+                        f"signal {worker.signal}" if worker.signal else f"exit code {worker.exit_code}")))
+            return
         backoff = Backoff(0.05, 1.0)
         async with worker._report_lock:
             while True:

@@ -20,7 +20,11 @@ Straggler: every rank's step takes the same wall time (the fast ranks wait for
 the slow one in collectives), so the statistic uses compute time
 (forward + backward) instead: a robust z-score against the median across
 the ranks of the same pipeline stage, in MAD units, flagged when it stays high
-over a window of steps.
+over a window of steps. The window is ``window_steps`` steps and, when step
+times are known, at least ``min_window_s`` seconds (``decision_window``): with
+steps of a few dozen milliseconds, a host busy with something else for one
+second makes one rank slow for a whole window of steps, and a plan change is
+not worth a blip.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ from dataclasses import dataclass, field
 
 # 1.4826 * MAD estimates the standard deviation of normally distributed data.
 MAD_TO_SIGMA = 1.4826
+
+MAX_WINDOW_STEPS = 60
+"""The time floor (``StragglerSettings.min_window_s``) never stretches a window past this many
+steps: the agents relay each rank's last 64 steps (agent/rank_health.py ``KEEP_STEPS``)."""
 
 
 # --------------------------------------------------------------------- hang
@@ -169,11 +177,15 @@ class StragglerSettings:
     stops near-identical ranks from dividing by ~0."""
     window_steps: int = 20
     """Recent steps the decision looks at (steps, >= 1)."""
+    min_window_s: float = 2.0
+    """The window also spans at least this many seconds of steps when step times are known
+    (seconds, >= 0; at most ``MAX_WINDOW_STEPS`` steps): a rank slow for less is not flagged."""
     flag_fraction: float = 0.8
     """Fraction of the window in which a rank must be slow to be flagged (0, 1]."""
     evict_slowdown: float = 0.3
-    """With policy ``evict``: a rank slower per sample than the median by at least this
-    fraction (0.3 = 30%) through the window is replaced by a spare, if one exists."""
+    """With policy ``evict``: a rank slow through the window (as for a flag) whose median compute
+    per sample is at least this fraction (0.3 = 30%) above its peers' is replaced by a spare,
+    if one exists."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.z_threshold) and self.z_threshold > 0):
@@ -184,6 +196,8 @@ class StragglerSettings:
             raise ValueError(f"mad_floor: must be > 0, got {self.mad_floor}")
         if isinstance(self.window_steps, bool) or not isinstance(self.window_steps, int) or self.window_steps < 1:
             raise ValueError(f"window_steps: must be an integer >= 1, got {self.window_steps!r}")
+        if not (math.isfinite(self.min_window_s) and self.min_window_s >= 0):
+            raise ValueError(f"min_window_s: must be >= 0 seconds, got {self.min_window_s}")
         if not 0 < self.flag_fraction <= 1:
             raise ValueError(f"flag_fraction: must be in (0, 1], got {self.flag_fraction}")
         if not (math.isfinite(self.evict_slowdown) and self.evict_slowdown > 0):
@@ -191,8 +205,13 @@ class StragglerSettings:
 
     @property
     def min_flagged_steps(self) -> int:
-        """Slow steps within the window needed to flag a rank."""
-        return math.ceil(self.flag_fraction * self.window_steps - 1e-9)
+        """Slow steps within a window of ``window_steps`` needed to flag a rank."""
+        return self.flagged_steps_needed(self.window_steps)
+
+    def flagged_steps_needed(self, window_len: int) -> int:
+        """Slow steps needed to flag a rank in a window of ``window_len`` steps (never fewer than
+        in a window of ``window_steps``)."""
+        return math.ceil(self.flag_fraction * max(window_len, self.window_steps) - 1e-9)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -204,6 +223,8 @@ class StepTiming:
     """Forward + backward time per global rank."""
     collective_wait_s: Mapping[int, float] = field(default_factory=dict)
     """Time spent waiting in collectives per rank (optional; used in the reason only)."""
+    step_time_s: float = 0.0
+    """Wall time of the step (seconds; 0: unknown); sizes the window in time."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -277,16 +298,41 @@ def _slow_in_step(compute_s: Mapping[int, float], settings: StragglerSettings, p
     return slow
 
 
+def decision_window(window: Sequence[StepTiming], settings: StragglerSettings) -> tuple[list[StepTiming], bool]:
+    """The recent steps a straggler decision looks at, and whether they span enough time.
+
+    The last ``window_steps`` steps, stretched back (up to ``MAX_WINDOW_STEPS``) until they span
+    ``min_window_s`` seconds. When a step's time is unknown (0), the step count alone decides.
+    The bool is False while the available steps span less than ``min_window_s`` (and are fewer
+    than ``MAX_WINDOW_STEPS``): too little evidence to flag anyone yet.
+    """
+    start = max(len(window) - settings.window_steps, 0)
+    if any(t.step_time_s <= 0 for t in window[start:]):
+        return list(window[start:]), True
+    span = sum(t.step_time_s for t in window[start:])
+    limit = max(settings.window_steps, MAX_WINDOW_STEPS)
+    while span < settings.min_window_s and start > 0 and len(window) - start < limit \
+            and window[start - 1].step_time_s > 0:
+        start -= 1
+        span += window[start].step_time_s
+    recent = list(window[start:])
+    return recent, span >= settings.min_window_s or len(recent) >= limit
+
+
 def flag_stragglers(
     window: Sequence[StepTiming], settings: StragglerSettings, pp: int = 1
 ) -> tuple[tuple[int, ...], dict[int, int]]:
-    """Ranks slow in at least ``min_flagged_steps`` of the last ``window_steps`` steps,
-    and how many slow steps each rank had."""
+    """Ranks slow in at least ``flag_fraction`` of the decision window (``decision_window``;
+    never fewer than ``min_flagged_steps``), and how many slow steps each rank had there."""
+    recent, long_enough = decision_window(window, settings)
     slow_steps: dict[int, int] = {}
-    for timing in window[-settings.window_steps:]:
+    for timing in recent:
         for rank in _slow_in_step(timing.compute_s, settings, pp):
             slow_steps[rank] = slow_steps.get(rank, 0) + 1
-    flagged = tuple(sorted(r for r, n in slow_steps.items() if n >= settings.min_flagged_steps))
+    if not long_enough:
+        return (), slow_steps
+    need = settings.flagged_steps_needed(len(recent))
+    flagged = tuple(sorted(r for r, n in slow_steps.items() if n >= need))
     return flagged, slow_steps
 
 
@@ -370,7 +416,7 @@ def decide_straggler(
 
     ``shares`` are the current per-dp-rank sample shares of the plan; their sum
     is the global batch, which a rebalance keeps. ``window`` is the most recent
-    steps, oldest first (only the last ``window_steps`` are used), all run under
+    steps, oldest first (only the ``decision_window`` of it is used), all run under
     these shares: the caller starts a new window when a plan changes them, or
     the per-sample speeds would mix two share layouts.
     """
@@ -378,21 +424,25 @@ def decide_straggler(
         raise ValueError(f"pp: must be >= 1, got {pp}")
     if not shares or any(s < 1 for s in shares):
         raise ValueError(f"shares: need one positive share per dp rank, got {list(shares)}")
-    recent = list(window[-settings.window_steps:])
+    recent, _ = decision_window(window, settings)
     if not recent:
         return StragglerDecision(), "no step timings yet"
     scores = robust_scores(recent[-1].compute_s, settings, pp)
-    flagged, slow_steps = flag_stragglers(recent, settings, pp)
+    flagged, slow_steps = flag_stragglers(window, settings, pp)
     per_sample = per_sample_seconds(recent, shares, pp)
 
     if policy is StragglerPolicy.EVICT:
-        evict = _persistently_slow_per_sample(recent, shares, pp, settings)
+        evict = _persistently_slow_per_sample(window, shares, pp, settings)
         if evict and spare_available:
+            # a rank evicted for being slow is a flagged straggler too, even if its z-score
+            # criterion has not filled the window yet
             return StragglerDecision(
-                action=StragglerAction.EVICT, flagged_ranks=flagged, scores=scores, evict_ranks=evict
+                action=StragglerAction.EVICT, flagged_ranks=tuple(sorted(set(flagged) | set(evict))),
+                scores=scores, evict_ranks=evict,
             ), (
-                f"evict ranks {list(evict)}: at least {settings.evict_slowdown:.0%} slower per sample than the "
-                f"median in {settings.min_flagged_steps}+ of the last {len(recent)} steps, and a spare exists"
+                f"evict ranks {list(evict)}: slower per sample than their peers in "
+                f"{settings.flagged_steps_needed(len(recent))}+ of the last {len(recent)} steps, by at least "
+                f"{settings.evict_slowdown:.0%} (median), and a spare exists"
             )
     if not flagged:
         return StragglerDecision(scores=scores), (
@@ -424,18 +474,27 @@ def decide_straggler(
 def _persistently_slow_per_sample(
     window: Sequence[StepTiming], shares: Sequence[int], pp: int, settings: StragglerSettings
 ) -> tuple[int, ...]:
-    """Global ranks slower per sample than the median of the other ranks of their
-    stage by ``evict_slowdown`` in ``min_flagged_steps`` of the window. Per
-    sample, so a rank that a rebalance has already relieved still counts as slow
-    hardware."""
-    slow_steps: dict[int, int] = {}
-    for timing in window:
+    """Global ranks to evict: over the decision window, slower per sample than the median of
+    the other ranks of their stage (by ``min_slowdown``) in as many steps as a flag needs, and
+    by at least ``evict_slowdown`` in the median over the window. Per sample, so a rank that a
+    rebalance has already relieved still counts as slow hardware. The persistence and the size
+    are judged apart so that a few noisy steps near the threshold do not turn an eviction into
+    a rebalance (and a second plan change later)."""
+    recent, long_enough = decision_window(window, settings)
+    if not long_enough:
+        return ()
+    ratios: dict[int, list[float]] = {}
+    for timing in recent:
         per_sample = {r: t / shares[r // pp] for r, t in timing.compute_s.items() if r // pp < len(shares)}
         for rank, t in per_sample.items():
             peers = [x for r, x in per_sample.items() if r != rank and r % pp == rank % pp]
-            if peers and t >= (1 + settings.evict_slowdown) * statistics.median(peers):
-                slow_steps[rank] = slow_steps.get(rank, 0) + 1
-    return tuple(sorted(r for r, n in slow_steps.items() if n >= settings.min_flagged_steps))
+            if peers and statistics.median(peers) > 0:
+                ratios.setdefault(rank, []).append(t / statistics.median(peers))
+    need = settings.flagged_steps_needed(len(recent))
+    return tuple(sorted(
+        r for r, xs in ratios.items()
+        if sum(x >= 1 + settings.min_slowdown for x in xs) >= need
+        and statistics.median(xs) >= 1 + settings.evict_slowdown))
 
 
 def _evidence(

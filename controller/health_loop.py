@@ -10,7 +10,8 @@ asks the pure decisions of controller/detection.py, and acts:
             ``tenax chaos kill``); the worker's exit starts the recovery
             (controller/recovery.py). ``tenax_hangs_detected_total``.
 * straggler per-step compute times of every rank -> robust z-scores
-            (``tenax_straggler_score``), flagged ranks (``tenax_stragglers_flagged_total``),
+            (``tenax_straggler_score``), flagged ranks (``tenax_stragglers_flagged_total``
+            and a ``straggler`` job event in etcd, see ``straggler_event``),
             and per the job's ``elastic.straggler_policy``: ``rebalance`` sample shares
             at a step boundary (``Recovery.request_rebalance``; the global batch is
             unchanged), ``evict`` a persistently slow rank to a spare at a step boundary
@@ -52,13 +53,16 @@ from controller.detection import (
     StragglerPolicy,
     StragglerSettings,
     decide_straggler,
+    decision_window,
     detect_hang,
     per_sample_seconds,
 )
 from controller.decisions import even_shares
+from controller.recovery_decisions import failed_slots
 from controller.etcd import EtcdError
 from controller.state import JobView, NodeSummary, jobs_from, nodes_from
 from protos.plan import Plan
+from protos.records import JobEventRecord
 
 if TYPE_CHECKING:
     from controller.server import Controller
@@ -66,6 +70,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("tenax.controller.health")
 
 BAD_CONDITIONS = ("DEGRADED", "FAILED")
+
+STRAGGLER_EVENT_PART = 5
+"""The straggler event of plan generation g sits at ``Keys.job_event(job, g * 10 + 5)``: job
+events sort by generation, and controller/recovery.py writes parts 0 (plan) and 1 (recovery)."""
 
 
 @dataclass(kw_only=True)
@@ -94,7 +102,8 @@ class HealthSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "HealthSettings":
         """TENAX_HEALTH_INTERVAL_S, TENAX_HANG_K, TENAX_HANG_FLOOR_S, TENAX_HANG_STARTUP_S,
-        TENAX_STRAGGLER_WINDOW, TENAX_STRAGGLER_Z, TENAX_DRAIN_DEGRADED (0/1). Raises ValueError."""
+        TENAX_STRAGGLER_WINDOW, TENAX_STRAGGLER_WINDOW_S, TENAX_STRAGGLER_Z, TENAX_DRAIN_DEGRADED (0/1).
+        Raises ValueError."""
         env = os.environ if env is None else env
 
         def number(name: str, default: float) -> float:
@@ -109,7 +118,8 @@ class HealthSettings:
         window = number("TENAX_STRAGGLER_WINDOW", 20)
         if window != int(window):
             raise ValueError(f"TENAX_STRAGGLER_WINDOW: must be an integer number of steps, got {window}")
-        straggler = StragglerSettings(window_steps=int(window), z_threshold=number("TENAX_STRAGGLER_Z", 3.5))
+        straggler = StragglerSettings(window_steps=int(window), z_threshold=number("TENAX_STRAGGLER_Z", 3.5),
+                                      min_window_s=number("TENAX_STRAGGLER_WINDOW_S", 2.0))
         drain = env.get("TENAX_DRAIN_DEGRADED", "1")
         if drain not in ("0", "1"):
             raise ValueError(f"TENAX_DRAIN_DEGRADED: must be 0 or 1, got {drain!r}")
@@ -181,26 +191,27 @@ def step_window(plan: Plan, ranks: Mapping[int, Mapping[str, Any]]) -> list[Step
     rank's excess over it is time spent waiting for a slower peer.
     """
     even = sum(plan.sample_shares) / plan.dp
-    per_step: dict[int, dict[int, tuple[float, float]]] = {}
+    per_step: dict[int, dict[int, tuple[float, float, float]]] = {}
     for w in plan.workers:
         entry = ranks.get(w.rank) or {}
         steps = entry.get("steps")
         for item in steps if isinstance(steps, list) else []:
             if not (isinstance(item, list) and len(item) >= 5):
                 continue
-            step, compute, collective, _step_time, generation = item[:5]
+            step, compute, collective, step_time, generation = item[:5]
             if int(_number(generation)) != plan.generation or _number(compute, -1.0) <= 0:
                 continue
             scaled = float(compute) * even / plan.sample_shares[w.dp_rank]
-            per_step.setdefault(int(_number(step)), {})[w.rank] = (scaled, _number(collective))
+            per_step.setdefault(int(_number(step)), {})[w.rank] = (scaled, _number(collective), _number(step_time))
     window = []
     for step in sorted(per_step):
         timings = per_step[step]
         if len(timings) != plan.world_size:
             continue  # a step some rank has not reported (yet)
-        fastest = min(c for _, c in timings.values())
+        fastest = min(t[1] for t in timings.values())
         window.append(StepTiming(step=step, compute_s={r: t[0] for r, t in timings.items()},
-                                 collective_wait_s={r: max(t[1] - fastest, 0.0) for r, t in timings.items()}))
+                                 collective_wait_s={r: max(t[1] - fastest, 0.0) for r, t in timings.items()},
+                                 step_time_s=max(t[2] for t in timings.values())))
     return window
 
 
@@ -278,10 +289,20 @@ def nodes_to_drain(nodes: Mapping[str, NodeSummary]) -> list[tuple[str, str]]:
     return out
 
 
-def spare_exists(nodes: Mapping[str, NodeSummary]) -> bool:
-    """A free slot on a ready, uncordoned, healthy node."""
-    return any(n.registered and n.cordon is None and str(n.record.get("condition", "HEALTHY")) == "HEALTHY"
-               and int(n.record.get("slots", 0) or 0) > n.used_slots for n in nodes.values())
+def spare_exists(nodes: Mapping[str, NodeSummary], avoid: frozenset[tuple[str, int]] | set = frozenset()) -> bool:
+    """A free slot on a ready, uncordoned, healthy node, other than the (node, slot)s in ``avoid``
+    (slots the job evicted a straggler from, or where a worker of it failed)."""
+    for n in nodes.values():
+        if not (n.registered and n.cordon is None and str(n.record.get("condition", "HEALTHY")) == "HEALTHY"):
+            continue
+        slots = int(n.record.get("slots", 0) or 0)
+        if n.used:
+            free = [s for s in range(slots) if s not in n.used]
+        else:  # only a count is known
+            free = list(range(n.used_slots, slots))
+        if any((n.id, s) not in avoid for s in free):
+            return True
+    return False
 
 
 def policy_of(job: JobView) -> StragglerPolicy:
@@ -289,6 +310,39 @@ def policy_of(job: JobView) -> StragglerPolicy:
         return StragglerPolicy(job.spec.elastic.straggler_policy)
     except ValueError:
         return StragglerPolicy.ALERT
+
+
+def latest_step_seen(plan: Plan, ranks: Mapping[int, Mapping[str, Any]]) -> int:
+    """The highest step any rank of the plan reported at the plan's generation (0: none yet)."""
+    steps = [int(_number(e.get("step"))) for r, e in ranks.items()
+             if r < plan.world_size and int(_number(e.get("generation"))) == plan.generation]
+    return max(steps, default=0)
+
+
+def straggler_event(data: Mapping[str, Any], *, generation: int, policy: str, flagged: Mapping[int, float],
+                    decided_at_step: int, seen_step: int, now: float) -> dict[str, Any]:
+    """The data of a job's ``straggler`` event for one plan generation, with ``flagged``
+    (rank -> its robust z-score) added to what ``data`` (the event so far, or {}) holds. Pure.
+
+    Per rank, the first time it was flagged in this generation: ``step`` = the decision
+    step (the newest step of the window the decision was made on: every rank had reported
+    it), ``seen_step`` = the newest step any rank had reported (the controller's view of the
+    job's progress), ``time`` (unix seconds), ``score``. Ranks already recorded keep their
+    entry. ``action`` / ``action_step`` / ``action_reason`` are added by ``with_action``.
+    """
+    out = {"generation": generation, "policy": policy, "flagged": dict(data.get("flagged") or {}),
+           **{k: v for k, v in data.items() if k not in ("generation", "policy", "flagged")}}
+    for rank, score in flagged.items():
+        out["flagged"].setdefault(str(rank), {"step": decided_at_step, "seen_step": max(seen_step, decided_at_step),
+                                              "time": now, "score": round(float(score), 3)})
+    return out
+
+
+def with_action(data: Mapping[str, Any], *, action: str, decided_at_step: int, reason: str,
+                ranks: Sequence[int] = ()) -> dict[str, Any]:
+    """``data`` (a straggler event) with the plan the health loop asked for. Pure."""
+    return {**data, "action": action, "action_step": decided_at_step, "action_ranks": sorted(ranks),
+            "action_reason": reason[:500]}
 
 
 # ------------------------------------------------------------------ the loop
@@ -301,6 +355,8 @@ class _JobMemory:
     acted: bool = False
     """A straggler action (rebalance/evict) was requested in this generation."""
     last_reason: str = ""
+    event: dict[str, Any] = field(default_factory=dict)
+    """The data of this generation's ``straggler`` job event as last written ({}: none yet)."""
 
 
 class HealthLoop:
@@ -314,6 +370,10 @@ class HealthLoop:
         biased by per-step fixed costs (a rank with fewer samples looks slower per sample), so
         re-deciding from the rebalanced shares would shrink the slow rank's share step after
         step; a job is rebalanced again only for a different set of slow ranks."""
+        self._evicted: dict[str, set[tuple[str, int]]] = {}
+        """job -> the (node, slot)s it evicted stragglers from: no longer a spare for that job (the
+        slow hardware is still there; a second eviction must not bring a rank back to it). Kept by
+        this leader only (a new leader may evict to such a slot once more)."""
         self.actions: list[tuple[str, str, str]] = []
         """(kind, target, reason) of every action taken (logs, tests)."""
 
@@ -337,6 +397,7 @@ class HealthLoop:
         for gone in set(self._jobs) - {j.id for j in jobs.values() if j.active}:
             del self._jobs[gone]
             self._rebalanced_for.pop(gone, None)
+            self._evicted.pop(gone, None)
         if self.settings.drain_degraded:
             await self._drain_degraded(nodes)
 
@@ -353,7 +414,7 @@ class HealthLoop:
         ranks = telemetry_ranks(raw)
         if job.status.phase == "RUNNING":
             await self._check_hang(job, ranks, memory, now)
-        await self._check_stragglers(job, ranks, nodes, memory)
+        await self._check_stragglers(job, ranks, nodes, memory, now)
 
     # ---------------------------------------------------------------- hang
     async def _check_hang(self, job: JobView, ranks, memory: _JobMemory, now: float) -> None:
@@ -371,7 +432,7 @@ class HealthLoop:
             self.actions.append(("kill", f"{job.id}/{rank}", reason))
 
     # ---------------------------------------------------------------- stragglers
-    async def _check_stragglers(self, job: JobView, ranks, nodes, memory: _JobMemory) -> None:
+    async def _check_stragglers(self, job: JobView, ranks, nodes, memory: _JobMemory, now: float) -> None:
         plan = job.plan
         window = step_window(plan, ranks)
         if not window:
@@ -379,18 +440,28 @@ class HealthLoop:
         # the window holds compute scaled to even shares, so the decision sees even shares too;
         # the shares it proposes depend only on the per-sample speeds
         even = even_shares(sum(plan.sample_shares), plan.dp)
+        avoid = failed_slots(plan) | self._evicted.get(job.id, set())
         decision, reason = decide_straggler(
             window, policy=policy_of(job), shares=even, micro_batch=job.spec.micro_batch_size,
-            pp=plan.pp, spare_available=spare_exists(nodes), settings=self.settings.straggler)
+            pp=plan.pp, spare_available=spare_exists(nodes, avoid), settings=self.settings.straggler)
         for rank, score in decision.scores.items():
             metrics.STRAGGLER_SCORE.labels(job.id, str(rank)).set(score)
-        for rank in decision.flagged_ranks:
-            if rank not in memory.flagged:
+        decided_at = window[-1].step
+        new = [rank for rank in decision.flagged_ranks if rank not in memory.flagged]
+        if new:
+            # the record first: if etcd refuses it, the next pass flags (and counts) these ranks again
+            event = straggler_event(memory.event, generation=plan.generation, policy=policy_of(job).value,
+                                    flagged={r: decision.scores.get(r, 0.0) for r in new},
+                                    decided_at_step=decided_at, seen_step=latest_step_seen(plan, ranks), now=now)
+            await self._write_event(job, memory, event, now)
+            for rank in new:
                 memory.flagged.add(rank)
                 metrics.STRAGGLERS_FLAGGED.labels(job.id).inc()
-                log.warning("job %s rank %d flagged as a straggler: %s", job.id, rank, reason)
+                log.warning("job %s rank %d flagged as a straggler at step %d: %s", job.id, rank, decided_at, reason)
                 self.actions.append(("flag", f"{job.id}/{rank}", reason))
-        if memory.acted or job.status.phase != "RUNNING" or len(window) < self.settings.straggler.window_steps:
+        recent, long_enough = decision_window(window, self.settings.straggler)
+        if memory.acted or job.status.phase != "RUNNING" or len(recent) < self.settings.straggler.window_steps \
+                or not long_enough:
             return  # one plan per generation; decide only on a full window
         if decision.action is StragglerAction.REBALANCE:
             if self._rebalanced_for.get(job.id) == frozenset(decision.flagged_ranks):
@@ -399,7 +470,7 @@ class HealthLoop:
                     log.info("job %s: ranks %s already rebalanced for; alert only (%s)", job.id,
                              list(decision.flagged_ranks), reason)
                 return
-            speeds = per_sample_seconds(window[-self.settings.straggler.window_steps:], even, plan.pp)
+            speeds = per_sample_seconds(recent, even, plan.pp)
             if not worth_rebalancing(plan.sample_shares, decision.shares, [speeds[d] for d in range(plan.dp)],
                                      self.settings.min_rebalance_gain):
                 if memory.last_reason != "balanced":
@@ -407,29 +478,47 @@ class HealthLoop:
                     log.info("job %s: shares %s already fit the ranks' speeds (%s)", job.id,
                              list(plan.sample_shares), reason)
                 return
-            at_step = window[-1].step + self.settings.switch_ahead_steps
-            await self._request(job, memory, "rebalance", reason,
+            at_step = decided_at + self.settings.switch_ahead_steps
+            await self._request(job, memory, "rebalance", reason, decided_at, decision.flagged_ranks, now,
                                 self.c.recovery.request_rebalance(job.id, list(decision.shares), at_step=at_step,
                                                                   cause="straggler-rebalance"))
             if memory.acted:
                 self._rebalanced_for[job.id] = frozenset(decision.flagged_ranks)
         elif decision.action is StragglerAction.EVICT:
-            await self._request(job, memory, "evict", reason,
+            await self._request(job, memory, "evict", reason, decided_at, decision.evict_ranks, now,
                                 self.c.recovery.request_migration(job.id, decision.evict_ranks,
                                                                   cause="straggler-evict"))
+            if memory.acted:
+                self._evicted.setdefault(job.id, set()).update(
+                    (w.node, w.slot) for w in plan.workers if w.rank in decision.evict_ranks)
         elif decision.action is StragglerAction.ALERT and memory.last_reason != "alert":
             memory.last_reason = "alert"
             log.warning("job %s straggler (alert only): %s", job.id, reason)
 
-    async def _request(self, job: JobView, memory: _JobMemory, kind: str, reason: str, call) -> None:
+    async def _request(self, job: JobView, memory: _JobMemory, kind: str, reason: str, decided_at: int,
+                       ranks: Sequence[int], now: float, call) -> None:
         done, why = await call
         if done:
             memory.acted = True
             self.actions.append((kind, job.id, reason))
-            log.warning("job %s straggler %s requested: %s (%s)", job.id, kind, why, reason)
+            log.warning("job %s straggler %s requested at step %d: %s (%s)", job.id, kind, decided_at, why, reason)
+            base = memory.event or straggler_event({}, generation=memory.generation, policy=policy_of(job).value,
+                                                   flagged={}, decided_at_step=decided_at, seen_step=decided_at, now=now)
+            event = with_action(base, action=kind, decided_at_step=decided_at, reason=why, ranks=ranks)
+            try:  # the plan is written: a lost record must not make this pass ask again
+                await self._write_event(job, memory, event, now)
+            except (EtcdError, asyncio.TimeoutError) as exc:
+                log.warning("job %s: straggler event not written: %r", job.id, exc)
         elif memory.last_reason != why:
             memory.last_reason = why
             log.info("job %s straggler %s refused: %s", job.id, kind, why)
+
+    async def _write_event(self, job: JobView, memory: _JobMemory, data: dict[str, Any], now: float) -> None:
+        """Write this generation's ``straggler`` job event (raises EtcdError; ``memory.event`` is
+        updated only once it is written)."""
+        key = self.c.keys.job_event(job.id, memory.generation * 10 + STRAGGLER_EVENT_PART)
+        await self.c.etcd.put(key, JobEventRecord(kind="straggler", time=now, data=data).to_json())
+        memory.event = data
 
     # ---------------------------------------------------------------- degraded GPUs
     async def _drain_degraded(self, nodes: Mapping[str, NodeSummary]) -> None:

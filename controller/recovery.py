@@ -15,8 +15,16 @@ job (controller/server.py). It:
    updates the Prometheus metrics.
 3. drains: a node cordoned with reason ``drain`` that still runs workers of a
    RUNNING job -> plan g+1 without it at a step boundary (no step lost).
-4. grows: a RUNNING job below ``max_workers`` with free slots on ready,
-   uncordoned nodes -> plan g+1 at a step boundary.
+4. grows, in two phases: a RUNNING job below ``max_workers`` with free slots
+   on ready, uncordoned nodes -> a growth record (PREPARING, with the tentative
+   plan g+1; plan g unchanged). The agents start the new workers with it; they
+   import, build and connect while the job trains on, and each writes a READY
+   joiner record. Once all are ready -> plan g+1 with ``switch_at_step`` a few
+   steps ahead (growth COMMITTED, same transaction): the survivors stall at the
+   boundary only for the rendezvous and the state transfer, not for process
+   start-up. A joiner that exits, a joiner node that leaves, a plan change, or
+   ``prepare_timeout_s`` without every joiner ready -> ABANDONED (agents stop
+   the joiners), retried after a backoff (controller/recovery_decisions.py).
 
 Entry points for other parts of the controller (the health loop, chaos, the
 API); all are coroutines on the leader and return ``(done, reason)``:
@@ -47,31 +55,39 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from controller import metrics
 from controller.recovery_decisions import (
+    GROWTH_PREPARE_TIMEOUT_S,
     Failure,
     all_ranks_on_generation,
     cause_label,
     close_superseded,
+    commit_plan,
     complete_recovery,
+    end_growth,
     failed_slots,
     find_failure,
     free_slots_for,
+    growth_decision,
     open_recovery,
     pending_recovery,
     rebalance_plan,
     should_drain,
     should_grow,
+    start_growth,
     switch_step,
     without_slots,
 )
+from controller.etcd import EtcdError
 from controller.replan import ClusterView, drain, grow, replan
 from controller.state import JobView, NodeSummary, jobs_from, nodes_from
 from protos.plan import Plan
-from protos.records import JobEventRecord, JobStatusRecord
+from protos.records import GrowthRecord, JobEventRecord, JobStatusRecord
 
 if TYPE_CHECKING:
     from controller.server import Controller
@@ -88,6 +104,8 @@ class Recovery:
         self.c = controller
         self._lock = asyncio.Lock()
         """One plan write at a time (the reconcile pass and requests from other tasks)."""
+        self.prepare_timeout_s = _env_seconds("TENAX_GROWTH_PREPARE_S", GROWTH_PREPARE_TIMEOUT_S)
+        """Longest a growth waits for its new workers to be ready before it is abandoned."""
 
     # ------------------------------------------------------------ public requests
     async def request_replan(self, job_id: str, cause: str, *, lost_ranks: Iterable[int] = (),
@@ -163,6 +181,8 @@ class Recovery:
                 return True
             if await self._complete_if_settled(job, now):
                 return True
+            if await self._advance_growth(job, nodes, now):
+                return True
             settled = open_recovery(job.status.recoveries, job.plan.generation) is None and \
                 job.status.phase == "RUNNING"
             at = switch_step(job.progress.step, self._step_time(job))
@@ -211,20 +231,89 @@ class Recovery:
 
     async def _maybe_grow(self, job: JobView, nodes: dict[str, NodeSummary], now: float, settled: bool,
                           jobs_waiting: bool) -> bool:
+        """Phase 1 of a growth: the PREPARING record (the plan does not change yet)."""
         view = self._view(job, nodes)  # growth is for nodes that join or come back, never failed slots
         free = sum(len(s) for s in view.free_slots.values())
         at = switch_step(job.progress.step, self._step_time(job))
         ok, _why = should_grow(phase=job.status.phase, plan=job.plan, max_workers=job.spec.max_workers,
                                free_slot_count=free, step=job.progress.step, total_steps=job.spec.steps,
                                at_step=at, jobs_waiting=jobs_waiting, settled=settled and all_ranks_on_generation(
-                                   job.plan, job.progress_ranks, job.workers))
+                                   job.plan, job.progress_ranks, job.workers), growth=job.growth, now=now)
         if not ok:
             return False
-        plan, reason = grow(job.spec, job.plan, view, at_step=at, now=now)
+        plan, reason = grow(job.spec, job.plan, view, at_step=-1, now=now)
         if plan is None:
             return False
-        done, _ = await self._write_planned(job, plan, "grow", now)
-        return done
+        slots = failed_slots(job.plan)
+        if slots:  # carried like any plan of the job (``_write_plan`` does it for the others)
+            plan = dataclasses.replace(plan, extra={**plan.extra, "failed_slots": [list(x) for x in sorted(slots)]})
+        growth = start_growth(job.plan, plan, growth_id=f"g{plan.generation}-{uuid.uuid4().hex[:8]}", now=now,
+                              previous=job.growth, timeout_s=self.prepare_timeout_s)
+        ok = await self._put_guarded(job, {self.c.keys.job_growth(job.id): growth.to_json()})
+        if ok:
+            job.growth = growth
+            log.info("job %s: preparing growth %s (attempt %d): %s; new workers %s", job.id, growth.id,
+                     growth.attempt, reason, [f"{j['node']}/{j['slot']}" for j in growth.joiners])
+        return ok
+
+    async def _advance_growth(self, job: JobView, nodes: dict[str, NodeSummary], now: float) -> bool:
+        """Phase 2 of a growth: commit it once every new worker is ready, or abandon it."""
+        live = [n.id for n in nodes.values() if n.registered]
+        cordoned = [n.id for n in nodes.values() if n.cordon is not None]
+        decision, reason = growth_decision(growth=job.growth, plan=job.plan, joiners=job.joiners, live_nodes=live,
+                                           cordoned=cordoned, now=now)
+        if decision == "commit":
+            at = switch_step(job.progress.step, self._step_time(job))
+            if job.status.phase != "RUNNING" or at >= job.spec.steps:
+                decision, reason = "abandon", (f"the job is {job.status.phase}" if job.status.phase != "RUNNING"
+                                               else f"the job ends (step {job.spec.steps}) before step {at}")
+            else:
+                return await self._commit_growth(job, job.growth, at, reason, now)
+        if decision == "abandon":
+            return await self._abandon_growth(job, job.growth, reason, now)
+        return False
+
+    async def _commit_growth(self, job: JobView, growth: GrowthRecord, at: int, why: str, now: float) -> bool:
+        plan = commit_plan(growth, at_step=at, now=now)
+        prepare_s = float(plan.extra.get("prepare_s", 0.0))
+        entry = pending_recovery(cause="grow", old=job.plan, new=plan, at_step=at, failed_at=now, seen_at=now,
+                                 planned_at=time.time(), prepare_s=prepare_s)
+        done = end_growth(growth, state="COMMITTED", reason=why, now=now)
+        ok = await self._write_plan(job, plan, entry, phase=job.status.phase, message=plan.reason,
+                                    extra_puts={self.c.keys.job_growth(job.id): done.to_json()})
+        if not ok:
+            return False
+        job.growth = done
+        log.info("job %s plan generation %d: %s (new workers ready in %.2f s)", job.id, plan.generation,
+                 plan.reason, prepare_s)
+        await self._forget_joiners(job.id)
+        return True
+
+    async def _abandon_growth(self, job: JobView, growth: GrowthRecord, why: str, now: float) -> bool:
+        done = end_growth(growth, state="ABANDONED", reason=why, now=now)
+        key = self.c.keys.job_growth(job.id)
+        revision = self.c.cache.data.get(key, ("", 0))[1]
+        if revision == 0 or not await self.c.etcd.put_if_revision(key, done.to_json(), revision):
+            return False  # changed meanwhile: the next pass decides again
+        job.growth = done
+        log.warning("job %s: growth %s abandoned: %s (next attempt in %.0f s)", job.id, growth.id, why,
+                    done.retry_after - now)
+        try:  # informational (the record says it all): parts 2..9 of the generation's event keys
+            await self._event(job.id, "note", {"generation": job.plan.generation,
+                                               "message": f"growth {growth.id} abandoned: {why}"},
+                              part=1 + min(growth.attempt, 8))
+        except EtcdError as exc:
+            log.debug("job %s: abandoned-growth event not written: %r", job.id, exc)
+        await self._forget_joiners(job.id)
+        return True
+
+    async def _forget_joiners(self, job_id: str) -> None:
+        """Joiner records matter only while a growth is prepared; best effort (a later attempt
+        has another id, so a leftover record is never mistaken for a ready worker)."""
+        try:
+            await self.c.etcd.delete_prefix(self.c.keys.job_joiners(job_id))
+        except EtcdError as exc:
+            log.debug("job %s: joiner records not deleted: %r", job_id, exc)
 
     async def _write_planned(self, job: JobView, plan: Plan, cause: str, now: float) -> tuple[bool, str]:
         entry = pending_recovery(cause=cause, old=job.plan, new=plan, at_step=plan.switch_at_step,
@@ -287,9 +376,20 @@ class Recovery:
         return reports, first_steps
 
     # ------------------------------------------------------------ etcd writes
+    async def _put_guarded(self, job: JobView, puts: dict[str, str]) -> bool:
+        """``puts`` in one transaction, only if the plan is still the one ``job`` was read with."""
+        plan_key = self.c.keys.job_plan(job.id)
+        raw, guard = self.c.cache.data.get(plan_key, ("", 0))
+        cached = self.c.cache.parse(plan_key, raw, Plan.from_json) if raw else None
+        if guard == 0 or cached is None or cached.generation != job.plan.generation:
+            return False
+        return await self.c.etcd.put_many_if(plan_key, guard, puts)
+
     async def _write_plan(self, job: JobView, plan: Plan, entry: dict[str, Any], *, phase: str,
-                          message: str, failed: set[tuple[str, int]] = frozenset()) -> bool:
-        """Plan g+1, the status and an event in one transaction guarded by plan g's revision."""
+                          message: str, failed: set[tuple[str, int]] = frozenset(),
+                          extra_puts: dict[str, str] | None = None) -> bool:
+        """Plan g+1, the status and an event (and ``extra_puts``) in one transaction guarded
+        by plan g's revision."""
         keys = self.c.keys
         slots = sorted(failed_slots(job.plan) | set(failed))
         if slots:
@@ -309,6 +409,7 @@ class Recovery:
             plan_key: plan.to_json(),
             keys.job_status(job.id): status.to_json(),
             keys.job_event(job.id, _event_seq(plan.generation, 0)): event.to_json(),
+            **(extra_puts or {}),
         })
         if ok:
             job.plan, job.status = plan, status  # this pass's view stays consistent with what we wrote
@@ -328,8 +429,8 @@ class Recovery:
             job.status = status
         return ok
 
-    async def _event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
-        seq = _event_seq(int(data.get("generation", 0)), 1)
+    async def _event(self, job_id: str, kind: str, data: dict[str, Any], part: int = 1) -> None:
+        seq = _event_seq(int(data.get("generation", 0)), part)
         await self.c.etcd.put(self.c.keys.job_event(job_id, seq),
                               JobEventRecord(kind=kind, time=time.time(), data=data).to_json())
 
@@ -366,8 +467,19 @@ class Recovery:
         return max(times) if times else 0.0
 
 
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment (tests shorten timeouts), else ``default``."""
+    try:
+        value = float(os.environ.get(name, "") or default)
+    except ValueError:
+        log.warning("%s=%r is not a number of seconds: using %.0f", name, os.environ.get(name), default)
+        return default
+    return value if value > 0 else default
+
+
 def _event_seq(generation: int, part: int) -> int:
-    """Event keys sort by generation: plan event (part 0), then its recovery (part 1)."""
+    """Event keys sort by generation: plan event (part 0), then its recovery (part 1), then
+    notes about it (parts 2-9: abandoned growths)."""
     return generation * 10 + part
 
 

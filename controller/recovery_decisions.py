@@ -30,13 +30,21 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from protos.plan import Plan
-from protos.records import ProgressRecord, WorkerStatusRecord
+from protos.records import GrowthRecord, JoinerRecord, ProgressRecord, WorkerStatusRecord
 
 GROWTH_MARGIN_S = 1.5
 """Growth and drain switch this many seconds of steps ahead (at least MIN_MARGIN_STEPS), so
 every survivor has read the plan before the boundary and a new worker has time to start."""
 MIN_MARGIN_STEPS = 3
 MAX_MARGIN_STEPS = 50
+
+GROWTH_PREPARE_TIMEOUT_S = 120.0
+"""Longest a two-phase growth waits for its new workers to be ready (process start, imports,
+model build, CUDA init on a GPU host) before it is abandoned."""
+GROWTH_RETRY_S = 30.0
+"""After an abandoned growth, the next attempt on the same plan generation waits this long,
+doubled for every further attempt (capped at GROWTH_RETRY_MAX_S)."""
+GROWTH_RETRY_MAX_S = 300.0
 
 CAUSE_LABELS = ("worker-failed", "node-lost", "hang", "grow", "drain", "rebalance", "migrate", "manual")
 """Bounded values of the ``cause`` metric label; anything else is counted as ``manual``."""
@@ -182,14 +190,23 @@ def switch_step(step: int, step_time_s: float) -> int:
 
 
 def should_grow(*, phase: str, plan: Plan, max_workers: int, free_slot_count: int, step: int,
-                total_steps: int, at_step: int, settled: bool, jobs_waiting: bool = False) -> tuple[bool, str]:
-    """Whether to try a growth plan now (``controller.replan.grow`` decides the layout)."""
+                total_steps: int, at_step: int, settled: bool, jobs_waiting: bool = False,
+                growth: GrowthRecord | None = None, now: float = 0.0) -> tuple[bool, str]:
+    """Whether to start a growth now (``controller.replan.grow`` decides the layout).
+
+    ``growth``: the job's current growth record, if any: one being prepared for this
+    plan generation blocks another, and an abandoned one delays the next attempt."""
     if phase != "RUNNING":
         return False, f"job is {phase}"
     if jobs_waiting:
         return False, "pending jobs come first: free slots are theirs"
     if not settled:
         return False, "the last plan change has not settled"
+    if growth is not None and growth.base_generation == plan.generation:
+        if growth.state == "PREPARING":
+            return False, f"growth {growth.id} is being prepared"
+        if growth.state == "ABANDONED" and now < growth.retry_after:
+            return False, f"growth abandoned ({growth.reason}); next attempt in {growth.retry_after - now:.0f} s"
     if plan.world_size >= max_workers:
         return False, f"job has {plan.world_size} workers, max_workers={max_workers}"
     if free_slot_count == 0:
@@ -199,6 +216,83 @@ def should_grow(*, phase: str, plan: Plan, max_workers: int, free_slot_count: in
     if at_step >= total_steps:
         return False, f"switch step {at_step} is past the job's last step {total_steps}"
     return True, f"{free_slot_count} free slot(s), job below max_workers={max_workers}"
+
+
+# ------------------------------------------------------------------ two-phase growth
+#
+#   should_grow ──► start_growth: GrowthRecord PREPARING (plan g unchanged; agents start the
+#        ▲          joiners with the tentative plan g+1, which get ready and say so)
+#        │                 │
+#        │          growth_decision (every reconcile pass):
+#        │            "wait"    joiners still starting, deadline ahead
+#        │            "commit"  every joiner READY -> commit_plan: plan g+1 with
+#        │                      switch_at_step a few steps ahead; growth COMMITTED
+#        └─ retry ─── "abandon" a joiner exited / its node left or was cordoned / the deadline
+#           after     passed / plan g changed meanwhile -> abandon_growth: ABANDONED with
+#           backoff   retry_after; agents stop the joiners
+def joiners_of(base: Plan, new: Plan) -> list[dict[str, Any]]:
+    """The workers of ``new`` on (node, slot)s that ``base`` does not use: the ones to start."""
+    old = {(w.node, w.slot) for w in base.workers}
+    return [{"node": w.node, "slot": w.slot, "rank": w.rank} for w in new.workers if (w.node, w.slot) not in old]
+
+
+def start_growth(base: Plan, tentative: Plan, *, growth_id: str, now: float, previous: GrowthRecord | None = None,
+                 timeout_s: float = GROWTH_PREPARE_TIMEOUT_S) -> GrowthRecord:
+    """The PREPARING record for growing ``base`` into ``tentative`` (its switch step is decided at commit)."""
+    attempt = previous.attempt + 1 if previous is not None and previous.base_generation == base.generation else 1
+    plan = Plan.from_dict({**tentative.to_dict(), "switch_at_step": -1})
+    return GrowthRecord(id=growth_id, base_generation=base.generation, plan=plan.to_dict(),
+                        joiners=joiners_of(base, tentative), state="PREPARING", started=now,
+                        deadline=now + timeout_s, attempt=attempt, reason=tentative.reason)
+
+
+def growth_decision(*, growth: GrowthRecord | None, plan: Plan, joiners: Mapping[tuple[str, int], JoinerRecord],
+                    live_nodes: Iterable[str], cordoned: Iterable[str] = (), now: float) -> tuple[str, str]:
+    """What to do with a growth being prepared: ("none" | "wait" | "commit" | "abandon", reason).
+
+    ``joiners``: the JoinerRecords by (node, slot); records of another growth id are stale."""
+    if growth is None or growth.state != "PREPARING":
+        return "none", "no growth being prepared"
+    if growth.base_generation != plan.generation:
+        return "abandon", (f"plan generation {plan.generation} replaced generation {growth.base_generation} "
+                           "while the new workers got ready")
+    live, fenced = set(live_nodes), set(cordoned)
+    waiting: list[str] = []
+    for node, slot in growth.joiner_slots():
+        if node not in live:
+            return "abandon", f"node {node} of a new worker is gone"
+        if node in fenced:
+            return "abandon", f"node {node} of a new worker was cordoned"
+        rec = joiners.get((node, slot))
+        if rec is not None and rec.growth_id == growth.id and rec.state != "READY":
+            why = f": {rec.reason}" if rec.reason else ""
+            return "abandon", f"the new worker on {node}/{slot} {rec.state.lower()} before it was ready{why}"
+        if rec is None or rec.growth_id != growth.id:
+            waiting.append(f"{node}/{slot}")
+    if not waiting:
+        return "commit", f"{len(growth.joiners)} new worker(s) ready"
+    if now >= growth.deadline:
+        return "abandon", (f"new worker(s) {', '.join(waiting)} not ready within "
+                           f"{growth.deadline - growth.started:.0f} s")
+    return "wait", f"waiting for {', '.join(waiting)}"
+
+
+def commit_plan(growth: GrowthRecord, *, at_step: int, now: float) -> Plan:
+    """Plan g+1 of a prepared growth: the tentative plan, switching at ``at_step``."""
+    tentative = Plan.from_dict(growth.plan)
+    return Plan.from_dict({**tentative.to_dict(), "switch_at_step": at_step,
+                           "reason": f"{tentative.reason} at step {at_step}",
+                           "extra": {**tentative.extra, "planned_at": now, "growth_id": growth.id,
+                                     "prepare_s": max(now - growth.started, 0.0)}})
+
+
+def end_growth(growth: GrowthRecord, *, state: str, reason: str, now: float) -> GrowthRecord:
+    """The record after a commit or an abandon (ABANDONED sets the retry backoff)."""
+    retry = 0.0
+    if state == "ABANDONED":
+        retry = now + min(GROWTH_RETRY_MAX_S, GROWTH_RETRY_S * 2 ** max(growth.attempt - 1, 0))
+    return GrowthRecord(**{**growth.to_dict(), "state": state, "reason": reason, "ended": now,
+                           "retry_after": retry})
 
 
 def should_drain(*, phase: str, plan: Plan, node: str, settled: bool, at_step: int = 0,
@@ -250,7 +344,7 @@ def cause_label(cause: str) -> str:
 
 
 def pending_recovery(*, cause: str, old: Plan, new: Plan, at_step: int, failed_at: float, seen_at: float,
-                     planned_at: float) -> dict[str, Any]:
+                     planned_at: float, prepare_s: float = 0.0) -> dict[str, Any]:
     """The recovery entry written with plan g+1 (completed later by ``complete_recovery``).
 
     detection = failure -> controller saw it; plan = saw -> plan written. For a
@@ -258,13 +352,17 @@ def pending_recovery(*, cause: str, old: Plan, new: Plan, at_step: int, failed_a
     time from the request to the plan, and total runs from the plan to the first
     step done at the new generation (it includes the steps run up to the switch
     boundary; the stall at the boundary is the workers' own ``worker_total_s``).
+
+    ``prepare_s`` (two-phase growth): growth started -> every new worker ready, before
+    the plan was written (so not part of ``total_s``).
     """
     return {
         "cause": cause, "generation": new.generation, "old_layout": layout(old), "new_layout": layout(new),
         "at_step": at_step, "detection_s": max(seen_at - failed_at, 0.0), "plan_s": max(planned_at - seen_at, 0.0),
         "rebuild_s": 0.0, "transfer_s": 0.0, "total_s": 0.0, "steps_lost": 0, "bytes_moved": 0,
-        "from_disk": False, "time": failed_at, "failed_at": failed_at, "seen_at": seen_at,
+        "bytes_local": 0, "from_disk": False, "time": failed_at, "failed_at": failed_at, "seen_at": seen_at,
         "planned_at": planned_at, "switch_at_step": new.switch_at_step, "reason": new.reason, "complete": False,
+        "prepare_s": prepare_s,
     }
 
 
@@ -272,16 +370,20 @@ def complete_recovery(entry: Mapping[str, Any], reports: Sequence[Mapping[str, A
                       first_step_times: Sequence[float], *, superseded: bool = False) -> dict[str, Any]:
     """Fill a pending entry from the workers' recovery records of its generation.
 
-    rebuild/transfer: the slowest rank (the step waits for it); bytes_moved: the sum;
+    rebuild/transfer/worker_total: the slowest rank that was training before (the step waits
+    for it); a rank that joined with no state ("join") counts only when no other reported: its
+    own clock starts when it sees the plan, so for a planned switch it includes the wait for the
+    survivors to reach the boundary, which stalls nobody. bytes_moved / bytes_local: the sums;
     steps_lost / at_step: the largest any rank saw; total: failure -> first step at the new
     generation done by every rank (the latest of the ranks' first-step times).
     """
     out = dict(entry)
     gen = int(entry.get("generation", 0))
     mine = [r for r in reports if int(r.get("new_generation", -1)) == gen]
+    timed = [r for r in mine if not str(r.get("cause", "")).startswith("join")] or mine
     if mine:
-        out["rebuild_s"] = max(float(r.get("rebuild_s", 0.0) or 0.0) for r in mine)
-        out["transfer_s"] = max(float(r.get("transfer_s", 0.0) or 0.0) for r in mine)
+        out["rebuild_s"] = max(float(r.get("rebuild_s", 0.0) or 0.0) for r in timed)
+        out["transfer_s"] = max(float(r.get("transfer_s", 0.0) or 0.0) for r in timed)
         out["bytes_moved"] = sum(int(r.get("bytes_moved", 0) or 0) for r in mine)
         out["bytes_local"] = sum(int(r.get("bytes_local", 0) or 0) for r in mine)
         out["steps_lost"] = max(int(r.get("steps_lost", 0) or 0) for r in mine)
@@ -289,7 +391,7 @@ def complete_recovery(entry: Mapping[str, Any], reports: Sequence[Mapping[str, A
         out["at_step"] = max(int(r.get("at_step", 0) or 0) for r in mine)
         out["ranks_reported"] = len(mine)
         # the workers' own MTTR (noticed -> ready): for a planned switch, the stall at the boundary
-        out["worker_total_s"] = max(float(r.get("total_s", 0.0) or 0.0) for r in mine)
+        out["worker_total_s"] = max(float(r.get("total_s", 0.0) or 0.0) for r in timed)
         bad = sorted({str(b) for r in mine for b in (r.get("bad_copies") or [])})
         if bad:
             out["bad_copies"] = bad

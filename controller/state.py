@@ -25,7 +25,9 @@ from protos.plan import Plan
 from protos.records import (
     TERMINAL_PHASES,
     CordonRecord,
+    GrowthRecord,
     JobStatusRecord,
+    JoinerRecord,
     NodeHealthRecord,
     NodeRecord,
     ProgressRecord,
@@ -213,6 +215,10 @@ class JobView:
     workers: dict[int, WorkerStatusRecord] = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
     progress_ranks: dict[int, ProgressRecord] = field(default_factory=dict)
+    growth: GrowthRecord | None = None
+    """A two-phase growth of the job (being prepared, committed or abandoned), if any."""
+    joiners: dict[tuple[str, int], JoinerRecord] = field(default_factory=dict)
+    """(node, slot) -> what the workers started for a growth reported (READY, or an early exit)."""
 
     @property
     def active(self) -> bool:
@@ -259,6 +265,15 @@ def build_job(job_id: str, raw: dict[str, str], parse: ParseFn, keys: Keys) -> J
     job = JobView(id=job_id, spec=spec, status=status, cancelled="cancel" in raw)
     if "plan" in raw:
         job.plan = parse(keys.job_plan(job_id), raw["plan"], Plan.from_json)
+    if "growth" in raw:
+        job.growth = parse(keys.job_growth(job_id), raw["growth"], GrowthRecord.from_json)
+    for rest, value in raw.items():
+        kind, _, where = rest.partition("/")
+        node, _, slot = where.partition("/")
+        if kind == "joiners" and node and slot.isdigit():
+            record = parse(keys.job_joiner(job_id, node, int(slot)), value, JoinerRecord.from_json)
+            if record is not None:
+                job.joiners[(node, int(slot))] = record
     for rest, value in raw.items():
         kind, _, rank_text = rest.partition("/")
         if kind not in ("workers", "progress") or not rank_text.isdigit():
@@ -304,12 +319,16 @@ def jobs_from(cache: ClusterCache) -> dict[str, JobView]:
 
 
 def used_slots_by_node(jobs: dict[str, JobView]) -> dict[str, set[int]]:
-    """Slots held by the current plans of active jobs."""
+    """Slots held by the current plans of active jobs, and by the new workers of a growth
+    being prepared (they run already, outside the plan, until it switches)."""
     used: dict[str, set[int]] = {}
     for job in jobs.values():
         if job.active and job.plan:
             for w in job.plan.workers:
                 used.setdefault(w.node, set()).add(w.slot)
+        if job.active and job.growth is not None and job.growth.state == "PREPARING":
+            for node, slot in job.growth.joiner_slots():
+                used.setdefault(node, set()).add(slot)
     return used
 
 

@@ -15,6 +15,9 @@ Layout (``P`` is the cluster prefix, default ``/tenax``)::
     P/jobs/<job>/status                   JobStatus (phase, step, loss, workers, recoveries ...)
     P/jobs/<job>/plan                     the current Plan (generation g); g+1 is written in a txn guarded by g
     P/jobs/<job>/cancel                   present => the job was cancelled
+    P/jobs/<job>/growth                   GrowthRecord: a two-phase growth of the job (prepare, then switch)
+    P/jobs/<job>/joiners/<node>/<slot>    JoinerRecord: a worker started for a growth is READY (the worker),
+                                          or exited before the switch (its agent)
     P/jobs/<job>/workers/<rank>           WorkerStatus reported by the agent (pid, state, exit)
     P/jobs/<job>/progress/<rank>          latest progress summary of a rank (throttled by the agent)
     P/jobs/<job>/metrics/<step:012d>      a batch of per-step records starting at <step> (rank 0)
@@ -85,6 +88,15 @@ class Keys:
 
     def job_cancel(self, job: str) -> str:
         return f"{self.prefix}/jobs/{job}/cancel"
+
+    def job_growth(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/growth"
+
+    def job_joiners(self, job: str) -> str:
+        return f"{self.prefix}/jobs/{job}/joiners/"
+
+    def job_joiner(self, job: str, node: str, slot: int) -> str:
+        return f"{self.prefix}/jobs/{job}/joiners/{node}/{slot}"
 
     def job_workers(self, job: str) -> str:
         return f"{self.prefix}/jobs/{job}/workers/"

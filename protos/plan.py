@@ -15,6 +15,9 @@ Worker launch contract (agent -> ``python -m trainer.worker``), environment:
     TENAX_ETCD          etcd endpoints ("http://host:port,..."), for watching plans
     TENAX_ETCD_PREFIX   the cluster key prefix (protos.keys.Keys)
     CUDA_VISIBLE_DEVICES  the slot, when the job's device is cuda
+    TENAX_GROWTH_ID     only for a worker of a growth being prepared (protos.records.GrowthRecord):
+                        the launch file holds the tentative plan g+1; the worker gets ready, says
+                        so (Keys.job_joiner) and joins only once a plan >= g+1 in etcd names it
 
 The rendezvous store is a TCPStore served by an agent (``NodeInfo.store_address``);
 each generation uses its own key prefix, so a new generation never reads

@@ -24,6 +24,8 @@ Key -> record (see protos/keys.py):
     Keys.job_progress_rank(job, rank) ProgressRecord      (agent, throttled)
     Keys.job_metrics_batch(job, s)    MetricsBatch        (agent, rank 0's step records from step s)
     Keys.job_event(job, seq)          JobEventRecord      (controller / elastic recovery)
+    Keys.job_growth(job)              GrowthRecord        (controller: a two-phase growth)
+    Keys.job_joiner(job, node, slot)  JoinerRecord        (the joining worker: READY; its agent: an early exit)
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ TERMINAL_PHASES = ("SUCCEEDED", "FAILED", "CANCELLED")
 WORKER_STATES = ("STARTING", "RUNNING", "EXITED", "FAILED", "KILLED")
 WORKER_DONE_STATES = ("EXITED", "FAILED", "KILLED")
 NODE_CONDITIONS = ("HEALTHY", "DEGRADED", "FAILED")
+GROWTH_STATES = ("PREPARING", "COMMITTED", "ABANDONED")
+JOINER_STATES = ("READY", "EXITED", "FAILED", "KILLED")
 
 _MISSING = dataclasses.MISSING
 
@@ -316,6 +320,73 @@ class JobEventRecord(_Record):
     """``recovery`` (data mirrors proto Recovery) or ``note``."""
     time: float
     data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, frozen=True)
+class GrowthRecord(_Record):
+    """A two-phase growth of a job at Keys.job_growth(job) (controller/recovery.py).
+
+    PREPARING: the agents named in ``joiners`` start a worker for each, launched with
+    the tentative plan ``plan`` (generation base+1, ``switch_at_step`` -1) and
+    ``TENAX_GROWTH_ID=id``; the workers get ready (imports, model, store) and write a
+    READY JoinerRecord. The running job does not see any of this. COMMITTED: every
+    joiner was ready; the controller wrote ``plan`` as plan base+1 with a switch step
+    (same transaction). ABANDONED: a joiner exited, its node went away, ``deadline``
+    passed, or the plan changed under it; agents stop the joiners, and no new attempt
+    starts before ``retry_after``.
+    """
+
+    id: str
+    base_generation: int
+    """The plan generation the growth extends; a plan change makes the growth stale."""
+    plan: dict[str, Any]
+    """The tentative plan base+1 (protos.plan.Plan as a dict)."""
+    joiners: list[dict[str, Any]]
+    """``{"node", "slot", "rank"}`` of every new worker (slots the base plan does not use)."""
+    state: str = "PREPARING"
+    started: float = 0.0
+    deadline: float = 0.0
+    """Unix seconds after which a growth still PREPARING is abandoned."""
+    attempt: int = 1
+    """1 for the first try on this base generation, +1 for each retry."""
+    ended: float = 0.0
+    """When it was committed or abandoned."""
+    reason: str = ""
+    retry_after: float = 0.0
+    """ABANDONED: no new growth of the job before this time."""
+
+    def check(self) -> None:
+        if self.state not in GROWTH_STATES:
+            raise RecordError(f"GrowthRecord.state must be one of {GROWTH_STATES}, got {self.state!r}")
+        for j in self.joiners:
+            if not (isinstance(j, dict) and isinstance(j.get("node"), str) and isinstance(j.get("slot"), int)
+                    and isinstance(j.get("rank"), int)):
+                raise RecordError(f"GrowthRecord.joiners items must be {{node, slot, rank}}, got {j!r:.80}")
+
+    def joiner_slots(self) -> list[tuple[str, int]]:
+        return [(str(j["node"]), int(j["slot"])) for j in self.joiners]
+
+
+@dataclass(kw_only=True, frozen=True)
+class JoinerRecord(_Record):
+    """A worker started for a growth, at Keys.job_joiner(job, node, slot).
+
+    The worker writes READY once prepared; its agent writes EXITED/FAILED/KILLED if it
+    ends before the growth is committed. Records of another growth id are stale."""
+
+    growth_id: str
+    node: str
+    slot: int
+    state: str
+    pid: int = 0
+    time: float = 0.0
+    prepare_s: float = 0.0
+    """READY: process start -> ready (imports, model build, store reachable)."""
+    reason: str = ""
+
+    def check(self) -> None:
+        if self.state not in JOINER_STATES:
+            raise RecordError(f"JoinerRecord.state must be one of {JOINER_STATES}, got {self.state!r}")
 
 
 def parse_or_none(cls: type[T], raw: str | bytes, log: Any = None, where: str = "") -> T | None:

@@ -188,23 +188,22 @@ def recovery_scenario(rank: int, world: int, port: int, out: Path) -> None:
 
     store = client(port)
     form_group(store, "g1/", rank=rank, world_size=world, timeout_s=60)
-    side = dist.new_group(backend="gloo")  # replication never sits between training collectives
     nodes = {0: "a", 1: "a", 2: "b", 3: "b"}
     ring = buddy_ring(nodes)
-    ward = {b: r for r, b in ring.items()}[rank]
     spans = {n: s[0] for n, s in even_layout(world)[rank].items()}
     snapper = Snapshotter()
-    replicator = BuddyReplicator(rank=rank, buddy=ring[rank], ward=ward, group=side)
+    # one gloo group per buddy pair: replication never sits between training collectives
+    replicator = BuddyReplicator.for_ring(ring, rank)
     result: dict = {"rank": rank, "pid": os.getpid(), "buddy": ring[rank], "recoverable": []}
     for step in (1, 2, 3, 4):
         snap = snapper.take(step, state_at(step, spans), {"spans": {n: list(s) for n, s in spans.items()}})
         if step == 3 and rank == 0:
-            corrupt(snap, "w")  # rots after its checksum: the buddy must refuse it
-        replicator.submit(snap)
-        replicator.drain(timeout_s=30)
-        acked = gather_json(replicator.acked_step)  # in the service: progress heartbeats
-        result["recoverable"].append(recoverable_step(acked))
-    result["rejected"] = replicator.rejected
+            corrupt(snap, "w")  # rots after its checksum: the copy at the buddy fails at use
+        replicator.post(snap)
+        replicator.complete()  # the round done and verified here (the trainer leaves it to the next boundary)
+        held = gather_json(replicator.replica.step if replicator.replica else -1)  # in the service: step lines
+        result["recoverable"].append(recoverable_step(held))
+    result["rotten_held"] = sorted(s.step for s in replicator.replicas() if s.verify())
     result["replica_step"] = replicator.replica.step if replicator.replica else None
     replicator.close()
     watcher = AbortWatcher(rank=rank)
@@ -237,7 +236,56 @@ def recovery_scenario(rank: int, world: int, port: int, out: Path) -> None:
     os._exit(0)
 
 
+def replication_scenario(rank: int, world: int, port: int, out: Path) -> None:
+    """Replication as the trainer drives it, on 4 ranks (0,1: node a; 2,3: node b): one
+    ``post`` per step from this thread, each finishing the round before; then a layout
+    change on rank 0; then a round left in flight at the end, as at a failure."""
+    import threading
+
+    from trainer.snapshot import Snapshotter
+    from trainer.transfer import BuddyReplicator, buddy_ring, gather_json
+
+    store = client(port)
+    form_group(store, "g1/", rank=rank, world_size=world, timeout_s=60)
+    ring = buddy_ring({0: "a", 1: "a", 2: "b", 3: "b"})
+    ward = {b: r for r, b in ring.items()}[rank]
+    spans = {n: s[0] for n, s in even_layout(world)[rank].items()}
+    grown = {n: (a, b + 3) for n, (a, b) in spans.items()}  # rank 0's shard after a (pretend) reshard
+    snapper = Snapshotter()
+    replicator = BuddyReplicator.for_ring(ring, rank)
+    threads = threading.active_count()
+    result: dict = {"rank": rank, "ward": ward, "held": []}
+
+    def meta(s):
+        return {"spans": {n: list(v) for n, v in s.items()}}
+
+    for step in (1, 2, 3, 4):
+        replicator.post(snapper.take(step, state_at(step, spans), meta(spans)))
+        result["held"].append(replicator.replica.step if replicator.replica else -1)
+    result["new_threads"] = threading.active_count() - threads
+    for step in (5, 6):  # rank 0's layout changes at 5: an empty round asks for new terms, 6 carries them
+        mine = grown if rank == 0 else spans
+        replicator.post(snapper.take(step, state_at(step, mine), meta(mine)))
+    replicator.complete()
+    replica = replicator.replica
+    ward_spans = {n: tuple(v) for n, v in replica.metadata["spans"].items()}
+    result["replica"] = {"step": replica.step, "spans": {n: list(v) for n, v in ward_spans.items()},
+                         "exact": all(torch.equal(replica.tensors[n], state_at(6, ward_spans)[n]) for n in ward_spans)}
+    replicator.post(snapper.take(7, state_at(7, grown if rank == 0 else spans), meta(grown if rank == 0 else spans)))
+    time.sleep(0.5)  # gloo's threads deliver round 7; nobody finishes it (the generation "ended")
+    replicator.close()
+    result["held_at_end"] = sorted(s.step for s in replicator.replicas())
+    result["held_exact"] = all(
+        torch.equal(s.tensors[n], state_at(s.step, {k: tuple(v) for k, v in s.metadata["spans"].items()})[n])
+        for s in replicator.replicas() for n in s.tensors)
+    big = "x" * 10000  # more than one gather slot: the second all_gather carries the rest
+    result["gathered"] = gather_json({"rank": rank, "pad": big}) == [{"rank": r, "pad": big} for r in range(world)]
+    write_result(out, rank, result)
+    os._exit(0)
+
+
 SCENARIOS = {"recovery": recovery_scenario,
+             "replication": replication_scenario,
              "abort-allreduce": lambda *a: abort_scenario(*a, shape="allreduce"),
              "abort-pipeline": lambda *a: abort_scenario(*a, shape="pipeline"),
              "transfer": transfer_scenario}

@@ -36,6 +36,11 @@ from trainer.partition import partition_for_spec  # noqa: E402
 PREFIX = "/tenax-test"
 
 
+def _pythonpath() -> str:
+    """The repo first, then whatever PYTHONPATH already holds (packages carried to a bench machine)."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
 def tiny_spec(*, steps: int = 10, dp: int = 2, pp: int = 2, zero: int = 1, max_workers: int = 0,
               checkpoint_every: int = 0, snapshot_every: str = "1", **extra: Any) -> JobSpec:
     """A GPT small enough that a step takes tens of milliseconds on a loaded CPU."""
@@ -141,7 +146,7 @@ class ElasticJob:
         launch = self.out / f"launch-g{plan.generation}-r{w.rank}.json"
         launch.write_text(json.dumps({"spec": self.spec.to_dict(), "plan": plan.to_dict()}))
         env = {
-            **os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+            **os.environ, "PYTHONPATH": _pythonpath(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
             "TENAX_JOB_ID": plan.job_id, "TENAX_RANK": str(w.rank), "TENAX_LAUNCH_FILE": str(launch),
             "TENAX_METRICS_FILE": str(self.metrics_path(w.node, w.slot)), "TENAX_RUN_DIR": str(self.run_dir),
             "TENAX_ETCD": self.etcd_url, "TENAX_ETCD_PREFIX": PREFIX, "TENAX_NODE_ID": w.node,
@@ -182,7 +187,11 @@ class ElasticJob:
         return "\n".join(f"==== {n}{s}\n{self.log(n, s)}" for n, s in self.procs)
 
     def wait_for_death(self, timeout_s: float = 60.0) -> tuple[tuple[str, int], int, float]:
-        """The next worker (not reported before) to exit non-zero: ((node, slot), code, unix time seen)."""
+        """The next worker (not reported before) to exit non-zero: ((node, slot), code, unix time seen).
+
+        Sleeps until a worker exits (a pidfd per running worker becomes readable), as an
+        agent's child watcher blocked in waitpid does: no polling loop competes with the
+        workers for the CPU, and an exit is seen the moment the kernel reports it."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for where, p in self.procs.items():
@@ -190,8 +199,27 @@ class ElasticJob:
                 if code not in (None, 0) and where not in self.dead:
                     self.dead.add(where)
                     return where, code, time.time()
-            time.sleep(0.002)
+            self._sleep_until_an_exit(min(0.5, max(0.0, deadline - time.monotonic())))
         raise AssertionError(f"no worker died within {timeout_s}s\n{self.logs()}")
+
+    def _sleep_until_an_exit(self, timeout_s: float) -> None:
+        import select
+
+        running = [p.pid for p in self.procs.values() if p.returncode is None]
+        fds = []
+        try:
+            for pid in running:
+                try:
+                    fds.append(os.pidfd_open(pid))
+                except ProcessLookupError:  # exited meanwhile: poll() sees it next
+                    return
+            if fds:
+                select.select(fds, [], [], timeout_s)
+            else:
+                time.sleep(timeout_s)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def wait_step(self, node: str, slot: int, step: int, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -232,7 +260,7 @@ def reference_losses(spec: JobSpec, out: Path) -> dict[int, float]:
     launch = out / "launch.json"
     launch.write_text(json.dumps({"spec": single.to_dict(), "plan": plan.to_dict()}))
     metrics = out / "metrics.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TENAX_RANK": "0",
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "OMP_NUM_THREADS": "1", "TENAX_RANK": "0",
            "TENAX_LAUNCH_FILE": str(launch), "TENAX_METRICS_FILE": str(metrics), "TENAX_ELASTIC": "0"}
     subprocess.run([sys.executable, "-m", "trainer.worker"], env=env, check=True, timeout=120, cwd=str(REPO),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

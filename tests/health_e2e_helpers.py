@@ -11,7 +11,7 @@ from pathlib import Path
 from controller.local import controller_channel, local_cluster_state
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
-from tests.test_e2e_cluster import local_cluster, tenax
+from tests.test_e2e_cluster import KEYS, etcd_read, local_cluster, tenax
 
 FAST_DETECTION_ENV = {
     "TENAX_HANG_FLOOR_S": "4",      # the default 10 s floor is for real clusters
@@ -79,10 +79,24 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def metrics_lines(info: dict, node: str, job_id: str, rank: int) -> list[dict]:
-    path = Path(info["state_dir"]) / "agents" / node / "jobs" / job_id / f"rank-{rank}.metrics.jsonl"
+def metrics_lines(info: dict, node: str, job_id: str, rank: int, generation: int = 1) -> list[dict]:
+    """The metrics lines of the worker that ``node``'s agent started as ``rank`` in plan ``generation``
+    (a worker started after the first generation has its files suffixed ``-g<generation>``)."""
+    name = f"rank-{rank}" + (f"-g{generation}" if generation > 1 else "")
+    path = Path(info["state_dir"]) / "agents" / node / "jobs" / job_id / f"{name}.metrics.jsonl"
     out = []
     for line in path.read_text().splitlines():
         with contextlib.suppress(ValueError):
             out.append(json.loads(line))
+    return out
+
+
+def job_events(info: dict, job_id: str, kind: str) -> list[dict]:
+    """The ``data`` of the job's events of ``kind`` in etcd (``Keys.job_events``), oldest first."""
+    kvs = etcd_read(info["etcd"], lambda e: e.get_prefix(KEYS.job_events(job_id)))
+    out = []
+    for kv in sorted(kvs, key=lambda kv: kv.key):
+        record = json.loads(kv.value)
+        if record.get("kind") == kind:
+            out.append(record["data"])
     return out

@@ -161,3 +161,62 @@ def test_a_wait_past_its_timeout_raises_and_aborts_the_generation():
         watcher.wait(work, "allreduce", timeout_s=0.05)
     assert watcher.aborted and "timed out" in watcher.reason
     work.finish()
+
+
+# ------------------------------------------------- the abortable rendezvous of a generation
+def test_rendezvous_returns_once_every_rank_announced_itself():
+    from trainer.abort import JOINED_KEY, rendezvous
+
+    store = FakeStore()
+    store.set(JOINED_KEY + "0", "1")
+    threading.Timer(0.1, store.set, args=(JOINED_KEY + "2", "1")).start()
+    waited = rendezvous(store, rank=1, world_size=3, timeout_s=10, poll_s=0.005)
+    assert 0.05 < waited < 5 and store.check([JOINED_KEY + "1"])
+
+
+def test_rendezvous_gives_up_at_once_on_a_newer_plan_or_the_abort_key():
+    from trainer.abort import rendezvous
+
+    newer: list[str] = []
+    threading.Timer(0.1, newer.append, args=("plan generation 3 appeared while forming",)).start()
+    started = time.monotonic()
+    with pytest.raises(CommAborted, match="plan generation 3"):
+        rendezvous(FakeStore(), rank=0, world_size=2, timeout_s=30, poll_s=0.005,
+                   should_abort=lambda: newer[0] if newer else None)
+    assert time.monotonic() - started < 1.0
+
+    store = FakeStore()
+    threading.Timer(0.1, store.set, args=(ABORT_KEY, "rank 1 gave up")).start()
+    started = time.monotonic()
+    with pytest.raises(CommAborted, match="rank 1 gave up"):
+        rendezvous(store, rank=0, world_size=2, timeout_s=30, poll_s=0.005)
+    assert time.monotonic() - started < 1.0
+
+
+def test_rendezvous_times_out_naming_the_ranks_that_never_came():
+    from trainer.abort import rendezvous
+
+    with pytest.raises(TimeoutError, match=r"rank\(s\) \[1, 2\] did not join"):
+        rendezvous(FakeStore(), rank=0, world_size=3, timeout_s=0.1, poll_s=0.01)
+
+
+def test_form_group_over_a_real_store_is_released_when_a_participant_never_joins():
+    """A real TCPStore (served here) and the generation prefix: rank 0 of a 2-rank group waits in
+    form_group for rank 1, which died before it joined; a newer plan releases it in well under the
+    60 s init_process_group would have blocked."""
+    from trainer.abort import JOINED_KEY, form_group
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", server.port, is_master=False, wait_for_workers=False)
+    plans: list[str] = []
+    threading.Timer(0.3, plans.append, args=("plan generation 3 appeared while forming",)).start()
+    started = time.monotonic()
+    with pytest.raises(CommAborted, match="plan generation 3"):
+        form_group(client, "job/g2/", rank=0, world_size=2, timeout_s=60,
+                   should_abort=lambda: plans[0] if plans else None)
+    took = time.monotonic() - started
+    print(f"rendezvous released {took - 0.3:.3f} s after the newer plan")
+    assert took < 2.0
+    scoped = dist.PrefixStore("job/g2/", server)
+    assert scoped.check([f"{JOINED_KEY}0"]) and not scoped.check([f"{JOINED_KEY}1"])
+    assert not dist.is_initialized()  # nothing of the aborted generation was formed

@@ -462,3 +462,61 @@ def test_survivors_swap_ranks_across_generations_without_a_restart(etcd_url, tmp
                 await sup.stop_all("test over")
 
     run_async(scenario(), 30)
+
+
+def test_growth_workers_run_outside_the_plan_until_it_switches_or_are_stopped(etcd_url, tmp_path):
+    """Plan 1 runs rank 0 on slot 0 (rank key 0). A growth prepares a worker for plan 2 whose rank
+    0 is that new worker on slot 1: while preparing it writes NO rank key (rank 0's key is still
+    the plan-1 worker's). The committed plan 2 adopts it (same pid); an abandoned growth's worker
+    is stopped and its exit is reported as a joiner record."""
+    from protos.records import GrowthRecord, JoinerRecord
+
+    keys = Keys()
+
+    def growth(growth_id: str, state: str = "PREPARING") -> GrowthRecord:
+        tentative = make_plan(2, [("n1", 1), ("n1", 0)])
+        return GrowthRecord(id=growth_id, base_generation=1, plan=tentative.to_dict(), state=state,
+                            joiners=[{"node": "n1", "slot": 1, "rank": 0}])
+
+    async def rank0(etcd) -> WorkerStatusRecord:
+        return WorkerStatusRecord.from_json((await etcd.get(keys.job_worker("j1", 0))).value)
+
+    async def scenario():
+        async with Etcd(etcd_url) as etcd:
+            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path, etcd_endpoints=etcd_url,
+                             worker_command=SLEEPER, kill_grace_s=1.0)
+            try:
+                await sup.apply_plan(make_plan(1, [("n1", 0)]), spec={})
+                first = sup.workers[("j1", 0)]
+                await wait_for(lambda: _status_pid_is(etcd, keys, first.pid), 10, "rank 0's status")
+                # attempt 1: prepared, then abandoned -> stopped, its exit is a joiner record
+                await sup.apply_growth("j1", growth("g2-a"), plan_generation=1, spec={})
+                doomed = sup.preparing[("j1", 1)]
+                assert doomed.alive and doomed.preparing == "g2-a" and doomed.generation == 2
+                await sup.apply_plan(make_plan(1, [("n1", 0)]), spec={})  # plan 1 again: left alone
+                assert doomed.alive and not doomed.retired
+                await sup.apply_growth("j1", growth("g2-a", "ABANDONED"), plan_generation=1, spec={})
+                assert not doomed.alive and not psutil.pid_exists(doomed.pid)  # no orphan left
+                kv = await wait_for(lambda: etcd.get(keys.job_joiner("j1", "n1", 1)), 10, "the joiner's exit")
+                gone = JoinerRecord.from_json(kv.value)
+                assert (gone.growth_id, gone.state, gone.pid) == ("g2-a", "KILLED", doomed.pid)
+                # attempt 2: prepared, then committed -> adopted in place under its new rank
+                await sup.apply_growth("j1", growth("g2-b"), plan_generation=1, spec={})
+                joiner = sup.preparing[("j1", 1)]
+                assert joiner is not doomed and joiner.alive
+                await asyncio.sleep(0.3)
+                assert (await rank0(etcd)).pid == first.pid  # never overwritten while preparing
+                await sup.apply_plan(make_plan(2, [("n1", 1), ("n1", 0)]), spec={})
+                await sup.apply_growth("j1", growth("g2-b", "COMMITTED"), plan_generation=2, spec={})
+                assert sup.workers[("j1", 0)] is joiner and joiner.alive and joiner.preparing == ""
+                assert sup.workers[("j1", 1)] is first and not sup.preparing
+                await wait_for(lambda: _status_pid_is(etcd, keys, joiner.pid), 10, "the joiner's status at rank 0")
+            finally:
+                await sup.stop_all("test over")
+
+    run_async(scenario(), 40)
+
+
+async def _status_pid_is(etcd, keys, pid: int) -> bool:
+    kv = await etcd.get(keys.job_worker("j1", 0))
+    return kv is not None and WorkerStatusRecord.from_json(kv.value).pid == pid

@@ -227,3 +227,62 @@ def test_agent_settings_are_validated_once_with_clear_errors(tmp_path):
                        (dict(etcd="https://h:1"), "--etcd-ca"), (dict(kill_grace_s=0), "kill_grace_s")):
         with pytest.raises(ValueError, match=field):
             settings(**bad)
+
+
+# ------------------------------------------------------------------ two-phase growth
+def _growth(state="PREPARING", growth_id="g2-x", base=1):
+    from protos.records import GrowthRecord
+
+    tentative = make_plan(base + 1, [("a", 0), ("b", 0), ("b", 1)])
+    return GrowthRecord(id=growth_id, base_generation=base, plan=tentative.to_dict(), state=state,
+                        joiners=[{"node": "b", "slot": 0, "rank": 1}, {"node": "b", "slot": 1, "rank": 2}])
+
+
+def preparing(rank: int, slot: int, generation: int, growth_id: str, alive: bool = True) -> LocalWorker:
+    return LocalWorker(job="j1", rank=rank, slot=slot, generation=generation, alive=alive, preparing=growth_id)
+
+
+def test_a_growth_being_prepared_starts_this_nodes_joiners_with_the_tentative_plan():
+    from agent.decisions import growth_actions
+
+    actions = growth_actions("b", [], _growth(), job="j1", plan_generation=1)
+    assert [(type(x), x.assignment.slot, x.assignment.rank, x.generation, x.growth_id) for x in actions] == [
+        (Start, 0, 1, 2, "g2-x"), (Start, 1, 2, 2, "g2-x")]
+    assert growth_actions("a", [local(0, 0, 1)], _growth(), job="j1", plan_generation=1) == []
+    # already started for this growth (alive, or exited: never twice), or a stale growth: nothing
+    assert growth_actions("b", [preparing(1, 0, 2, "g2-x"), preparing(2, 1, 2, "g2-x", alive=False)], _growth(),
+                          job="j1", plan_generation=1) == []
+    assert growth_actions("b", [], _growth(), job="j1", plan_generation=2) == []
+
+
+def test_workers_of_an_abandoned_or_replaced_growth_are_stopped():
+    from agent.decisions import growth_actions
+
+    mine = [preparing(1, 0, 2, "g2-x"), preparing(2, 1, 2, "g2-x", alive=False)]
+    actions = growth_actions("b", mine, _growth(state="ABANDONED"), job="j1", plan_generation=1)
+    assert actions == [Stop(job="j1", rank=1, slot=0, reason="growth abandoned")]
+    assert growth_actions("b", mine, None, job="j1", plan_generation=1) == [
+        Stop(job="j1", rank=1, slot=0, reason="growth superseded")]
+    # a new attempt: the old attempt's worker is stopped, then a new one starts on its slot
+    actions = growth_actions("b", mine, _growth(growth_id="g2-y"), job="j1", plan_generation=1)
+    assert [type(x) for x in actions] == [Stop, Start, Start]
+    assert growth_actions("b", mine, _growth(state="COMMITTED"), job="j1", plan_generation=1) == []
+
+
+def test_a_prepared_worker_is_left_alone_by_older_plans_and_adopted_by_the_committed_one():
+    g1 = make_plan(1, [("a", 0)])
+    joiner = preparing(1, 0, 2, "g2-x")
+    survivor = local(0, 0, 1)
+    # plan 1 (re-applied) neither retires the joiner nor counts as stale because of it
+    assert plan_actions("b", [joiner], make_plan(1, [("a", 0)])) == []
+    assert plan_actions("a", [survivor, LocalWorker(job="j1", rank=1, slot=1, generation=2, alive=True,
+                                                    preparing="g2-x")], g1) == []
+    # plan 2 = the committed growth: adopted where it is, even with the same rank and generation
+    committed = make_plan(2, [("a", 0), ("b", 0)])
+    assert plan_actions("b", [joiner], committed) == [Adopt(job="j1", rank=1, slot=0, generation=2)]
+    # plan 2 of a failure that does not name it: retired (it exits by itself)
+    other = make_plan(2, [("a", 0)])
+    assert [type(x) for x in plan_actions("b", [joiner], other)] == [Retire]
+    # a dead prepared worker never blocks the start of a plan that names its slot
+    dead = preparing(1, 0, 2, "g2-x", alive=False)
+    assert [type(x) for x in plan_actions("b", [dead], committed)] == [Start]

@@ -370,3 +370,74 @@ def test_no_timings_means_no_decision():
 def test_straggler_settings_are_validated(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         StragglerSettings(**kwargs)
+
+
+# ------------------------------------------------------------- window in time, eviction size
+def _pair(steps: int, *, slow_from: int, slow_to: int, factor: float, step_time_s: float) -> list[StepTiming]:
+    """Two ranks of 0.8 x step time compute; rank 1 is ``factor`` slower in steps [slow_from, slow_to)."""
+    out = []
+    for step in range(steps):
+        slow = factor if slow_from <= step < slow_to else 1.0
+        out.append(StepTiming(step=step, compute_s={0: 0.8 * step_time_s, 1: 0.8 * step_time_s * slow},
+                              step_time_s=step_time_s * slow))
+    return out
+
+
+def test_decision_window_stretches_short_steps_to_min_window_s():
+    from controller.detection import MAX_WINDOW_STEPS, decision_window
+
+    settings = StragglerSettings(window_steps=12, min_window_s=2.0)
+    slow_steps = _pair(100, slow_from=0, slow_to=0, factor=1.0, step_time_s=0.25)
+    recent, full = decision_window(slow_steps, settings)
+    assert len(recent) == 12 and full  # 12 x 0.25 s = 3 s: the step count decides
+    fast = _pair(100, slow_from=0, slow_to=0, factor=1.0, step_time_s=0.05)
+    recent, full = decision_window(fast, settings)
+    assert len(recent) == 40 and full  # 40 x 0.05 s = 2 s
+    recent, full = decision_window(fast[:30], settings)
+    assert len(recent) == 30 and not full  # 1.5 s of steps: not enough evidence yet
+    tiny = _pair(100, slow_from=0, slow_to=0, factor=1.0, step_time_s=0.001)
+    recent, full = decision_window(tiny, settings)
+    assert len(recent) == MAX_WINDOW_STEPS and full  # capped: the agents relay 64 steps per rank
+    untimed = [StepTiming(step=t.step, compute_s=t.compute_s) for t in fast]
+    recent, full = decision_window(untimed, settings)
+    assert len(recent) == 12 and full  # step times unknown: the step count alone
+
+
+def test_a_one_second_hiccup_of_short_steps_is_not_a_straggler_but_a_lasting_slowdown_is():
+    settings = StragglerSettings(window_steps=12, min_window_s=2.0)
+    # 50 ms steps; rank 1 50% slower for 16 steps (~1.2 s: a host busy with something else)
+    hiccup = _pair(200, slow_from=100, slow_to=116, factor=1.5, step_time_s=0.05)
+    for end in range(1, len(hiccup) + 1):
+        assert flag_stragglers(hiccup[:end], settings)[0] == (), f"flagged at step {end}"
+    # the same slowdown for good: flagged once the slow steps fill 80% of a 2 s window
+    lasting = _pair(200, slow_from=100, slow_to=200, factor=1.5, step_time_s=0.05)
+    first = next(end for end in range(1, 201) if flag_stragglers(lasting[:end], settings)[0] == (1,))
+    assert 100 + 20 <= first <= 100 + 35, first
+    # the time floor alone (step count 12 without it) would have flagged the hiccup
+    assert any(flag_stragglers(hiccup[:end], StragglerSettings(window_steps=12, min_window_s=0))[0] == (1,)
+               for end in range(1, 201))
+
+
+def test_evict_judges_the_slowdown_by_its_median_not_by_every_step():
+    # rank 1 is 1.6x slower per sample, but a busy host made 3 of its last 12 steps look only
+    # 1.2x slower (its peer was slowed too): still a clear case for a spare, not a rebalance
+    shares = [8, 8]
+    timings = []
+    for step in range(12):
+        peer = 0.20 * (1.33 if step in (2, 6, 9) else 1.0)
+        timings.append(StepTiming(step=step, compute_s={0: peer, 1: 0.32}, step_time_s=0.4))
+    decision, reason = decide_straggler(timings, policy=StragglerPolicy.EVICT, shares=shares, micro_batch=2,
+                                        spare_available=True, settings=StragglerSettings(window_steps=12))
+    assert decision.action is StragglerAction.EVICT and decision.evict_ranks == (1,), reason
+    assert decision.flagged_ranks == (1,)
+    # a slowdown that is large only in a few steps is not persistent: no eviction
+    spiky = [StepTiming(step=s, compute_s={0: 0.2, 1: 0.4 if s % 3 == 0 else 0.2}, step_time_s=0.4)
+             for s in range(12)]
+    decision, reason = decide_straggler(spiky, policy=StragglerPolicy.EVICT, shares=shares, micro_batch=2,
+                                        spare_available=True, settings=StragglerSettings(window_steps=12))
+    assert decision.action is StragglerAction.NONE and decision.evict_ranks == (), reason
+
+
+def test_min_window_s_is_validated():
+    with pytest.raises(ValueError, match="^min_window_s:"):
+        StragglerSettings(min_window_s=-1)

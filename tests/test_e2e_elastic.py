@@ -42,7 +42,7 @@ def spec_file(tmp_path: Path, **overrides) -> Path:
     return job_file(tmp_path, steps=STEPS, **overrides)
 
 
-_INT64_FIELDS = ("generation", "at_step", "steps_lost", "bytes_moved")
+_INT64_FIELDS = ("generation", "at_step", "steps_lost", "bytes_moved", "bytes_local")
 """Recovery fields that are int64 in the proto, hence JSON strings in `tenax job --json`."""
 
 
@@ -107,8 +107,9 @@ def assert_recovered(doc: dict, *, count: int, max_steps_lost: int) -> list[dict
               f"dp{r['new_layout'].get('dp')}pp{r['new_layout'].get('pp')}: "
               f"detection {r.get('detection_s', 0):.3f} s, plan {r.get('plan_s', 0):.3f} s, "
               f"rebuild {r.get('rebuild_s', 0):.3f} s, transfer {r.get('transfer_s', 0):.3f} s, "
-              f"total {r['total_s']:.3f} s, steps lost {r.get('steps_lost', 0)}, "
-              f"bytes moved {r.get('bytes_moved', 0)}")
+              f"total {r['total_s']:.3f} s, workers stalled {r.get('worker_total_s', 0):.3f} s, "
+              f"prepare {r.get('prepare_s', 0):.3f} s, steps lost {r.get('steps_lost', 0)}, "
+              f"bytes moved {r.get('bytes_moved', 0)}, local {r.get('bytes_local', 0)}")
     return recs
 
 
@@ -119,11 +120,9 @@ def assert_survivors_kept_their_pids(before: dict[tuple[str, int], int], after: 
             assert pid == before[where], f"the worker on {where} was restarted ({before[where]} -> {pid})"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[int, float]:
-    """Per-step losses of the same spec without any fault: `tenax train-local`, dp2·pp2."""
-    tmp = tmp_path_factory.mktemp("reference")
-    config = spec_file(tmp)
+def reference_losses(tmp: Path, steps: int) -> dict[int, float]:
+    """Per-step losses of the spec without any fault: `tenax train-local`, dp2·pp2."""
+    config = job_file(tmp, steps=steps)
     metrics = tmp / "metrics.jsonl"
     spec = yaml.safe_load(config.read_text())
     tenax("train-local", "--nproc", str(spec["resources"]["workers"]), "--config", str(config),
@@ -133,19 +132,34 @@ def reference(tmp_path_factory) -> dict[int, float]:
         rec = json.loads(line)
         if isinstance(rec.get("step"), int) and rec.get("loss") is not None:
             losses[rec["step"]] = rec["loss"]
-    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert sorted(losses) == list(range(1, steps + 1))
     return losses
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, float]:
+    return reference_losses(tmp_path_factory.mktemp("reference"), STEPS)
+
+
+LONG_STEPS = 200
+"""Two kills one after the other are driven by polling the CLI (a process per poll): the job
+must still be running when the second one lands, whatever the host's load."""
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory) -> dict[int, float]:
+    return reference_losses(tmp_path_factory.mktemp("long-reference"), LONG_STEPS)
+
+
 @contextlib.contextmanager
-def extra_agent(info: dict, node: str, slots: int = 2):
+def extra_agent(info: dict, node: str, slots: int = 2, args: tuple[str, ...] = ()):
     """One more agent (a node joining mid-job), killed with its workers at the end."""
     state_dir = Path(info["state_dir"])
     log = open(state_dir / "logs" / f"{node}.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "controller.cli", "agent", "--etcd", info["etcd"], "--node-id", node,
          "--slots", str(slots), "--lease-ttl", str(TTL_S), "--work-dir", str(state_dir / "agents" / node),
-         "--kill-grace=2"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+         "--kill-grace=2", *args], cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log.close()
     try:
@@ -207,11 +221,11 @@ def test_kill_an_agent_with_two_workers_changes_the_layout(tmp_path, reference):
 
 
 # ------------------------------------------------------------------ 3. two failures in a row
-def test_two_failures_one_after_the_other(tmp_path, reference):
+def test_two_failures_one_after_the_other(tmp_path, long_reference):
     """dp4 (pure data parallel): 4 -> 3 -> 2 workers with uneven sample shares (6,5,5), the global
     batch unchanged; the same curve as the dp2·pp2 reference (it does not depend on the layout)."""
     with local_cluster(tmp_path) as info:
-        job_id = submit(info, spec_file(tmp_path, parallelism={"dp": 4, "pp": 1, "zero_stage": 1}))
+        job_id = submit(info, job_file(tmp_path, steps=LONG_STEPS, parallelism={"dp": 4, "pp": 1, "zero_stage": 1}))
         before = wait_step(info, job_id, 5)
         first_pids = pids_by_slot(before)
         first = next(w for w in before["workers"] if w["rank"] == 1)
@@ -231,11 +245,14 @@ def test_two_failures_one_after_the_other(tmp_path, reference):
         gone = {(first["node"], first["slot"]), (second["node"], second["slot"])}
         assert_survivors_kept_their_pids(first_pids, pids_by_slot(doc), gone)
         assert_survivors_kept_their_pids(second_pids, pids_by_slot(doc), gone)
-        assert_same_curve(job_losses(info, job_id), reference)
+        assert_same_curve(job_losses(info, job_id), long_reference)
 
 
 # ------------------------------------------------------------------ 4. growth, then a drain
 def test_growth_to_four_workers_then_drain_lose_no_step(tmp_path, reference):
+    """Two-phase growth: the new node's workers are started and ready before plan 2 is written
+    (the job trains on plan 1 meanwhile), so the survivors stall at the switch only for the
+    rendezvous and the transfer; then a drain moves everything to the new node."""
     with local_cluster(tmp_path, agents=1) as info:
         path = spec_file(tmp_path, parallelism={"dp": 1, "pp": 2, "zero_stage": 1}, resources={
             "workers": 2, "device": "cpu"}, elastic={"min_workers": 1, "max_workers": 4, "snapshot_every": "1"})
@@ -254,6 +271,62 @@ def test_growth_to_four_workers_then_drain_lose_no_step(tmp_path, reference):
             assert done["phase"] == "SUCCEEDED", doc["message"]
             grow_rec, drain_rec = assert_recovered(doc, count=2, max_steps_lost=0)
             assert grow_rec["cause"] == "grow" and drain_rec["cause"] == "drain node-0"
+            # the joiners were ready before the plan switched; they received their state over the wire
+            assert grow_rec["prepare_s"] > 0 and grow_rec["bytes_moved"] > 0, grow_rec
+            assert grow_rec["worker_total_s"] > 0 and drain_rec["worker_total_s"] > 0
+            # the drained node's state came from the buddy replicas the new node held, or over the wire
+            assert drain_rec["bytes_moved"] + drain_rec["bytes_local"] > 0, drain_rec
             assert {w["node"] for w in doc["workers"]} == {"node-1"}
             assert_survivors_kept_their_pids(new_pids, pids_by_slot(doc), set())
             assert_same_curve(job_losses(info, job_id), reference)
+
+
+# ------------------------------------------------------------------ 5. growth that never gets ready
+def test_a_growth_whose_new_workers_never_get_ready_is_abandoned_and_leaves_no_process(tmp_path, monkeypatch):
+    """The joining node's workers hang before they are ready (a worker command that only sleeps):
+    the controller abandons the growth after TENAX_GROWTH_PREPARE_S, the agent stops them, and the
+    job never stalls: it keeps training on plan 1."""
+    import psutil
+
+    monkeypatch.setenv("TENAX_GROWTH_PREPARE_S", "4")  # read by the controller `tenax up` starts
+    hang = f"{sys.executable} -c 'import time; time.sleep(300)'"
+    with local_cluster(tmp_path, agents=1) as info:
+        path = job_file(tmp_path, steps=400, parallelism={"dp": 1, "pp": 2, "zero_stage": 1},
+                        resources={"workers": 2, "device": "cpu"},
+                        elastic={"min_workers": 1, "max_workers": 4, "snapshot_every": "1"})
+        job_id = submit(info, path)
+        wait_step(info, job_id, 2)
+        with extra_agent(info, "node-1", args=(f"--worker-command={hang}",)) as agent:
+            def prepared():
+                kids = []
+                for p in psutil.Process(agent.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if "time.sleep(300)" in " ".join(p.cmdline()):
+                            kids.append(p)
+                return kids if len(kids) == 2 else None
+
+            sleepers = wait_until(prepared, 60, "node-1's two new workers", interval_s=0.1)
+            growth = wait_until(lambda: _growth(info, job_id, "ABANDONED"), 30, "the growth to be abandoned")
+            assert "not ready within 4 s" in growth["reason"], growth
+            wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in sleepers),
+                       15, "the new workers to be stopped", interval_s=0.1)
+            doc = job_doc(info, job_id)
+            assert doc["generation"] == 1 and doc["phase"] == "RUNNING" and doc["recoveries"] == [], doc
+            # not stuck: it keeps training on plan 1 (the next attempt waits 30 s: the test ends first)
+            after = wait_step(info, job_id, doc["step"] + 2)
+            assert after["generation"] == 1 and after["phase"] == "RUNNING"
+
+
+def _growth(info: dict, job_id: str, state: str) -> dict | None:
+    import asyncio
+
+    from controller.etcd import Etcd
+    from protos.keys import Keys
+
+    async def read():
+        async with Etcd(info["etcd"]) as etcd:
+            return await etcd.get(Keys().job_growth(job_id))
+
+    kv = asyncio.run(asyncio.wait_for(read(), 10))
+    growth = json.loads(kv.value) if kv is not None else None
+    return growth if growth is not None and growth["state"] == state else None

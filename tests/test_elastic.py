@@ -71,6 +71,8 @@ def test_auto_snapshot_interval_hides_the_copy_behind_training():
     assert auto_snapshot_interval(0.001, 0.05) == 1
     assert auto_snapshot_interval(0.12, 0.05) == 3
     assert auto_snapshot_interval(0.1, 0.0) == 1
+    # a replication round that held the next boundary 0.08 s took 0.13 s: every 3rd step hides it
+    assert auto_snapshot_interval(0.001, 0.05, replication_wait_s=0.08) == 3
 
 
 def test_fault_specs_parse():

@@ -121,9 +121,12 @@ def test_nodes_to_drain_only_bad_uncordoned_registered_nodes_with_workers():
 
 
 def test_settings_from_env_validate():
-    s = HealthSettings.from_env({"TENAX_HANG_FLOOR_S": "3", "TENAX_STRAGGLER_WINDOW": "12"})
-    assert s.hang.floor_s == 3 and s.straggler.window_steps == 12
+    s = HealthSettings.from_env({"TENAX_HANG_FLOOR_S": "3", "TENAX_STRAGGLER_WINDOW": "12",
+                                 "TENAX_STRAGGLER_WINDOW_S": "0.5"})
+    assert s.hang.floor_s == 3 and s.straggler.window_steps == 12 and s.straggler.min_window_s == 0.5
+    assert HealthSettings.from_env({}).straggler.min_window_s == 2.0
     for bad in ({"TENAX_HANG_FLOOR_S": "x"}, {"TENAX_HANG_K": "0.5"}, {"TENAX_STRAGGLER_WINDOW": "2.5"},
+                {"TENAX_STRAGGLER_WINDOW_S": "-1"},
                 {"TENAX_DRAIN_DEGRADED": "yes"}, {"TENAX_HEALTH_INTERVAL_S": "0"}):
         with pytest.raises(ValueError):
             HealthSettings.from_env(bad)
@@ -347,3 +350,86 @@ def test_rebalanced_throughput_reaches_the_best_a_slow_rank_allows(dp, global_ba
     assert rebalanced <= 1.1 * ceiling  # within 10% of the best any split allows
     if dp >= 8:  # where the ceiling itself is within 10% of healthy, so is the rebalanced run
         assert healthy / rebalanced >= 0.9
+
+
+# ------------------------------------------------------------------ the straggler record, evictions
+def straggler_events(c: FakeController) -> dict[str, dict]:
+    events = {k: json.loads(v) for k, v in c.etcd.puts.items() if k.startswith(KEYS.job_events(JOB))}
+    return {k: e for k, e in events.items() if e["kind"] == "straggler"}
+
+
+def test_loop_records_the_decision_step_in_a_straggler_event():
+    s = spec(parallelism={"dp": 4, "pp": 1, "zero_stage": 1}, resources={"workers": 4, "device": "cpu"})
+    c, plan = controller_with_job(s)
+    loop = HealthLoop(c, HealthSettings())
+    ranks = {r: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.2)) for r in range(4)}
+    ranks[3] = entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.3))
+    ranks[0] = entry(step=33, progress_at=99.9, steps=steps_of(1, 33, 0.2))  # ahead: steps 31-33 not complete
+    publish(c, plan, ranks)
+    asyncio.run(loop.tick(100.0))
+    [(key, event)] = straggler_events(c).items()
+    assert key == KEYS.job_event(JOB, plan.generation * 10 + 5)
+    data = event["data"]
+    assert data["generation"] == plan.generation and data["policy"] == "rebalance"
+    assert data["flagged"] == {"3": {"step": 30, "seen_step": 33, "time": 100.0,
+                                     "score": pytest.approx(data["flagged"]["3"]["score"])}}
+    assert data["flagged"]["3"]["score"] > 3.5
+    assert data["action"] == "rebalance" and data["action_step"] == 30 and data["action_ranks"] == [3]
+    asyncio.run(loop.tick(101.0))
+    assert straggler_events(c)[key] == event, "re-written although nothing changed"
+
+
+def test_loop_writes_no_straggler_event_for_a_healthy_job():
+    s = spec(parallelism={"dp": 4, "pp": 1, "zero_stage": 1}, resources={"workers": 4, "device": "cpu"})
+    c, plan = controller_with_job(s)
+    loop = HealthLoop(c, HealthSettings())
+    publish(c, plan, {r: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.2)) for r in range(4)})
+    asyncio.run(loop.tick(100.0))
+    assert straggler_events(c) == {} and c.recovery.calls == []
+
+
+def one_slot_cluster(policy: str = "evict"):
+    """Nodes n0, n1, n2 of one slot each; a dp2 job on n0 and n1 (n2 is the spare)."""
+    s = spec(parallelism={"dp": 2, "pp": 1, "zero_stage": 1}, resources={"workers": 2, "device": "cpu"})
+    c = FakeController()
+    data = s.to_dict()
+    data["elastic"] = {**data["elastic"], "straggler_policy": policy}
+    plan = build_plan(job_id=JOB, spec=s, placement=[Slot(node="n0", slot=0), Slot(node="n1", slot=0)], store_address="127.0.0.1:1")
+    c.put(KEYS.job_spec(JOB), json.dumps(data))
+    c.put(KEYS.job_status(JOB), JobStatusRecord(phase="RUNNING", generation=1).to_json())
+    c.put(KEYS.job_plan(JOB), plan.to_json())
+    for n in ("n0", "n1", "n2"):
+        c.put(KEYS.node(n), json.dumps({"id": n, "slots": 1, "condition": "HEALTHY"}))
+    return c, plan
+
+
+def test_loop_evicts_a_slow_rank_to_a_spare_and_never_back_to_the_slot_it_left():
+    c, plan = one_slot_cluster()
+    loop = HealthLoop(c, HealthSettings())
+    ranks = {0: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.2)),
+             1: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.3))}
+    publish(c, plan, ranks)
+    asyncio.run(loop.tick(100.0))
+    assert c.recovery.calls == [("migrate", JOB, (1,), "straggler-evict")]
+    data = next(iter(straggler_events(c).values()))["data"]
+    assert data["action"] == "evict" and data["action_ranks"] == [1] and "1" in data["flagged"]
+    # generation 2: rank 1 now on the spare n2; only n1 (the slot it was evicted from) is free.
+    # If the new rank looks slow too, there is no spare left for this job: rebalance instead.
+    moved = build_plan(job_id=JOB, spec=spec(parallelism={"dp": 2, "pp": 1, "zero_stage": 1},
+                                             resources={"workers": 2, "device": "cpu"}),
+                       placement=[Slot(node="n0", slot=0), Slot(node="n2", slot=0)], store_address="127.0.0.1:1", generation=2)
+    c.put(KEYS.job_plan(JOB), moved.to_json())
+    c.put(KEYS.job_status(JOB), JobStatusRecord(phase="RUNNING", generation=2).to_json())
+    c.cache.data.pop(KEYS.job_telemetry_node(JOB, "n1"))
+    publish(c, moved, {r: {**e, "generation": 2, "steps": [[*x[:4], 2] for x in e["steps"]]}
+                       for r, e in ranks.items()})
+    asyncio.run(loop.tick(101.0))
+    assert [call[0] for call in c.recovery.calls] == ["migrate", "rebalance"], c.recovery.calls
+
+
+def test_spare_exists_skips_avoided_slots():
+    nodes = {"a": node("a", slots=2, used=1), "b": node("b", slots=1, used=0)}
+    assert spare_exists(nodes)
+    nodes["a"].used = frozenset({0})
+    assert spare_exists(nodes, avoid={("a", 1)})  # b/0 is free
+    assert not spare_exists(nodes, avoid={("a", 1), ("b", 0)})

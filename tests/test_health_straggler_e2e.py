@@ -1,19 +1,23 @@
 """End to end: `tenax chaos slow` makes one rank's compute 50% slower; the leader
 flags it within 30 steps (robust z-score of compute time, over a window), writes
 plan g+1 with rebalanced sample shares at a step boundary (global batch
-unchanged), and the job's throughput recovers.
+unchanged), and the job's throughput recovers as far as a rebalance can.
+
+"Within 30 steps" is measured from the first step the slowed rank ran slow (its
+own metrics line says so) to the step the controller decided on: the newest step
+of the window that flagged the rank, which the leader records in the job's
+``straggler`` event in etcd (controller/health_loop.py ``straggler_event``).
 
 What "recovers" can mean: the slowed rank stays slow (its hardware did not get
 better), so no share layout brings back the healthy run's wall-clock throughput:
 the best split of 16 samples over one normal and one 1.5x slower rank (10/6)
-runs at 80% of it. On this shared 2-core host (other suites run here too) raw
-step times and even per-step waiting swing by 2x from one minute to the next,
-and a core taken by another process makes a real straggler of whichever rank
-runs there, so this test asserts the mechanics (flagged within 30 steps, new
+runs at 80% of it. This test asserts the mechanics (flagged within 30 steps, new
 shares at a step boundary, global batch and placement unchanged, the job
-finishes) and PRINTS the step times and the waiting share of each phase. The
+finishes) and PRINTS the step times and the waiting share of each phase; the
 throughput a rebalance reaches is asserted deterministically in
 tests/test_health_loop.py (real decision code, synthetic per-rank speeds).
+Getting back to within 10% of the healthy throughput takes replacing the rank:
+``straggler_policy: evict``, tests/test_health_straggler_evict_e2e.py.
 Each worker gets one CPU thread (OMP_NUM_THREADS=1) and a model where compute
 dominates the step; the test polls rarely.
 """
@@ -27,10 +31,10 @@ import pytest
 
 from protos.plan import Plan
 from tests.health_e2e_helpers import (FAST_DETECTION_ENV, chaos_rpc, cluster_with_env, controller_metrics_address,
-                                      metric_value, metrics_lines, scrape)
+                                      job_events, metric_value, metrics_lines, scrape)
 from tests.test_e2e_cluster import KEYS, etcd_read, job_file, job_json, submit
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300), pytest.mark.timing]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 DP = 2
 SLOW_RANK = 1
@@ -39,8 +43,6 @@ STEPS = 120
 SLOW_AT = 35
 WINDOW = 12
 """Straggler window (steps) of this test's controller: 12 steps of which 80% slow flags a rank."""
-SWITCH_AHEAD = 5
-"""HealthSettings.switch_ahead_steps: the switch comes this many steps after the decision."""
 
 
 def wait_rarely(info: dict, job_id: str, done, timeout_s: float, interval_s: float = 2.0) -> dict:
@@ -82,14 +84,22 @@ def test_slow_rank_is_flagged_shares_rebalanced_and_throughput_recovers(tmp_path
         generations = sorted({r["generation"] for r in lines})
         assert len(generations) >= 2, "no rebalanced plan"
         first_switch = min(r["step"] for r in lines if r["generation"] == generations[1]) - 1
-        decided_at = first_switch - SWITCH_AHEAD
+        # the controller's own record of its decision (the straggler event of generation 1 in etcd):
+        # the newest step of the window it decided on, and the newest step it had seen from any rank
+        event = job_events(info, job_id, "straggler")[0]
+        assert event["generation"] == generations[0] and sorted(event["flagged"]) == [str(SLOW_RANK)], event
+        flagged = event["flagged"][str(SLOW_RANK)]
+        at_flag = max((r["step"] for r in lines if r["time"] <= flagged["time"]), default=0)
+        assert event["action"] == "rebalance" and event["action_ranks"] == [SLOW_RANK], event
         seq = model["seq_len"]
         shares_by_generation = {g: (next(r["rank_tokens"] for r in lines if r["generation"] == g) // seq,
                                     next(r["rank_tokens"] for r in slow_lines if r["generation"] == g) // seq)
                                 for g in generations}
-        print(f"slowed from step {first_slow}; rebalance decided by step {decided_at}, switched at step "
+        print(f"slowed from step {first_slow}; flagged at step {flagged['step']} (controller had seen step "
+              f"{flagged['seen_step']}, rank 0 had done step {at_flag}), rebalance decided at step {event['action_step']}, switched at step "
               f"{first_switch}; shares per generation {shares_by_generation}")
-        assert decided_at - first_slow <= 30, "not flagged within 30 steps"
+        assert first_slow <= flagged["step"] <= first_slow + 30, "not flagged within 30 steps of the slowdown"
+        assert flagged["step"] <= event["action_step"] <= first_switch
         assert all(sum(shares) == 16 for shares in shares_by_generation.values()), "the global batch changed"
         final_generation = generations[-1]
         final = shares_by_generation[final_generation]
@@ -109,7 +119,7 @@ def test_slow_rank_is_flagged_shares_rebalanced_and_throughput_recovers(tmp_path
               + "; median step time: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in wall.items())
               + f"; throughput vs healthy: slowed {wall['healthy'] / wall['slowed']:.0%}, "
               f"rebalanced {wall['healthy'] / wall['rebalanced']:.0%}")
-        assert set(wall) == {"healthy", "slowed", "rebalanced"}
+
 
 def waiting_fraction(a: list[dict], b: list[dict], first: int, last: int) -> float:
     """Median over steps [first, last] of the mean over both ranks of (collective time above the

@@ -8,6 +8,7 @@ writes. The real processes: tests/test_e2e_elastic.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -17,7 +18,7 @@ from controller import metrics
 from protos import tenax_pb2 as pb
 from protos.keys import Keys
 from protos.plan import Plan
-from protos.records import JobStatusRecord, ProgressRecord, WorkerStatusRecord
+from protos.records import GrowthRecord, JobStatusRecord, JoinerRecord, ProgressRecord, WorkerStatusRecord
 from tests.conftest import run_async
 from tests.test_controller_api import _get, _in_phase, add_node, good_spec, running, wait_until
 
@@ -143,8 +144,18 @@ def test_growth_when_a_node_joins_then_drain_at_a_step_boundary(etcd_url):
             g1 = await plan_of(api, job.id)
             await report_running(api, g1, step=3)
             leases.append(await add_node(api.etcd, "n2", 2, ttl_s=30))
+            # phase 1: the new workers are started (by n2's agent) while plan 1 stays
+            growth = await wait_until(lambda: growth_in(api, job.id, "PREPARING"), 5)
+            assert sorted(growth.joiner_slots()) == [("n2", 0), ("n2", 1)] and growth.base_generation == 1
+            await asyncio.sleep(0.5)
+            assert (await plan_of(api, job.id)).generation == 1  # nothing switches before they are ready
+            # phase 2: both ready -> plan 2 with the switch a few steps ahead
+            await say_ready(api, job.id, growth)
             g2 = await wait_until(lambda: generation_is(api, job.id, 2), 5)
             assert (g2.dp, g2.pp) == (2, 2) and g2.switch_at_step > 3
+            assert g2.workers == Plan.from_dict(growth.plan).workers and g2.extra["growth_id"] == growth.id
+            assert (await growth_in(api, job.id, "COMMITTED")).id == growth.id
+            assert (await status_of(api, job.id)).recoveries[0]["prepare_s"] > 0.4
             assert {(a.node, a.slot) for a in g1.workers} <= {(a.node, a.slot) for a in g2.workers}
             assert (await _get(api, job.id)).status.phase == pb.RUNNING  # a planned switch, nothing failed
             await report_running(api, g2, step=g2.switch_at_step + 1, first_step_time=time.time())
@@ -164,6 +175,62 @@ def test_growth_when_a_node_joins_then_drain_at_a_step_boundary(etcd_url):
             assert ok, reason
             g4 = await plan_of(api, job.id)
             assert g4.generation == 4 and g4.switch_at_step == -1
+            for lease in leases:
+                await api.etcd.revoke_lease(lease)
+    run_async(main(), 60)
+
+
+async def growth_in(api, job_id: str, state: str) -> GrowthRecord | None:
+    kv = await api.etcd.get(KEYS.job_growth(job_id))
+    growth = GrowthRecord.from_json(kv.value) if kv is not None else None
+    return growth if growth is not None and growth.state == state else None
+
+
+async def say_ready(api, job_id: str, growth: GrowthRecord, state: str = "READY") -> None:
+    """What each new worker writes once prepared (or its agent, when it exited before)."""
+    for node, slot in growth.joiner_slots():
+        await api.etcd.put(KEYS.job_joiner(job_id, node, slot), JoinerRecord(
+            growth_id=growth.id, node=node, slot=slot, state=state, pid=4242, time=time.time()).to_json())
+
+
+def test_a_growth_whose_workers_never_get_ready_is_abandoned_and_retried_later(etcd_url):
+    async def main():
+        async with running(etcd_url) as api:
+            api.controller.recovery.prepare_timeout_s = 1.0
+            leases = [await add_node(api.etcd, "n1", 2, ttl_s=30)]
+            spec = good_spec(**{"parallelism.dp": 1, "parallelism.pp": 2, "resources.workers": 2,
+                                "elastic.max_workers": 4, "steps": 200})
+            job = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=5)
+            await wait_until(lambda: _in_phase(api, job.id, pb.RUNNING), 5)
+            g1 = await plan_of(api, job.id)
+            await report_running(api, g1, step=3)
+            leases.append(await add_node(api.etcd, "n2", 2, ttl_s=30))
+            first = await wait_until(lambda: growth_in(api, job.id, "PREPARING"), 5)
+            # nobody says ready: abandoned after the timeout, the job keeps plan 1 and runs
+            dead = await wait_until(lambda: growth_in(api, job.id, "ABANDONED"), 5)
+            assert dead.id == first.id and "not ready within 1 s" in dead.reason and dead.retry_after > time.time()
+            assert (await plan_of(api, job.id)).generation == 1
+            assert (await _get(api, job.id)).status.phase == pb.RUNNING
+            # the retry (backoff shortened for the test) fails at once: a new worker exited
+            dead = GrowthRecord(**{**dead.to_dict(), "retry_after": 0.0})
+            await api.etcd.put(KEYS.job_growth(job.id), dead.to_json())
+            second = await wait_until(lambda: growth_in(api, job.id, "PREPARING"), 5)
+            assert second.id != first.id and second.attempt == 2
+            await say_ready(api, job.id, second, state="FAILED")
+            dead = await wait_until(lambda: growth_in(api, job.id, "ABANDONED"), 5)
+            assert dead.id == second.id and "failed before it was ready" in dead.reason
+            assert (await plan_of(api, job.id)).generation == 1 and not await api.etcd.get_prefix(
+                KEYS.job_joiners(job.id))
+            # a READY record of the abandoned attempt does not make a later one switch
+            dead = GrowthRecord(**{**dead.to_dict(), "retry_after": 0.0})
+            await api.etcd.put(KEYS.job_growth(job.id), dead.to_json())
+            third = await wait_until(lambda: growth_in(api, job.id, "PREPARING"), 5)
+            await say_ready(api, job.id, second)
+            await asyncio.sleep(0.5)
+            assert (await plan_of(api, job.id)).generation == 1
+            await say_ready(api, job.id, third)
+            g2 = await wait_until(lambda: generation_is(api, job.id, 2), 5)
+            assert g2.extra["growth_id"] == third.id and g2.world_size == 4
             for lease in leases:
                 await api.etcd.revoke_lease(lease)
     run_async(main(), 60)

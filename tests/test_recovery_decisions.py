@@ -9,7 +9,13 @@ import json
 from agent.progress import ProgressRelay
 from controller.decisions import Slot, build_plan
 from controller.recovery_decisions import (
+    GROWTH_RETRY_MAX_S,
+    GROWTH_RETRY_S,
     all_ranks_on_generation,
+    commit_plan,
+    end_growth,
+    growth_decision,
+    start_growth,
     cause_label,
     close_superseded,
     complete_recovery,
@@ -28,7 +34,7 @@ from controller.recovery_decisions import (
 from controller.replan import ClusterView, replan
 from protos.keys import Keys
 from protos.plan import Plan
-from protos.records import ProgressRecord, WorkerStatusRecord
+from protos.records import GrowthRecord, JoinerRecord, ProgressRecord, WorkerStatusRecord
 from trainer.config import JobSpec
 
 SPEC = JobSpec.from_dict({
@@ -271,3 +277,126 @@ def test_pending_jobs_get_free_slots_before_growth():
                 at_step=10, settled=True)
     assert should_grow(**args)[0]
     assert should_grow(**args, jobs_waiting=True) == (False, "pending jobs come first: free slots are theirs")
+
+
+# ------------------------------------------------------------------ two-phase growth
+def _grown(base):
+    """Plan g+1 of ``base`` (dp1·pp2 on n0) grown onto n1's two slots: dp2·pp2."""
+    from controller.replan import grow
+
+    plan, reason = grow(SPEC, base, ClusterView(free_slots={"n1": [0, 1]}, store_addresses=STORES),
+                        at_step=-1, now=100.0)
+    assert plan is not None, reason
+    return plan
+
+
+def _small_plan():
+    placement = [Slot(node="n0", slot=0), Slot(node="n0", slot=1)]
+    spec = JobSpec.from_dict({**SPEC.to_dict(), "parallelism": {"dp": 1, "pp": 2, "zero_stage": 1},
+                              "resources": {"workers": 2}})
+    return build_plan(job_id="j", spec=spec, placement=placement, store_address="n0:1")
+
+
+def _ready(growth, state="READY", growth_id=None):
+    return {(n, s): JoinerRecord(growth_id=growth_id or growth.id, node=n, slot=s, state=state)
+            for n, s in growth.joiner_slots()}
+
+
+def test_a_growth_is_prepared_with_the_tentative_plan_and_only_new_slots_start():
+    base = _small_plan()
+    growth = start_growth(base, _grown(base), growth_id="g2-a", now=100.0, timeout_s=60)
+    assert growth.state == "PREPARING" and growth.base_generation == 1 and growth.deadline == 160.0
+    assert sorted(growth.joiner_slots()) == [("n1", 0), ("n1", 1)]
+    assert Plan.from_dict(growth.plan).switch_at_step == -1 and Plan.from_dict(growth.plan).world_size == 4
+    # a retry on the same plan generation counts attempts; a new generation starts again at 1
+    again = start_growth(base, _grown(base), growth_id="g2-b", now=200.0, previous=growth)
+    assert again.attempt == 2
+    assert start_growth(base, _grown(base), growth_id="x", now=1.0,
+                        previous=GrowthRecord(**{**growth.to_dict(), "base_generation": 0})).attempt == 1
+
+
+def test_growth_commits_when_every_joiner_is_ready_and_switches_a_few_steps_ahead():
+    base = _small_plan()
+    growth = start_growth(base, _grown(base), growth_id="g2-a", now=100.0, timeout_s=60)
+    live = ["n0", "n1"]
+    assert growth_decision(growth=growth, plan=base, joiners={}, live_nodes=live, now=101.0)[0] == "wait"
+    one = dict(list(_ready(growth).items())[:1])
+    decision, reason = growth_decision(growth=growth, plan=base, joiners=one, live_nodes=live, now=101.0)
+    assert decision == "wait" and "n1/1" in reason
+    # a READY record of an older attempt does not count
+    stale = _ready(growth, growth_id="g2-old")
+    assert growth_decision(growth=growth, plan=base, joiners=stale, live_nodes=live, now=101.0)[0] == "wait"
+    assert growth_decision(growth=growth, plan=base, joiners=_ready(growth), live_nodes=live,
+                           now=101.0)[0] == "commit"
+    plan = commit_plan(growth, at_step=42, now=104.5)
+    assert plan.generation == 2 and plan.switch_at_step == 42 and plan.reason.endswith("at step 42")
+    assert plan.extra["growth_id"] == "g2-a" and plan.extra["prepare_s"] == 4.5
+    assert plan.workers == Plan.from_dict(growth.plan).workers  # exactly the plan the joiners prepared for
+    done = end_growth(growth, state="COMMITTED", reason="ready", now=104.5)
+    assert done.state == "COMMITTED" and done.retry_after == 0.0
+    assert growth_decision(growth=done, plan=base, joiners={}, live_nodes=live, now=105.0)[0] == "none"
+
+
+def test_growth_is_abandoned_when_a_joiner_fails_its_node_goes_or_the_deadline_passes():
+    base = _small_plan()
+    growth = start_growth(base, _grown(base), growth_id="g2-a", now=100.0, timeout_s=60)
+    live = ["n0", "n1"]
+    failed = {**_ready(growth), ("n1", 1): JoinerRecord(growth_id="g2-a", node="n1", slot=1, state="FAILED",
+                                                       reason="exit code 1")}
+    decision, reason = growth_decision(growth=growth, plan=base, joiners=failed, live_nodes=live, now=101.0)
+    assert decision == "abandon" and "n1/1 failed" in reason and "exit code 1" in reason
+    assert growth_decision(growth=growth, plan=base, joiners={}, live_nodes=["n0"], now=101.0)[0] == "abandon"
+    assert growth_decision(growth=growth, plan=base, joiners={}, live_nodes=live, cordoned=["n1"],
+                           now=101.0)[0] == "abandon"
+    decision, reason = growth_decision(growth=growth, plan=base, joiners=dict(list(_ready(growth).items())[:1]),
+                                       live_nodes=live, now=160.0)
+    assert decision == "abandon" and "n1/1 not ready within 60 s" in reason
+    # the plan changed under it (a failure re-planned): stale
+    newer = Plan.from_dict({**base.to_dict(), "generation": 2})
+    assert growth_decision(growth=growth, plan=newer, joiners=_ready(growth), live_nodes=live,
+                           now=101.0)[0] == "abandon"
+
+
+def test_an_abandoned_growth_is_retried_after_a_growing_backoff():
+    base = _small_plan()
+    growth = start_growth(base, _grown(base), growth_id="g2-a", now=100.0)
+    dead = end_growth(growth, state="ABANDONED", reason="not ready", now=200.0)
+    assert dead.retry_after == 200.0 + GROWTH_RETRY_S
+    args = dict(phase="RUNNING", plan=base, max_workers=4, free_slot_count=2, step=5, total_steps=60,
+                at_step=10, settled=True)
+    assert should_grow(**args, growth=growth, now=150.0) == (False, "growth g2-a is being prepared")
+    ok, reason = should_grow(**args, growth=dead, now=210.0)
+    assert not ok and "next attempt in 20 s" in reason
+    assert should_grow(**args, growth=dead, now=dead.retry_after)[0]
+    # a record of an older plan generation does not hold a new growth back
+    assert should_grow(**args, growth=GrowthRecord(**{**growth.to_dict(), "base_generation": 0}), now=150.0)[0]
+    third = end_growth(GrowthRecord(**{**growth.to_dict(), "attempt": 3}), state="ABANDONED", reason="x", now=0.0)
+    assert third.retry_after == 4 * GROWTH_RETRY_S
+    assert end_growth(GrowthRecord(**{**growth.to_dict(), "attempt": 30}), state="ABANDONED", reason="x",
+                      now=0.0).retry_after == GROWTH_RETRY_MAX_S
+
+
+def test_pending_recovery_of_a_growth_carries_its_prepare_time_and_bytes_local_is_summed():
+    base = _small_plan()
+    plan = commit_plan(start_growth(base, _grown(base), growth_id="g", now=0.0), at_step=9, now=3.0)
+    entry = pending_recovery(cause="grow", old=base, new=plan, at_step=9, failed_at=3.0, seen_at=3.0,
+                             planned_at=3.1, prepare_s=3.0)
+    assert entry["prepare_s"] == 3.0 and entry["bytes_local"] == 0
+    done = complete_recovery(entry, [{"new_generation": 2, "bytes_moved": 10, "bytes_local": 5, "total_s": 0.2},
+                                     {"new_generation": 2, "bytes_moved": 0, "bytes_local": 7, "total_s": 0.3}],
+                             [4.0])
+    assert (done["bytes_moved"], done["bytes_local"], done["worker_total_s"]) == (10, 12, 0.3)
+    from controller.convert import recovery_to_proto
+
+    msg = recovery_to_proto(done)  # the API carries them (`tenax job ID --json`)
+    assert (msg.bytes_moved, msg.bytes_local, msg.prepare_s, msg.worker_total_s) == (10, 12, 3.0, 0.3)
+
+
+def test_a_growth_is_timed_by_the_survivors_stall_not_by_the_joiners_wait_for_the_boundary():
+    entry = {"generation": 2, "failed_at": 0.0}
+    survivor = {"new_generation": 2, "cause": "switch", "rebuild_s": 0.05, "transfer_s": 0.2, "total_s": 0.3}
+    joiner = {"new_generation": 2, "cause": "join", "rebuild_s": 1.9, "transfer_s": 0.2, "total_s": 2.2,
+              "bytes_moved": 64}
+    done = complete_recovery(entry, [survivor, joiner], [3.0])
+    assert (done["rebuild_s"], done["worker_total_s"], done["bytes_moved"]) == (0.05, 0.3, 64)
+    assert complete_recovery(entry, [joiner], [3.0])["worker_total_s"] == 2.2  # only joiners: theirs

@@ -1,4 +1,5 @@
-"""trainer.snapshot: asynchronous, double-buffered, checksummed host snapshots."""
+"""trainer.snapshot: double-buffered, checksummed host snapshots (inline for small CPU states,
+on a background thread otherwise)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import threading
 import pytest
 import torch
 
-from trainer.snapshot import Snapshotter, checksum, corrupt
+from trainer.snapshot import (SLAB_ALIGN, Snapshotter, SnapshotSettings, allocate_slab, checksum, corrupt,
+                              slab_layout)
+
+BACKGROUND = SnapshotSettings(inline_max_bytes=0)
+"""Every snapshot through the background thread (the path of CUDA and large CPU states)."""
 
 
 def make_state(step: int) -> dict[str, torch.Tensor]:
@@ -20,9 +25,10 @@ def make_state(step: int) -> dict[str, torch.Tensor]:
     }
 
 
-def test_a_snapshot_copies_every_tensor_and_verifies():
+@pytest.mark.parametrize("settings", [SnapshotSettings(), BACKGROUND], ids=["inline", "background"])
+def test_a_snapshot_copies_every_tensor_and_verifies(settings):
     state = make_state(3)
-    snap = Snapshotter().take(3, state, {"generation": 2})
+    snap = Snapshotter(settings).take(3, state, {"generation": 2})
     assert snap.step == 3 and snap.complete and snap.metadata == {"generation": 2, "step": 3}
     for name, t in state.items():
         assert torch.equal(snap.tensors[name], t.reshape(-1))
@@ -46,10 +52,11 @@ def test_checksum_covers_every_byte_of_every_dtype():
     assert checksum(torch.empty(0)) == 0
 
 
-def test_the_snapshot_holds_the_state_as_of_begin_even_when_training_mutates_it_after_the_fence():
+@pytest.mark.parametrize("settings", [SnapshotSettings(), BACKGROUND], ids=["inline", "background"])
+def test_the_snapshot_holds_the_state_as_of_begin_even_when_training_mutates_it_after_the_fence(settings):
     state = make_state(5)
     expected = {n: t.clone() for n, t in state.items()}
-    snapper = Snapshotter()
+    snapper = Snapshotter(settings)
     assert snapper.begin(5, state)
     snapper.fence(timeout_s=10)  # what the trainer calls before optimizer.step()
     for t in state.values():
@@ -60,7 +67,7 @@ def test_the_snapshot_holds_the_state_as_of_begin_even_when_training_mutates_it_
 
 
 def test_double_buffering_keeps_the_last_complete_snapshot_valid_while_the_next_is_written():
-    snapper = Snapshotter()
+    snapper = Snapshotter(BACKGROUND)
     first = snapper.take(1, make_state(1))
     gate = threading.Event()
     snapper.before_copy = lambda: gate.wait(10)  # hold the next copy mid-flight
@@ -96,7 +103,7 @@ def test_buffers_are_reallocated_when_the_shard_shapes_change_after_a_reshard():
 
 
 def test_fence_times_out_instead_of_hanging():
-    snapper = Snapshotter()
+    snapper = Snapshotter(BACKGROUND)
     gate = threading.Event()
     snapper.before_copy = lambda: gate.wait(10)
     snapper.begin(1, make_state(1))
@@ -106,8 +113,9 @@ def test_fence_times_out_instead_of_hanging():
     assert snapper.wait(timeout_s=10).step == 1
 
 
-def test_a_failed_copy_is_reported_on_the_training_thread():
-    snapper = Snapshotter()
+@pytest.mark.parametrize("settings", [SnapshotSettings(), BACKGROUND], ids=["inline", "background"])
+def test_a_failed_copy_is_reported_on_the_training_thread(settings):
+    snapper = Snapshotter(settings)
 
     def boom():
         raise OSError("host memory gone")
@@ -136,3 +144,58 @@ def test_complete_snapshots_are_the_latest_and_the_older_buffer_until_it_is_rewr
     assert sorted(s.step for s in snapper.complete_snapshots()) == [1, 2]
     snapper.take(3, make_state(3))  # reuses step 1's buffer
     assert sorted(s.step for s in snapper.complete_snapshots()) == [2, 3]
+
+
+def test_a_small_cpu_state_is_snapshotted_inside_begin_without_a_thread():
+    snapper = Snapshotter()
+    state = make_state(4)
+    threads = threading.active_count()
+    assert snapper.begin(4, state)
+    assert threading.active_count() == threads  # nothing to hand over to: no thread, no GIL hand-off
+    assert not snapper.busy and snapper.latest.step == 4 and snapper.latest.verify() == []
+    snapper.fence(timeout_s=0.01)  # nothing in flight: returns at once
+    for t in state.values():
+        t.add_(1)
+    assert all(torch.equal(snapper.latest.tensors[n], make_state(4)[n]) for n in state)
+
+
+def test_a_state_above_the_inline_limit_goes_to_the_background_thread():
+    snapper = Snapshotter(SnapshotSettings(inline_max_bytes=1000))
+    copied_on = []
+    snapper.before_copy = lambda: copied_on.append(threading.current_thread())
+    assert snapper.begin(1, {"w": torch.ones(100)})  # 400 bytes: inline
+    assert copied_on == [threading.current_thread()] and snapper.latest.step == 1
+    gate = threading.Event()
+    snapper.before_copy = lambda: gate.wait(10)
+    assert snapper.begin(2, {"w": torch.ones(1000)})  # 4000 bytes: a thread copies it
+    assert snapper.busy and snapper.latest.step == 1
+    gate.set()
+    assert snapper.wait(timeout_s=10).step == 2
+
+
+def test_a_snapshot_is_one_aligned_slab_and_the_same_layout_rebuilds_the_same_views():
+    snap = Snapshotter().take(1, make_state(1))
+    base = snap.slab.data_ptr()
+    for name, t in snap.tensors.items():
+        offset = t.data_ptr() - base
+        assert offset % SLAB_ALIGN == 0 and offset + t.numel() * t.element_size() <= snap.slab.numel()
+    slab, views = allocate_slab(slab_layout(snap.tensors))  # e.g. a buddy's receive buffer
+    slab.copy_(snap.slab)
+    assert all(torch.equal(views[n], snap.tensors[n]) and views[n].dtype == snap.tensors[n].dtype for n in views)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_state_is_copied_on_a_side_stream_into_one_pinned_slab():
+    state = {name: t.cuda() for name, t in make_state(6).items()}
+    expected = {name: t.cpu() for name, t in state.items()}
+    snapper = Snapshotter()
+    assert snapper.begin(6, state)  # never inline: the copy runs on a side stream
+    snapper.fence()  # what the trainer calls before the update: the stream waits for the copy
+    for t in state.values():
+        t.add_(1)  # the next optimizer step, queued after the copy
+    snap = snapper.wait(timeout_s=30)
+    assert snap.step == 6 and snap.slab.is_pinned() and snap.verify() == []
+    assert all(torch.equal(snap.tensors[name], expected[name]) for name in state)
+    nxt = snapper.take(7, state)  # the other buffer set: pinned too, allocated off the training thread
+    assert nxt.slab.is_pinned() and nxt.slab.data_ptr() != snap.slab.data_ptr()
+    assert all(torch.equal(nxt.tensors[name], (expected[name] + 1)) for name in state)

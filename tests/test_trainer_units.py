@@ -106,3 +106,30 @@ def test_layout_validation_names_the_problem():
         layout(2, 1, 0, shares=[5, 5]).validate(layers=4, global_batch_size=12)
     assert layout(2, 2, 1).micro_batches(1) == [(6, 8), (8, 10), (10, 12)]
     assert layout(2, 1, 0, shares=[7, 5]).micro_batches(0)[-1] == (6, 7)
+
+
+def test_synthetic_samples_follow_the_successor_rule_exactly():
+    """The walk: every non-noise token is perm[previous token]; noise is ~10%; samples are a
+    function of (seed, index) only."""
+    ds = SyntheticTokens(num_samples=64, seq_len=200, vocab_size=50, seed=11)
+    perm = ds._successor().tolist()
+    follows = total = 0
+    for index in range(8):
+        tokens = ds.sample(index).tolist()
+        assert tokens == ds.sample(index).tolist() and len(tokens) == 201
+        assert all(0 <= t < 50 for t in tokens)
+        follows += sum(b == perm[a] for a, b in zip(tokens, tokens[1:]))
+        total += len(tokens) - 1
+    assert 0.85 < follows / total < 0.97  # 10% noise, a few of which land on the successor anyway
+    assert ds.sample(0).tolist() != SyntheticTokens(num_samples=64, seq_len=200, vocab_size=50, seed=12).sample(0).tolist()
+
+
+def test_backend_override_names_a_bad_value(monkeypatch):
+    from trainer.train import backend_for
+
+    assert backend_for(torch.device("cpu")) == "gloo"
+    monkeypatch.setenv("TENAX_BACKEND", "gloo")
+    assert backend_for(torch.device("cuda", 0)) == "gloo"
+    monkeypatch.setenv("TENAX_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="TENAX_BACKEND"):
+        backend_for(torch.device("cpu"))

@@ -54,11 +54,31 @@ def test_buddy_replicas_make_a_killed_rank_s_shard_recoverable_in_place(tmp_path
     finally:
         workers.kill_all()
     for r in results:
-        # step 3 of rank 0 rotted before replication: its buddy refused it, so step 3
-        # never became recoverable; step 4 did
-        assert r["recoverable"] == [1, 2, 2, 4]
+        assert r["recoverable"] == [1, 2, 3, 4]  # the step of the replica each rank holds for its ward
         assert r["released"] in ("CommFailed", "CommAborted")
         assert r["step"] == 4 and r["exact"]
-    assert results[2]["rejected"] == 1  # rank 2 is rank 0's buddy (the other node)
+    # step 3 of rank 0 rotted after its checksum: the copy its buddy (rank 2, the other node)
+    # holds fails verification, as it is checked at use; no other copy is bad
+    assert [r["rotten_held"] for r in results] == [[], [], [3]]
     assert results[1]["buddy"] == 3 and results[1]["replica_step"] == 4  # rank 1 holds dead rank 3's copy
     assert sum(r["bytes_sent"] for r in results) > 0
+
+
+def test_replication_runs_on_the_training_thread_and_a_round_in_flight_is_kept(tmp_path):
+    workers = Workers("replication", 4, tmp_path)
+    try:
+        codes = workers.wait_exit([0, 1, 2, 3], timeout_s=120)
+        assert codes == {0: 0, 1: 0, 2: 0, 3: 0}, "".join(workers.log(r) for r in range(4))
+        results = [workers.result(r) for r in range(4)]
+    finally:
+        workers.kill_all()
+    for r in results:
+        assert r["new_threads"] == 0  # no replication thread, no wait thread: gloo's own threads move the bytes
+        # post(k) first finishes the round of k-1: the ward's replica is then k-1
+        assert r["held"] == [-1, 1, 2, 3]
+        assert r["replica"]["step"] == 6 and r["replica"]["exact"]
+        # the verified replica of 6, and 7 whose round arrived but was never finished
+        assert r["held_at_end"] == [6, 7] and r["held_exact"]
+        assert r["gathered"]
+    by_ward = {r["ward"]: r for r in results}
+    assert by_ward[0]["replica"]["spans"] == {"w": [0, 13], "m": [0, 9]}  # rank 0's new layout reached its buddy

@@ -26,6 +26,17 @@ Design note (what torch 2.13 offers, measured in tests/test_abort.py):
 * After the abort, survivors read plan g+1 and form the new group with
   ``form_group`` under the new store prefix (``PrefixStore``): keys of the old
   generation are never read again, and no process restarts.
+* The rendezvous of a new generation is abortable too. ``init_process_group``
+  blocks in C++ until every rank connected (up to its timeout, 60 s by
+  default): a participant that died before it joined would hold every other
+  rank there that long. So ``form_group`` first runs ``rendezvous``: each rank
+  sets ``tenax/joined/<rank>`` under the generation's prefix and polls (short,
+  non-blocking ``check`` calls) until all ranks' keys are there, the
+  generation's ``abort`` key is set, or ``should_abort`` (the worker: a newer
+  plan arrived, e.g. g+2 without the dead rank) names a reason -> CommAborted
+  within a poll interval. Only then does ``init_process_group`` run, with every
+  rank present. (A rank dying in the few milliseconds between its last poll and
+  the gloo connect is still bounded by the timeout only.)
 
 Triggers of ``abort()``: the plan watcher (plan g+1 appeared: a hung rank was
 detected by heartbeats, or a node was lost), the generation's store key (set by
@@ -267,15 +278,51 @@ def retire_default_group() -> None:
     dist.destroy_process_group()
 
 
+JOINED_KEY = "tenax/joined/"
+"""``JOINED_KEY + str(rank)`` inside a generation's prefix: that rank reached the rendezvous."""
+
+
+def rendezvous(store: Any, *, rank: int, world_size: int, timeout_s: float,
+               should_abort: Callable[[], str | None] | None = None, poll_s: float = 0.02,
+               what: str = "rendezvous") -> float:
+    """Announce ``rank`` in ``store`` (a generation's PrefixStore) and wait until all
+    ``world_size`` ranks did; returns the seconds waited.
+
+    Abortable: raises CommAborted as soon as the generation's ``abort`` key is set or
+    ``should_abort()`` returns a reason; TimeoutError (naming the missing ranks) after
+    ``timeout_s``. Every store call is a short non-blocking one (set, check)."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    store.set(JOINED_KEY + str(rank), repr(time.time()))
+    everyone = [JOINED_KEY + str(r) for r in range(world_size)]
+    while not store.check(everyone):
+        reason = should_abort() if should_abort is not None else None
+        if reason:
+            raise CommAborted(f"{what}: {reason}")
+        if store.check([ABORT_KEY]):
+            raise CommAborted(f"{what}: abort key set: {store.get(ABORT_KEY).decode(errors='replace')}")
+        if time.monotonic() >= deadline:
+            missing = [r for r in range(world_size) if not store.check([JOINED_KEY + str(r)])]
+            raise TimeoutError(f"{what}: rank(s) {missing} did not join within {timeout_s:.0f} s")
+        time.sleep(poll_s)
+    return time.monotonic() - started
+
+
 def form_group(store: Any, prefix: str, *, rank: int, world_size: int, backend: str = "gloo",
-               timeout_s: float = 60.0, device_id: Any = None) -> Any:
+               timeout_s: float = 60.0, device_id: Any = None,
+               should_abort: Callable[[], str | None] | None = None) -> Any:
     """Form the generation's default group under ``prefix`` of ``store`` and return it.
 
     ``timeout_s`` bounds the rendezvous and is the backend's collective timeout
-    (a backstop: aborts normally come from the watcher)."""
+    (a backstop: aborts normally come from the watcher). The wait for the other
+    ranks is ``rendezvous`` (abortable, see the module docstring): CommAborted or
+    TimeoutError before anything of the new group exists."""
+    scoped = dist.PrefixStore(prefix, store)
+    rendezvous(scoped, rank=rank, world_size=world_size, timeout_s=timeout_s, should_abort=should_abort,
+               what=f"rendezvous of {prefix!r}")
     retire_default_group()
     kwargs = {"device_id": device_id} if device_id is not None else {}
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size,
+    dist.init_process_group(backend, store=scoped, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s), **kwargs)
     return c10d._get_default_group()
 

@@ -47,12 +47,19 @@ class SyntheticTokens:
         length = self.seq_len + 1
         noise = torch.rand(length, generator=gen) < NOISE_PROBABILITY
         random_tokens = torch.randint(0, self.vocab_size, (length,), generator=gen)
-        successor = self._successor()
-        tokens = torch.empty(length, dtype=torch.int64)
-        tokens[0] = random_tokens[0]
+        # The walk is sequential (each token depends on the one before), so it runs on
+        # Python ints: indexing tensors element by element costs ~100x more (it was most
+        # of a GPU step's time), and the tokens are bit-identical either way.
+        successor, is_noise, randoms = self._successor_list(), noise.tolist(), random_tokens.tolist()
+        walk = [randoms[0]]
         for i in range(1, length):
-            tokens[i] = random_tokens[i] if noise[i] else successor[tokens[i - 1]]
-        return tokens
+            walk.append(randoms[i] if is_noise[i] else successor[walk[-1]])
+        return torch.tensor(walk, dtype=torch.int64)
+
+    def _successor_list(self) -> list[int]:
+        if getattr(self, "_perm_list", None) is None:
+            self._perm_list = self._successor().tolist()
+        return self._perm_list
 
     def _successor(self) -> torch.Tensor:
         """The dataset's rule: one seeded permutation of the vocabulary (cached)."""

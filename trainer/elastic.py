@@ -21,8 +21,10 @@ State machine of one worker process (decisions are the pure functions below)::
     │                    │            newest disk checkpoint that covers it.
     │                    ▼
     │                RUNNING(g) ── steps; after each (every ``snapshot_every``)
-    │                    │          an async host snapshot, replicated to a buddy
-    │                    │          on another node in the background; disk
+    │                    │          a host snapshot (inline for a small CPU state),
+    │                    │          replicated to a buddy on another node by two
+    │                    │          collectives that run during the next step, no
+    │                    │          helper thread (``_snapshot_boundary``); disk
     │                    │          checkpoints every ``checkpoint_every``.
     │                    │
     │     ┌──────────────┼───────────────────────────┬────────────────────┐
@@ -46,7 +48,25 @@ State machine of one worker process (decisions are the pure functions below)::
     └────────────────────┘
 
 A failure while FORMING or TRANSFERRING goes back to REFORMING (a failure during
-a recovery); the recovery record then covers the whole outage.
+a recovery); the recovery record then covers the whole outage. The rendezvous of
+FORMING is abortable (``trainer.abort.rendezvous``): while waiting for the other
+ranks of g it polls the store and gives up at once (CommAborted -> REFORMING) when
+a plan newer than g that switches now appears (a participant died before it
+joined: the controller re-plans without it) or g's abort key is set; the
+collective timeout is only the backstop.
+
+A worker started for a two-phase growth (``TENAX_GROWTH_ID``, launched with the
+tentative plan g+1 while the job still runs plan g) first PREPARES::
+
+    PREPARING: imports, layout math, model stage build, store reachable
+        │       -> JoinerRecord READY in etcd (Keys.job_joiner)
+        ▼
+    WAIT FOR COMMIT (bounded, ``prepare_wait_s``): the first plan > g in etcd
+        ├─ names my (node, slot) -> FORMING(that plan) as a joiner (no state)
+        └─ does not, or none in time (growth abandoned) -> EXIT 0
+
+so that survivors, which switch at the step the controller picks once every
+joiner is READY, wait at the boundary only for the rendezvous and the transfer.
 
 Timing of a recovery (``protos.recovery.RecoveryRecord``) starts when the worker
 notices (abort time, error time, or the switch boundary). The contract with the
@@ -120,6 +140,8 @@ class ElasticSettings:
     plan_wait_s: float = 60.0
     """Longest a worker waits for plan g+1 after it noticed a failure."""
     transfer_timeout_s: float = 60.0
+    prepare_wait_s: float = 300.0
+    """A worker prepared for a growth waits this long for the plan that takes it in, then exits 0."""
     snapshot_every: str = "1"
     checkpoint_every: int = 0
     run_dir: str = ""
@@ -159,13 +181,25 @@ def snapshot_metadata(layout, rank: int, generation: int) -> dict[str, Any]:
     return {"layout": fields, "rank": rank, "generation": generation}
 
 
+_PIECES: dict[tuple, tuple[tuple[str, str, int, int, int], ...]] = {}
+
+
 def named_pieces(model_spec, metadata: Mapping[str, Any]) -> list[tuple[str, str, int, int, int]]:
     """(kind, "kind/name", start, end, offset) of every per-parameter slice in a flat snapshot:
     ``name[start:end]`` of that kind lives at ``tensors[kind][offset:offset + end - start]``.
 
     A snapshot is three flat tensors (the owned range of the stage's flat parameters and
     the two AdamW moments of that range): a few large copies, checksums and sends per step
-    instead of three per parameter. Pieces are cut out only when a recovery needs them."""
+    instead of three per parameter. Pieces are cut out only when a recovery needs them
+    (memoised: every participant cuts every advertised copy)."""
+    key = (repr(model_spec), json.dumps(metadata["layout"], sort_keys=True), int(metadata["rank"]))
+    pieces = _PIECES.get(key)
+    if pieces is None:
+        pieces = _PIECES[key] = tuple(_cut_pieces(model_spec, metadata))
+    return list(pieces)
+
+
+def _cut_pieces(model_spec, metadata: Mapping[str, Any]) -> list[tuple[str, str, int, int, int]]:
     from trainer.parallel import ParallelLayout
     from trainer.sharding import stage_offsets, update_range
 
@@ -201,11 +235,13 @@ def common_disk_step(per_rank_steps: Iterable[Iterable[int]]) -> int | None:
     return max(common) if common else None
 
 
-def auto_snapshot_interval(copy_s: float, step_s: float) -> int:
-    """Smallest interval (steps) whose snapshot copy is hidden by the training between two snapshots."""
+def auto_snapshot_interval(copy_s: float, step_s: float, replication_wait_s: float = 0.0) -> int:
+    """Smallest interval (steps) whose snapshot copy, and replication round, are hidden by the
+    training between two snapshots. A round that held a boundary for ``replication_wait_s``
+    (it was not done one step after it started) takes about a step plus that."""
     if step_s <= 0:
         return 1
-    return max(1, math.ceil(copy_s / step_s))
+    return max(1, math.ceil(copy_s / step_s), math.ceil((step_s + replication_wait_s) / step_s))
 
 
 def steps_lost(at_step: int, resumed_step: int) -> int:
@@ -254,6 +290,8 @@ class PlanWatcher:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._etcd = None
+        """The watch's connection while it is up (``put`` borrows it)."""
         self._thread = threading.Thread(target=self._thread_main, name="plan-watcher", daemon=True)
         self._thread.start()
 
@@ -270,6 +308,30 @@ class PlanWatcher:
 
     def close(self) -> None:
         self._stop.set()
+
+    def put(self, key: str, value: str, *, timeout_s: float = 10.0) -> None:
+        """Write one key through the watch's connection (on its thread); retries while etcd is
+        unreachable (temporary), TimeoutError once ``timeout_s`` has passed."""
+        import concurrent.futures
+
+        from controller.etcd import EtcdError
+
+        deadline = time.monotonic() + timeout_s
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            loop, etcd = self._loop, self._etcd
+            if loop is not None and etcd is not None:
+                future = asyncio.run_coroutine_threadsafe(etcd.put(key, value), loop)
+                try:
+                    future.result(max(0.05, deadline - time.monotonic()))
+                    return
+                except concurrent.futures.TimeoutError:
+                    future.cancel()
+                    break
+                except (EtcdError, RuntimeError) as exc:  # connection lost or being replaced: retry
+                    last = exc
+            time.sleep(0.05)
+        raise TimeoutError(f"could not write {key} within {timeout_s:.0f} s: {last!r}")
 
     def _offer(self, raw: str) -> None:
         try:
@@ -291,10 +353,12 @@ class PlanWatcher:
     async def _run(self) -> None:
         from controller.etcd import Backoff, Etcd, EtcdError
 
+        self._loop = asyncio.get_running_loop()
         backoff = Backoff()
         while not self._stop.is_set():
             try:
-                async with Etcd(self.endpoint) as etcd:
+                async with Etcd(self.endpoint, tls=_etcd_tls_from_env()) as etcd:
+                    self._etcd = etcd
                     kv = await etcd.get(self.key)
                     if kv is not None:
                         self._offer(kv.value)
@@ -308,44 +372,92 @@ class PlanWatcher:
             except EtcdError as exc:
                 log.debug("plan watch on %s interrupted: %r", self.key, exc)
                 await backoff.sleep()
+            finally:
+                self._etcd = None
+
+
+def _etcd_tls_from_env():
+    """The agent passes its etcd client TLS files to workers (TENAX_ETCD_CA/CERT/KEY)."""
+    ca = os.environ.get("TENAX_ETCD_CA", "")
+    if not ca:
+        return None
+    from controller.etcd import EtcdTls
+
+    return EtcdTls(ca_file=ca, cert_file=os.environ.get("TENAX_ETCD_CERT", ""),
+                   key_file=os.environ.get("TENAX_ETCD_KEY", ""))
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (a joiner's READY reports its whole start-up)."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - only informative
+        return 0.0
 
 
 # ================================================================ state copies
 class Copies:
-    """Every copy of training state this process holds, across generations:
-    its own snapshots (both buffers of the Snapshotter) and the buddy replicas it
-    kept for its wards. Only complete snapshots are offered; checksums decide."""
+    """Every copy of training state this process holds, across generations: its own
+    snapshots (both buffers of the Snapshotter) and the buddy replicas it keeps for its
+    wards. Replicas are taken from the replicators of the last two generations when
+    asked, so a round that arrived but was never finished (the generation ended
+    first) counts too. Only complete snapshots are offered, and of those only the
+    tensors that verify right then: checksums decide, at use."""
 
     def __init__(self, snapper: Snapshotter, model_spec) -> None:
         self.snapper, self.model_spec = snapper, model_spec
-        self.replicas: list[Snapshot] = []
+        self._replicators: list[BuddyReplicator] = []
 
     def own(self) -> list[Snapshot]:
         # both buffers: after a failure the older step may be the one every rank has
         return self.snapper.complete_snapshots()
 
-    def keep_replica(self, replica: Snapshot | None) -> None:
-        if replica is not None and replica.complete and all(replica is not r for r in self.replicas):
-            self.replicas = (self.replicas + [replica])[-4:]
+    def keep_replicas_of(self, replicator: BuddyReplicator) -> None:
+        """At the end of a generation: its replicas stay available to later recoveries."""
+        if all(replicator is not r for r in self._replicators):
+            self._replicators = (self._replicators + [replicator])[-2:]
 
-    def offered(self, rank: int) -> tuple[list[tuple[int, Copy]], list[str]]:
-        """((step, per-parameter copy as new ``rank``) of every snapshot that verifies,
-        descriptions of the flat tensors that did not). A piece's checksum is taken from
-        its flat tensor right after that tensor verified against the checksum written
-        with the snapshot, so nothing unverified is ever offered."""
+    @property
+    def replicas(self) -> list[Snapshot]:
+        out: list[Snapshot] = []
+        for replicator in self._replicators:
+            out += [s for s in replicator.replicas() if all(s is not o for o in out)]
+        return out
+
+    def offered(self, rank: int) -> tuple[list[tuple[str, Snapshot, list[str]]], list[str]]:
+        """((role, snapshot, its tensors that verify) of every copy with a good tensor,
+        descriptions of the flat tensors that did not verify). One CRC pass per copy:
+        the slices cut out of a verified tensor need no checksum of their own."""
         out, bad = [], []
-        for role, snaps in ((OWNER, self.own()), (BUDDY, list(self.replicas))):
+        for role, snaps in ((OWNER, self.own()), (BUDDY, self.replicas)):
             for snap in snaps:
                 rotten = set(snap.verify())
                 bad += [f"{role} snapshot {kind} of step {snap.step} (generation {snap.metadata.get('generation')}, "
                         f"rank {snap.metadata.get('rank')}) held on rank {rank}" for kind in sorted(rotten)]
-                for kind, key, start, end, offset in named_pieces(self.model_spec, snap.metadata):
-                    if kind in rotten:
-                        continue
-                    view = snap.tensors[kind][offset:offset + end - start]
-                    out.append((snap.step, Copy(holding=Holding(rank=rank, name=key, start=start, end=end, role=role),
-                                                data=view, checksum=chunk_checksums(view))))
+                good = [kind for kind in snap.tensors if kind not in rotten]
+                if good:
+                    out.append((role, snap, good))
         return out, bad
+
+    def pieces(self, rank: int, role: str, snap: Snapshot, kinds: Sequence[str]) -> list[Copy]:
+        """The per-parameter slices of a verified copy, as ``rank`` (views, no copy)."""
+        return [Copy(holding=Holding(rank=rank, name=key, start=start, end=end, role=role),
+                     data=snap.tensors[kind][offset:offset + end - start], checksum=None)
+                for kind, key, start, end, offset in named_pieces(self.model_spec, snap.metadata) if kind in kinds]
+
+
+def holdings_by_step(model_spec, inventory: Sequence[Mapping[str, Any]]) -> dict[int, list[Holding]]:
+    """{step: every slice held of that step}, from the gathered inventory: participant ``r``'s
+    entry lists its verified copies as [step, role, metadata, kinds that verify]."""
+    out: dict[int, list[Holding]] = {}
+    for r, part in enumerate(inventory):
+        for step, role, metadata, kinds in part["copies"]:
+            out.setdefault(step, []).extend(
+                Holding(rank=r, name=key, start=start, end=end, role=role)
+                for kind, key, start, end, _ in named_pieces(model_spec, metadata) if kind in kinds)
+    return out
 
 
 # ============================================================ disk checkpoints
@@ -366,7 +478,10 @@ class DiskCheckpoints:
         self._thread.start()
 
     def submit(self, snap: Snapshot, *, generation: int, rank: int) -> None:
-        """Write ``snap`` (a private copy) on the writer thread: neither training nor replication waits."""
+        """Write ``snap`` on the writer thread: neither training nor replication waits. The
+        snapshot is pinned only until the writer has its private copy (a memcpy), so the
+        snapshotter, which wants the buffer back a step later, does not skip a step."""
+        snap.pin()
         self._queue.put((snap, generation, rank))
 
     def _writer(self) -> None:
@@ -375,7 +490,12 @@ class DiskCheckpoints:
         while True:
             snap, generation, rank = self._queue.get()
             try:
-                self.save(snap, generation=generation, rank=rank)
+                copy = Snapshot(step=snap.step, tensors={k: t.clone() for k, t in snap.tensors.items()},
+                                checksums=dict(snap.checksums), metadata=dict(snap.metadata), complete=True)
+            finally:
+                snap.unpin()
+            try:
+                self.save(copy, generation=generation, rank=rank)
             except Exception as exc:  # a failed checkpoint is logged; in-memory snapshots still protect the job
                 log.warning("disk checkpoint of step %d failed: %r", snap.step, exc)
 
@@ -485,7 +605,7 @@ class ElasticWorker:
 
     def __init__(self, spec, launch_plan: Plan, launch_rank: int, *, device: torch.device, metrics,
                  settings: ElasticSettings, etcd: str = "", etcd_prefix: str = "/tenax",
-                 faults: Sequence[Fault] = ()) -> None:
+                 faults: Sequence[Fault] = (), growth_id: str = "") -> None:
         self.spec, self.device, self.metrics, self.settings = spec, device, metrics, settings
         self.launch_plan, self.launch_rank = launch_plan, launch_rank
         me = launch_plan.worker(launch_rank)
@@ -501,10 +621,13 @@ class ElasticWorker:
         self.watcher: AbortWatcher | None = None
         self._watcher_lock = threading.Lock()
         self.plans: PlanWatcher | None = None
-        if etcd:
-            from protos.keys import Keys
+        from protos.keys import Keys
 
-            self.plans = PlanWatcher(etcd, Keys(etcd_prefix).job_plan(launch_plan.job_id), on_plan=self._on_plan)
+        self.keys = Keys(etcd_prefix)
+        self.growth_id = growth_id
+        """Set for a worker started for a two-phase growth: it prepares before it joins."""
+        if etcd:
+            self.plans = PlanWatcher(etcd, self.keys.job_plan(launch_plan.job_id), on_plan=self._on_plan)
         self.snapshot_every = 1 if settings.snapshot_every == "auto" else int(settings.snapshot_every)
         self.recoveries: list[RecoveryRecord] = []
         self._last_step = -1
@@ -522,6 +645,11 @@ class ElasticWorker:
     # --------------------------------------------------------------- driver
     def run(self) -> int:
         plan, rank = self.launch_plan, self.launch_rank
+        if self.growth_id:
+            joined = self._prepare_to_join(plan, rank)
+            if joined is None:
+                return 0  # the growth was abandoned, or a newer plan has no place for me
+            plan, rank = joined
         resume: Resume | None = None
         if plan.generation > 1:  # started by the agent for a later generation: I join with no state
             resume = Resume(cause="join", reason=plan.reason, noticed=time.monotonic(), noticed_time=time.time(),
@@ -560,6 +688,74 @@ class ElasticWorker:
         late = plan.switch_at_step >= 0 and running is not None and running > plan.switch_at_step
         if watcher is not None and plan.generation > generation and (plan.switch_at_step < 0 or late):
             watcher.abort(f"plan generation {plan.generation}: {plan.reason}")
+
+    def _switch_now_plan(self, generation: int) -> str | None:
+        """The reason to give up forming ``generation``: a newer plan that switches now (the
+        controller re-planned around a participant that died, maybe before it joined)."""
+        newest = self.plans.newest if self.plans is not None else None
+        if newest is not None and newest.generation > generation and newest.switch_at_step < 0:
+            return f"plan generation {newest.generation} appeared while forming: {newest.reason}"
+        return None
+
+    # ------------------------------------------------------- growth: PREPARING
+    def _prepare_to_join(self, launch: Plan, rank: int) -> tuple[Plan, int] | None:
+        """PREPARING then WAIT FOR COMMIT (module docstring): (plan to join, my rank in it), or
+        None when no plan takes me in (exit 0)."""
+        if self.plans is None:
+            raise RuntimeError("TENAX_GROWTH_ID needs TENAX_ETCD: a prepared worker waits for its plan in etcd")
+        self._warm_up(launch, rank)
+        self._announce_ready()
+        try:
+            plan = self.plans.wait_newer(launch.generation - 1, self.settings.prepare_wait_s)
+        except TimeoutError:
+            log.warning("growth %s: no plan generation %d within %.0f s (abandoned): exiting", self.growth_id,
+                        launch.generation, self.settings.prepare_wait_s)
+            return None
+        mine = rank_in_plan(plan, self.node, self.slot)
+        if mine is None:
+            log.warning("growth %s: plan generation %d has no place for %s/%d: exiting", self.growth_id,
+                        plan.generation, self.node, self.slot)
+            return None
+        log.info("growth %s: joining plan generation %d as rank %d", self.growth_id, plan.generation, mine)
+        return plan, mine
+
+    def _warm_up(self, plan: Plan, rank: int) -> None:
+        """Everything a joiner can do before the plan is final: the slow first-time work of a
+        fresh process (imports, lazy torch initialisation of every module kind, the layout
+        math of the transfer, a CUDA context), and a check that the store answers (a joiner
+        that cannot reach it fails now, and the growth is abandoned, instead of at the switch)."""
+        from trainer.model import build_stage
+        from trainer.parallel import ParallelLayout
+        from trainer.train import Trainer  # noqa: F401 - the import is part of the warm-up
+
+        layout = ParallelLayout.from_plan(plan, micro_batch_size=self.spec.micro_batch_size)
+        state_layout(self.spec.model, layout)
+        dp_rank, pp_rank = layout.coords(rank)
+        stage = build_stage(self.spec.model, layers=layout.stage_layers(pp_rank), is_first=pp_rank == 0,
+                            is_last=pp_rank == layout.pp - 1, device="meta")
+        stage.to_empty(device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        host, _, port = plan.store_address.rpartition(":")
+        try:
+            dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
+                          timeout=timedelta(seconds=self.settings.store_timeout_s))
+        except Exception as exc:  # noqa: BLE001 - torch raises several types
+            raise StoreUnreachable(f"cannot reach the rendezvous store at {plan.store_address}: {exc}") from None
+
+    def _announce_ready(self) -> None:
+        """READY in etcd; the controller switches once every joiner of the growth said so."""
+        from protos.records import JoinerRecord
+
+        record = JoinerRecord(growth_id=self.growth_id, node=self.node, slot=self.slot, state="READY",
+                              pid=os.getpid(), time=time.time(), prepare_s=_process_age_s())
+        try:
+            self.plans.put(self.keys.job_joiner(self.launch_plan.job_id, self.node, self.slot), record.to_json(),
+                           timeout_s=self.settings.store_timeout_s)
+        except (TimeoutError, OSError) as exc:  # the growth times out and is abandoned; I exit with it
+            log.warning("growth %s: could not say READY: %r", self.growth_id, exc)
+        else:
+            log.info("growth %s: ready after %.2f s", self.growth_id, record.prepare_s)
 
     def _pending_switch(self) -> Plan | None:
         newest = self.plans.newest if self.plans is not None else None
@@ -614,23 +810,23 @@ class ElasticWorker:
         finally:
             self._running_step = None
             if gen.replicator is not None:
-                # Both replica buffers: the newest replica may be one step ahead of what a
-                # pipeline neighbour committed (it failed in the step's last all-gather).
+                # Its replicas stay available (``Copies``): both buffers — the newest replica may
+                # be one step ahead of what a pipeline neighbour committed (it failed in the
+                # step's last all-gather) — and a round that arrived but was never finished.
                 gen.replicator.close()
-                for replica in gen.replicator.replicas():
-                    self.copies.keep_replica(replica)
+                self.copies.keep_replicas_of(gen.replicator)
             gen.close()
             with self._watcher_lock:
                 self.watcher = None
 
     def _form(self, gen: "_Generation") -> AbortWatcher:
-        watcher = gen.form()
+        watcher = gen.form(should_abort=lambda: self._switch_now_plan(gen.plan.generation))
         with self._watcher_lock:
             self.watcher, self.generation = watcher, gen.plan.generation
         self._current_gen = gen
-        newest = self.plans.newest if self.plans is not None else None
-        if newest is not None and newest.generation > gen.plan.generation and newest.switch_at_step < 0:
-            watcher.abort(f"plan generation {newest.generation} appeared while forming")
+        reason = self._switch_now_plan(gen.plan.generation)  # arrived between the rendezvous and now
+        if reason is not None:
+            watcher.abort(reason)
         return watcher
 
     def _transfer_with_idle(self, plan: Plan, rank: int | None, layout, resume: Resume,
@@ -669,34 +865,37 @@ class ElasticWorker:
 
     # ------------------------------------------------------------ TRANSFERRING
     def _transfer(self, generation: int, rank: int, layout, resume: Resume, wait) -> "Restored":
-        """Collective over the current default group: agree on the resume step and fill
-        ``needs[rank]`` from the verified copies of that step (or from disk)."""
+        """Collective over the current default group: one gather of what every participant
+        holds (its verified copies, one line per snapshot), the newest step they cover
+        together, one all-to-all of the slices (``reshard_state``), else the disk checkpoint.
+        Every rank derives each decision from the same gathered facts (the plan, the
+        corrupt arrivals), so no further round is needed to agree on it."""
         started = time.monotonic()
         self._inject_transfer_faults(generation, rank, resume.old_generation)
         self.snapper.wait(self.settings.collective_timeout_s)  # no copy may still be writing a buffer
         needs = state_layout(self.spec.model, layout)
-        good, bad = self.copies.offered(rank)  # a bad copy is never advertised
-        inventory = gather_json({"at_step": resume.at_step,
-                                 "holdings": [[step, *_holding_fields(c.holding)] for step, c in good]}, wait=wait)
+        held, bad = self.copies.offered(rank)  # a bad copy is never advertised
+        inventory = gather_json({"at_step": resume.at_step, "copies": [
+            [snap.step, role, {k: v for k, v in snap.metadata.items() if k != "step"}, kinds]
+            for role, snap, kinds in held]}, wait=wait)
         at_step = max(part["at_step"] for part in inventory)
-        holdings_by_step: dict[int, list[Holding]] = {}
-        for part in inventory:
-            for step, *fields in part["holdings"]:
-                holdings_by_step.setdefault(step, []).append(Holding(*fields))
-        step = choose_resume_step(needs, holdings_by_step)
+        by_step = holdings_by_step(self.spec.model, inventory)
+        step = choose_resume_step(needs, by_step)
         restored = Restored(step=step if step is not None else -1, at_step=at_step, bad_copies=list(bad))
         mine = needs.get(rank, {})
         if step is not None:
             dest = {name: (spans[0][0], torch.empty(spans[0][1] - spans[0][0])) for name, spans in mine.items()}
+            copies = [c for role, snap, kinds in held if snap.step == step
+                      for c in self.copies.pieces(rank, role, snap, kinds)]
             try:
-                report = reshard_state(needs, [c for s, c in good if s == step], dest, rank=rank, wait=wait,
+                report = reshard_state(needs, copies, dest, rank=rank, wait=wait, inventory=by_step[step],
                                        settings=TransferSettings(timeout_s=self.settings.transfer_timeout_s))
                 restored.received, restored.local = report.bytes_received, report.bytes_local
                 restored.bad_copies += report.bad_copies
                 restored.tensors = {name: t for name, (_, t) in dest.items()}
             except Unrecoverable as exc:
                 log.warning("rank %d: in-memory copies cannot cover the new layout: %s", rank, exc)
-        if any(gather_json(restored.tensors is None, wait=wait)):
+        if restored.tensors is None:  # on every rank alike (see above)
             restored.step, restored.tensors, restored.received = self._load_from_disk(mine, wait)
             restored.local, restored.from_disk = 0, True
         restored.transfer_s = time.monotonic() - started
@@ -747,11 +946,11 @@ class ElasticWorker:
         views = flat_state(trainer)
         meta = snapshot_metadata(trainer.layout, gen.rank, gen.plan.generation)
         trainer.before_update = self.snapper.fence
-        pump = _ReplicationPump(self, gen) if gen.replicator is not None or self.disk is not None else None
-        gen.pump = pump
         kill = self._kill_fault(gen)
         gen.first_step = trainer.step
         gen.trained = True
+        threading.Thread(target=_warm_up_layout_math, args=(self.spec.model, trainer.layout),
+                         name="warm-up", daemon=True).start()
         while trainer.step < self.spec.steps:
             # Publish the step about to run before looking for a planned switch; the watch
             # thread publishes the plan before looking at this: one of the two sees the other.
@@ -765,27 +964,53 @@ class ElasticWorker:
             trainer.train_step()
             self._last_step = trainer.step
             if self.snapshots_on and trainer.step % self.snapshot_every == 0:
-                self.snapper.begin(trainer.step, views, meta)
-                if pump is not None:
-                    pump.submit(trainer.step)
+                self._snapshot_boundary(gen, trainer.step, views, meta)
             self._tune_snapshot_interval(gen, trainer)
         self._running_step = None
         comm.wait(dist.barrier(async_op=True), "final barrier")
         return None
 
+    def _snapshot_boundary(self, gen: "_Generation", step: int, views, meta) -> None:
+        """After a committed step, all on the training thread and without waiting in steady
+        state: finish the replication round of the previous boundary (a step later it is
+        done), snapshot (inline for a small CPU state), hand a due disk checkpoint to its
+        writer, and post this boundary's round."""
+        replicator = gen.replicator_at_boundary()
+        if replicator is not None:
+            replicator.complete()  # first: the buffer it sent is free again for begin()
+        self.snapper.begin(step, views, meta)
+        latest = self.snapper.latest  # on the background path (CUDA), the previous step's
+        self._checkpoint(gen, latest)
+        if replicator is not None:
+            replicator.post(latest)
+
+    def _checkpoint(self, gen: "_Generation", latest: Snapshot | None) -> None:
+        """Every ``checkpoint_every`` steps, the snapshot of that step goes to disk (a background
+        snapshot not complete yet at its boundary goes at the next one)."""
+        every = self.settings.checkpoint_every
+        if self.disk is None or not every or latest is None or latest.step % every or latest.step == gen.checkpointed:
+            return
+        gen.checkpointed = latest.step
+        self.disk.submit(latest, generation=gen.plan.generation, rank=gen.rank)
+
     def _switch(self, gen: "_Generation", trainer, planned: Plan, views, meta) -> Stopped:
         """SWITCHING: the state of step S is snapshotted and replicated before anyone moves."""
         noticed, noticed_time = time.monotonic(), time.time()
         timeout_s = self.settings.collective_timeout_s
-        if gen.pump is not None:
-            gen.pump.drain(timeout_s)  # no replication round pins a buffer any more
+        # The replicator exists if this generation passed a snapshot boundary (all ranks alike);
+        # before the first one nothing of this generation is replicated and nobody is lost in a
+        # planned switch: the transfer uses the own snapshots.
+        replicator = gen.replicator
+        if replicator is not None:
+            replicator.complete()  # the last boundary's round: no buffer is pinned any more
         snap = self.snapper.wait(timeout_s)
         if snap is None or snap.step != trainer.step:  # skipped (buffer busy) or not due: take it now
             self.snapper.take(trainer.step, views, meta, timeout_s=timeout_s)
-        if gen.pump is not None:
-            # one more round on every rank (rounds must match): step S is replicated when we leave
-            gen.pump.submit(trainer.step)
-            gen.pump.drain(timeout_s)
+        if replicator is not None:
+            # one more round on every rank (rounds must match), finished on every rank: each
+            # buddy holds step S when we leave
+            replicator.post(self.snapper.latest)
+            replicator.complete()
         return Stopped(cause="switch", noticed=noticed, noticed_time=noticed_time, at_step=trainer.step,
                        planned=planned)
 
@@ -794,7 +1019,8 @@ class ElasticWorker:
         if self.settings.snapshot_every != "auto" or trainer.step != gen.first_step + 3:
             return
         stats = self.snapper.stats
-        mine = auto_snapshot_interval(stats.last_copy_s + stats.last_checksum_s, gen.last_step_s or 0.0)
+        waited = gen.replicator.max_wait_s if gen.replicator is not None else 0.0
+        mine = auto_snapshot_interval(stats.last_copy_s + stats.last_checksum_s, gen.last_step_s or 0.0, waited)
         self.snapshot_every = max(gather_json(mine, wait=gen.watcher.wait))
 
     # ------------------------------------------------------------- faults
@@ -805,13 +1031,11 @@ class ElasticWorker:
         return None
 
     def _fire_kill(self, gen: "_Generation", fault: Fault) -> None:
-        """Die like a lost machine: once ``fault.step`` is recoverable (as it is in steady
-        state), either right here between steps or a little into the next step."""
-        deadline = time.monotonic() + 30
-        while gen.replicator is not None and gen.replicator.acked_step < fault.step:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.002)
+        """Die like a lost machine once ``fault.step`` is recoverable as it is in steady state —
+        the round that carries its snapshot completed here, so the buddy holds it — either
+        right here between steps or a little into the next step."""
+        if gen.replicator is not None:
+            gen.replicator.complete()
         if fault.when == "mid":
             threading.Timer(0.02, _kill_self).start()
         else:
@@ -819,15 +1043,19 @@ class ElasticWorker:
 
 
 
-def _warm_up_layout_math(model_spec) -> None:
-    """Build every module type once on the meta device, off the critical path: the first
-    meta construction of a kind a rank never built itself (e.g. the embedding, for a
-    last-stage rank) costs ~0.5-1 s of lazy torch initialisation, which would otherwise
-    land inside a recovery's transfer (``state_layout``/``named_pieces`` build stages)."""
+def _warm_up_layout_math(model_spec, layout=None) -> None:
+    """Off the critical path: build every module type once on the meta device (the first
+    meta construction of a kind a rank never built itself, e.g. the embedding for a
+    last-stage rank, costs ~0.5-1 s of lazy torch initialisation), and with ``layout`` the
+    stage shapes of every stage of it (memoised in trainer.model): a recovery from this
+    layout cuts its copies with them, and a next layout that keeps the pipeline stages
+    needs no new ones (``state_layout``/``named_pieces``)."""
     from trainer.model import stage_param_shapes
 
     try:
         stage_param_shapes(model_spec, layers=range(0, 1), is_first=True, is_last=True)
+        if layout is not None:
+            state_layout(model_spec, layout)
     except Exception as exc:  # only an optimisation
         log.debug("warm-up failed: %r", exc)
 
@@ -838,13 +1066,11 @@ def flat_state(trainer) -> dict[str, torch.Tensor]:
     return {"param": trainer.flat.params[opt.lo:opt.hi], "exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq}
 
 
-def _holding_fields(h: Holding) -> list[Any]:
-    return [h.rank, h.name, h.start, h.end, h.role]
-
-
 class _RecoverableMetrics:
-    """Adds the recoverable step (this rank's newest snapshot its buddy verified) to every step line.
-    The job's recoverable step is the minimum over its ranks."""
+    """Adds the recoverable step to every step line: the step of the replica this rank holds for
+    its ward (without replication: its own latest snapshot). Every rank holds exactly one ward's
+    replica, so the minimum over the ranks — what the controller takes — is the step the job can
+    recover to (copies are verified at use: one that rotted in memory is caught then)."""
 
     def __init__(self, inner, worker: ElasticWorker) -> None:
         self.inner, self.worker = inner, worker
@@ -854,8 +1080,9 @@ class _RecoverableMetrics:
         if "step" in record:
             record["pid"] = os.getpid()  # lets the control side (and tests) see a survivor was never restarted
         if gen is not None and "step" in record:
-            if gen.replicator is not None:
-                record["recoverable_step"] = max(0, gen.replicator.acked_step)
+            if gen.replicating:  # the ward's replica held here (one round behind); the job takes the min
+                replica = gen.replicator.replica if gen.replicator is not None else None
+                record["recoverable_step"] = replica.step if replica is not None else 0
             else:
                 latest = self.worker.snapper.latest
                 record["recoverable_step"] = latest.step if latest is not None else 0
@@ -873,14 +1100,19 @@ class _Generation:
         self.prefix = plan.store_prefix if prefix is None else prefix
         self.world_size = plan.world_size if world_size is None else world_size
         self.watcher: AbortWatcher | None = None
+        self.ring = buddy_ring({w.rank: w.node for w in plan.workers}) if replicate and rank is not None else {}
+        """{rank: buddy} of the generation, empty when it does not replicate."""
         self.replicator: BuddyReplicator | None = None
-        self.pump: _ReplicationPump | None = None
+        self.checkpointed = -1
+        """Step of the last snapshot handed to the disk writer."""
         self.first_step = 0
         self.last_step_s: float | None = None
         self.trained = False
         """True once this generation has its state (fresh start or restored) and trains."""
 
-    def form(self) -> AbortWatcher:
+    def form(self, should_abort=None) -> AbortWatcher:
+        """Rendezvous (abortable: ``should_abort()`` -> a reason to give up, see
+        trainer.abort.rendezvous), then the watcher (replication: ``replicator_at_boundary``)."""
         from trainer.train import backend_for
 
         host, _, port = self.plan.store_address.rpartition(":")
@@ -893,75 +1125,35 @@ class _Generation:
                                    f"within {timeout_s:.0f}s: {exc}") from None
         form_group(store, self.prefix, rank=self.rank, world_size=self.world_size,
                    backend=backend_for(self.device), timeout_s=self.settings.collective_timeout_s,
-                   device_id=self.device if self.device.type == "cuda" else None)
+                   device_id=self.device if self.device.type == "cuda" else None, should_abort=should_abort)
         self.watcher = AbortWatcher(AbortSettings(collective_timeout_s=self.settings.collective_timeout_s),
                                     rank=self.rank)
         self.watcher.register(dist.group.WORLD)
         self.watcher.watch_store(generation_store(host, int(port), self.prefix,
                                                   timeout_s=self.settings.store_timeout_s))
         comm.set_waiter(self.watcher.wait)
-        pair = buddy_and_ward(self.plan, self.rank) if self.replicate else None
-        if pair is not None:
-            # replication must never sit in the ordering of training collectives: its own group
-            side = dist.new_group(backend="gloo")
-            self.replicator = BuddyReplicator(rank=self.rank, buddy=pair[0], ward=pair[1], group=side,
-                                              settings=ReplicationSettings(timeout_s=self.settings.collective_timeout_s))
         return self.watcher
+
+    @property
+    def replicating(self) -> bool:
+        return bool(self.ring)
+
+    def replicator_at_boundary(self) -> BuddyReplicator | None:
+        """The generation's replicator, made at its first snapshot boundary, which every rank of
+        the generation reaches after the same step (making the pair groups is collective).
+        Not in ``form``: a recovery should not wait for groups its first step does not use.
+        Like the gloo connect of ``form_group``, this connect is bounded by the collective
+        timeout only; a peer that dies inside the step before it fails that step's
+        collectives first, so the window is the moment between a step and its boundary."""
+        if self.replicator is None and self.replicating:
+            self.replicator = BuddyReplicator.for_ring(
+                self.ring, self.rank, wait=self.watcher.wait,
+                settings=ReplicationSettings(timeout_s=self.settings.collective_timeout_s))
+        return self.replicator
 
     def close(self) -> None:
         comm.set_waiter(None)
-        if self.pump is not None:
-            self.pump.close()
         if self.replicator is not None:
             self.replicator.close()
         if self.watcher is not None:
             self.watcher.close()
-
-
-class _ReplicationPump:
-    """Background: once a begun snapshot completes, hand it to the buddy replicator (one
-    round per snapshot boundary on every rank) and, every ``checkpoint_every`` steps, to disk."""
-
-    def __init__(self, worker: ElasticWorker, gen: _Generation) -> None:
-        self.worker, self.gen = worker, gen
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="snapshot-pump", daemon=True)
-        self._thread.start()
-
-    def submit(self, step: int) -> None:
-        self._queue.put(step)
-
-    def drain(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                raise TimeoutError("snapshot replication did not finish in time")
-            time.sleep(0.002)
-        if self.gen.replicator is not None:
-            self.gen.replicator.drain(max(0.1, deadline - time.monotonic()))
-
-    def close(self) -> None:
-        self._queue.put(None)
-
-    def _run(self) -> None:
-        worker, gen = self.worker, self.gen
-        while True:
-            step = self._queue.get()
-            try:
-                if step is None:
-                    return
-                snap = worker.snapper.wait(worker.settings.collective_timeout_s)
-                if gen.replicator is not None:
-                    gen.replicator.submit(snap)
-                every = worker.settings.checkpoint_every
-                if worker.disk is not None and snap is not None and every and snap.step % every == 0:
-                    # a private copy (a memcpy): the disk write must not pin a snapshot buffer,
-                    # or the snapshotter would skip the step that wants it back
-                    with snap.reading():
-                        copy = Snapshot(step=snap.step, tensors={k: t.clone() for k, t in snap.tensors.items()},
-                                        checksums=dict(snap.checksums), metadata=dict(snap.metadata), complete=True)
-                    worker.disk.submit(copy, generation=gen.plan.generation, rank=gen.rank)
-            except Exception as exc:  # snapshots are best effort: training goes on, recoverable_step says
-                log.warning("rank %d: snapshot pump: %r", gen.rank, exc)
-            finally:
-                self._queue.task_done()

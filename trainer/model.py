@@ -149,7 +149,16 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.dim() >= 2
 
 
+_SHAPES: dict[tuple, tuple[tuple[str, tuple[int, ...]], ...]] = {}
+"""stage_param_shapes results by (spec, layers, first, last): the layout math of a recovery asks
+for the same few stages many times, and each meta build costs ~10-20 ms on a busy host."""
+
+
 def stage_param_shapes(model_spec, *, layers: range, is_first: bool, is_last: bool) -> list[tuple[str, tuple[int, ...]]]:
-    """(global name, shape) of a stage's parameters in flat-buffer order, without allocating."""
-    stage = build_stage(model_spec, layers=layers, is_first=is_first, is_last=is_last, device="meta")
-    return [(name, tuple(p.shape)) for name, p in stage.named_parameters()]
+    """(global name, shape) of a stage's parameters in flat-buffer order, without allocating (memoised)."""
+    key = (repr(model_spec), layers.start, layers.stop, layers.step, is_first, is_last)
+    shapes = _SHAPES.get(key)
+    if shapes is None:
+        stage = build_stage(model_spec, layers=layers, is_first=is_first, is_last=is_last, device="meta")
+        shapes = _SHAPES[key] = tuple((name, tuple(p.shape)) for name, p in stage.named_parameters())
+    return list(shapes)

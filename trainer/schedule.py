@@ -38,6 +38,8 @@ class StageTimes:
 
     def __init__(self):
         self.forward = self.backward = self.pipeline_wait = 0.0
+        self.compute_cpu = 0.0
+        """CPU seconds this thread used in forward + backward (time the OS ran it)."""
 
 
 class PipelineStageRunner:
@@ -71,10 +73,11 @@ class PipelineStageRunner:
                     x = first_input(i)
                 else:
                     x = self._recv(self.hidden_shape(i), self.prev_rank, times).requires_grad_()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.thread_time()
                 out = forward_fn(i, x)
                 self.sync()
                 times.forward += time.perf_counter() - start
+                times.compute_cpu += time.thread_time() - cpu
                 if self.next_rank is None:
                     loss_sum += out.detach()
                 else:
@@ -84,10 +87,11 @@ class PipelineStageRunner:
             else:
                 x, out = saved.pop(i)
                 grad = None if self.next_rank is None else self._recv(self.hidden_shape(i), self.next_rank, times)
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.thread_time()
                 out.backward(grad)
                 self.sync()
                 times.backward += time.perf_counter() - start
+                times.compute_cpu += time.thread_time() - cpu
                 if self.prev_rank is not None:
                     sent = x.grad.float().contiguous()
                     pending.append((dist.isend(sent, dst=self.prev_rank), sent))

@@ -87,6 +87,13 @@ def pick_device(spec) -> torch.device:
 
 
 def backend_for(device: torch.device) -> str:
+    """NCCL on CUDA, gloo on CPU. ``TENAX_BACKEND=gloo`` forces gloo with CUDA tensors: several
+    ranks on one GPU (benchmarks on a single-GPU machine; NCCL refuses a duplicate GPU)."""
+    forced = os.environ.get("TENAX_BACKEND", "")
+    if forced:
+        if forced not in ("gloo", "nccl"):
+            raise ValueError(f"TENAX_BACKEND: expected 'gloo' or 'nccl', got {forced!r}")
+        return forced
     return "nccl" if device.type == "cuda" else "gloo"
 
 
@@ -247,7 +254,8 @@ class Trainer:
             first_input=self._first_input, forward_fn=lambda i, x: self._forward(step, i, x), times=times,
         )
 
-        times.backward += self.telemetry.apply_slowdown(times.forward + times.backward)  # chaos slow
+        chaos_extra = self.telemetry.apply_slowdown(times.forward + times.backward)  # chaos slow
+        times.backward += chaos_extra
         self.telemetry.mark("collective")
         t0 = time.perf_counter()
         if self.reducer is not None:  # reductions ran inside backward: book them as collective time
@@ -293,6 +301,10 @@ class Trainer:
             "time": time.time(),
         }
         record.update(self.telemetry.fields(forward_s=times.forward, backward_s=times.backward))
+        if self.device.type == "cpu" and "compute_time" in record:
+            # CPU: the time the OS ran the compute, plus the chaos slowdown; a host busy with
+            # other work is not a slow rank (on CUDA, the events measure the device already)
+            record["compute_time"] = times.compute_cpu + chaos_extra
         self.metrics.write(record)
         return record
 

@@ -14,6 +14,12 @@ injects failures (tests). TENAX_ELASTIC=0 runs the plain single-generation
 trainer; TENAX_SNAPSHOTS=0 keeps the elastic runtime without snapshots (both
 for benchmarks). TENAX_PLAN_WAIT_S (default 60) bounds the wait for plan g+1.
 
+Two-phase growth: the agent sets TENAX_GROWTH_ID for a worker it starts for a
+growth being prepared (the launch plan is the tentative plan g+1). The worker gets
+ready, writes a READY joiner record to etcd, and joins only once a plan >= g+1 in
+etcd names its (node, slot); it exits 0 if none does within TENAX_PREPARE_WAIT_S
+(default 300).
+
 Exit codes: 0 after the last step; 2 for a bad launch (env, spec, plan);
 1 for a failure while training. Every blocking call has a timeout:
 TENAX_STORE_TIMEOUT_S (default 30) for the store, TENAX_COLLECTIVE_TIMEOUT_S
@@ -120,6 +126,7 @@ def run_elastic(spec, plan, rank: int, store_timeout: float, collective_timeout:
     settings = ElasticSettings(
         store_timeout_s=store_timeout, collective_timeout_s=collective_timeout,
         plan_wait_s=_float_env("TENAX_PLAN_WAIT_S", 60.0), transfer_timeout_s=collective_timeout,
+        prepare_wait_s=_float_env("TENAX_PREPARE_WAIT_S", 300.0),
         snapshot_every=spec.elastic.snapshot_every, checkpoint_every=spec.elastic.checkpoint_every,
         run_dir=os.environ.get("TENAX_RUN_DIR", ""),
     )
@@ -129,6 +136,7 @@ def run_elastic(spec, plan, rank: int, store_timeout: float, collective_timeout:
             spec, plan, rank, device=pick_device(spec), metrics=metrics, settings=settings,
             etcd=os.environ.get("TENAX_ETCD", ""), etcd_prefix=os.environ.get("TENAX_ETCD_PREFIX", "/tenax"),
             faults=parse_faults(os.environ.get("TENAX_FAULT", "")),
+            growth_id=os.environ.get("TENAX_GROWTH_ID", ""),
         )
         return worker.run()
     finally:

@@ -1,0 +1,116 @@
+"""Steady-state cost of the elastic runtime and of per-step snapshots with the real trainer on a GPU.
+
+    python3 bench/elastic_overhead_gpu.py --dp 1                   # one rank: the snapshot copy alone
+    python3 bench/elastic_overhead_gpu.py --dp 2 --d-model 512     # two ranks on one GPU, replicated
+
+The job is a GPT (``--d-model``/``--layers``, seq 512, bf16 autocast on CUDA), ZeRO-0,
+``--dp`` data-parallel worker processes on one GPU. With two, they sit on two pretend
+nodes (so each rank's buddy is off-node) and talk gloo with CUDA tensors
+(``TENAX_BACKEND=gloo``: NCCL refuses two ranks on one GPU; gloo has no CUDA
+send/recv, so pipeline layouts cannot run this way). The gradient all-reduce then goes
+through host memory and TCP, so dp2 steps are far slower than over NCCL and the
+ratios are diluted; ``--dp 1`` gives the undiluted cost of the snapshot copy (there is
+no off-node buddy to replicate to). The control side is tests/elastic_harness.py (a
+real etcd, a rendezvous store in this process, plans written like the controller).
+
+Three variants, run interleaved ``--rounds`` times (drifting load hits all alike):
+``plain`` (TENAX_ELASTIC=0: no abort watcher, no plan watch, no snapshots),
+``no-snapshots`` (the elastic runtime, TENAX_SNAPSHOTS=0) and ``snapshots`` (the
+defaults: a snapshot every step to pinned host memory on a side stream, checksummed,
+replicated to the buddy in the background). Reported: the median step time of each
+(steps after ``--warmup``), the ratios against plain, and for ``snapshots`` the median
+lag between a step and the newest step with an off-node copy (``recoverable_step``),
+which says how often replication actually kept up: a snapshot whose buffer is still
+being sent is skipped, never waited for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from controller.embedded_etcd import start_etcd  # noqa: E402
+from tests.elastic_harness import ElasticJob  # noqa: E402
+from trainer.config import JobSpec  # noqa: E402
+
+VARIANTS = {"plain": {"TENAX_ELASTIC": "0"}, "no-snapshots": {"TENAX_SNAPSHOTS": "0"}, "snapshots": {}}
+
+
+def gpu_spec(*, dp: int, d_model: int, layers: int, steps: int, micro: int, batch: int) -> JobSpec:
+    return JobSpec.from_dict({
+        "name": "gpu-overhead", "seed": 3, "steps": steps, "global_batch_size": batch, "micro_batch_size": micro,
+        "model": {"arch": "gpt", "layers": layers, "d_model": d_model, "heads": max(1, d_model // 64),
+                  "vocab_size": 8192, "seq_len": 512, "dropout": 0.0},
+        "data": {"kind": "synthetic", "num_samples": 1 << 16},
+        "optimizer": {"lr": 3e-4, "warmup_steps": 2},
+        "parallelism": {"dp": dp, "pp": 1, "zero_stage": 0},
+        "elastic": {"min_workers": 1, "max_workers": dp, "snapshot_every": "1"},
+        "resources": {"workers": dp, "device": "cuda"},
+    })
+
+
+def one_run(spec: JobSpec, etcd_url: str, out: Path, variant: str, run: int, warmup: int) -> dict:
+    env = {"TENAX_BACKEND": "gloo", "TENAX_COLLECTIVE_TIMEOUT_S": "120", **VARIANTS[variant]}
+    job = ElasticJob(spec, out, etcd_url, job=f"{variant}-{run}", env=env)
+    try:
+        job.start()
+        codes = job.wait_all(timeout_s=540)
+    finally:
+        job.close()
+    if set(codes.values()) != {0}:
+        raise RuntimeError(f"{variant} run {run} failed: {codes}\n{job.logs()}")
+    lines = [r for r in job.steps("a", 0) if r["step"] > warmup]
+    lag = [r["step"] - r["recoverable_step"] for r in lines if "recoverable_step" in r]
+    return {"step_times": [r["step_time"] for r in lines], "lag": lag}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--d-model", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    spec = gpu_spec(dp=args.dp, d_model=args.d_model, layers=args.layers, steps=args.steps, micro=args.micro, batch=args.batch)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    lags: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="tenax-gpu-overhead-") as tmp:
+        root = Path(tmp)
+        etcd = start_etcd(root / "etcd", log_path=root / "etcd.log")
+        try:
+            for run in range(args.rounds):
+                for variant in VARIANTS:
+                    got = one_run(spec, etcd.url, root / f"{variant}-{run}", variant, run, args.warmup)
+                    times[variant] += got["step_times"]
+                    if variant == "snapshots":
+                        lags += got["lag"]
+                    print(f"round {run} {variant:12s} median step {statistics.median(got['step_times']):.4f} s",
+                          file=sys.stderr, flush=True)
+        finally:
+            etcd.kill()
+    med = {v: statistics.median(t) for v, t in times.items()}
+    print(json.dumps({
+        "model": {"d_model": args.d_model, "layers": args.layers, "seq_len": 512, "vocab": 8192,
+                  "micro": args.micro, "batch": args.batch, "layout": f"dp{args.dp} zero0 on one GPU" + (", gloo" if args.dp > 1 else "")},
+        "median_step_s": med,
+        "elastic_no_snapshots_over_plain": med["no-snapshots"] / med["plain"],
+        "snapshots_every_step_over_plain": med["snapshots"] / med["plain"],
+        "recoverable_lag_steps_median": statistics.median(lags) if lags else None,
+        "steps_measured_per_variant": {v: len(t) for v, t in times.items()},
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
