@@ -18,7 +18,8 @@ Three variants, run interleaved ``--rounds`` times (drifting load hits all alike
 ``no-snapshots`` (the elastic runtime, TENAX_SNAPSHOTS=0) and ``snapshots`` (the
 defaults: a snapshot every step to pinned host memory on a side stream, checksummed,
 replicated to the buddy in the background). Reported: the median step time of each
-(steps after ``--warmup``), the ratios against plain, and for ``snapshots`` the median
+(steps after ``--warmup``; ``step_time`` inside the step, and end to end between two
+steps' ends, which also counts the boundary work), the ratios against plain, and for ``snapshots`` the median
 lag between a step and the newest step with an off-node copy (``recoverable_step``),
 which says how often replication actually kept up: a snapshot whose buffer is still
 being sent is skipped, never waited for.
@@ -68,7 +69,11 @@ def one_run(spec: JobSpec, etcd_url: str, out: Path, variant: str, run: int, war
         raise RuntimeError(f"{variant} run {run} failed: {codes}\n{job.logs()}")
     lines = [r for r in job.steps("a", 0) if r["step"] > warmup]
     lag = [r["step"] - r["recoverable_step"] for r in lines if "recoverable_step" in r]
-    return {"step_times": [r["step_time"] for r in lines], "lag": lag}
+    # end to end: also what happens between two steps (the snapshot boundary, a replication
+    # round that must finish), which ``step_time`` (inside train_step) does not see
+    ends = [r["time"] for r in lines]
+    return {"step_times": [r["step_time"] for r in lines], "lag": lag,
+            "end_to_end": [b - a for a, b in zip(ends, ends[1:])]}
 
 
 def main() -> int:
@@ -84,6 +89,7 @@ def main() -> int:
     args = ap.parse_args()
     spec = gpu_spec(dp=args.dp, d_model=args.d_model, layers=args.layers, steps=args.steps, micro=args.micro, batch=args.batch)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    e2e: dict[str, list[float]] = {v: [] for v in VARIANTS}
     lags: list[int] = []
     with tempfile.TemporaryDirectory(prefix="tenax-gpu-overhead-") as tmp:
         root = Path(tmp)
@@ -93,6 +99,7 @@ def main() -> int:
                 for variant in VARIANTS:
                     got = one_run(spec, etcd.url, root / f"{variant}-{run}", variant, run, args.warmup)
                     times[variant] += got["step_times"]
+                    e2e[variant] += got["end_to_end"]
                     if variant == "snapshots":
                         lags += got["lag"]
                     print(f"round {run} {variant:12s} median step {statistics.median(got['step_times']):.4f} s",
@@ -100,12 +107,15 @@ def main() -> int:
         finally:
             etcd.kill()
     med = {v: statistics.median(t) for v, t in times.items()}
+    med_e2e = {v: statistics.median(t) for v, t in e2e.items()}
     print(json.dumps({
         "model": {"d_model": args.d_model, "layers": args.layers, "seq_len": 512, "vocab": 8192,
                   "micro": args.micro, "batch": args.batch, "layout": f"dp{args.dp} zero0 on one GPU" + (", gloo" if args.dp > 1 else "")},
         "median_step_s": med,
         "elastic_no_snapshots_over_plain": med["no-snapshots"] / med["plain"],
         "snapshots_every_step_over_plain": med["snapshots"] / med["plain"],
+        "median_end_to_end_s": med_e2e,
+        "snapshots_over_plain_end_to_end": med_e2e["snapshots"] / med_e2e["plain"],
         "recoverable_lag_steps_median": statistics.median(lags) if lags else None,
         "steps_measured_per_variant": {v: len(t) for v, t in times.items()},
     }, indent=2))

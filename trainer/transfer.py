@@ -470,6 +470,9 @@ class _Terms:
 DIRECT_WAIT_BYTES = 4 << 20
 """Rounds up to this size are waited on directly (see ``BuddyReplicator.complete``)."""
 
+SLOW_ROUND_S = 0.05
+"""A boundary held longer than this by its replication round is worth a warning (once)."""
+
 HARVEST_WAIT_S = 0.05
 """How long ``replicas()`` gives a receive still in flight when a generation has ended."""
 
@@ -513,7 +516,9 @@ class BuddyReplicator:
         self.rounds = 0
         self.bytes_sent = 0
         self.rejected = 0
-        """Rounds whose header arrived damaged (dropped; the previous replica stays)."""
+        """Rounds whose header arrived damaged (dropped; the previous replica stays). In a
+        running generation that ends it (CommFailed): the two ends may no longer agree on
+        the terms of the next round."""
         self.max_wait_s = 0.0
         """Longest a ``complete()`` waited for its round: a round that does not finish within a
         snapshot interval holds the next boundary (``snapshot_every: auto`` widens the interval)."""
@@ -556,7 +561,8 @@ class BuddyReplicator:
         if send is not None:
             send.pin()
             self.bytes_sent += wire.numel()
-        self._round = _Round(out_work, in_work, send, incoming, renegotiate, max(wire.numel(), incoming.slab.numel()))
+        nbytes = max(wire.numel(), incoming.slab.numel())
+        self._round = _Round(out_work, in_work, send, incoming, renegotiate, nbytes)
 
     def complete(self) -> None:
         """Finish the round in flight, if any, then keep the ward's replica. Local: the peers
@@ -570,12 +576,17 @@ class BuddyReplicator:
             return
         started = time.monotonic()
         self._settle(r)
-        self.max_wait_s = max(self.max_wait_s, time.monotonic() - started)
+        waited = time.monotonic() - started
+        if waited > SLOW_ROUND_S and self.max_wait_s <= SLOW_ROUND_S:  # once: the first slow round
+            log.warning("rank %d: a replication round of %d bytes held the snapshot boundary %.2f s: it does "
+                        "not fit in the snapshot interval (snapshot_every: auto spaces snapshots to hide it)",
+                        self.rank, r.nbytes, waited)
+        self.max_wait_s = max(self.max_wait_s, waited)
         self._round = None
         if not r.out_done:
             self._finish_out(r)
         if not r.in_done:  # replicas() may have taken it already
-            self._finish_in(r)
+            self._finish_in(r, strict=True)
 
     def replicas(self) -> list[Snapshot]:
         """The ward's replicas held: the newest and the one before it, plus the round in flight
@@ -622,13 +633,15 @@ class BuddyReplicator:
             r.sent = None
         self._agree_out = r.renegotiate
 
-    def _finish_in(self, r: _Round) -> None:
+    def _finish_in(self, r: _Round, strict: bool = False) -> None:
         r.in_done = True
         incoming = r.incoming
         header = read_header(incoming.slab, self._in.layout)
-        if header is None:  # damaged on the way: nothing in it can be trusted
+        if header is None:  # damaged: nothing in it can be trusted, not even the flags
             self.rejected += 1
             self._spare = incoming
+            if strict:  # a lost RENEGOTIATE would leave the two ends posting different sizes
+                raise CommFailed(f"rank {self.rank}: the header of rank {self.ward}'s replica arrived damaged")
             return
         step, flags, checksums = header
         self._agree_in = bool(flags & RENEGOTIATE)
