@@ -142,8 +142,8 @@ def reference(tmp_path_factory) -> dict[int, float]:
 
 
 LONG_STEPS = 200
-"""Two kills one after the other are driven by polling the CLI (a process per poll): the job
-must still be running when the second one lands, whatever the host's load."""
+"""Tests that act twice by polling the CLI (a process per poll: two kills, a growth then a
+drain): the job must still be running when the second action lands, whatever the host's load."""
 
 
 @pytest.fixture(scope="module")
@@ -249,12 +249,12 @@ def test_two_failures_one_after_the_other(tmp_path, long_reference):
 
 
 # ------------------------------------------------------------------ 4. growth, then a drain
-def test_growth_to_four_workers_then_drain_lose_no_step(tmp_path, reference):
+def test_growth_to_four_workers_then_drain_lose_no_step(tmp_path, long_reference):
     """Two-phase growth: the new node's workers are started and ready before plan 2 is written
     (the job trains on plan 1 meanwhile), so the survivors stall at the switch only for the
     rendezvous and the transfer; then a drain moves everything to the new node."""
     with local_cluster(tmp_path, agents=1) as info:
-        path = spec_file(tmp_path, parallelism={"dp": 1, "pp": 2, "zero_stage": 1}, resources={
+        path = job_file(tmp_path, steps=LONG_STEPS, parallelism={"dp": 1, "pp": 2, "zero_stage": 1}, resources={
             "workers": 2, "device": "cpu"}, elastic={"min_workers": 1, "max_workers": 4, "snapshot_every": "1"})
         job_id = submit(info, path)
         start = wait_step(info, job_id, 3)
@@ -278,7 +278,7 @@ def test_growth_to_four_workers_then_drain_lose_no_step(tmp_path, reference):
             assert drain_rec["bytes_moved"] + drain_rec["bytes_local"] > 0, drain_rec
             assert {w["node"] for w in doc["workers"]} == {"node-1"}
             assert_survivors_kept_their_pids(new_pids, pids_by_slot(doc), set())
-            assert_same_curve(job_losses(info, job_id), reference)
+            assert_same_curve(job_losses(info, job_id), long_reference)
 
 
 # ------------------------------------------------------------------ 5. growth that never gets ready
