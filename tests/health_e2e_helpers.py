@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import urllib.request
 from pathlib import Path
 
 from controller.local import controller_channel, local_cluster_state
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
-from tests.test_e2e_cluster import KEYS, etcd_read, local_cluster, tenax
+from tests.test_e2e_cluster import KEYS, etcd_read, job_json, local_cluster, tenax
 
 FAST_DETECTION_ENV = {
     "TENAX_HANG_FLOOR_S": "4",      # the default 10 s floor is for real clusters
@@ -100,3 +101,16 @@ def job_events(info: dict, job_id: str, kind: str) -> list[dict]:
         if record.get("kind") == kind:
             out.append(record["data"])
     return out
+
+
+def wait_rarely(info: dict, job_id: str, done, timeout_s: float, interval_s: float = 2.0) -> dict:
+    """Poll the job (a CLI process per poll) every ``interval_s`` until ``done(job)``; fail on a
+    FAILED/CANCELLED job or after ``timeout_s``. Rare polls keep the host's cores for the workers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = job_json(info, job_id)
+        assert job["phase"] not in ("FAILED", "CANCELLED"), job
+        if done(job):
+            return job
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out waiting for job {job_id}")

@@ -25,14 +25,13 @@ dominates the step; the test polls rarely.
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 
 from protos.plan import Plan
 from tests.health_e2e_helpers import (FAST_DETECTION_ENV, chaos_rpc, cluster_with_env, controller_metrics_address,
-                                      job_events, metric_value, metrics_lines, scrape)
-from tests.test_e2e_cluster import KEYS, etcd_read, job_file, job_json, submit
+                                      job_events, metric_value, metrics_lines, scrape, wait_rarely)
+from tests.test_e2e_cluster import KEYS, etcd_read, job_file, submit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -43,17 +42,6 @@ STEPS = 120
 SLOW_AT = 35
 WINDOW = 12
 """Straggler window (steps) of this test's controller: 12 steps of which 80% slow flags a rank."""
-
-
-def wait_rarely(info: dict, job_id: str, done, timeout_s: float, interval_s: float = 2.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = job_json(info, job_id)
-        assert job["phase"] not in ("FAILED", "CANCELLED"), job
-        if done(job):
-            return job
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out waiting for job {job_id}")
 
 
 def step_seconds(lines: list[dict], first: int, last: int) -> float:

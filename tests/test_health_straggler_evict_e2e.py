@@ -30,7 +30,7 @@ import pytest
 from protos.plan import Plan
 from protos.records import JobStatusRecord
 from tests.health_e2e_helpers import (FAST_DETECTION_ENV, chaos_rpc, cluster_with_env, controller_metrics_address,
-                                      job_events, metric_value, metrics_lines, scrape)
+                                      job_events, metric_value, metrics_lines, scrape, wait_rarely)
 from tests.test_e2e_cluster import KEYS, etcd_read, job_file, job_json, submit
 
 pytestmark = [pytest.mark.e2e]
@@ -40,17 +40,6 @@ WINDOW = 12
 COMPUTE_MODEL = {"arch": "gpt", "layers": 4, "d_model": 128, "heads": 4, "vocab_size": 256, "seq_len": 64,
                  "dropout": 0.1}
 """~0.1 s of compute per step on one CPU thread: compute dominates the step."""
-
-
-def wait_rarely(info: dict, job_id: str, done, timeout_s: float, interval_s: float = 2.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = job_json(info, job_id)
-        assert job["phase"] not in ("FAILED", "CANCELLED"), job
-        if done(job):
-            return job
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out waiting for job {job_id}")
 
 
 THROUGHPUT_WINDOW = 15

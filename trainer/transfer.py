@@ -621,6 +621,8 @@ class BuddyReplicator:
             return
         try:
             for w in works:
+                # no per-call timeout on purpose: on a gloo send/recv it closes the pair; a peer
+                # stopped mid-round is still bounded by the pair group's own timeout (new_group)
                 w.wait()
         except Exception as exc:
             raise CommFailed(f"buddy replication failed: {exc}") from exc
