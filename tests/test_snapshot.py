@@ -8,8 +8,9 @@ import threading
 import pytest
 import torch
 
-from trainer.snapshot import (SLAB_ALIGN, Snapshotter, SnapshotSettings, allocate_slab, checksum, corrupt,
-                              slab_layout)
+from trainer.snapshot import (CHUNK_BYTES, FOLD64, SLAB_ALIGN, Snapshot, Snapshotter, SnapshotSettings, allocate_slab,
+                              as_slab, checksum, checksum_kind_of_flags, chunk_checksums, corrupt, fold_checksums,
+                              read_header, slab_layout)
 
 BACKGROUND = SnapshotSettings(inline_max_bytes=0)
 """Every snapshot through the background thread (the path of CUDA and large CPU states)."""
@@ -50,6 +51,57 @@ def test_checksum_covers_every_byte_of_every_dtype():
     t.view(torch.uint8)[19] ^= 1
     assert checksum(t) != before
     assert checksum(torch.empty(0)) == 0
+
+
+@pytest.mark.parametrize("numel", [0, 1, 3, 255, 256, 257, 300_007, CHUNK_BYTES // 4, CHUNK_BYTES // 4 * 2 + 5])
+def test_fold64_gives_one_word_per_chunk_and_changes_with_any_byte_or_any_move_of_words(numel):
+    """Also: the host's float32 products equal the int8 product the GPU uses (torch._int_mm)."""
+    t = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    before = fold_checksums(t)
+    assert len(before) == max(1, -(-numel * 4 // CHUNK_BYTES))
+    assert fold_checksums(t.clone()) == before  # a function of the bytes only
+    if numel == 0:
+        return
+    u8, words = t.view(torch.uint8), t.view(torch.int32)
+    for at in {0, numel * 4 // 2 + 1, numel * 4 - 1}:  # first, middle, last byte
+        u8[at] ^= 0xFF
+        assert fold_checksums(t) != before, f"byte {at}"
+        u8[at] ^= 0xFF
+    for i, j in {(0, numel - 1), (0, min(1, numel - 1)), (numel // 2, numel // 2 + 256)}:
+        if j < numel and words[i] != words[j]:  # swapped words: within a row, between rows
+            words[i], words[j] = words[j].clone(), words[i].clone()
+            assert fold_checksums(t) != before, f"swap {i} {j}"
+            words[i], words[j] = words[j].clone(), words[i].clone()
+    assert fold_checksums(t) == before
+
+
+def test_fold64_row_products_on_the_host_equal_the_int8_matrix_product():
+    from trainer.snapshot import FOLD_ROW_BYTES, _fold_table, _row_products
+
+    rows = torch.randint(-128, 128, (64, FOLD_ROW_BYTES), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
+    rows[0] = 127
+    rows[1] = -128  # the extremes stay exact in float32
+    exact = torch._int_mm(rows, _fold_table(rows.device, "int8")).to(torch.int64)
+    assert torch.equal(_row_products(rows), exact)
+
+
+def test_fold64_of_a_half_precision_view_at_an_odd_offset_matches_its_copy():
+    t = torch.randn(1001).to(torch.bfloat16)[1:]
+    assert fold_checksums(t) == fold_checksums(t.clone())
+
+
+def test_a_fold64_snapshot_carries_its_kind_in_the_slab_header_and_verifies_with_it():
+    state = {n: t.reshape(-1).clone() for n, t in make_state(4).items()}
+    snap = Snapshot(step=4, tensors=state, checksum_kind=FOLD64,
+                    checksums={n: chunk_checksums(t, FOLD64) for n, t in state.items()}, complete=True)
+    assert snap.verify() == []
+    step, flags, sums = read_header(as_slab(snap), slab_layout(state))  # what a buddy reads
+    assert step == 4 and checksum_kind_of_flags(flags) == FOLD64 and sums == snap.checksums
+    assert checksum_kind_of_flags(read_header(as_slab(Snapshotter().take(4, state)), slab_layout(state))[1]) == "crc32"
+    corrupt(snap, "w", offset=17)
+    assert snap.verify() == ["w"]
+    with pytest.raises(ValueError, match="unknown checksum kind 'md5'"):
+        chunk_checksums(state["w"], "md5")
 
 
 @pytest.mark.parametrize("settings", [SnapshotSettings(), BACKGROUND], ids=["inline", "background"])
@@ -196,6 +248,23 @@ def test_a_cuda_state_is_copied_on_a_side_stream_into_one_pinned_slab():
     snap = snapper.wait(timeout_s=30)
     assert snap.step == 6 and snap.slab.is_pinned() and snap.verify() == []
     assert all(torch.equal(snap.tensors[name], expected[name]) for name in state)
+    # checksummed on the GPU (fold64), equal to the host's fold64 of the bytes, caught when torn
+    assert snap.checksum_kind == FOLD64
+    assert snap.checksums == {name: fold_checksums(t) for name, t in expected.items()}
+    assert checksum_kind_of_flags(read_header(snap.slab, slab_layout(snap.tensors))[1]) == FOLD64
+    corrupt(snap, "exp_avg/w", offset=5)
+    assert snap.verify() == ["exp_avg/w"]
+    corrupt(snap, "exp_avg/w", offset=5)
     nxt = snapper.take(7, state)  # the other buffer set: pinned too, allocated off the training thread
     assert nxt.slab.is_pinned() and nxt.slab.data_ptr() != snap.slab.data_ptr()
     assert all(torch.equal(nxt.tensors[name], (expected[name] + 1)) for name in state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fold64_on_the_gpu_equals_fold64_on_the_host_for_a_multi_chunk_state():
+    t = torch.randn(CHUNK_BYTES // 4 * 3 + 12345, generator=torch.Generator().manual_seed(8))
+    host = fold_checksums(t)  # on a CUDA machine a host tensor this large is folded through the GPU
+    from trainer.snapshot import fold_rows, fold_words
+    assert fold_words(fold_rows(t.cuda()).tolist()) == host == fold_words(fold_rows(t).tolist())  # and on the host alone
+    snap = Snapshotter().take(1, {"w": t.cuda()})
+    assert snap.checksums["w"] == host and snap.verify() == []

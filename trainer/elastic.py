@@ -491,7 +491,8 @@ class DiskCheckpoints:
             snap, generation, rank = self._queue.get()
             try:
                 copy = Snapshot(step=snap.step, tensors={k: t.clone() for k, t in snap.tensors.items()},
-                                checksums=dict(snap.checksums), metadata=dict(snap.metadata), complete=True)
+                                checksums=dict(snap.checksums), checksum_kind=snap.checksum_kind,
+                                metadata=dict(snap.metadata), complete=True)
             finally:
                 snap.unpin()
             try:
@@ -506,6 +507,7 @@ class DiskCheckpoints:
         path.mkdir(parents=True, exist_ok=True)
         dcp.save(dict(snap.tensors), storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
         done = {"step": snap.step, "metadata": snap.metadata, "checksums": snap.checksums,
+                "checksum_kind": snap.checksum_kind,
                 "numel": {kind: t.numel() for kind, t in snap.tensors.items()}}
         (path / "done").write_text(json.dumps(done))
         return path
@@ -546,7 +548,7 @@ class DiskCheckpoints:
             flat = {kind: torch.empty(n) for kind, n in done["numel"].items()}
             dcp.load(flat, storage_reader=dcp.FileSystemReader(str(rank_dir)), no_dist=True)
             for kind, t in flat.items():
-                if chunk_checksums(t) != list(done["checksums"].get(kind, [])):
+                if chunk_checksums(t, done.get("checksum_kind", "crc32")) != list(done["checksums"].get(kind, [])):
                     raise Unrecoverable(f"disk checkpoint {rank_dir}: {kind} does not match its checksum")
                 read += t.numel() * t.element_size()
             for kind, key, a, b, offset in wanted:

@@ -77,7 +77,8 @@ import torch.distributed as dist
 
 from trainer.abort import CommFailed
 from trainer.reshard import OWNER, Holding, Layout, Transfer, plan_transfers
-from trainer.snapshot import (Snapshot, SlabLayout, allocate_slab, as_slab, chunk_checksums, read_header, slab_layout,
+from trainer.snapshot import (CRC32, Snapshot, SlabLayout, allocate_slab, as_slab, checksum_kind_of_flags, chunk_checksums,
+                              read_header, slab_layout,
                               slab_offsets, tensor_bytes, write_header)
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class Copy:
     data: torch.Tensor
     checksum: list[int] | None
     """``chunk_checksums`` of ``data`` when it was written (None: verified by the caller)."""
+    checksum_kind: str = CRC32
 
 
 @dataclass(kw_only=True)
@@ -133,7 +135,7 @@ def copies_from_snapshot(snapshot: Snapshot, rank: int, role: str = OWNER,
     spans = spans if spans is not None else snapshot.metadata.get("spans", {})
     return [
         Copy(holding=Holding(rank=rank, name=name, start=spans[name][0], end=spans[name][1], role=role),
-             data=snapshot.tensors[name], checksum=snapshot.checksums.get(name))
+             data=snapshot.tensors[name], checksum=snapshot.checksums.get(name), checksum_kind=snapshot.checksum_kind)
         for name in snapshot.tensors
         if name in spans
     ]
@@ -143,7 +145,7 @@ def verified(copies: Iterable[Copy]) -> tuple[list[Copy], list[str]]:
     """(copies whose bytes match their checksum, descriptions of the others)."""
     good, bad = [], []
     for c in copies:
-        if c.checksum is not None and chunk_checksums(c.data) == list(c.checksum):
+        if c.checksum is not None and chunk_checksums(c.data, c.checksum_kind) == list(c.checksum):
             good.append(c)
         else:
             h = c.holding
@@ -654,6 +656,7 @@ class BuddyReplicator:
         # verified when a recovery uses it (Copies.offered). For a multi-GiB shard a pass on
         # the training thread at every boundary would cost more than the step.
         incoming.step, incoming.checksums = step, checksums
+        incoming.checksum_kind = checksum_kind_of_flags(flags)
         incoming.metadata["step"] = step
         incoming.complete = True
         self._spare, self.replica = self.replica, incoming
