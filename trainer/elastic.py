@@ -806,7 +806,7 @@ class ElasticWorker:
                 raise
             return self._stopped(gen, trainer, exc)  # mid-recovery: the next plan may move the store
         except Exception as exc:
-            if gen.watcher is not None and gen.watcher.aborted:  # e.g. a gloo error after the abort
+            if gen.watcher is not None and gen.watcher.check_store():  # e.g. a gloo error after the abort
                 return self._stopped(gen, trainer, exc)
             raise
         finally:
@@ -1125,14 +1125,17 @@ class _Generation:
         except Exception as exc:  # noqa: BLE001 - torch raises several types; not an interruption of training
             raise StoreUnreachable(f"cannot reach the rendezvous store at {self.plan.store_address} "
                                    f"within {timeout_s:.0f}s: {exc}") from None
+        backend = backend_for(self.device)
         form_group(store, self.prefix, rank=self.rank, world_size=self.world_size,
-                   backend=backend_for(self.device), timeout_s=self.settings.collective_timeout_s,
+                   backend=backend, timeout_s=self.settings.collective_timeout_s,
                    device_id=self.device if self.device.type == "cuda" else None, should_abort=should_abort)
-        self.watcher = AbortWatcher(AbortSettings(collective_timeout_s=self.settings.collective_timeout_s),
-                                    rank=self.rank)
+        self.watcher = AbortWatcher(AbortSettings(collective_timeout_s=self.settings.collective_timeout_s,
+                                                  sliced_waits=backend == "gloo"), rank=self.rank)
         self.watcher.register(dist.group.WORLD)
+        # its own connection, short timeout: the abort key is read from inside a wait, so a
+        # store host that hangs must not hold the wait longer than a few seconds
         self.watcher.watch_store(generation_store(host, int(port), self.prefix,
-                                                  timeout_s=self.settings.store_timeout_s))
+                                                  timeout_s=min(5.0, self.settings.store_timeout_s)))
         comm.set_waiter(self.watcher.wait)
         return self.watcher
 
