@@ -108,8 +108,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--snapshot-every", default="1",
+                    help="the snapshots variant's snapshot_every: a number of steps or auto")
     args = ap.parse_args()
-    spec = gpu_spec(dp=args.dp, d_model=args.d_model, layers=args.layers, steps=args.steps, micro=args.micro, batch=args.batch)
+    spec = gpu_spec(dp=args.dp, d_model=args.d_model, layers=args.layers, steps=args.steps, micro=args.micro, batch=args.batch,
+                    snapshot_every=args.snapshot_every)
     alternate = gpu_spec(dp=args.dp, d_model=args.d_model, layers=args.layers, steps=args.steps, micro=args.micro,
                          batch=args.batch, snapshot_every="2")
     pairs: dict[str, list[float]] = {"after": [], "other": []}
@@ -154,6 +157,7 @@ def main() -> int:
             "snapshot_step_s": statistics.median(pairs["after"]), "plain_step_s": statistics.median(pairs["other"]),
             "snapshot_step_over_plain_step": statistics.median(pairs["after"]) / statistics.median(pairs["other"]),
             "pairs": len(pairs["after"])},
+        "snapshot_every": args.snapshot_every,
         "recoverable_lag_steps_median": statistics.median(lags) if lags else None,
         "steps_measured_per_variant": {v: len(t) for v, t in times.items()},
     }, indent=2))

@@ -63,6 +63,16 @@ def job_status(info: dict, job_id: str) -> JobStatusRecord:
     return JobStatusRecord.from_json(etcd_read(info["etcd"], lambda e: e.get(KEYS.job_status(job_id))).value)
 
 
+DETECTION_ENV = {**FAST_DETECTION_ENV, "TENAX_STRAGGLER_WINDOW": str(WINDOW), "OMP_NUM_THREADS": "1"}
+
+
+def dp2_job_file(tmp_path, *, steps: int, model: dict, policy: str):
+    """A dp2 ZeRO-1 CPU job of two workers (max 2: a third slot stays spare), snapshots every step."""
+    return job_file(tmp_path, steps=steps, model=model,
+                    parallelism={"dp": 2, "pp": 1, "zero_stage": 1}, resources={"workers": 2, "device": "cpu"},
+                    elastic={"min_workers": 1, "max_workers": 2, "snapshot_every": "1", "straggler_policy": policy})
+
+
 # ------------------------------------------------------------------ evict to a spare
 EVICT_STEPS = 175
 EVICT_SLOW_AT = 62
@@ -72,14 +82,9 @@ SLOW_RANK = 1
 
 @pytest.mark.timeout(240)
 def test_evict_policy_moves_a_slow_rank_to_a_spare_and_throughput_recovers(tmp_path):
-    env = {**FAST_DETECTION_ENV, "TENAX_STRAGGLER_WINDOW": str(WINDOW), "OMP_NUM_THREADS": "1"}
     # three nodes of one slot: the job (dp2, max_workers 2) leaves one spare slot
-    with cluster_with_env(tmp_path, env, agents=3, slots=1) as info:
-        path = job_file(tmp_path, steps=EVICT_STEPS, model=COMPUTE_MODEL,
-                        parallelism={"dp": 2, "pp": 1, "zero_stage": 1}, resources={"workers": 2, "device": "cpu"},
-                        elastic={"min_workers": 1, "max_workers": 2, "snapshot_every": "1",
-                                 "straggler_policy": "evict"})
-        job_id = submit(info, path)
+    with cluster_with_env(tmp_path, DETECTION_ENV, agents=3, slots=1) as info:
+        job_id = submit(info, dp2_job_file(tmp_path, steps=EVICT_STEPS, model=COMPUTE_MODEL, policy="evict"))
         job = wait_rarely(info, job_id, lambda j: j["step"] >= EVICT_SLOW_AT, 150, interval_s=1.0)
         before = {w["rank"]: w["node"] for w in job["workers"]}
         assert sorted(before) == [0, 1], job
@@ -151,13 +156,8 @@ HEALTHY_MODEL = {"arch": "gpt", "layers": 2, "d_model": 128, "heads": 4, "vocab_
 
 @pytest.mark.timeout(200)
 def test_no_rank_flagged_over_500_steps_of_a_healthy_run(tmp_path):
-    env = {**FAST_DETECTION_ENV, "TENAX_STRAGGLER_WINDOW": str(WINDOW), "OMP_NUM_THREADS": "1"}
-    with cluster_with_env(tmp_path, env, agents=2, slots=1) as info:
-        path = job_file(tmp_path, steps=HEALTHY_STEPS, model=HEALTHY_MODEL,
-                        parallelism={"dp": 2, "pp": 1, "zero_stage": 1}, resources={"workers": 2, "device": "cpu"},
-                        elastic={"min_workers": 1, "max_workers": 2, "snapshot_every": "1",
-                                 "straggler_policy": "rebalance"})
-        job_id = submit(info, path)
+    with cluster_with_env(tmp_path, DETECTION_ENV, agents=2, slots=1) as info:
+        job_id = submit(info, dp2_job_file(tmp_path, steps=HEALTHY_STEPS, model=HEALTHY_MODEL, policy="rebalance"))
         address = controller_metrics_address(info)
         scored = set()
         deadline = time.monotonic() + 170

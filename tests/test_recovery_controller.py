@@ -136,14 +136,7 @@ def test_failure_during_a_recovery_replans_from_the_latest_plan(etcd_url):
 def test_growth_when_a_node_joins_then_drain_at_a_step_boundary(etcd_url):
     async def main():
         async with running(etcd_url) as api:
-            leases = [await add_node(api.etcd, "n1", 2, ttl_s=30)]
-            spec = good_spec(**{"parallelism.dp": 1, "parallelism.pp": 2, "resources.workers": 2,
-                                "elastic.max_workers": 4, "steps": 200})
-            job = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=5)
-            await wait_until(lambda: _in_phase(api, job.id, pb.RUNNING), 5)
-            g1 = await plan_of(api, job.id)
-            await report_running(api, g1, step=3)
-            leases.append(await add_node(api.etcd, "n2", 2, ttl_s=30))
+            leases, job, g1 = await dp1pp2_job_then_a_second_node(api)
             # phase 1: the new workers are started (by n2's agent) while plan 1 stays
             growth = await wait_until(lambda: growth_in(api, job.id, "PREPARING"), 5)
             assert sorted(growth.joiner_slots()) == [("n2", 0), ("n2", 1)] and growth.base_generation == 1
@@ -180,6 +173,20 @@ def test_growth_when_a_node_joins_then_drain_at_a_step_boundary(etcd_url):
     run_async(main(), 60)
 
 
+async def dp1pp2_job_then_a_second_node(api):
+    """A dp1·pp2 job (max 4 workers) running on node n1 at step 3, then node n2 (2 slots)
+    joins: (the nodes' leases, the job, its plan 1)."""
+    leases = [await add_node(api.etcd, "n1", 2, ttl_s=30)]
+    spec = good_spec(**{"parallelism.dp": 1, "parallelism.pp": 2, "resources.workers": 2,
+                        "elastic.max_workers": 4, "steps": 200})
+    job = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=5)
+    await wait_until(lambda: _in_phase(api, job.id, pb.RUNNING), 5)
+    g1 = await plan_of(api, job.id)
+    await report_running(api, g1, step=3)
+    leases.append(await add_node(api.etcd, "n2", 2, ttl_s=30))
+    return leases, job, g1
+
+
 async def growth_in(api, job_id: str, state: str) -> GrowthRecord | None:
     kv = await api.etcd.get(KEYS.job_growth(job_id))
     growth = GrowthRecord.from_json(kv.value) if kv is not None else None
@@ -197,14 +204,7 @@ def test_a_growth_whose_workers_never_get_ready_is_abandoned_and_retried_later(e
     async def main():
         async with running(etcd_url) as api:
             api.controller.recovery.prepare_timeout_s = 1.0
-            leases = [await add_node(api.etcd, "n1", 2, ttl_s=30)]
-            spec = good_spec(**{"parallelism.dp": 1, "parallelism.pp": 2, "resources.workers": 2,
-                                "elastic.max_workers": 4, "steps": 200})
-            job = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=5)
-            await wait_until(lambda: _in_phase(api, job.id, pb.RUNNING), 5)
-            g1 = await plan_of(api, job.id)
-            await report_running(api, g1, step=3)
-            leases.append(await add_node(api.etcd, "n2", 2, ttl_s=30))
+            leases, job, g1 = await dp1pp2_job_then_a_second_node(api)
             first = await wait_until(lambda: growth_in(api, job.id, "PREPARING"), 5)
             # nobody says ready: abandoned after the timeout, the job keeps plan 1 and runs
             dead = await wait_until(lambda: growth_in(api, job.id, "ABANDONED"), 5)

@@ -349,8 +349,15 @@ def rendezvous(store: Any, *, rank: int, world_size: int, timeout_s: float,
 
     Abortable: raises CommAborted as soon as the generation's ``abort`` key is set or
     ``should_abort()`` returns a reason; TimeoutError (naming the missing ranks) after
-    ``timeout_s``. Every store call is a short non-blocking one (set, check)."""
+    ``timeout_s``. Every store call is a short non-blocking one (set, check).
+
+    The pause between checks starts at 2 ms and grows by half up to ``poll_s``: the last
+    rank usually arrives within tens of milliseconds of the first, and a fixed 20 ms
+    pause made each rank start on average ~10 ms after the last one had joined (on the
+    critical path of every recovery); a rendezvous that waits for seconds still polls
+    at ``poll_s``."""
     started = time.monotonic()
+    pause = min(0.002, poll_s)
     deadline = started + timeout_s
     store.set(JOINED_KEY + str(rank), repr(time.time()))
     everyone = [JOINED_KEY + str(r) for r in range(world_size)]
@@ -363,7 +370,8 @@ def rendezvous(store: Any, *, rank: int, world_size: int, timeout_s: float,
         if time.monotonic() >= deadline:
             missing = [r for r in range(world_size) if not store.check([JOINED_KEY + str(r)])]
             raise TimeoutError(f"{what}: rank(s) {missing} did not join within {timeout_s:.0f} s")
-        time.sleep(poll_s)
+        time.sleep(pause)
+        pause = min(poll_s, pause * 1.5)
     return time.monotonic() - started
 
 

@@ -34,8 +34,9 @@ State machine of one worker process (decisions are the pure functions below)::
     │     │ abort key), or the abort key was set,     │ SWITCHING: sync   EXIT 0
     │     │ or a backstop timeout                     │ snapshot S, one
     │     ▼                                           │ replication round
-    │  ABORTING: abort watcher releases every         │
-    │  blocked wait (CommAborted); the old groups     │
+    │  ABORTING: every blocked wait raises            │
+    │  CommAborted (it reads abort() and the abort    │
+    │  key between 20 ms slices); the old groups      │
     │  are retired, never destroyed                   │
     │     └──────────────┬───────────────────────────┘
     │                    ▼
@@ -977,6 +978,7 @@ class ElasticWorker:
         state: finish the replication round of the previous boundary (a step later it is
         done), snapshot (inline for a small CPU state), hand a due disk checkpoint to its
         writer, and post this boundary's round."""
+        cpu_started = time.thread_time()
         replicator = gen.replicator_at_boundary()
         if replicator is not None:
             replicator.complete()  # first: the buffer it sent is free again for begin()
@@ -985,6 +987,7 @@ class ElasticWorker:
         self._checkpoint(gen, latest)
         if replicator is not None:
             replicator.post(latest)
+        gen.boundary_cpu_s = time.thread_time() - cpu_started
 
     def _checkpoint(self, gen: "_Generation", latest: Snapshot | None) -> None:
         """Every ``checkpoint_every`` steps, the snapshot of that step goes to disk (a background
@@ -1089,6 +1092,8 @@ class _RecoverableMetrics:
                 latest = self.worker.snapper.latest
                 record["recoverable_step"] = latest.step if latest is not None else 0
             gen.last_step_s = record.get("step_time")
+            if gen.boundary_cpu_s is not None:  # the boundary after the previous step
+                record["boundary_cpu_s"], gen.boundary_cpu_s = gen.boundary_cpu_s, None
         self.inner.write(record)
 
 
@@ -1109,6 +1114,9 @@ class _Generation:
         """Step of the last snapshot handed to the disk writer."""
         self.first_step = 0
         self.last_step_s: float | None = None
+        self.boundary_cpu_s: float | None = None
+        """CPU time of the training thread in the last snapshot boundary (seconds), for the
+        next step line (``boundary_cpu_s``)."""
         self.trained = False
         """True once this generation has its state (fresh start or restored) and trains."""
 
