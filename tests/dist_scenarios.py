@@ -284,7 +284,55 @@ def replication_scenario(rank: int, world: int, port: int, out: Path) -> None:
     os._exit(0)
 
 
+def big_round_scenario(rank: int, world: int, port: int, out: Path) -> None:
+    """Two ranks on two 'nodes', snapshots of ~7 MB (above DIRECT_WAIT_BYTES): round 2 of
+    rank 1 comes 1 s late. Rank 0's round 2 then moves in the background: ``busy`` until
+    rank 1's bytes are in, and ``complete()`` after that returns at once."""
+    import threading
+
+    from trainer.snapshot import Snapshotter
+    from trainer.transfer import DIRECT_WAIT_BYTES, BuddyReplicator, buddy_ring
+
+    store = client(port)
+    form_group(store, "g1/", rank=rank, world_size=world, timeout_s=60)
+    replicator = BuddyReplicator.for_ring(buddy_ring({0: "a", 1: "b"}), rank)
+    snapper = Snapshotter()
+    numel = DIRECT_WAIT_BYTES // 4 // 3 * 2  # three tensors: ~2x the direct-wait size in all
+
+    def state(step: int) -> dict[str, torch.Tensor]:
+        return {k: torch.arange(numel, dtype=torch.float32) * (i + 1) + 1000 * rank + step
+                for i, k in enumerate(("param", "exp_avg", "exp_avg_sq"))}
+
+    threads = threading.active_count()
+    replicator.post(snapper.take(1, state(1)))  # round 1: terms agreed, both on time
+    result: dict = {"rank": rank}
+    if rank == 1:
+        time.sleep(1.0)
+    started = time.monotonic()
+    replicator.post(snapper.take(2, state(2)))  # finishes round 1, posts round 2
+    result["post_s"] = time.monotonic() - started
+    result["busy_after_post"] = replicator.busy
+    while replicator.busy and time.monotonic() - started < 30:
+        time.sleep(0.01)
+    result["moving_s"] = time.monotonic() - started
+    started = time.monotonic()
+    replicator.complete()
+    result["complete_s"] = time.monotonic() - started
+    replica, ward = replicator.replica, 1 - rank
+    result["replica_step"] = replica.step
+    result["replica_exact"] = all(torch.equal(replica.tensors[k], (torch.arange(numel, dtype=torch.float32) * (i + 1)
+                                                                    + 1000 * ward + 2))
+                                  for i, k in enumerate(("param", "exp_avg", "exp_avg_sq")))
+    result["replica_verifies"] = replica.verify() == []
+    time.sleep(0.1)
+    result["threads_left"] = threading.active_count() - threads
+    replicator.close()
+    write_result(out, rank, result)
+    os._exit(0)
+
+
 SCENARIOS = {"recovery": recovery_scenario,
+             "big-round": big_round_scenario,
              "replication": replication_scenario,
              "abort-allreduce": lambda *a: abort_scenario(*a, shape="allreduce"),
              "abort-pipeline": lambda *a: abort_scenario(*a, shape="pipeline"),

@@ -147,6 +147,32 @@ def test_kill_9_of_one_worker_of_dp2_pp2_recovers_in_place_with_the_same_losses(
         _assert_same_losses(job, where, reference, spec.steps)
 
 
+BIG_STATE_MODEL = {"layers": 2, "d_model": 192, "heads": 2, "vocab_size": 64, "seq_len": 16, "dropout": 0.1}
+"""~0.9M params: a dp2 ZeRO-1 rank's state is ~5 MB, above DIRECT_WAIT_BYTES, so replication
+rounds move in the background (a waiter thread each, the boundary votes in the step's all-reduce)."""
+
+
+def test_kill_9_with_rounds_moving_in_the_background_recovers_from_the_buddy_replica(tmp_path, etcd_url,
+                                                                                      reference_for):
+    from trainer.transfer import DIRECT_WAIT_BYTES
+
+    spec = tiny_spec(steps=12, dp=2, pp=1, model=BIG_STATE_MODEL)
+    reference = reference_for(spec)
+    job = ElasticJob(spec, tmp_path / "job", etcd_url)
+    try:
+        job.start(faults="rank=1,step=5,kind=kill,when=mid")
+        dead, _ = _kill_and_replan(job)
+        codes = job.wait_all()
+    finally:
+        job.close()
+    assert dead == ("b", 0) and codes[("a", 0)] == 0, job.logs()
+    (rec,) = job.recoveries("a", 0)
+    assert (rec["old_layout"], rec["new_layout"]) == ("dp2pp1z1", "dp1pp1z1") and not rec["from_disk"]
+    assert rec["steps_lost"] <= 1 and rec["bad_copies"] == []
+    assert rec["bytes_local"] > DIRECT_WAIT_BYTES  # rank 1's shard came from the replica rank 0 held
+    _assert_same_losses(job, ("a", 0), reference, spec.steps)
+
+
 def _run_kill_scenario(tmp_path, etcd_url, spec, faults: str):
     """Kill rank 3 of a dp2·pp2 job (plus ``faults``); returns (job, codes, the two training survivors)."""
     job = ElasticJob(spec, tmp_path / "job", etcd_url)

@@ -82,3 +82,20 @@ def test_replication_runs_on_the_training_thread_and_a_round_in_flight_is_kept(t
         assert r["gathered"]
     by_ward = {r["ward"]: r for r in results}
     assert by_ward[0]["replica"]["spans"] == {"w": [0, 13], "m": [0, 9]}  # rank 0's new layout reached its buddy
+
+
+def test_a_big_round_moves_in_the_background_and_a_late_peer_holds_nobody(tmp_path):
+    workers = Workers("big-round", 2, tmp_path)
+    try:
+        codes = workers.wait_exit([0, 1], timeout_s=120)
+        assert codes == {0: 0, 1: 0}, workers.log(0) + workers.log(1)
+        fast, late = workers.result(0), workers.result(1)
+    finally:
+        workers.kill_all()
+    # rank 0 posts round 2 at once and goes on; its round moves until the late rank 1 sends
+    assert fast["post_s"] < 0.5 and fast["busy_after_post"]
+    assert 0.6 < fast["moving_s"] < 10
+    for r in (fast, late):
+        assert r["complete_s"] < 0.2  # done in the background: finishing it waits for nothing
+        assert r["replica_step"] == 2 and r["replica_exact"] and r["replica_verifies"]
+        assert r["threads_left"] == 0  # the round's waiter thread ended with it

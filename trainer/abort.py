@@ -222,6 +222,16 @@ class AbortWatcher:
             with self._lock:
                 self._waiters.discard(batch.event)
 
+    def wait_for(self, event: threading.Event, what: str = "wait", *, timeout_s: float | None = None) -> None:
+        """Wait until another thread sets ``event``, abortably: CommAborted on an abort (here or
+        the key), TimeoutError (after telling the peers) once ``timeout_s`` has passed."""
+        if self._aborted.is_set():
+            raise CommAborted(f"{what}: {self._reason}")
+        limit = self.settings.collective_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        while not event.wait(max(0.0, min(self.settings.poll_interval_s, deadline - time.monotonic()))):
+            self._between_slices(what, deadline, limit)
+
     def _wait_sliced(self, work: Any, what: str, deadline: float, limit: float) -> None:
         """Block in C++ (GIL released) on one collective, a poll interval at a time."""
         piece = timedelta(seconds=self.settings.poll_interval_s)

@@ -949,6 +949,9 @@ class ElasticWorker:
         views = flat_state(trainer)
         meta = snapshot_metadata(trainer.layout, gen.rank, gen.plan.generation)
         trainer.before_update = self.snapper.fence
+        # every rank says in the step's all-reduce whether its replication round still moves;
+        # any -> all skip that boundary's round (rounds on both ends of a pair stay matched)
+        trainer.vote = lambda: 1 if gen.replicator is not None and gen.replicator.busy else 0
         kill = self._kill_fault(gen)
         gen.first_step = trainer.step
         gen.trained = True
@@ -967,19 +970,23 @@ class ElasticWorker:
             trainer.train_step()
             self._last_step = trainer.step
             if self.snapshots_on and trainer.step % self.snapshot_every == 0:
-                self._snapshot_boundary(gen, trainer.step, views, meta)
+                self._snapshot_boundary(gen, trainer.step, views, meta, round_moving=trainer.votes > 0)
             self._tune_snapshot_interval(gen, trainer)
         self._running_step = None
         comm.wait(dist.barrier(async_op=True), "final barrier")
         return None
 
-    def _snapshot_boundary(self, gen: "_Generation", step: int, views, meta) -> None:
+    def _snapshot_boundary(self, gen: "_Generation", step: int, views, meta, *, round_moving: bool = False) -> None:
         """After a committed step, all on the training thread and without waiting in steady
         state: finish the replication round of the previous boundary (a step later it is
         done), snapshot (inline for a small CPU state), hand a due disk checkpoint to its
-        writer, and post this boundary's round."""
+        writer, and post this boundary's round. ``round_moving``: some rank's (big) round
+        is still moving, so every rank leaves this boundary's round out (no wait)."""
         cpu_started = time.thread_time()
         replicator = gen.replicator_at_boundary()
+        if replicator is not None and round_moving:
+            replicator.skipped += 1
+            replicator = None
         if replicator is not None:
             replicator.complete()  # first: the buffer it sent is free again for begin()
         self.snapper.begin(step, views, meta)
@@ -1160,7 +1167,7 @@ class _Generation:
         collectives first, so the window is the moment between a step and its boundary."""
         if self.replicator is None and self.replicating:
             self.replicator = BuddyReplicator.for_ring(
-                self.ring, self.rank, wait=self.watcher.wait,
+                self.ring, self.rank, wait=self.watcher.wait, wait_event=self.watcher.wait_for,
                 settings=ReplicationSettings(timeout_s=self.settings.collective_timeout_s))
         return self.replicator
 

@@ -144,6 +144,11 @@ class Trainer:
         self.before_update = None
         """Called right before the optimizer mutates the owned state (an in-flight
         snapshot copy must be fenced off first: trainer.elastic)."""
+        self.vote = None
+        """Optional () -> number each rank adds to the step's totals all-reduce; ``votes`` is
+        then the sum over all ranks, the same on every rank (trainer.elastic: is any rank's
+        replication round still moving, so every rank skips the same boundary)."""
+        self.votes = 0.0
 
     bucket_numel = 1 << 20
     """Gradient reduction piece (fp32 elements) of ZeRO-2, and of ZeRO-1 over gloo:
@@ -264,9 +269,13 @@ class Trainer:
         grad = self._sync_gradients()
         chunk_lo, chunk_hi = layout.shard_range(self.flat.numel, self.dp_rank)
         norm_part = self._norm_part(grad, chunk_lo, chunk_hi)
-        totals = torch.stack([norm_part, loss_sum.float() if self.is_last else torch.zeros((), device=self.device)])
+        parts = [norm_part, loss_sum.float() if self.is_last else torch.zeros((), device=self.device)]
+        if self.vote is not None:  # rides on this all-reduce: no collective of its own
+            parts.append(torch.full((), float(self.vote()), device=self.device))  # a fill, no host copy
+        totals = torch.stack(parts)
         comm.wait(dist.all_reduce(totals, async_op=True), "step totals all-reduce")
         grad_norm, loss = totals[0].sqrt().item(), totals[1].item()
+        self.votes = totals[2].item() if self.vote is not None else 0.0
         collective = time.perf_counter() - t0
 
         self.telemetry.mark("optimizer")

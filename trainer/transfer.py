@@ -37,7 +37,15 @@ One round per snapshot boundary, all from the training thread:
   their side before the step that just ended could complete (every step has
   a world collective), so for a small round (``DIRECT_WAIT_BYTES``) the waits
   return at once; a dead peer raises ``CommFailed``. A bigger round may still
-  be moving: it is waited on through the generation's abortable wait. The
+  be moving when the next boundary comes (hundreds of MiB through the network
+  take longer than a step): its send and receive are waited on by one waiter
+  thread per round, started at ``post``, and while ``busy`` the trainer skips
+  the boundary's round instead of waiting (every rank skips the same
+  boundaries: the decision rides on the step's all-reduce, trainer.elastic),
+  so rounds on both ends of every pair stay matched and training never holds
+  for replication; ``recoverable_step`` lags by the rounds skipped.
+  ``complete()`` where the round must be done (a switch) waits for it through
+  the generation's abortable wait. The
   header is read (step and checksums, the header itself CRC-checked) and the
   replica kept. Its data is verified when a recovery uses it, not here: a CRC
   pass over every replica on the training thread would cost a multi-GiB shard
@@ -65,6 +73,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import zlib
 from collections import defaultdict
@@ -84,6 +93,8 @@ from trainer.snapshot import (CRC32, Snapshot, SlabLayout, allocate_slab, as_sla
 log = logging.getLogger(__name__)
 
 Wait = Callable[[list[Any], str], None]
+WaitEvent = Callable[[threading.Event, str], None]
+"""(event, what) -> None once ``event`` is set; raises if it cannot be (abort, timeout)."""
 """(works, what) -> None; raises if they cannot complete (``AbortWatcher.wait`` is one)."""
 
 
@@ -214,6 +225,24 @@ def _as_layout(transfers: Iterable[Transfer]) -> dict[int, dict[str, list[tuple[
     for t in transfers:
         layout[t.dst][t.name].append((t.start, t.end))
     return {r: dict(v) for r, v in layout.items()}
+
+
+def _wait_round(r: _Round) -> None:
+    """A big round's waiter thread: each gloo send/recv is waited on exactly once, here."""
+    try:
+        r.out_work.wait()
+        r.in_work.wait()
+    except BaseException as exc:  # noqa: BLE001 - surfaced by complete() on the training thread
+        r.error = exc
+    finally:
+        r.moved.set()
+
+
+def _timed_event_wait(timeout_s: float) -> WaitEvent:
+    def wait(event: threading.Event, what: str) -> None:
+        if not event.wait(timeout_s):
+            raise TimeoutError(f"{what} timed out after {timeout_s} s")
+    return wait
 
 
 def _timed_wait(timeout_s: float) -> Wait:
@@ -494,6 +523,11 @@ class _Round:
     in_done: bool = False
     in_waited: bool = False
     """gloo's send/recv works are waited on once: a second wait blocks until the next message."""
+    moved: threading.Event | None = None
+    """A big round's waiter thread sets this once its send and receive are done (None: a small
+    round, waited on directly at ``complete``)."""
+    error: BaseException | None = None
+    """What the waiter thread's wait raised (the round failed)."""
 
 
 class BuddyReplicator:
@@ -506,11 +540,13 @@ class BuddyReplicator:
     done (at a switch)."""
 
     def __init__(self, *, rank: int, buddy: int, ward: int, out_group: Any, in_group: Any,
-                 wait: Wait | None = None, settings: ReplicationSettings | None = None) -> None:
+                 wait: Wait | None = None, wait_event: WaitEvent | None = None,
+                 settings: ReplicationSettings | None = None) -> None:
         self.rank, self.buddy, self.ward = rank, buddy, ward
         self.out_group, self.in_group = out_group, in_group
         self.settings = settings or ReplicationSettings()
         self._wait = wait or _timed_wait(self.settings.timeout_s)
+        self._wait_event = wait_event or _timed_event_wait(self.settings.timeout_s)
         self.replica: Snapshot | None = None
         """The ward's newest snapshot received whole (its header intact; its data is verified
         at use). Its step, over all ranks (every rank keeps exactly one ward's), is what the
@@ -521,9 +557,12 @@ class BuddyReplicator:
         """Rounds whose header arrived damaged (dropped; the previous replica stays). In a
         running generation that ends it (CommFailed): the two ends may no longer agree on
         the terms of the next round."""
+        self.skipped = 0
+        """Boundaries whose round was left out because a big round was still moving somewhere."""
         self.max_wait_s = 0.0
-        """Longest a ``complete()`` waited for its round: a round that does not finish within a
-        snapshot interval holds the next boundary (``snapshot_every: auto`` widens the interval)."""
+        """Longest a ``complete()`` waited for its round: a small round waited on at the next
+        boundary, or a big one at a switch (in steady state a big round is skipped over, not
+        waited for: ``busy``)."""
         self._spare: Snapshot | None = None
         self._out: _Terms | None = None
         self._in: _Terms | None = None
@@ -534,13 +573,14 @@ class BuddyReplicator:
 
     @classmethod
     def for_ring(cls, ring: Mapping[int, int], rank: int, *, wait: Wait | None = None,
+                 wait_event: WaitEvent | None = None,
                  settings: ReplicationSettings | None = None) -> "BuddyReplicator":
         """Collective over the default group: create the pair groups, then this rank's replicator."""
         settings = settings or ReplicationSettings()
         out_group, in_group = replication_groups(ring, rank, timeout_s=settings.timeout_s)
         ward = next(r for r, b in ring.items() if b == rank)
         return cls(rank=rank, buddy=ring[rank], ward=ward, out_group=out_group, in_group=in_group, wait=wait,
-                   settings=settings)
+                   wait_event=wait_event, settings=settings)
 
     # ------------------------------------------------------------ rounds
     def post(self, snapshot: Snapshot | None) -> None:
@@ -564,15 +604,25 @@ class BuddyReplicator:
             send.pin()
             self.bytes_sent += wire.numel()
         nbytes = max(wire.numel(), incoming.slab.numel())
-        self._round = _Round(out_work, in_work, send, incoming, renegotiate, nbytes)
+        self._round = r = _Round(out_work, in_work, send, incoming, renegotiate, nbytes)
+        if nbytes > DIRECT_WAIT_BYTES:  # may outlast the next step: waited on off this thread
+            r.moved, r.in_waited = threading.Event(), True
+            threading.Thread(target=_wait_round, args=(r,), name="replication-wait", daemon=True).start()
+
+    @property
+    def busy(self) -> bool:
+        """A big round posted earlier is still moving (its send or receive is not done)."""
+        r = self._round
+        return r is not None and r.moved is not None and not r.moved.is_set()
 
     def complete(self) -> None:
         """Finish the round in flight, if any, then keep the ward's replica. Local: the peers
         posted their side of this round before the step that just ended could complete, and
         gloo's threads moved the bytes during it, so for a round of up to DIRECT_WAIT_BYTES
-        this returns at once; a failed peer raises CommFailed. A bigger round may still be
-        moving: it is waited on through the abortable wait (a hung peer must not hold the
-        boundary past an abort), which may cost a thread per round, nothing next to its size."""
+        this returns at once; a failed peer raises CommFailed. A bigger round has its waiter
+        thread (``busy`` until done): the trainer skips boundaries while it moves, and a call
+        here waits for it through the abortable wait (a hung peer must not hold a switch past
+        an abort)."""
         r = self._round
         if r is None:
             return
@@ -595,7 +645,10 @@ class BuddyReplicator:
         if its receive completes within HARVEST_WAIT_S (the generation ended before the next
         boundary finished it; a recovery still counts it). The caller verifies what it uses."""
         r = self._round
-        if r is not None and not r.in_waited:
+        if r is not None and r.moved is not None and not r.in_done:
+            if r.moved.wait(HARVEST_WAIT_S) and r.error is None:
+                self._finish_in(r)
+        elif r is not None and not r.in_waited:
             r.in_waited = True
             try:
                 # a timed-out wait closes this pair's connection: its generation is over anyway
@@ -616,11 +669,13 @@ class BuddyReplicator:
 
     # --------------------------------------------------------- internals
     def _settle(self, r: _Round) -> None:
+        if r.moved is not None:
+            self._wait_event(r.moved, "buddy replication")
+            if r.error is not None:
+                raise CommFailed(f"buddy replication failed: {r.error}") from r.error
+            return
         works = [r.out_work] if r.in_waited else [r.out_work, r.in_work]
         r.in_waited = True
-        if r.nbytes > DIRECT_WAIT_BYTES:
-            self._wait(works, "buddy replication")
-            return
         try:
             for w in works:
                 # no per-call timeout on purpose: on a gloo send/recv it closes the pair; a peer
