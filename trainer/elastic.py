@@ -1095,6 +1095,8 @@ class _RecoverableMetrics:
             if gen.replicating:  # the ward's replica held here (one round behind); the job takes the min
                 replica = gen.replicator.replica if gen.replicator is not None else None
                 record["recoverable_step"] = replica.step if replica is not None else 0
+                if gen.replicator is not None:  # rounds left out while a big one was moving
+                    record["replication_skipped"] = gen.replicator.skipped
             else:
                 latest = self.worker.snapper.latest
                 record["recoverable_step"] = latest.step if latest is not None else 0
