@@ -28,7 +28,7 @@ and a header flag, so a buddy and a disk checkpoint know which):
   delays ``fence()``.
 * ``fold64`` for CUDA state: computed on the GPU from the source, on the side
   stream next to the copy (``fold_rows``: one int8 matrix product over the
-  bytes, ~0.9 ms for 2 GiB on an H200), and only a few words per chunk come to
+  bytes, ~1.1 ms for 2 GiB on an H200), and only a few words per chunk come to
   the host. Host CRC32 of a multi-GiB state every step took longer
   than the step on the H200 box (8 threads at ~2 GB/s for 2 GB), so snapshots
   were skipped and the checksum threads slowed the training thread. A copy
@@ -209,7 +209,7 @@ def _row_weights(n: int, device: torch.device) -> torch.Tensor:
     return w
 
 
-_INT_MM_ROWS = 1 << 14
+_FLOAT_PRODUCT_ROWS = 1 << 14
 """Rows per float32 product on the host path (bounds its temporary: 64 MiB)."""
 
 
@@ -221,7 +221,8 @@ def _row_products(rows: torch.Tensor) -> torch.Tensor:
         except RuntimeError as exc:  # no int8 product on this GPU: the float path gives the same
             log.debug("torch._int_mm unavailable (%s); fold64 via float32", exc)
     table = _fold_table(rows.device, "float")
-    out = [(rows[i:i + _INT_MM_ROWS].float() @ table).to(torch.int64) for i in range(0, rows.shape[0], _INT_MM_ROWS)]
+    out = [(rows[i:i + _FLOAT_PRODUCT_ROWS].float() @ table).to(torch.int64)
+           for i in range(0, rows.shape[0], _FLOAT_PRODUCT_ROWS)]
     if not out:
         return torch.zeros((0, FOLD_COLUMNS), dtype=torch.int64, device=rows.device)
     return torch.cat(out) if len(out) != 1 else out[0]
