@@ -981,12 +981,15 @@ class ElasticWorker:
         state: finish the replication round of the previous boundary (a step later it is
         done), snapshot (inline for a small CPU state), hand a due disk checkpoint to its
         writer, and post this boundary's round. ``round_moving``: some rank's (big) round
-        is still moving, so every rank leaves this boundary's round out (no wait)."""
+        is still moving, so every rank leaves this boundary out, its snapshot included: the
+        own snapshots (two buffers) must stay at the steps the rounds carry, or a recovery
+        would find no step that its own copies and the buddies' replicas both cover."""
         cpu_started = time.thread_time()
         replicator = gen.replicator_at_boundary()
         if replicator is not None and round_moving:
             replicator.skipped += 1
-            replicator = None
+            gen.boundary_cpu_s = time.thread_time() - cpu_started
+            return
         if replicator is not None:
             replicator.complete()  # first: the buffer it sent is free again for begin()
         self.snapper.begin(step, views, meta)

@@ -228,12 +228,19 @@ def _as_layout(transfers: Iterable[Transfer]) -> dict[int, dict[str, list[tuple[
 
 
 def _wait_round(r: _Round) -> None:
-    """A big round's waiter thread: each gloo send/recv is waited on exactly once, here."""
+    """A big round's waiter thread: each gloo send/recv is waited on exactly once, here; the
+    receive first and regardless of the send (a buddy that died after sending its part
+    still leaves us a whole replica)."""
     try:
-        r.out_work.wait()
-        r.in_work.wait()
-    except BaseException as exc:  # noqa: BLE001 - surfaced by complete() on the training thread
-        r.error = exc
+        try:
+            r.in_work.wait()
+            r.received = True
+        except BaseException as exc:  # noqa: BLE001 - surfaced by complete() on the training thread
+            r.error = exc
+        try:
+            r.out_work.wait()
+        except BaseException as exc:  # noqa: BLE001
+            r.error = r.error or exc
     finally:
         r.moved.set()
 
@@ -527,7 +534,10 @@ class _Round:
     """A big round's waiter thread sets this once its send and receive are done (None: a small
     round, waited on directly at ``complete``)."""
     error: BaseException | None = None
-    """What the waiter thread's wait raised (the round failed)."""
+    """What the waiter thread's waits raised (the round failed)."""
+    received: bool = False
+    """The waiter thread saw the receive complete (the ward's replica is whole even if our
+    send failed: a recovery may still use it)."""
 
 
 class BuddyReplicator:
@@ -646,7 +656,7 @@ class BuddyReplicator:
         boundary finished it; a recovery still counts it). The caller verifies what it uses."""
         r = self._round
         if r is not None and r.moved is not None and not r.in_done:
-            if r.moved.wait(HARVEST_WAIT_S) and r.error is None:
+            if r.moved.wait(HARVEST_WAIT_S) and r.received:
                 self._finish_in(r)
         elif r is not None and not r.in_waited:
             r.in_waited = True
