@@ -196,13 +196,14 @@ class AbortWatcher:
             return
         limit = self.settings.collective_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + limit
+        collectives, blocking = _split_collectives(works)
         if self.settings.sliced_waits:
-            collectives, works = _split_collectives(works)
             for w in collectives:
                 self._wait_sliced(w, what, deadline, limit)
-            if not works:
+            collectives = []
+            if not blocking:
                 return
-        batch = _Completion(works)
+        batch = _Completion(collectives, blocking)
         with self._lock:
             self._waiters.add(batch.event)
         try:
@@ -281,21 +282,17 @@ class _Completion:
     If a peer hangs, that thread stays blocked until the peer is killed — the
     same fate as gloo's own worker thread — while the caller has moved on."""
 
-    def __init__(self, works: Sequence[Any]) -> None:
+    def __init__(self, with_future: Sequence[Any], blocking: Sequence[Any]) -> None:
+        """``with_future``/``blocking``: the works as ``_split_collectives`` sorts them."""
         self.event = threading.Event()
         self.error: BaseException | None = None
-        self._left = len(works)
+        self._left = len(with_future) + len(blocking)
         self._lock = threading.Lock()
-        self.with_future: list[Any] = []
+        self.with_future: list[Any] = list(with_future)
         """Works whose errors still need surfacing with wait() (the others were waited on, once:
         waiting twice on a gloo send/recv blocks until the next message)."""
-        blocking = []
-        for w in works:
-            try:
-                w.get_future().add_done_callback(lambda _f: self._one_done())
-                self.with_future.append(w)
-            except RuntimeError:  # "Work::getFuture not implemented"
-                blocking.append(w)
+        for w in self.with_future:
+            w.get_future().add_done_callback(lambda _f: self._one_done())
         if blocking:
             threading.Thread(target=self._wait_blocking, args=(blocking,), name="comm-wait", daemon=True).start()
 

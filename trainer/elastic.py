@@ -985,19 +985,20 @@ class ElasticWorker:
         own snapshots (two buffers) must stay at the steps the rounds carry, or a recovery
         would find no step that its own copies and the buddies' replicas both cover."""
         cpu_started = time.thread_time()
-        replicator = gen.replicator_at_boundary()
-        if replicator is not None and round_moving:
-            replicator.skipped += 1
+        try:
+            replicator = gen.replicator_at_boundary()
+            if replicator is not None and round_moving:
+                replicator.skipped += 1
+                return
+            if replicator is not None:
+                replicator.complete()  # first: the buffer it sent is free again for begin()
+            self.snapper.begin(step, views, meta)
+            latest = self.snapper.latest  # on the background path (CUDA), the previous step's
+            self._checkpoint(gen, latest)
+            if replicator is not None:
+                replicator.post(latest)
+        finally:
             gen.boundary_cpu_s = time.thread_time() - cpu_started
-            return
-        if replicator is not None:
-            replicator.complete()  # first: the buffer it sent is free again for begin()
-        self.snapper.begin(step, views, meta)
-        latest = self.snapper.latest  # on the background path (CUDA), the previous step's
-        self._checkpoint(gen, latest)
-        if replicator is not None:
-            replicator.post(latest)
-        gen.boundary_cpu_s = time.thread_time() - cpu_started
 
     def _checkpoint(self, gen: "_Generation", latest: Snapshot | None) -> None:
         """Every ``checkpoint_every`` steps, the snapshot of that step goes to disk (a background

@@ -274,8 +274,10 @@ class Trainer:
             parts.append(torch.full((), float(self.vote()), device=self.device))  # a fill, no host copy
         totals = torch.stack(parts)
         comm.wait(dist.all_reduce(totals, async_op=True), "step totals all-reduce")
-        grad_norm, loss = totals[0].sqrt().item(), totals[1].item()
-        self.votes = totals[2].item() if self.vote is not None else 0.0
+        # one device-to-host copy for all of them (the norm's sqrt stays on the device, as before)
+        sums = torch.cat([totals[:1].sqrt(), totals[1:]]).tolist()
+        grad_norm, loss = sums[0], sums[1]
+        self.votes = sums[2] if self.vote is not None else 0.0
         collective = time.perf_counter() - t0
 
         self.telemetry.mark("optimizer")

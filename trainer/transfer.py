@@ -230,7 +230,9 @@ def _as_layout(transfers: Iterable[Transfer]) -> dict[int, dict[str, list[tuple[
 def _wait_round(r: _Round) -> None:
     """A big round's waiter thread: each gloo send/recv is waited on exactly once, here; the
     receive first and regardless of the send (a buddy that died after sending its part
-    still leaves us a whole replica)."""
+    still leaves us a whole replica). No per-call timeout (on a gloo send/recv it closes the
+    pair): a stuck peer is bounded by the pair group's own timeout, and the training thread
+    only ever waits on ``moved`` through the abortable ``wait_for``."""
     try:
         try:
             r.in_work.wait()
