@@ -8,10 +8,11 @@ plain function call (tests/test_controller_decisions.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from protos.plan import Plan, WorkerAssignment
-from controller.recovery_decisions import all_ranks_on_generation, find_failure, plan_records
+from controller.recovery_decisions import all_ranks_on_generation, find_failure, plan_records, training_finished
 from protos.records import TERMINAL_PHASES, ProgressRecord, WorkerStatusRecord
 from trainer.config import JobSpec
 
@@ -182,10 +183,27 @@ def job_phase(state: JobState, now: float) -> tuple[str, str]:
         return on_worker_failure(state, failure.description.split("; "))
     if len(current) == plan.world_size and all(w.succeeded for w in current.values()):
         return "SUCCEEDED", f"all {plan.world_size} workers exited 0"
+    if training_finished(plan, state.workers):
+        return finished_phase(plan, current, state.live_nodes)
     if state.phase == "RECOVERING" and not all_ranks_on_generation(plan, state.progress, state.workers):
         # whoever wrote plan g+1 set RECOVERING; it ends when every rank did a step at generation g+1
         return "RECOVERING", f"waiting for all ranks to run plan generation {plan.generation}"
     return "RUNNING", f"plan generation {plan.generation} with {plan.world_size} workers"
+
+
+def finished_phase(plan: Plan, current: Mapping[int, WorkerStatusRecord],
+                   live_nodes: frozenset[str]) -> tuple[str, str]:
+    """The training is done (``training_finished``): SUCCEEDED once no rank is still exiting.
+    A rank whose node was lost, or that failed after the final barrier, is reported, not
+    waited for: every step was trained."""
+    exiting = [a.rank for a in plan.workers if a.node in live_nodes
+               and not (a.rank in current and (current[a.rank].succeeded or current[a.rank].failed))]
+    if exiting:
+        return "RUNNING", f"training finished; waiting for rank(s) {exiting} to exit"
+    after = [f"rank {a.rank} on {a.node}: " + ("node lost" if a.node not in live_nodes else
+                                                 f"{current[a.rank].state.lower()} (exit code {current[a.rank].exit_code})")
+             for a in plan.workers if not (a.rank in current and current[a.rank].succeeded)]
+    return "SUCCEEDED", "training finished; after the final step: " + "; ".join(after)
 
 
 # ------------------------------------------------------------------ progress

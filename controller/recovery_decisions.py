@@ -102,9 +102,23 @@ class Failure:
     description: str
 
 
+def training_finished(plan: Plan, workers: Mapping[int, WorkerStatusRecord]) -> bool:
+    """A rank of ``plan`` exited 0 at the plan's generation. A trainer exits 0 only past the
+    job's final barrier, which every rank enters after the last step: the training is done,
+    whatever happens to the other ranks' processes or nodes afterwards. (Idle survivors,
+    drained and abandoned workers also exit 0, but their slots are not in the plan, or their
+    record is of an older generation.)"""
+    return any(rec.succeeded and rec.generation == plan.generation
+               for rec in plan_records(plan, workers).values())
+
+
 def find_failure(plan: Plan, workers: Mapping[int, WorkerStatusRecord], live_nodes: Iterable[str],
                  progress: Mapping[int, ProgressRecord] | None = None, now: float = 0.0) -> Failure | None:
-    """The failure of the current plan to recover from, or None if every rank is fine."""
+    """The failure of the current plan to recover from, or None if every rank is fine. None
+    too once the training finished: a node lost while its workers were exiting must not
+    re-plan a finished job (new workers would find no state and fail it)."""
+    if training_finished(plan, workers):
+        return None
     records = plan_records(plan, workers)
     live = set(live_nodes)
     lost_ranks: set[int] = set()

@@ -242,7 +242,7 @@ def replication_scenario(rank: int, world: int, port: int, out: Path) -> None:
     change on rank 0; then a round left in flight at the end, as at a failure."""
     import threading
 
-    from trainer.snapshot import Snapshotter
+    from trainer.snapshot import Snapshotter, SnapshotSettings
     from trainer.transfer import BuddyReplicator, buddy_ring, gather_json
 
     store = client(port)
@@ -251,10 +251,10 @@ def replication_scenario(rank: int, world: int, port: int, out: Path) -> None:
     ward = {b: r for r, b in ring.items()}[rank]
     spans = {n: s[0] for n, s in even_layout(world)[rank].items()}
     grown = {n: (a, b + 3) for n, (a, b) in spans.items()}  # rank 0's shard after a (pretend) reshard
-    snapper = Snapshotter()
+    snapper = Snapshotter(SnapshotSettings(buffers=3))  # as the trainer: the replicator pins ``acked``
     replicator = BuddyReplicator.for_ring(ring, rank)
     threads = threading.active_count()
-    result: dict = {"rank": rank, "ward": ward, "held": []}
+    result: dict = {"rank": rank, "ward": ward, "held": [], "acked": []}
 
     def meta(s):
         return {"spans": {n: list(v) for n, v in s.items()}}
@@ -262,6 +262,8 @@ def replication_scenario(rank: int, world: int, port: int, out: Path) -> None:
     for step in (1, 2, 3, 4):
         replicator.post(snapper.take(step, state_at(step, spans), meta(spans)))
         result["held"].append(replicator.replica.step if replicator.replica else -1)
+        result["acked"].append(replicator.acked.step if replicator.acked else -1)
+    result["own_at_4"] = sorted(s.step for s in snapper.complete_snapshots())
     result["new_threads"] = threading.active_count() - threads
     for step in (5, 6):  # rank 0's layout changes at 5: an empty round asks for new terms, 6 carries them
         mine = grown if rank == 0 else spans

@@ -18,6 +18,7 @@ from controller.decisions import (
     node_state,
     schedule,
 )
+from controller.recovery_decisions import find_failure
 from protos.records import ProgressRecord, WorkerStatusRecord
 from trainer.config import JobSpec
 
@@ -143,6 +144,32 @@ def test_phase_ignores_lost_node_whose_ranks_already_succeeded():
     state = JobState(phase="RUNNING", plan=_plan(), live_nodes=frozenset({"a"}),
                      workers={0: ws(0, "EXITED", 0), 1: ws(1, "EXITED", 0)})
     assert job_phase(state, 0)[0] == "SUCCEEDED"
+
+
+def test_once_a_rank_exited_0_at_this_generation_a_lost_node_or_late_failure_is_no_failure():
+    # a rank exits 0 only past the final barrier, which every rank enters after the last step
+    lost_b = JobState(phase="RUNNING", plan=_plan(), live_nodes=frozenset({"a"}),
+                      workers={0: ws(0, "EXITED", 0), 1: ws(1, "RUNNING")})
+    assert find_failure(lost_b.plan, lost_b.workers, lost_b.live_nodes) is None
+    assert job_phase(lost_b, 0) == ("SUCCEEDED", "training finished; after the final step: rank 1 on b: node lost")
+    still_exiting = JobState(phase="RUNNING", plan=_plan(), live_nodes=LIVE,
+                             workers={0: ws(0, "EXITED", 0), 1: ws(1, "RUNNING")})
+    assert job_phase(still_exiting, 0) == ("RUNNING", "training finished; waiting for rank(s) [1] to exit")
+    crashed_after = JobState(phase="RUNNING", plan=_plan(), live_nodes=LIVE,
+                             workers={0: ws(0, "EXITED", 0), 1: ws(1, "EXITED", 1)})
+    phase, reason = job_phase(crashed_after, 0)
+    assert phase == "SUCCEEDED" and "rank 1 on b: exited (exit code 1)" in reason
+
+
+def test_an_exit_0_of_an_older_generation_does_not_finish_the_job():
+    # e.g. a worker that left at a switch to generation 2 and exited 0 on its slot
+    s = spec(dp=2, pp=1, global_batch_size=8)
+    plan = build_plan(job_id="j", spec=s, placement=[Slot(node="a", slot=0), Slot(node="b", slot=0)],
+                      store_address="a:1", generation=2, reason="growth")
+    state = JobState(phase="RUNNING", plan=plan, live_nodes=frozenset({"a"}),
+                     workers={0: ws(0, "EXITED", 0, generation=1), 1: ws(1, "RUNNING", generation=2)})
+    phase, reason = job_phase(state, 0)
+    assert phase == "RECOVERING" and "node b lost" in reason
 
 
 def test_phase_ignores_worker_records_of_other_generations():

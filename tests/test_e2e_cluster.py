@@ -108,8 +108,10 @@ def job_json(info: dict, job_id: str) -> dict:
             continue
         st = job.status
         return {"id": job.id, "phase": pb.JobPhase.Name(st.phase), "message": st.message, "step": st.step,
+                "generation": st.generation,
                 "steps": job.spec.steps,
-                "workers": [{"rank": w.rank, "node": w.node, "pid": w.pid, "state": w.state} for w in st.workers]}
+                "workers": [{"rank": w.rank, "node": w.node, "slot": w.slot, "pid": w.pid, "state": w.state}
+                            for w in st.workers]}
     raise Unanswered(f"no controller answered GetJob: {last!r}")
 
 

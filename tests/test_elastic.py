@@ -50,6 +50,31 @@ def test_the_resume_step_is_the_newest_step_every_needed_slice_has_a_copy_of():
     assert steps_lost(7, 6) == 1 and steps_lost(6, 6) == 0
 
 
+def test_a_submitted_disk_checkpoint_counts_once_flush_says_it_is_written(tmp_path, monkeypatch):
+    """A recovery (and a fault that kills a rank) first lets the writer thread finish: a
+    checkpoint handed over a step ago must not be missing only because it is still being written."""
+    import threading
+
+    import torch
+
+    from trainer.elastic import DiskCheckpoints
+    from trainer.snapshot import Snapshot, chunk_checksums
+
+    disk = DiskCheckpoints(str(tmp_path), tiny_spec().model)
+    release = threading.Event()
+    real_save = disk.save
+    monkeypatch.setattr(disk, "save", lambda snap, **kw: (release.wait(30), real_save(snap, **kw))[1])
+    tensors = {"params": torch.arange(8, dtype=torch.float32)}
+    snap = Snapshot(step=4, tensors=tensors, checksums={k: chunk_checksums(t) for k, t in tensors.items()}, metadata={"rank": 0}, complete=True)
+    disk.submit(snap, generation=1, rank=0)
+    assert not disk.flush(0.2)  # the writer is held: not on disk yet, and flush says so
+    assert not (tmp_path / "checkpoints" / "step-00000004" / "g1-r0" / "done").exists()
+    release.set()
+    assert disk.flush(30)
+    assert (tmp_path / "checkpoints" / "step-00000004" / "g1-r0" / "done").exists()
+    assert disk.flush(0)  # nothing pending: at once
+
+
 @pytest.mark.parametrize("zero", [0, 1])
 def test_a_flat_snapshot_is_cut_into_exactly_the_slices_the_rank_owns(zero):
     from trainer.elastic import named_pieces, snapshot_metadata
@@ -152,19 +177,20 @@ BIG_STATE_MODEL = {"layers": 2, "d_model": 192, "heads": 2, "vocab_size": 64, "s
 rounds move in the background (a waiter thread each, the boundary votes in the step's all-reduce)."""
 
 
+@pytest.mark.parametrize("when", ["between", "posted"])
 def test_kill_9_with_rounds_moving_in_the_background_recovers_from_the_buddy_replica(tmp_path, etcd_url,
-                                                                                      reference_for):
+                                                                                      reference_for, when):
     from trainer.transfer import DIRECT_WAIT_BYTES
 
     spec = tiny_spec(steps=12, dp=2, pp=1, model=BIG_STATE_MODEL)
     reference = reference_for(spec)
     job = ElasticJob(spec, tmp_path / "job", etcd_url)
     try:
-        # between steps, once its last round is through (what the fault hook guarantees): with
-        # snapshots on the background path a round carries the step before, and a kill at an
-        # arbitrary moment can leave no step both the own buffers and the replicas hold
-        # (README, "Not run, or goals not met")
-        job.start(faults="rank=1,step=5,kind=kill,when=between")
+        # between: once its last round is through; posted: right after the boundary posted a
+        # round (carrying the step before the newest: background snapshots), before it moved.
+        # The survivor's own copies must still include the step the replica it holds is at:
+        # the replicator pins it, and the snapshotter writes around it (three buffer sets)
+        job.start(faults=f"rank=1,step=5,kind=kill,when={when}")
         dead, _ = _kill_and_replan(job)
         codes = job.wait_all()
     finally:

@@ -106,6 +106,33 @@ def test_worker_failure_replans_recovers_and_records_the_recovery(etcd_url):
     run_async(main(), 60)
 
 
+def test_a_node_lost_after_the_final_step_leaves_the_job_succeeded_not_replanned(etcd_url):
+    """Ranks exit 0 only past the final barrier: once one has, the training is done. A node
+    lost before its agent reported its workers' exits must not re-plan the finished job (new
+    workers would start with no state anywhere and fail it)."""
+    async def main():
+        async with running(etcd_url) as api:
+            n1 = await add_node(api.etcd, "n1", 2, ttl_s=30)
+            n2 = await add_node(api.etcd, "n2", 2, ttl_s=30)
+            spec = good_spec(**{"parallelism.pp": 2, "resources.workers": 4, "elastic.min_workers": 1})
+            job = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=5)
+            await wait_until(lambda: _in_phase(api, job.id, pb.RUNNING), 5)
+            g1 = await plan_of(api, job.id)
+            await report_running(api, g1, step=10)
+            lost = g1.worker(2).node
+            for a in g1.workers:
+                if a.node != lost:
+                    await api.etcd.put(KEYS.job_worker(job.id, a.rank), WorkerStatusRecord(
+                        rank=a.rank, node=a.node, slot=a.slot, state="EXITED", exit_code=0, pid=1000 + a.rank,
+                        generation=1, time=time.time()).to_json())
+            await api.etcd.revoke_lease(n2 if lost == "n2" else n1)  # its workers still read RUNNING
+            done = await wait_until(lambda: _in_phase(api, job.id, pb.SUCCEEDED), 10)
+            assert "training finished" in done.status.message and f"on {lost}: node lost" in done.status.message
+            assert (await plan_of(api, job.id)).generation == 1 and not done.status.recoveries
+            await api.etcd.revoke_lease(n1 if lost == "n2" else n2)
+    run_async(main(), 60)
+
+
 def test_failure_during_a_recovery_replans_from_the_latest_plan(etcd_url):
     async def main():
         async with running(etcd_url) as api:

@@ -146,6 +146,29 @@ def test_a_snapshot_being_read_is_never_overwritten():
     assert third.step == 3 and third.tensors["w"].data_ptr() == first.tensors["w"].data_ptr()
 
 
+def test_with_three_buffer_sets_a_pinned_older_snapshot_is_kept_and_begin_does_not_skip():
+    snapper = Snapshotter(SnapshotSettings(buffers=3))
+    for step in (1, 2, 3, 4):  # nothing pinned: two sets alternate, no third is allocated
+        snapper.take(step, make_state(step))
+    assert sorted(s.step for s in snapper.complete_snapshots()) == [3, 4]
+    acked = next(s for s in snapper.complete_snapshots() if s.step == 3)
+    acked.pin()  # what the replicator holds: the step its buddy has
+    snapper.take(5, make_state(5))  # with two sets this would be skipped (raises in take)
+    snapper.take(6, make_state(6))  # the oldest unpinned set goes: 4, not 3
+    assert sorted(s.step for s in snapper.complete_snapshots()) == [3, 5, 6]
+    assert acked.step == 3 and acked.verify() == []
+    assert all(torch.equal(acked.tensors[n], t) for n, t in make_state(3).items())
+    acked.unpin()
+    snapper.take(7, make_state(7))
+    assert sorted(s.step for s in snapper.complete_snapshots()) == [5, 6, 7]
+    assert snapper.stats.skipped == 0
+
+
+def test_the_number_of_buffer_sets_is_checked():
+    with pytest.raises(ValueError, match="buffers must be 2 or 3"):
+        SnapshotSettings(buffers=4)
+
+
 def test_buffers_are_reallocated_when_the_shard_shapes_change_after_a_reshard():
     snapper = Snapshotter()
     snapper.take(1, {"w": torch.ones(8)})

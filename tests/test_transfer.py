@@ -76,6 +76,9 @@ def test_replication_runs_on_the_training_thread_and_a_round_in_flight_is_kept(t
         assert r["new_threads"] == 0  # no replication thread, no wait thread: gloo's own threads move the bytes
         # post(k) first finishes the round of k-1: the ward's replica is then k-1
         assert r["held"] == [-1, 1, 2, 3]
+        # and the sender keeps k-1 pinned (the step its buddy holds): with three buffer sets the
+        # snapshotter writes around it, so the own copies cover the buddy's step and the two after
+        assert r["acked"] == [-1, 1, 2, 3] and r["own_at_4"] == [2, 3, 4]
         assert r["replica"]["step"] == 6 and r["replica"]["exact"]
         # the verified replica of 6, and 7 whose round arrived but was never finished
         assert r["held_at_end"] == [6, 7] and r["held_exact"]

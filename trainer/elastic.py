@@ -84,6 +84,8 @@ Fault injection (test infrastructure, ``TENAX_FAULT``): ``;``-separated faults o
 
     kind=kill            SIGKILL this process at step boundary ``step`` (when=between)
                          or during the next step (when=mid), once ``step`` is replicated
+                         (and due disk checkpoints written); when=posted: at that
+                         boundary at once, its replication round still to move
     kind=corrupt-own     at recovery, flip a byte in each of this rank's own snapshots
     kind=corrupt-replica at recovery, flip a byte in each buddy replica it holds
     kind=kill-in-transfer SIGKILL at the start of the transfer of generation ``gen``
@@ -500,6 +502,21 @@ class DiskCheckpoints:
                 self.save(copy, generation=generation, rank=rank)
             except Exception as exc:  # a failed checkpoint is logged; in-memory snapshots still protect the job
                 log.warning("disk checkpoint of step %d failed: %r", snap.step, exc)
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the checkpoints submitted so far to be on disk (False:
+        some still are not). A recovery reading the disk first lets its own writes land: a
+        checkpoint handed to the writer a step ago is one the job has."""
+        deadline = time.monotonic() + timeout_s
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(left)
+        return True
 
     def save(self, snap: Snapshot, *, generation: int, rank: int) -> Path:
         import torch.distributed.checkpoint as dcp
@@ -616,7 +633,8 @@ class ElasticWorker:
         if self.node != me.node:  # the launch plan is authoritative for where I run
             self.node = me.node
         self.faults = list(faults)
-        self.snapper = Snapshotter(SnapshotSettings(fence_timeout_s=settings.collective_timeout_s))
+        # three buffer sets: the replicator pins the step its buddy holds (trainer.transfer)
+        self.snapper = Snapshotter(SnapshotSettings(buffers=3, fence_timeout_s=settings.collective_timeout_s))
         self.copies = Copies(self.snapper, spec.model)
         self.disk = (DiskCheckpoints(settings.run_dir, spec.model)
                      if settings.run_dir and settings.checkpoint_every else None)
@@ -919,6 +937,9 @@ class ElasticWorker:
         self.metrics.write(record.to_dict())
 
     def _load_from_disk(self, mine, wait) -> tuple[int, dict[str, torch.Tensor], int]:
+        if self.disk is not None and not self.disk.flush(self.settings.transfer_timeout_s):
+            log.warning("a disk checkpoint is still being written after %.0f s; reading what is on disk",
+                        self.settings.transfer_timeout_s)
         steps = self.disk.steps_covering(mine) if self.disk is not None else []
         step = common_disk_step(gather_json(steps, wait=wait))
         if step is None:
@@ -991,7 +1012,7 @@ class ElasticWorker:
                 replicator.skipped += 1
                 return
             if replicator is not None:
-                replicator.complete()  # first: the buffer it sent is free again for begin()
+                replicator.complete()  # first: the older step it held pinned is free again for begin()
             self.snapper.begin(step, views, meta)
             latest = self.snapper.latest  # on the background path (CUDA), the previous step's
             self._checkpoint(gen, latest)
@@ -1047,11 +1068,17 @@ class ElasticWorker:
         return None
 
     def _fire_kill(self, gen: "_Generation", fault: Fault) -> None:
-        """Die like a lost machine once ``fault.step`` is recoverable as it is in steady state —
-        the round that carries its snapshot completed here, so the buddy holds it — either
-        right here between steps or a little into the next step."""
+        """Die like a lost machine. ``when=between``/``mid``: once ``fault.step`` is recoverable
+        as it is in steady state — the round that carries its snapshot completed here, so the
+        buddy holds it, and the disk checkpoints due are written — either right here between
+        steps or a little into the next step. ``when=posted``: at once, with the round this
+        boundary posted still to move (the buddy may keep only the round before)."""
+        if fault.when == "posted":
+            _kill_self()
         if gen.replicator is not None:
             gen.replicator.complete()
+        if self.disk is not None:  # as in steady state: the checkpoints due so far are on disk
+            self.disk.flush(self.settings.collective_timeout_s)
         if fault.when == "mid":
             threading.Timer(0.02, _kill_self).start()
         else:

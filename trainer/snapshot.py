@@ -47,6 +47,10 @@ Double buffering: two host buffer sets alternate. ``latest`` is the last
 other buffer, so ``latest`` stays valid while it is written. A snapshot being
 read (sent to a buddy, used for a transfer) is pinned with ``reading()``; a
 ``begin()`` that would overwrite it is skipped and counted, never blocks.
+With ``buffers=3`` (replicated snapshots) a third set is allocated only when
+the one non-latest set is pinned: the replicator keeps the snapshot of its last
+completed round pinned (the step its buddy holds, see trainer.transfer) while
+the other two alternate.
 
 ``verify()`` recomputes the checksums; a snapshot is used only if it verifies.
 ``corrupt(snapshot, name)`` is the fault-injection hook for tests.
@@ -377,6 +381,14 @@ class SnapshotSettings:
     inline_max_bytes: int = 4 << 20
     """CPU states up to this size are copied and checksummed inside ``begin()`` on the
     calling thread (no hand-off to a thread); 0 sends every snapshot to the background."""
+    buffers: int = 2
+    """Host buffer sets (2 or 3). 3 for replicated snapshots: the third is allocated only
+    while a reader pins the one non-latest set (the replicator pins the step its buddy
+    holds), so ``begin()`` need not skip and the own copies never move past that step."""
+
+    def __post_init__(self) -> None:
+        if self.buffers not in (2, 3):
+            raise ValueError(f"SnapshotSettings.buffers must be 2 or 3, got {self.buffers!r}")
 
 
 @dataclass(kw_only=True)
@@ -460,7 +472,7 @@ class Snapshotter:
     def __init__(self, settings: SnapshotSettings | None = None) -> None:
         self.settings = settings or SnapshotSettings()
         self.stats = SnapshotStats()
-        self._buffers: list[Snapshot | None] = [None, None]
+        self._buffers: list[Snapshot | None] = [None] * self.settings.buffers
         self._latest: int | None = None  # index into _buffers
         self._writing: int | None = None
         self._copied = threading.Event()  # the in-flight copy no longer reads the source
@@ -481,8 +493,8 @@ class Snapshotter:
         return None if self._latest is None else self._buffers[self._latest]
 
     def complete_snapshots(self) -> list[Snapshot]:
-        """Every complete snapshot held: ``latest`` and the older buffer while it is still
-        intact (a recovery may need the older step: the one every rank has)."""
+        """Every complete snapshot held: ``latest`` and the older buffers while they are still
+        intact (a recovery may need an older step: the one every rank has)."""
         return [s for s in self._buffers if s is not None and s.complete and s.step >= 0]
 
     @property
@@ -497,9 +509,8 @@ class Snapshotter:
         if self.busy:
             self.stats.skipped += 1
             return False
-        target = 0 if self._latest is None else 1 - self._latest
-        old = self._buffers[target]
-        if old is not None and old.in_use:
+        target = self._target()
+        if target is None:
             self.stats.skipped += 1
             return False
         snap = self._prepare(target, step, state, metadata or {})
@@ -537,8 +548,10 @@ class Snapshotter:
         return self.latest
 
     def reserve(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Allocate both host buffer sets now (at startup): pinned allocation is slow
-        (about 1.3 s for 4 GiB on an H200 host) and must not land on a training step."""
+        """Allocate two host buffer sets now (at startup): pinned allocation is slow
+        (about 1.3 s for 4 GiB on an H200 host) and must not land on a training step. (A
+        third, with ``buffers=3``, is allocated after a snapshot completes, off this thread
+        on the background path, the first time the next ``begin()`` would need it.)"""
         for index in (0, 1):
             if not self._matches(self._buffers[index], state):
                 slab, tensors = self._allocate(state)
@@ -555,6 +568,22 @@ class Snapshotter:
         return snap
 
     # ------------------------------------------------------------- internals
+    def _target(self) -> int | None:
+        """The buffer set the next snapshot goes into (None: all busy, skip): neither
+        ``latest`` nor pinned by a reader; an allocated one if any — not complete first, then
+        the oldest step — else an unallocated slot (so a third set only ever exists while a
+        pin holds the second)."""
+        free = [i for i, snap in enumerate(self._buffers)
+                if i != self._latest and (snap is None or not snap.in_use)]
+        if not free:
+            return None
+
+        def order(i: int) -> tuple[bool, bool, int]:
+            snap = self._buffers[i]
+            return (snap is None, snap is not None and snap.complete, snap.step if snap is not None else 0)
+
+        return min(free, key=order)
+
     def _inline(self, sources: Mapping[str, torch.Tensor]) -> bool:
         """Copy on the calling thread: a CPU state small enough that a thread hand-off costs more."""
         if any(t.is_cuda for t in sources.values()):
@@ -648,15 +677,17 @@ class Snapshotter:
         return out
 
     def _reserve_other(self, snap: Snapshot) -> None:
-        """Allocate the other buffer set here, off the training thread, if the next
-        begin() would otherwise allocate it (first snapshots, or after a reshard)."""
-        other = 1 - (self._latest or 0)
-        current = self._buffers[other]
+        """Allocate the next target buffer set here, off the training thread (on the
+        background path), if the next begin() would otherwise allocate it (first snapshots,
+        after a reshard, or a third set while a pin holds the second)."""
+        target = self._target()  # never a pinned set: a reader may be using its bytes
+        if target is None:
+            return
+        current = self._buffers[target]
         if current is None or not self._matches(current, snap.tensors):
-            if current is None or not current.in_use:
-                pin = snap.slab is not None and snap.slab.is_pinned()
-                slab, tensors = allocate_slab(slab_layout(snap.tensors), pin=pin)
-                self._buffers[other] = Snapshot(step=-1, tensors=tensors, slab=slab)
+            pin = snap.slab is not None and snap.slab.is_pinned()
+            slab, tensors = allocate_slab(slab_layout(snap.tensors), pin=pin)
+            self._buffers[target] = Snapshot(step=-1, tensors=tensors, slab=slab)
 
     def _raise_pending(self) -> None:
         if self._error is not None:

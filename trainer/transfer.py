@@ -65,6 +65,14 @@ the newest snapshot. A recovery uses the copies actually held, including the
 replica of a round that arrived but was never ``complete()``-d (``replicas()``
 picks it up), and verifies every copy at use.
 
+The sender keeps its side of that step: the snapshot of its last completed round
+stays pinned (``acked``) until a newer round completes, and the snapshotter
+(three buffer sets) writes around it. On the background snapshot path a round
+carries the step *before* the newest snapshot, so without it the own buffers
+(newest, and the one being written) could both be past the step a dead rank's
+buddy holds, and a kill while that rank's round was still moving would leave no
+in-memory step covering every shard.
+
 Tensors on the wire are CPU tensors (gloo); pass ``device`` to stage them
 through a CUDA device when the transfer group is NCCL.
 """
@@ -575,6 +583,9 @@ class BuddyReplicator:
         """Longest a ``complete()`` waited for its round: a small round waited on at the next
         boundary, or a big one at a switch (in steady state a big round is skipped over, not
         waited for: ``busy``)."""
+        self.acked: Snapshot | None = None
+        """The own snapshot of the last round whose send completed, pinned until a newer
+        one's does (the module docstring says why)."""
         self._spare: Snapshot | None = None
         self._out: _Terms | None = None
         self._in: _Terms | None = None
@@ -672,12 +683,15 @@ class BuddyReplicator:
 
     def close(self) -> None:
         """No more rounds. A send still in flight gives its snapshot back to the snapshotter
-        (a torn copy at the buddy fails its checksum there)."""
+        (a torn copy at the buddy fails its checksum there), and so does ``acked``."""
         self._closed = True
         r = self._round
         if r is not None and r.sent is not None:
             r.sent.unpin()
             r.sent = None
+        if self.acked is not None:  # nothing writes snapshots until the next generation trains
+            self.acked.unpin()
+            self.acked = None
 
     # --------------------------------------------------------- internals
     def _settle(self, r: _Round) -> None:
@@ -699,9 +713,10 @@ class BuddyReplicator:
     def _finish_out(self, r: _Round) -> None:
         r.out_done = True
         self.rounds += 1
-        if r.sent is not None:
-            r.sent.unpin()
-            r.sent = None
+        if r.sent is not None:  # its pin passes to ``acked`` (an empty round leaves it)
+            if self.acked is not None:
+                self.acked.unpin()
+            self.acked, r.sent = r.sent, None
         self._agree_out = r.renegotiate
 
     def _finish_in(self, r: _Round, strict: bool = False) -> None:
