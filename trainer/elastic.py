@@ -414,7 +414,7 @@ class Copies:
         self._replicators: list[BuddyReplicator] = []
 
     def own(self) -> list[Snapshot]:
-        # both buffers: after a failure the older step may be the one every rank has
+        # every buffer: after a failure an older step may be the one every rank has
         return self.snapper.complete_snapshots()
 
     def keep_replicas_of(self, replicator: BuddyReplicator) -> None:
