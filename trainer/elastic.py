@@ -403,7 +403,7 @@ def _process_age_s() -> float:
 # ================================================================ state copies
 class Copies:
     """Every copy of training state this process holds, across generations: its own
-    snapshots (both buffers of the Snapshotter) and the buddy replicas it keeps for its
+    snapshots (every buffer of the Snapshotter) and the buddy replicas it keeps for its
     wards. Replicas are taken from the replicators of the last two generations when
     asked, so a round that arrived but was never finished (the generation ended
     first) counts too. Only complete snapshots are offered, and of those only the
