@@ -196,12 +196,14 @@ def finished_phase(plan: Plan, current: Mapping[int, WorkerStatusRecord],
     """The training is done (``training_finished``): SUCCEEDED once no rank is still exiting.
     A rank whose node was lost, or that failed after the final barrier, is reported, not
     waited for: every step was trained."""
-    exiting = [a.rank for a in plan.workers if a.node in live_nodes
-               and not (a.rank in current and (current[a.rank].succeeded or current[a.rank].failed))]
+    def ended(rank: int) -> bool:
+        return rank in current and (current[rank].succeeded or current[rank].failed)
+
+    exiting = [a.rank for a in plan.workers if a.node in live_nodes and not ended(a.rank)]
     if exiting:
         return "RUNNING", f"training finished; waiting for rank(s) {exiting} to exit"
-    after = [f"rank {a.rank} on {a.node}: " + ("node lost" if a.node not in live_nodes else
-                                                 f"{current[a.rank].state.lower()} (exit code {current[a.rank].exit_code})")
+    after = [f"rank {a.rank} on {a.node}: node lost" if a.node not in live_nodes else
+             f"rank {a.rank} on {a.node}: {current[a.rank].state.lower()} (exit code {current[a.rank].exit_code})"
              for a in plan.workers if not (a.rank in current and current[a.rank].succeeded)]
     return "SUCCEEDED", "training finished; after the final step: " + "; ".join(after)
 

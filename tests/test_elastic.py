@@ -63,9 +63,15 @@ def test_a_submitted_disk_checkpoint_counts_once_flush_says_it_is_written(tmp_pa
     disk = DiskCheckpoints(str(tmp_path), tiny_spec().model)
     release = threading.Event()
     real_save = disk.save
-    monkeypatch.setattr(disk, "save", lambda snap, **kw: (release.wait(30), real_save(snap, **kw))[1])
+
+    def held_save(snap, **kw):  # the writer is slow (its first save also imports dcp, ~1 s)
+        release.wait(30)
+        return real_save(snap, **kw)
+
+    monkeypatch.setattr(disk, "save", held_save)
     tensors = {"params": torch.arange(8, dtype=torch.float32)}
-    snap = Snapshot(step=4, tensors=tensors, checksums={k: chunk_checksums(t) for k, t in tensors.items()}, metadata={"rank": 0}, complete=True)
+    snap = Snapshot(step=4, tensors=tensors, checksums={k: chunk_checksums(t) for k, t in tensors.items()},
+                    metadata={"rank": 0}, complete=True)
     disk.submit(snap, generation=1, rank=0)
     assert not disk.flush(0.2)  # the writer is held: not on disk yet, and flush says so
     assert not (tmp_path / "checkpoints" / "step-00000004" / "g1-r0" / "done").exists()

@@ -207,8 +207,7 @@ class AbortWatcher:
         with self._lock:
             self._waiters.add(batch.event)
         try:
-            while not batch.event.wait(max(0.0, min(self.settings.poll_interval_s, deadline - time.monotonic()))):
-                self._between_slices(what, deadline, limit)
+            self._wait_event_sliced(batch.event, what, deadline, limit)
             if batch.error is None and not batch.done:  # woken by abort()
                 raise CommAborted(f"{what}: {self._reason}")
             try:
@@ -229,7 +228,10 @@ class AbortWatcher:
         if self._aborted.is_set():
             raise CommAborted(f"{what}: {self._reason}")
         limit = self.settings.collective_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + limit
+        self._wait_event_sliced(event, what, time.monotonic() + limit, limit)
+
+    def _wait_event_sliced(self, event: threading.Event, what: str, deadline: float, limit: float) -> None:
+        """Sleep on ``event`` a poll interval at a time, looking for an abort or the deadline between."""
         while not event.wait(max(0.0, min(self.settings.poll_interval_s, deadline - time.monotonic()))):
             self._between_slices(what, deadline, limit)
 

@@ -1003,8 +1003,8 @@ class ElasticWorker:
         done), snapshot (inline for a small CPU state), hand a due disk checkpoint to its
         writer, and post this boundary's round. ``round_moving``: some rank's (big) round
         is still moving, so every rank leaves this boundary out, its snapshot included: the
-        own snapshots (two buffers) must stay at the steps the rounds carry, or a recovery
-        would find no step that its own copies and the buddies' replicas both cover."""
+        own snapshots must stay at the steps the rounds carry, or a recovery would find no
+        step that its own copies and the buddies' replicas both cover."""
         cpu_started = time.thread_time()
         try:
             replicator = gen.replicator_at_boundary()

@@ -93,7 +93,7 @@ CRC32, FOLD64 = "crc32", "fold64"
 CHECKSUM_KINDS = (CRC32, FOLD64)
 
 CHUNK_BYTES = 16 << 20
-"""Snapshot checksums are one CRC32 per 16 MiB chunk, so chunks are summed in parallel."""
+"""Snapshot checksums are one per 16 MiB chunk (CRC32 chunks are summed in parallel)."""
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()

@@ -94,16 +94,15 @@ import torch.distributed as dist
 
 from trainer.abort import CommFailed
 from trainer.reshard import OWNER, Holding, Layout, Transfer, plan_transfers
-from trainer.snapshot import (CRC32, Snapshot, SlabLayout, allocate_slab, as_slab, checksum_kind_of_flags, chunk_checksums,
-                              read_header, slab_layout,
-                              slab_offsets, tensor_bytes, write_header)
+from trainer.snapshot import (CRC32, Snapshot, SlabLayout, allocate_slab, as_slab, checksum_kind_of_flags,
+                              chunk_checksums, read_header, slab_layout, slab_offsets, tensor_bytes, write_header)
 
 log = logging.getLogger(__name__)
 
 Wait = Callable[[list[Any], str], None]
-WaitEvent = Callable[[threading.Event, str], None]
-"""(event, what) -> None once ``event`` is set; raises if it cannot be (abort, timeout)."""
 """(works, what) -> None; raises if they cannot complete (``AbortWatcher.wait`` is one)."""
+WaitEvent = Callable[[threading.Event, str], None]
+"""(event, what) -> None once ``event`` is set; raises if it cannot be (``AbortWatcher.wait_for``)."""
 
 
 class Unrecoverable(RuntimeError):
