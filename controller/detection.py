@@ -13,6 +13,9 @@ to the ones that caused it, from the strongest evidence to the weakest: a
 process the agent sees stopped by a signal (SIGSTOP), a rank that also stopped
 sending heartbeats (a frozen process or host), a rank behind the others' step,
 a rank not waiting in a collective (a stuck kernel, a deadlock in compute).
+A rank that crossed the timeout first is not blamed for that alone while no
+rank got past its step: in lockstep the others finished that step milliseconds
+later and are about to cross it too, and the next pass compares them all.
 Progress times are when the step completed (not when the agent relayed it),
 so the agent's write throttling must stay well below ``floor_s``.
 
@@ -117,7 +120,9 @@ def detect_hang(
         return HangDecision(timeout_s=timeout), (
             f"no hang: oldest progress {max(oldest, 0.0):.1f}s ago, timeout {timeout:.1f}s"
         )
-    culprits, why = _hang_culprits(stalled, len(ranks), now, timeout)
+    culprits, why = _hang_culprits(stalled, ranks, now, timeout)
+    if not culprits:
+        return HangDecision(stalled_ranks=tuple(sorted(r.rank for r in stalled)), timeout_s=timeout), why
     decision = HangDecision(
         hung_ranks=tuple(sorted(r.rank for r in culprits)),
         stalled_ranks=tuple(sorted(r.rank for r in stalled)),
@@ -128,17 +133,24 @@ def detect_hang(
 
 
 def _hang_culprits(
-    stalled: Sequence[RankProgress], world: int, now: float, timeout: float
+    stalled: Sequence[RankProgress], ranks: Sequence[RankProgress], now: float, timeout: float
 ) -> tuple[list[RankProgress], str]:
-    """Pick the ranks that caused the stall rather than those blocked behind them."""
+    """Pick the ranks that caused the stall rather than those blocked behind them (none yet:
+    wait for the next pass)."""
     stopped = [r for r in stalled if r.process_stopped]
     if stopped:
         return stopped, "no progress, process stopped by a signal"
     silent = [r for r in stalled if r.heartbeat_at is not None and now - r.heartbeat_at > timeout]
     if silent:
         return silent, "no progress and no heartbeat"
-    if len(stalled) < world:
-        return list(stalled), "no progress while the other ranks progress"
+    if len(stalled) < len(ranks):
+        if max(r.step for r in ranks) > max(r.step for r in stalled):
+            return list(stalled), "no progress while the other ranks progress"
+        # Nobody got past the stalled ranks' step: the others finished it a few milliseconds
+        # later and will cross the timeout next. Blaming whoever crossed first picked a rank
+        # blocked behind a SIGSTOP'd one (all at one step, its last line 10 ms older).
+        return [], (f"not yet: rank(s) {sorted(r.rank for r in stalled)} stalled first, "
+                    "but no rank got past their step")
     behind_step = min(r.step for r in stalled)
     behind = [r for r in stalled if r.step == behind_step]
     if len(behind) < len(stalled):

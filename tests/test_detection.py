@@ -106,6 +106,18 @@ def test_rank_stalled_while_the_others_progress_is_blamed():
     assert "while the other ranks progress" in reason
 
 
+def test_a_rank_that_crossed_the_timeout_first_is_not_blamed_while_nobody_got_past_its_step():
+    # A SIGSTOP lands right after step 22: every rank stops at 22, rank 2's last line happened
+    # to be 10 ms older than the stopped rank 1's. Only the next pass, with all stalled, can tell.
+    settings = HangSettings(k=3, floor_s=4)
+    ranks = [RankProgress(rank=r, step=22, progress_at=29.70 if r == 2 else 29.71, process_stopped=(r == 1))
+             for r in range(4)]
+    decision, reason = detect_hang(ranks, [0.1] * 10, 33.705, settings)
+    assert decision.hung_ranks == () and decision.stalled_ranks == (2,) and reason.startswith("not yet")
+    decision, reason = detect_hang(ranks, [0.1] * 10, 34.0, settings)
+    assert decision.hung_ranks == (1,) and "stopped by a signal" in reason
+
+
 def test_indistinguishable_stall_declares_every_stalled_rank():
     settings = HangSettings(k=3, floor_s=1)
     ranks = [RankProgress(rank=r, step=10, progress_at=50.0) for r in range(3)]
