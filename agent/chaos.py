@@ -27,8 +27,9 @@ import signal
 from pathlib import Path
 from typing import Callable
 
-from controller.chaos import ChaosRecord
-from controller.etcd import Backoff, Etcd, EtcdError
+from protos.chaos import ChaosRecord
+from common.etcd import Etcd, EtcdError
+from common.retry import Backoff
 from protos.keys import Keys
 
 log = logging.getLogger("agent.chaos")

@@ -37,7 +37,8 @@ from typing import Any, Callable
 from agent import metrics
 from agent.decisions import should_publish
 from agent.retrylog import FailureLog
-from controller.etcd import Backoff, cancel_and_wait, Etcd, EtcdError
+from common.etcd import Etcd, EtcdError
+from common.retry import Backoff, cancel_and_wait
 from protos.keys import Keys
 from protos.records import MetricsBatch, ProgressRecord, StepRecord
 from protos.recovery import is_recovery_line

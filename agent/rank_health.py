@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.etcd import Backoff, Etcd, EtcdError
+from common.etcd import Etcd, EtcdError
+from common.retry import Backoff
 from protos.keys import Keys
 
 log = logging.getLogger("agent.rank_health")

@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from agent import metrics
 from agent.retrylog import FailureLog
-from controller.etcd import Backoff, cancel_and_wait, Etcd, EtcdError, LeaseKeeper, LeaseLost
+from common.etcd import Etcd, EtcdError, LeaseKeeper, LeaseLost
+from common.retry import Backoff, cancel_and_wait
 from protos.keys import Keys
 
 log = logging.getLogger(__name__)

@@ -58,7 +58,8 @@ from typing import Any
 from agent import metrics
 from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, growth_actions, plan_actions
 from agent.progress import ProgressRelay
-from controller.etcd import Backoff, Etcd, EtcdError
+from common.etcd import Etcd, EtcdError
+from common.retry import Backoff
 from protos.keys import Keys
 from protos.plan import Plan, WorkerAssignment
 from protos.records import GrowthRecord, JoinerRecord, WorkerStatusRecord

@@ -45,8 +45,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from controller.embedded_etcd import start_etcd  # noqa: E402
-from controller.etcd import Etcd, EtcdError  # noqa: E402
+from common.embedded_etcd import start_etcd  # noqa: E402
+from common.etcd import Etcd, EtcdError  # noqa: E402
 from controller.state import read_prefix_paged  # noqa: E402
 from protos.keys import Keys  # noqa: E402
 from protos.records import NodeHealthRecord, NodeRecord, RegistryRecord  # noqa: E402

@@ -39,9 +39,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from controller.embedded_etcd import start_etcd  # noqa: E402
+from common.embedded_etcd import start_etcd  # noqa: E402
 from tests.elastic_harness import ElasticJob  # noqa: E402
-from trainer.config import JobSpec  # noqa: E402
+from common.spec import JobSpec  # noqa: E402
 
 VARIANTS = {"plain": {"TENAX_ELASTIC": "0"}, "no-snapshots": {"TENAX_SNAPSHOTS": "0"}, "snapshots": {}}
 

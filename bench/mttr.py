@@ -73,9 +73,9 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
-from controller.embedded_etcd import start_etcd  # noqa: E402
+from common.embedded_etcd import start_etcd  # noqa: E402
 from tests.elastic_harness import ElasticJob  # noqa: E402
-from trainer.config import JobSpec  # noqa: E402
+from common.spec import JobSpec  # noqa: E402
 
 KILL_STEP = 5
 

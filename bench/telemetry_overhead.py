@@ -37,7 +37,7 @@ def build_trainer(device_name: str, tmp: Path):
     import torch
     import torch.distributed as dist
 
-    from trainer.config import JobSpec
+    from common.spec import JobSpec
     from trainer.parallel import ParallelLayout
     from trainer.train import MetricsWriter, Trainer, init_process_group, pick_device
 

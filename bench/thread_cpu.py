@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from controller.embedded_etcd import start_etcd  # noqa: E402
+from common.embedded_etcd import start_etcd  # noqa: E402
 from mttr import example_spec  # noqa: E402
 from tests.elastic_harness import ElasticJob  # noqa: E402
 

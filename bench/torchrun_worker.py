@@ -30,9 +30,9 @@ def newest_complete(ckpt: Path, world: int) -> int:
 
 
 def main() -> int:
-    from trainer.config import JobSpec
-    from trainer.parallel import ParallelLayout, even_shares
-    from trainer.partition import partition_for_spec
+    from common.spec import JobSpec
+    from trainer.parallel import ParallelLayout
+    from common.layout import even_shares, partition_for_spec
     from trainer.train import MetricsWriter, Trainer
 
     spec = JobSpec.from_dict(json.loads(Path(os.environ["BENCH_SPEC"]).read_text()))

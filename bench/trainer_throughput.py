@@ -61,11 +61,11 @@ def ddp_worker() -> int:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from trainer.config import JobSpec
+    from common.spec import JobSpec
     from trainer.data import StepSampler, build_dataset
     from trainer.model import DropoutContext, build_stage, init_parameters
     from trainer.optim import lr_at
-    from trainer.parallel import even_shares
+    from common.layout import even_shares
 
     spec = JobSpec.from_dict(json.loads(os.environ["BENCH_SPEC"]))
     rank, world = int(os.environ["BENCH_RANK"]), int(os.environ["BENCH_WORLD"])
@@ -127,7 +127,7 @@ def ddp_worker() -> int:
 def run_ddp(spec: dict, nproc: int, tmp: Path, timeout_s: float) -> list[float]:
     import torch.distributed as dist
 
-    from trainer.local import _stop
+    from cli.train_local import _stop
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
     env = {**os.environ, "BENCH_SPEC": json.dumps(spec), "BENCH_WORLD": str(nproc),
@@ -154,9 +154,9 @@ def _slot_env(spec: dict, rank: int) -> dict:
 
 def run_tenax(spec: dict, nproc: int, tmp: Path, timeout_s: float) -> list[dict]:
     from protos.plan import Plan, WorkerAssignment
-    from trainer.config import JobSpec
-    from trainer.local import launch_workers
-    from trainer.parallel import even_shares
+    from common.spec import JobSpec
+    from cli.train_local import launch_workers
+    from common.layout import even_shares
 
     job = JobSpec.from_dict(spec)
     workers = tuple(WorkerAssignment(rank=r, node="local", slot=r, dp_rank=r, pp_rank=0) for r in range(nproc))

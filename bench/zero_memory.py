@@ -28,8 +28,8 @@ MODEL = {"layers": 8, "d_model": 512, "heads": 8, "vocab_size": 256, "seq_len": 
 
 def run(zero: int, device: str, steps: int, model: dict) -> list[dict]:
     from protos.plan import Plan, WorkerAssignment
-    from trainer.config import JobSpec
-    from trainer.local import launch_workers
+    from common.spec import JobSpec
+    from cli.train_local import launch_workers
 
     dp = 4
     spec = JobSpec.from_dict({

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import grpc
 
 from controller import convert, metrics
-from controller.etcd import EtcdError, EtcdUnavailable, WatchEvent
+from common.etcd import EtcdError, EtcdUnavailable, WatchEvent
 from controller.state import JobView, jobs_from, nodes_from
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 from protos.keys import Keys
 from protos.plan import Plan
 from protos.records import TERMINAL_PHASES, CancelRecord, CordonRecord, JobStatusRecord, ProgressRecord
-from trainer.config import SpecError
+from common.spec import SpecError
 
 if TYPE_CHECKING:
     from controller.server import Controller

@@ -23,7 +23,7 @@ from typing import Callable
 
 import grpc
 
-from controller.etcd import Etcd, EtcdError, EtcdUnavailable
+from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from protos import tenax_pb2, tenax_pb2_grpc
 from protos.keys import Keys
 

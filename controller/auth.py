@@ -51,7 +51,7 @@ import grpc
 
 from controller import limits as limits_mod
 from controller.audit import MAX_DETAIL_CHARS, MAX_TARGET_CHARS, AuditLog, AuditRecord, clean_text
-from controller.etcd import Etcd, EtcdError
+from common.etcd import Etcd, EtcdError
 from controller.tls import peer_certificate
 from protos.keys import Keys
 

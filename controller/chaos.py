@@ -20,19 +20,17 @@ and a kill-node request never depends on a job.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import secrets
 import time
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 
-from controller.etcd import Etcd
+from common.etcd import Etcd
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
+from protos.chaos import NODE_ACTIONS, ChaosRecord, validate_action
 from protos.keys import Keys
 from protos.plan import Plan
 
@@ -40,74 +38,6 @@ if TYPE_CHECKING:
     from controller.server import Controller
 
 log = logging.getLogger("tenax.controller.chaos")
-
-RANK_ACTIONS = ("kill", "hang", "slow")
-NODE_ACTIONS = ("kill-node",)
-ACTIONS = RANK_ACTIONS + NODE_ACTIONS
-MAX_SLOW_FACTOR = 100.0
-"""Largest slowdown accepted (dimensionless): beyond it a rank is hung, not slow."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class ChaosRecord:
-    """One request at ``Keys.chaos_request(node, id)`` (JSON)."""
-
-    id: str
-    action: str
-    """kill | hang | slow | kill-node."""
-    node: str
-    """The agent that carries it out."""
-    job: str = ""
-    rank: int = -1
-    generation: int = 0
-    """Plan generation the rank was resolved in; the agent acts only on that rank's current worker."""
-    factor: float = 1.0
-    """slow: compute time multiplier (>= 1; 1 restores full speed)."""
-    reason: str = ""
-    """Why (operator chaos, or the health loop's decision)."""
-    time: float = 0.0
-    """Unix seconds when the request was written."""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, raw: str) -> "ChaosRecord":
-        """Raises ValueError on anything malformed (the agent logs and drops it)."""
-        try:
-            data = json.loads(raw)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"chaos request is not JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError("chaos request must be a JSON object")
-        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
-        try:
-            record = cls(**known)
-            record = cls(**{**asdict(record), "rank": int(record.rank), "generation": int(record.generation),
-                            "factor": float(record.factor), "time": float(record.time)})
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"chaos request is malformed: {exc}") from exc
-        problem = validate_action(record.action, job=record.job, rank=record.rank, factor=record.factor,
-                                  node=record.node)
-        if problem:
-            raise ValueError(problem)
-        return record
-
-
-def validate_action(action: str, *, job: str, rank: int, factor: float, node: str) -> str:
-    """'' when the request makes sense, else what is wrong with it (naming the field). Pure."""
-    if action not in ACTIONS:
-        return f"action: must be one of {', '.join(ACTIONS)}, got {action!r}"
-    if action in NODE_ACTIONS:
-        return "" if node else "node_id: required for kill-node"
-    if not job:
-        return f"job_id: required for {action}"
-    if rank < 0:
-        return f"rank: must be >= 0, got {rank}"
-    if action == "slow" and not (math.isfinite(factor) and 1.0 <= factor <= MAX_SLOW_FACTOR):
-        return f"factor: must be in [1, {MAX_SLOW_FACTOR:g}] for slow, got {factor}"
-    return ""
-
 
 def resolve_rank(plan: Plan | None, job: str, rank: int) -> tuple[str | None, str]:
     """(node running ``rank`` in the job's current plan, reason) ; node None if there is none. Pure."""
@@ -150,7 +80,7 @@ class ChaosService(pb_grpc.ChaosServiceServicer):
     async def Inject(self, request: pb.ChaosRequest, context) -> pb.ChaosResponse:
         from controller import metrics
         from controller.api import RpcAbort, _status_for
-        from controller.etcd import EtcdError
+        from common.etcd import EtcdError
 
         code = grpc.StatusCode.OK
         try:

@@ -1,7 +1,7 @@
 """The gRPC edge: generated proto types <-> domain records.
 
 Only the servicers and the CLI touch generated types; everything behind them
-works on trainer.config.JobSpec, protos.plan.Plan and protos.records.
+works on common.spec.JobSpec, protos.plan.Plan and protos.records.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from controller.state import JobView, NodeSummary
 from protos import tenax_pb2 as pb
 from protos.plan import Plan
 from protos.records import StepRecord
-from trainer.config import JobSpec
+from common.spec import JobSpec
 
 
 def spec_from_proto(msg: pb.JobSpec) -> JobSpec:

@@ -11,10 +11,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from protos.plan import Plan, WorkerAssignment
+from common.layout import new_plan, partition_for_spec
+from common.spec import JobSpec
+from protos.plan import Plan
 from controller.recovery_decisions import all_ranks_on_generation, find_failure, plan_records, training_finished
 from protos.records import TERMINAL_PHASES, ProgressRecord, WorkerStatusRecord
-from trainer.config import JobSpec
 
 
 # ------------------------------------------------------------------ nodes
@@ -86,62 +87,14 @@ def schedule(spec: JobSpec, nodes: list[NodeView]) -> tuple[list[Slot] | None, s
     return placement, f"placed {world} worker(s) on {nodes_used} node(s)"
 
 
-def even_shares(total: int, parts: int) -> tuple[int, ...]:
-    """Split ``total`` into ``parts`` near-equal shares; the remainder goes to the first parts."""
-    if parts < 1 or total < parts:
-        raise ValueError(f"cannot split {total} into {parts} positive shares")
-    base, extra = divmod(total, parts)
-    return tuple(base + (1 if i < extra else 0) for i in range(parts))
-
-
-def equal_layer_partition(layers: int, stages: int) -> tuple[int, ...]:
-    """Boundaries (stages+1) giving each stage a contiguous, near-equal range of layers."""
-    sizes = even_shares(layers, stages)
-    bounds = [0]
-    for size in sizes:
-        bounds.append(bounds[-1] + size)
-    return tuple(bounds)
-
-
-def layer_partition(spec: JobSpec) -> tuple[int, ...]:
-    """Cost-balanced partition from trainer.partition (embedding on the first stage,
-    head on the last), else an equal split by layer count."""
-    layers, stages = spec.model.layers, spec.parallelism.pp
-    try:
-        from trainer.partition import partition_for_spec
-    except ImportError:  # the trainer part is optional for the controller
-        return equal_layer_partition(layers, stages)
-    bounds = tuple(int(b) for b in partition_for_spec(spec.model, stages))
-    if (len(bounds) != stages + 1 or bounds[0] != 0 or bounds[-1] != layers
-            or any(b <= a for a, b in zip(bounds, bounds[1:]))):
-        return equal_layer_partition(layers, stages)  # never write a plan that fails Plan.check
-    return bounds
-
-
 def build_plan(*, job_id: str, spec: JobSpec, placement: list[Slot], store_address: str,
                generation: int = 1, reason: str = "submit") -> Plan:
     """The plan for ``placement`` (index = rank, dp-major: rank = dp_rank*pp + pp_rank)."""
-    dp, pp = spec.parallelism.dp, spec.parallelism.pp
-    workers = tuple(
-        WorkerAssignment(rank=rank, node=s.node, slot=s.slot, dp_rank=rank // pp, pp_rank=rank % pp)
-        for rank, s in enumerate(placement)
-    )
-    plan = Plan(
-        job_id=job_id,
-        generation=generation,
-        workers=workers,
-        dp=dp,
-        pp=pp,
-        zero_stage=spec.parallelism.zero_stage,
-        layer_partition=layer_partition(spec),
-        sample_shares=even_shares(spec.global_batch_size, dp),
-        store_address=store_address,
-        store_prefix=f"{job_id}/g{generation}",
-        switch_at_step=-1,
-        reason=reason,
-    )
-    plan.check()
-    return plan
+    pp = spec.parallelism.pp
+    return new_plan(job_id=job_id, generation=generation, placement=[(s.node, s.slot) for s in placement],
+                    dp=spec.parallelism.dp, pp=pp, zero_stage=spec.parallelism.zero_stage,
+                    layer_partition=partition_for_spec(spec.model, pp), global_batch_size=spec.global_batch_size,
+                    store_address=store_address, reason=reason)
 
 
 # ------------------------------------------------------------------ job phase

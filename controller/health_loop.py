@@ -57,9 +57,9 @@ from controller.detection import (
     detect_hang,
     per_sample_seconds,
 )
-from controller.decisions import even_shares
+from common.layout import even_shares
 from controller.recovery_decisions import failed_slots
-from controller.etcd import EtcdError
+from common.etcd import EtcdError
 from controller.state import JobView, NodeSummary, jobs_from, nodes_from
 from protos.plan import Plan
 from protos.records import JobEventRecord

@@ -17,7 +17,8 @@ import logging
 import time
 from typing import Awaitable, Callable
 
-from controller.etcd import Backoff, Etcd, EtcdError, LeaseKeeper
+from common.etcd import Etcd, EtcdError, LeaseKeeper
+from common.retry import Backoff
 from protos.keys import Keys
 from protos.records import LeaderRecord, RecordError
 

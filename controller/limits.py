@@ -7,7 +7,7 @@ clock), so the interceptor in controller/auth.py only asks and acts:
                       with RESOURCE_EXHAUSTED before any handler runs.
 * string lengths      ``oversized_string`` finds a string field longer than
                       allowed anywhere in a request -> INVALID_ARGUMENT (the
-                      JobSpec's own, tighter limits live in trainer/config.py).
+                      JobSpec's own, tighter limits live in common/spec.py).
 * jobs per user       ``jobs_per_user_problem`` -> RESOURCE_EXHAUSTED.
 * call rate           ``RateLimiter`` (a token bucket per identity) -> RESOURCE_EXHAUSTED.
 """

@@ -83,7 +83,7 @@ from controller.recovery_decisions import (
     switch_step,
     without_slots,
 )
-from controller.etcd import EtcdError
+from common.etcd import EtcdError
 from controller.replan import ClusterView, drain, grow, replan
 from controller.state import JobView, NodeSummary, jobs_from, nodes_from
 from protos.plan import Plan

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from common.layout import new_plan
 from protos.plan import Plan
 from protos.records import GrowthRecord, JoinerRecord, ProgressRecord, WorkerStatusRecord
 
@@ -335,14 +336,14 @@ def rebalance_plan(current: Plan, shares: Sequence[int], *, at_step: int, now: f
         return None, "shares unchanged"
     generation = current.generation + 1
     reason = f"{cause}: sample shares {list(current.sample_shares)} -> {list(shares)} at step {at_step}"
-    plan = Plan(job_id=current.job_id, generation=generation, workers=current.workers, dp=current.dp,
-                pp=current.pp, zero_stage=current.zero_stage, layer_partition=current.layer_partition,
-                sample_shares=shares, store_address=current.store_address,
-                store_prefix=f"{current.job_id}/g{generation}/", switch_at_step=at_step, reason=reason,
-                extra={"cause": cause, "planned_at": now, "previous_generation": current.generation,
-                       "previous_ranks": {str(w.rank): w.rank for w in current.workers},
-                       "idle": list(current.extra.get("idle", []) or [])})
-    plan.check()
+    plan = new_plan(job_id=current.job_id, generation=generation,
+                    placement=[(w.node, w.slot) for w in sorted(current.workers, key=lambda w: w.rank)],
+                    dp=current.dp, pp=current.pp, zero_stage=current.zero_stage,
+                    layer_partition=current.layer_partition, global_batch_size=total, sample_shares=shares,
+                    store_address=current.store_address, switch_at_step=at_step, reason=reason,
+                    extra={"cause": cause, "planned_at": now, "previous_generation": current.generation,
+                           "previous_ranks": {str(w.rank): w.rank for w in current.workers},
+                           "idle": list(current.extra.get("idle", []) or [])})
     return plan, reason
 
 

@@ -29,39 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
+from common.layout import new_plan, partition_for_spec
+from common.spec import JobSpec, ModelSpec
 from protos.plan import Plan, WorkerAssignment
-from trainer.config import JobSpec
 
 Decision = tuple[Plan | None, str]
 """A new plan (or None) and the reason, readable in logs and job status."""
 
-PartitionFn = Callable[[JobSpec, int], tuple[int, ...]]
-"""(spec, pp) -> pp+1 layer boundaries."""
-
-
-def even_partition(spec: JobSpec, pp: int) -> tuple[int, ...]:
-    """Split the layers over ``pp`` stages by count; the first stages take the remainder."""
-    layers = spec.model.layers
-    base, extra = divmod(layers, pp)
-    bounds = [0]
-    for stage in range(pp):
-        bounds.append(bounds[-1] + base + (1 if stage < extra else 0))
-    return tuple(bounds)
-
-
-def cost_balanced_partition(spec: JobSpec, pp: int) -> tuple[int, ...]:
-    """The trainer's cost-balanced split (embedding/head costs on the end stages)."""
-    from trainer.partition import partition_for_spec  # torch-free
-
-    return tuple(partition_for_spec(spec.model, pp))
-
-
-def default_partition(spec: JobSpec, pp: int) -> tuple[int, ...]:
-    """Cost-balanced when trainer.partition is importable, else an even split."""
-    try:
-        return cost_balanced_partition(spec, pp)
-    except ImportError:
-        return even_partition(spec, pp)
+PartitionFn = Callable[[ModelSpec, int], Sequence[int]]
+"""(model, pp) -> pp+1 layer boundaries; ``common.layout.partition_for_spec`` unless a test says otherwise."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -99,7 +75,7 @@ def replan(
     *,
     cause: str,
     now: float,
-    partition: PartitionFn = default_partition,
+    partition: PartitionFn = partition_for_spec,
 ) -> Decision:
     """Plan g+1 after a failure: survivors plus free slots, switch now."""
     lost = set(view.lost_ranks) | {w.rank for w in current.workers if w.node in view.lost_nodes}
@@ -119,7 +95,7 @@ def grow(
     *,
     at_step: int,
     now: float,
-    partition: PartitionFn = default_partition,
+    partition: PartitionFn = partition_for_spec,
 ) -> Decision:
     """Plan g+1 that adds free slots (a node joined or was uncordoned) at step ``at_step``."""
     if current.world_size >= spec.max_workers:
@@ -142,7 +118,7 @@ def drain(
     node: str,
     at_step: int,
     now: float,
-    partition: PartitionFn = default_partition,
+    partition: PartitionFn = partition_for_spec,
 ) -> Decision:
     """Plan g+1 without ``node`` at step ``at_step`` (its ranks hand their state over first)."""
     if not current.workers_on(node):
@@ -179,12 +155,6 @@ def choose_layout(spec: JobSpec, current: Plan, capacity: int) -> tuple[int, int
     return (f"no layout reaches elastic.min_workers={spec.elastic.min_workers} with {capacity} workers "
             f"while keeping global_batch_size={spec.global_batch_size} at >= micro_batch_size="
             f"{spec.micro_batch_size} per data-parallel rank (tried {', '.join(tried)})")
-
-
-def sample_shares(global_batch: int, dp: int) -> tuple[int, ...]:
-    """Split the global batch over dp ranks as evenly as possible (first ranks take the remainder)."""
-    base, extra = divmod(global_batch, dp)
-    return tuple(base + (1 if r < extra else 0) for r in range(dp))
 
 
 def assign(
@@ -251,12 +221,11 @@ def _plan_from(
     dp, pp = layout
     if not shrink_ok and dp * pp < current.world_size:
         return None, f"growth would shrink the job to dp={dp}·pp={pp}"
-    bounds = current.layer_partition if pp == current.pp else tuple(partition(spec, pp))
+    bounds = current.layer_partition if pp == current.pp else tuple(partition(spec.model, pp))
     placed, unused = assign(survivors + spares, dp, bounds)
-    workers = tuple(
-        WorkerAssignment(rank=r, node=c.node, slot=c.slot, dp_rank=r // pp, pp_rank=r % pp)
-        for r, c in sorted(placed.items())
-    )
+    ranked = sorted(placed.items())
+    workers = [WorkerAssignment(rank=r, node=c.node, slot=c.slot, dp_rank=r // pp, pp_rank=r % pp)
+               for r, c in ranked]
     store_address = _store_for(current, workers, view.store_addresses)
     if store_address is None:
         return None, "no live node of the new plan serves a rendezvous store"
@@ -266,17 +235,16 @@ def _plan_from(
               f"dp={dp}·pp={pp} ({len(workers)} workers)"
               + ("" if pp == current.pp else f", layers re-partitioned {list(current.layer_partition)} -> {list(bounds)}")
               + (f", {len(idle)} survivor(s) idle" if idle else ""))
-    plan = Plan(
+    plan = new_plan(
         job_id=current.job_id,
         generation=generation,
-        workers=workers,
+        placement=[(c.node, c.slot) for _, c in ranked],
         dp=dp,
         pp=pp,
         zero_stage=current.zero_stage,
-        layer_partition=tuple(bounds),
-        sample_shares=sample_shares(spec.global_batch_size, dp),
+        layer_partition=bounds,
+        global_batch_size=spec.global_batch_size,
         store_address=store_address,
-        store_prefix=f"{current.job_id}/g{generation}/",
         switch_at_step=switch_at_step,
         reason=reason,
         extra={
@@ -289,7 +257,6 @@ def _plan_from(
             "idle": idle,
         },
     )
-    plan.check()
     return plan, reason
 
 

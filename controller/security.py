@@ -29,7 +29,7 @@ import grpc
 
 from controller import auth, limits
 from controller.audit import AuditLog, AuditSettings, add_audit_service
-from controller.etcd import Etcd, EtcdTls
+from common.etcd import Etcd, EtcdTls
 from controller.tls import TlsSettings, add_port
 from protos.keys import Keys
 from protos.records import TERMINAL_PHASES, JobStatusRecord, RecordError

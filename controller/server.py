@@ -45,7 +45,8 @@ from prometheus_client import start_http_server
 from controller import metrics
 from controller.api import JobService, NodeService
 from controller.decisions import JobState, NodeView, build_plan, job_phase, schedule
-from controller.etcd import Backoff, Etcd, EtcdUnavailable, WatchEvent
+from common.etcd import Etcd, EtcdUnavailable, WatchEvent
+from common.retry import Backoff
 from controller.leader import LeaderElector
 from controller.recovery import Recovery
 from controller.state import (ClusterCache, JobView, build_job, jobs_from, nodes_from, parse_uncached,
@@ -94,7 +95,7 @@ class ControllerSettings:
     """``controller.security.SecuritySettings`` (TLS, authentication, limits, audit); None serves
     plaintext without authentication (in-process tests only; the command line asks for it explicitly)."""
     etcd_tls: Any = None
-    """``controller.etcd.EtcdTls`` for an https:// etcd endpoint; None for http://."""
+    """``common.etcd.EtcdTls`` for an https:// etcd endpoint; None for http://."""
 
     def validate(self) -> None:
         if self.lease_ttl_s < 1:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from controller.decisions import Progress, fold_progress, node_state
-from controller.etcd import KV, Backoff, Etcd, EtcdError, WatchEvent
+from common.etcd import KV, Etcd, EtcdError, WatchEvent
+from common.retry import Backoff
 from protos.keys import Keys
 from protos.plan import Plan
 from protos.records import (
@@ -35,7 +36,7 @@ from protos.records import (
     RegistryRecord,
     WorkerStatusRecord,
 )
-from trainer.config import JobSpec
+from common.spec import JobSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Print the job-spec reference table (Markdown) from trainer/config.py.
+"""Print the job-spec reference table (Markdown) from common/spec.py.
 
 The README's "Job spec reference" section is this script's output; a test
 checks they match, so the docs cannot drift from the code.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer import config  # noqa: E402
+from common import spec as config  # noqa: E402
 
 
 def field_docs(cls: type) -> dict[str, str]:

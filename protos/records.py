@@ -16,7 +16,7 @@ Key -> record (see protos/keys.py):
     Keys.node_health(node)            NodeHealthRecord    (agent, under its lease)
     Keys.node_registry(node)          RegistryRecord      (controller leader; persistent)
     Keys.cordon(node)                 CordonRecord        (controller, any replica)
-    Keys.job_spec(job)                trainer.config.JobSpec.to_dict() as JSON
+    Keys.job_spec(job)                common.spec.JobSpec.to_dict() as JSON
     Keys.job_status(job)              JobStatusRecord     (controller)
     Keys.job_plan(job)                protos.plan.Plan
     Keys.job_cancel(job)              CancelRecord        (controller, any replica)

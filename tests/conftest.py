@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from controller.embedded_etcd import start_etcd  # noqa: E402
+from common.embedded_etcd import start_etcd  # noqa: E402
 
 
 @pytest.fixture

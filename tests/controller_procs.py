@@ -57,5 +57,5 @@ def run_cli(args: list[str], *, timeout_s: float = 30, env: dict | None = None) 
     full_env = dict(os.environ)
     full_env.pop("TENAX_CONTROLLER", None)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout_s, env=full_env, start_new_session=True)

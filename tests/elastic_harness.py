@@ -26,12 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from controller.etcd import Etcd  # noqa: E402
+from common.etcd import Etcd  # noqa: E402
 from controller.replan import ClusterView, grow, replan  # noqa: E402
 from protos.keys import Keys  # noqa: E402
 from protos.plan import Plan, WorkerAssignment  # noqa: E402
-from trainer.config import JobSpec  # noqa: E402
-from trainer.partition import partition_for_spec  # noqa: E402
+from common.spec import JobSpec  # noqa: E402
+from common.layout import partition_for_spec  # noqa: E402
 
 PREFIX = "/tenax-test"
 
@@ -250,7 +250,7 @@ def reference_losses(spec: JobSpec, out: Path) -> dict[int, float]:
     """Losses of an uninterrupted single-process run of the same job (layouts are loss-invariant)."""
     import dataclasses
 
-    from trainer.config import Parallelism, Resources
+    from common.spec import Parallelism, Resources
 
     single = dataclasses.replace(spec, parallelism=Parallelism(dp=1, pp=1, zero_stage=0),
                                  resources=Resources(workers=1, device="cpu"))

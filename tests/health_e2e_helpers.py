@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from controller.local import controller_channel, local_cluster_state
+from cli.local import controller_channel, local_cluster_state
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 from tests.test_e2e_cluster import KEYS, etcd_read, job_json, local_cluster, tenax

@@ -20,14 +20,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
 from controller import auth, convert
-from controller.etcd import Etcd
+from common.etcd import Etcd
 from controller.security import SecuritySettings, ServerSecurity
 from controller.tls import DevPki, ensure_dev_pki
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 from protos.keys import Keys
 from protos.records import CancelRecord, CordonRecord, JobStatusRecord
-from trainer.config import SpecError
+from common.spec import SpecError
 
 CALL_TIMEOUT_S = 10.0
 JOB_METHODS = pb.DESCRIPTOR.services_by_name["JobService"].methods
@@ -251,7 +251,7 @@ def start_real_controller(etcd_url: str, state_dir: Path, settings: SecuritySett
     except BaseException:
         thread.stop()
         raise
-    return SecuredApi(thread=thread, etcd=controller.etcd, keys=controller.keys, security=controller.security,
+    return SecuredApi(thread=thread, etcd=common.etcd, keys=controller.keys, security=controller.security,
                       address=controller.address, pki=pki, shutdown=controller.stop)
 
 

@@ -16,8 +16,8 @@ import pytest
 
 from agent.registration import Registration
 from agent.supervisor import Supervisor
-from controller.embedded_etcd import start_etcd
-from controller.etcd import Etcd
+from common.embedded_etcd import start_etcd
+from common.etcd import Etcd
 from protos.keys import Keys
 from protos.records import NodeRecord, WorkerStatusRecord
 from tests.conftest import REPO, run_async
@@ -175,7 +175,7 @@ def test_cancel_kills_workers_and_reports_killed(etcd_url, tmp_path):
 
 # ------------------------------------------------------------------ the agent process
 def _start_agent(etcd_url: str, tmp_path: Path, node: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "controller.cli", "agent", "--etcd", etcd_url, "--node-id", node,
+    cmd = [sys.executable, "-m", "cli.main", "agent", "--etcd", etcd_url, "--node-id", node,
            "--slots", "2", "--lease-ttl", "2", "--work-dir", str(tmp_path / node), "--kill-grace", "1",
            "--worker-command", " ".join(SLEEPER[:2]) + " 'import time; time.sleep(120)'"]
     log = open(tmp_path / f"{node}.log", "wb")

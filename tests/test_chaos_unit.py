@@ -20,9 +20,10 @@ import pytest
 from agent.chaos import ChaosExecutor, slow_control_file
 from agent.rank_health import process_stopped
 from controller.auth import Identity, authorize
-from controller.chaos import ChaosRecord, rank_request, resolve_rank, validate_action
-from controller.chaos_cli import request_from_args
-from controller.client_cli import CliError
+from controller.chaos import rank_request, resolve_rank
+from protos.chaos import ChaosRecord, validate_action
+from cli.chaos import request_from_args
+from cli.client import CliError
 from controller.decisions import Slot, build_plan
 from protos.keys import Keys
 from tests.test_health_loop import spec

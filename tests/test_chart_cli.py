@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from controller.cli import build_parser
+from cli.main import build_parser
 from tests.test_chart import VALUE_SETS, container, find, rendered
 
 _ENV_REF = re.compile(r"\$\(([A-Z_]+)\)")

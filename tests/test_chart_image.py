@@ -156,7 +156,7 @@ def test_entrypoint_is_the_tenax_console_script():
     final = final_stage_lines()
     (entrypoint,) = [rest for word, rest in final if word == "ENTRYPOINT"]
     assert json.loads(entrypoint) == ["tenax"]  # exec form: signals reach tenax directly
-    assert PYPROJECT["project"]["scripts"]["tenax"] == "controller.cli:main"
+    assert PYPROJECT["project"]["scripts"]["tenax"] == "cli.main:main"
     assert any(word == "RUN" and "pip install /src" in rest for word, rest in final)
 
 

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from controller.etcd import Etcd
+from common.etcd import Etcd
 from controller.server import LEADER_SERVICE, Controller, ControllerSettings
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
@@ -209,7 +209,7 @@ def test_job_lifecycle_pending_running_succeeded_with_watch_and_metrics(etcd_url
             assert [(w.rank, w.node, w.slot) for w in got.status.workers] == [
                 (0, "n1", 0), (1, "n1", 1), (2, "n2", 0), (3, "n2", 1)]
             plan = json.loads((await api.etcd.get(KEYS.job_plan(job.id))).value)
-            assert plan["sample_shares"] == [5, 4] and plan["store_prefix"] == f"{job.id}/g1"
+            assert plan["sample_shares"] == [5, 4] and plan["store_prefix"] == f"{job.id}/g1/"
             assert plan["store_address"] == "127.0.0.1:29502"
 
             nodes = {n.id: n for n in (await api.nodes.ListNodes(pb.ListNodesRequest(), timeout=5)).nodes}

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from controller.etcd import Etcd
+from common.etcd import Etcd
 from protos.keys import Keys
 from protos.records import MetricsBatch, NodeRecord, ProgressRecord, StepRecord, WorkerStatusRecord
 from tests.conftest import run_async
@@ -112,7 +112,7 @@ def test_cli_end_to_end_with_simulated_agent(etcd_url, tmp_path):
 
         good = tmp_path / "good.yaml"
         good.write_text(GOOD)
-        waiter = subprocess.Popen([sys.executable, "-m", "controller.cli", "submit", str(good), "--wait", *plain],
+        waiter = subprocess.Popen([sys.executable, "-m", "cli.main", "submit", str(good), "--wait", *plain],
                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, **env}, start_new_session=True)
         first = waiter.stdout.readline()
@@ -151,7 +151,7 @@ def test_cli_end_to_end_with_simulated_agent(etcd_url, tmp_path):
         assert json.loads(out.stdout)[0]["state"] == "READY"
 
         # a second job is cancelled from the CLI while another CLI waits for it: that one exits 1
-        waiter = subprocess.Popen([sys.executable, "-m", "controller.cli", "submit", str(good), "--wait", *plain],
+        waiter = subprocess.Popen([sys.executable, "-m", "cli.main", "submit", str(good), "--wait", *plain],
                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, **env}, start_new_session=True)
         second = _job_id_from(waiter.stdout.readline())

@@ -11,16 +11,16 @@ from controller.decisions import (
     NodeView,
     Slot,
     build_plan,
-    equal_layer_partition,
-    even_shares,
     fold_progress,
     job_phase,
     node_state,
     schedule,
 )
+from common.layout import equal_partition as equal_layer_partition
+from common.layout import even_shares
 from controller.recovery_decisions import find_failure
 from protos.records import ProgressRecord, WorkerStatusRecord
-from trainer.config import JobSpec
+from common.spec import JobSpec
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -86,7 +86,7 @@ def test_build_plan_generation_one():
     placement = [Slot(node="a", slot=0), Slot(node="a", slot=1), Slot(node="b", slot=0), Slot(node="b", slot=1)]
     plan = build_plan(job_id="demo-abc", spec=s, placement=placement, store_address="a:29500")
     assert plan.generation == 1 and plan.switch_at_step == -1
-    assert plan.store_prefix == "demo-abc/g1" and plan.store_address == "a:29500"
+    assert plan.store_prefix == "demo-abc/g1/" and plan.store_address == "a:29500"
     assert plan.sample_shares == (9, 8)
     assert [(w.rank, w.dp_rank, w.pp_rank, w.node) for w in plan.workers] == [
         (0, 0, 0, "a"), (1, 0, 1, "a"), (2, 1, 0, "b"), (3, 1, 1, "b")]

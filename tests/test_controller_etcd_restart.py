@@ -7,8 +7,8 @@ import asyncio
 import grpc
 import pytest
 
-from controller.embedded_etcd import start_etcd
-from controller.etcd import EtcdError
+from common.embedded_etcd import start_etcd
+from common.etcd import EtcdError
 from protos import tenax_pb2 as pb
 from protos.records import WorkerStatusRecord
 from tests.conftest import run_async

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controller.etcd import Etcd
+from common.etcd import Etcd
 from controller.server import LEADER_SERVICE
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc

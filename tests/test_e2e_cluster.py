@@ -21,9 +21,9 @@ import psutil
 import pytest
 import yaml
 
-from controller.embedded_etcd import start_etcd
-from controller.local import controller_channel, local_cluster_state
-from controller.etcd import Etcd
+from common.embedded_etcd import start_etcd
+from cli.local import controller_channel, local_cluster_state
+from common.etcd import Etcd
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 from protos.keys import Keys
@@ -41,7 +41,7 @@ KEYS = Keys()
 def tenax(*argv: str, home: Path, timeout_s: float = 60, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "TENAX_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("TENAX_CONTROLLER", None)
-    proc = subprocess.run([sys.executable, "-m", "controller.cli", *argv], cwd=REPO, env=env, text=True,
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *argv], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=timeout_s)
     if check and proc.returncode != 0:
         raise AssertionError(f"tenax {' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")

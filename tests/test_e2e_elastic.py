@@ -171,7 +171,7 @@ def extra_agent(info: dict, node: str, slots: int = 2, args: tuple[str, ...] = (
     state_dir = Path(info["state_dir"])
     log = open(state_dir / "logs" / f"{node}.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "agent", "--etcd", info["etcd"], "--node-id", node,
+        [sys.executable, "-m", "cli.main", "agent", "--etcd", info["etcd"], "--node-id", node,
          "--slots", str(slots), "--lease-ttl", str(TTL_S), "--work-dir", str(state_dir / "agents" / node),
          "--kill-grace=2", *args], cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -334,7 +334,7 @@ def test_a_growth_whose_new_workers_never_get_ready_is_abandoned_and_leaves_no_p
 def _growth(info: dict, job_id: str, state: str) -> dict | None:
     import asyncio
 
-    from controller.etcd import Etcd
+    from common.etcd import Etcd
     from protos.keys import Keys
 
     async def read():

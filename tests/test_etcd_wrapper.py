@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from controller.etcd import Etcd, EtcdUnavailable, LeaseKeeper, parse_endpoint
+from common.etcd import Etcd, EtcdUnavailable, LeaseKeeper, parse_endpoint
 from tests.conftest import run_async
 
 

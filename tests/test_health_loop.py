@@ -24,7 +24,7 @@ from controller.state import ClusterCache, NodeSummary
 from protos.keys import Keys
 from protos.records import JobStatusRecord
 from tests.conftest import REPO
-from trainer.config import JobSpec
+from common.spec import JobSpec
 
 KEYS = Keys()
 JOB = "job-a"

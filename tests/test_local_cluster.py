@@ -1,4 +1,4 @@
-"""controller/local.py without a cluster: state file, settings, process stopping."""
+"""cli/local.py without a cluster: state file, settings, process stopping."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from controller.local import (LocalClusterSettings, _newest_job_id, _process_key, local_cluster_state,
+from cli.local import (LocalClusterSettings, _newest_job_id, _process_key, local_cluster_state,
                               stop_processes)
 
 

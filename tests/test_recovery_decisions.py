@@ -35,7 +35,7 @@ from controller.replan import ClusterView, replan
 from protos.keys import Keys
 from protos.plan import Plan
 from protos.records import GrowthRecord, JoinerRecord, ProgressRecord, WorkerStatusRecord
-from trainer.config import JobSpec
+from common.spec import JobSpec
 
 SPEC = JobSpec.from_dict({
     "name": "t", "steps": 60, "global_batch_size": 16, "micro_batch_size": 2,

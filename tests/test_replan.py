@@ -5,13 +5,17 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.replan import (
-    ClusterView, choose_layout, drain, even_partition, grow, replan, sample_shares,
-)
+from common.layout import equal_partition, even_shares
+from controller.replan import ClusterView, choose_layout, drain, grow, replan
 from protos.plan import Plan, WorkerAssignment
-from trainer.config import ElasticSpec, JobSpec, ModelSpec, Parallelism, Resources
+from common.spec import ElasticSpec, JobSpec, ModelSpec, Parallelism, Resources
 
 NOW = 1000.0
+
+
+def even_partition(model, pp):
+    """Count-balanced stages, so the expected boundaries below are easy to read."""
+    return equal_partition(model.layers, pp)
 STORES = {"n0": "10.0.0.0:29400", "n1": "10.0.0.1:29400", "n2": "10.0.0.2:29400"}
 
 
@@ -37,7 +41,7 @@ def first_plan(spec: JobSpec, per_node: int, nodes=("n0", "n1", "n2")) -> Plan:
         for r in range(dp * pp)
     )
     plan = Plan(job_id="j", generation=1, workers=workers, dp=dp, pp=pp, zero_stage=1,
-                layer_partition=even_partition(spec, pp), sample_shares=sample_shares(spec.global_batch_size, dp),
+                layer_partition=even_partition(spec.model, pp), sample_shares=even_shares(spec.global_batch_size, dp),
                 store_address=STORES["n0"], store_prefix="j/g1/", reason="submit")
     plan.check()
     return plan

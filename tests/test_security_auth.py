@@ -104,7 +104,7 @@ def test_cli_token_comes_from_a_file_or_the_environment(tmp_path):
 
 
 def test_no_command_takes_a_token_on_argv():
-    from controller.cli import build_parser
+    from cli.main import build_parser
 
     def option_strings(parser):
         for action in parser._actions:
@@ -119,7 +119,7 @@ def test_no_command_takes_a_token_on_argv():
 
 
 def test_token_store_in_etcd_authenticates_and_revokes(etcd_url):
-    from controller.etcd import Etcd
+    from common.etcd import Etcd
     from protos.keys import Keys
 
     async def body():

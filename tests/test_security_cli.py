@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from controller import security
-from controller.cli import main as tenax
+from cli.main import main as tenax
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 from tests.security_helpers import CALL_TIMEOUT_S, start_secured_api, tiny_spec

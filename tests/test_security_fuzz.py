@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller import auth
-from controller.embedded_etcd import start_etcd
+from common.embedded_etcd import start_etcd
 from controller.limits import Limits
 from controller.security import SecuritySettings
 from controller.tls import ensure_dev_pki

@@ -15,7 +15,7 @@ from controller.audit import (
     list_limit,
     time_of_key,
 )
-from controller.etcd import Etcd
+from common.etcd import Etcd
 from controller.limits import Limits, RateLimiter, TokenBucket, jobs_per_user_problem, oversized_string, server_options
 from controller.security import job_is_active
 from protos import tenax_pb2 as pb

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import JobSpec, SpecError
+from common.spec import JobSpec, SpecError
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,8 +12,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from controller.embedded_etcd import EtcdServerTls, start_etcd
-from controller.etcd import Etcd, EtcdTls, EtcdUnavailable
+from common.embedded_etcd import EtcdServerTls, start_etcd
+from common.etcd import Etcd, EtcdTls, EtcdUnavailable
 from controller.security import SecuritySettings
 from controller.tls import (
     PLAINTEXT_WARNING,

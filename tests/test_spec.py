@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.config import JobSpec, SpecError
+from common.spec import JobSpec, SpecError
 
 GOOD = {
     "name": "tiny",

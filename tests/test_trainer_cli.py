@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.trainer_helpers import REPO, tiny_spec
-from trainer import local
+from cli import train_local as local
 
 
 def _parser() -> argparse.ArgumentParser:

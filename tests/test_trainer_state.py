@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from tests.trainer_helpers import tiny_spec
-from trainer.config import JobSpec
+from common.spec import JobSpec
 from trainer.parallel import ParallelLayout
 from trainer.sharding import owned_slices, state_layout
 from trainer.train import Trainer

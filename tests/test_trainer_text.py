@@ -36,7 +36,7 @@ def test_loss_goes_down_on_text(tmp_path):
     config.write_text(yaml.safe_dump(spec))
     metrics = tmp_path / "metrics.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.local", "train-local", "--nproc", "2", "--dp", "1", "--pp", "2",
+        [sys.executable, "-m", "cli.train_local", "train-local", "--nproc", "2", "--dp", "1", "--pp", "2",
          "--config", str(config), "--metrics", str(metrics), "--timeout", "200"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )

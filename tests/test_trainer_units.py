@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import ModelSpec
+from common.spec import ModelSpec
 from trainer.data import StepSampler, SyntheticTokens
 from trainer.model import DropoutContext, KeyedDropout, build_stage, init_parameters
-from trainer.parallel import ParallelLayout, even_shares
-from trainer.partition import balance_layers, partition_for_model, partition_for_spec
+from trainer.parallel import ParallelLayout
+from common.layout import even_shares
+from common.layout import balance_layers, partition_for_model, partition_for_spec
 from trainer.schedule import one_f_one_b
 from trainer.sharding import owned_slices, stage_offsets
 

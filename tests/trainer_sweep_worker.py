@@ -23,9 +23,9 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from trainer.config import JobSpec  # noqa: E402
+from common.spec import JobSpec  # noqa: E402
 from trainer.parallel import ParallelLayout  # noqa: E402
-from trainer.partition import partition_for_spec  # noqa: E402
+from common.layout import partition_for_spec  # noqa: E402
 from trainer.train import MetricsWriter, Trainer, init_process_group  # noqa: E402
 
 

@@ -317,7 +317,7 @@ class PlanWatcher:
         unreachable (temporary), TimeoutError once ``timeout_s`` has passed."""
         import concurrent.futures
 
-        from controller.etcd import EtcdError
+        from common.etcd import EtcdError
 
         deadline = time.monotonic() + timeout_s
         last: BaseException | None = None
@@ -354,7 +354,8 @@ class PlanWatcher:
         asyncio.run(self._run())
 
     async def _run(self) -> None:
-        from controller.etcd import Backoff, Etcd, EtcdError
+        from common.etcd import Etcd, EtcdError
+        from common.retry import Backoff
 
         self._loop = asyncio.get_running_loop()
         backoff = Backoff()
@@ -384,7 +385,7 @@ def _etcd_tls_from_env():
     ca = os.environ.get("TENAX_ETCD_CA", "")
     if not ca:
         return None
-    from controller.etcd import EtcdTls
+    from common.etcd import EtcdTls
 
     return EtcdTls(ca_file=ca, cert_file=os.environ.get("TENAX_ETCD_CERT", ""),
                    key_file=os.environ.get("TENAX_ETCD_KEY", ""))

@@ -118,9 +118,3 @@ class ParallelLayout:
 def padded_numel(numel: int, dp: int) -> int:
     """Smallest multiple of dp >= numel: collectives need equal chunks."""
     return -(-numel // dp) * dp
-
-
-def even_shares(global_batch_size: int, dp: int) -> tuple[int, ...]:
-    """Default sample shares: as even as possible, earlier ranks take the remainder."""
-    base, extra = divmod(global_batch_size, dp)
-    return tuple(base + (1 if d < extra else 0) for d in range(dp))

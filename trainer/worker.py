@@ -63,7 +63,7 @@ def _float_env(name: str, default: float) -> float:
 def load_launch():
     """(spec, plan, rank, layout) from the environment; LaunchError if anything is off."""
     from protos.plan import Plan, PlanError
-    from trainer.config import JobSpec, SpecError
+    from common.spec import JobSpec, SpecError
     from trainer.parallel import ParallelLayout
 
     path = _env("TENAX_LAUNCH_FILE")

@@ -22,7 +22,7 @@ import time
 import grpc
 
 from controller import auth, security, tls
-from controller.etcd import Etcd, EtcdError
+from common.etcd import Etcd, EtcdError
 from protos import tenax_pb2, tenax_pb2_grpc
 from protos.keys import DEFAULT_PREFIX, Keys
 
@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def local_cluster() -> dict:
     """The record `tenax up` left (controller address, ``security``), or {} if there is none."""
     try:
-        from controller.local import local_cluster_state
+        from cli.local import local_cluster_state
 
         return local_cluster_state() or {}
     except Exception:  # no local cluster part, or a broken state file: same as none

@@ -2,7 +2,7 @@
 uncordon, drain, cancel, logs.
 
 Controller address: ``--controller``, else ``$TENAX_CONTROLLER``, else the local
-cluster recorded by ``tenax up`` (``controller.local.local_cluster_state()``).
+cluster recorded by ``tenax up`` (``cli.local.local_cluster_state()``).
 An address may list several replicas (``host:port,host:port``); a call that
 finds one UNAVAILABLE tries the next, so the CLI rides over a failover.
 
@@ -51,7 +51,7 @@ def controller_addresses(args: argparse.Namespace) -> list[str]:
 
 def _local_state() -> dict | None:
     try:
-        from controller.local import local_cluster_state  # written by the local-cluster part
+        from cli.local import local_cluster_state  # written by the local-cluster part
     except ImportError:
         return None
     try:
@@ -222,7 +222,7 @@ def node_record(node: pb.NodeInfo) -> dict[str, Any]:
 def cmd_submit(args: argparse.Namespace) -> int:
     import yaml  # CLI-only dependency
 
-    from trainer.config import JobSpec
+    from common.spec import JobSpec
 
     try:
         data = yaml.safe_load(Path(args.file).read_text())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from controller.client_cli import Client, CliError, _client_parent, _command, controller_addresses
+from cli.client import Client, CliError, _client_parent, _command, controller_addresses
 from protos import tenax_pb2 as pb
 
 

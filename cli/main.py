@@ -1,14 +1,15 @@
-"""The `tenax` command: the one user entry point.
+"""The `tenax` command: the one user entry point, and the only package that may
+import every part (controller, agent, trainer) — see the README's architecture.
 
-Each part registers its own subcommands (``register(subparsers)``), so this
-file only wires them together:
+Each module here registers its own subcommands (``register(subparsers)``), so
+this file only wires them together:
 
-* controller/client_cli.py  submit, jobs, job, nodes, cancel, logs, controller
-* controller/chaos_cli.py   chaos
-* controller/local.py       up, down, demo
-* agent/main.py             agent
-* trainer/local.py          train-local
-* controller/security_cli.py audit, tokens, certs
+* cli/client.py       submit, jobs, job, nodes, cancel, logs, controller
+* cli/chaos.py        chaos
+* cli/local.py        up, down, demo
+* cli/agent.py        agent
+* cli/train_local.py  train-local
+* cli/security.py     audit, tokens, certs
 
 Controller address resolution for client commands: ``--controller``, else
 ``TENAX_CONTROLLER``, else the local cluster recorded by ``tenax up``.
@@ -17,33 +18,21 @@ Controller address resolution for client commands: ``--controller``, else
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-# module path -> function that adds its subcommands; each subcommand sets
-# `func` (args -> exit code).
-_PARTS = (
-    "controller.client_cli",
-    "controller.local",
-    "agent.main",
-    "trainer.local",
-    "controller.security_cli",
-    "controller.chaos_cli",
-)
+from cli import agent, chaos, client, local, security, train_local
+
+# Each module's `register` adds its subcommands; each subcommand sets `func`
+# (args -> exit code). Order is the order of `tenax --help`.
+_PARTS = (client, local, agent, train_local, security, chaos)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tenax", description="Fault-tolerant elastic training cluster.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in _PARTS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # that part is not built yet
-                continue
-            raise
+    for module in _PARTS:
         module.register(sub)
     return parser
 

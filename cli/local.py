@@ -202,7 +202,7 @@ def registered_nodes(etcd_url: str, prefix: str = "/tenax") -> set[str]:
     """Node ids with a NodeInfo in etcd (i.e. holding a live lease)."""
     import asyncio
 
-    from controller.etcd import Etcd, EtcdError
+    from common.etcd import Etcd, EtcdError
     from protos.keys import Keys
 
     keys = Keys(prefix)
@@ -221,7 +221,7 @@ def registered_nodes(etcd_url: str, prefix: str = "/tenax") -> set[str]:
 # ------------------------------------------------------------------ up / down
 def start_cluster(settings: LocalClusterSettings, *, out=sys.stderr) -> dict[str, Any]:
     """Start everything; return the state record (also written to the state file)."""
-    from controller.embedded_etcd import start_etcd
+    from common.embedded_etcd import start_etcd
 
     state_dir = settings.state_dir.resolve()
     existing = local_cluster_state(state_dir)
@@ -260,7 +260,7 @@ def start_cluster(settings: LocalClusterSettings, *, out=sys.stderr) -> dict[str
 
         agents = [f"node-{i}" for i in range(settings.agents)]
         for node in agents:
-            proc = _spawn([sys.executable, "-m", "controller.cli", "agent", "--etcd", etcd_url, "--node-id", node,
+            proc = _spawn([sys.executable, "-m", "cli.main", "agent", "--etcd", etcd_url, "--node-id", node,
                            "--slots", str(settings.slots), "--lease-ttl", str(settings.lease_ttl_s),
                            "--work-dir", str(state_dir / "agents" / node), *settings.agent_args],
                           logs / f"{node}.log")
@@ -392,7 +392,7 @@ def _tenax(*argv: str, security: dict[str, Any] | None, capture: bool = False,
         from controller.security import client_env
 
         env.update(client_env(security))
-    return subprocess.run([sys.executable, "-m", "controller.cli", *argv], cwd=REPO, timeout=timeout_s,
+    return subprocess.run([sys.executable, "-m", "cli.main", *argv], cwd=REPO, timeout=timeout_s,
                           capture_output=capture, text=True, env=env)
 
 

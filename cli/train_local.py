@@ -21,6 +21,10 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 
+from common.layout import even_shares, new_plan, partition_for_spec
+from common.spec import JobSpec, SpecError
+from protos.plan import PlanError
+
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 
@@ -45,10 +49,7 @@ class UsageError(ValueError):
 
 def build_job(args):
     """(spec, plan) from the CLI arguments, fully validated; UsageError names the problem."""
-    from protos.plan import Plan, WorkerAssignment
-    from trainer.config import JobSpec, SpecError
-    from trainer.parallel import ParallelLayout, even_shares
-    from trainer.partition import partition_for_spec
+    from trainer.parallel import ParallelLayout
 
     raw = {}
     if args.config:
@@ -94,12 +95,13 @@ def build_job(args):
         raise UsageError(f"invalid layout: {exc}") from exc
     if spec.data.kind == "tokens" and not Path(spec.data.path).is_file():
         raise UsageError(f"data.path: token file {spec.data.path} does not exist")
-    workers = tuple(
-        WorkerAssignment(rank=r, node="local", slot=r, dp_rank=r // p.pp, pp_rank=r % p.pp) for r in range(args.nproc)
-    )
-    plan = Plan(job_id=f"local-{spec.name}", generation=1, workers=workers, dp=p.dp, pp=p.pp,
-                zero_stage=p.zero_stage, layer_partition=layout.layer_partition, sample_shares=shares,
-                store_address="", store_prefix="tenax/local/g1", reason="train-local")
+    try:
+        plan = new_plan(job_id=f"local-{spec.name}", generation=1, placement=[("local", r) for r in range(args.nproc)],
+                        dp=p.dp, pp=p.pp, zero_stage=p.zero_stage, layer_partition=layout.layer_partition,
+                        global_batch_size=spec.global_batch_size, sample_shares=shares, store_address="",
+                        reason="train-local")
+    except PlanError as exc:
+        raise UsageError(f"invalid layout: {exc}") from exc
     return spec, plan
 
 
@@ -196,8 +198,8 @@ def _last_loss(path: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.local train-local ...``: the same command without the `tenax` dispatcher."""
-    parser = argparse.ArgumentParser(prog="python -m trainer.local")
+    """``python -m cli.train_local train-local ...``: the same command without the `tenax` dispatcher."""
+    parser = argparse.ArgumentParser(prog="python -m cli.train_local")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,156 @@
+"""The layout math, once: how a job's global batch is split over data-parallel
+ranks, how its layers are split over pipeline stages, and how a plan record is
+put together. Pure and torch-free; the controller (on submit and on every
+re-plan), the trainer, ``tenax train-local`` and the benchmarks all use it.
+
+Pipeline stages are balanced by cost: the first stage also runs the embedding
+and the last stage the final norm and the vocabulary head, so a count-only
+split would overload the ends when the vocabulary is large. Costs are forward
+FLOPs per token; backward is a constant multiple of forward for every part, so
+it does not change the balance.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from protos.plan import Plan, WorkerAssignment
+
+
+def block_cost(d_model: int, seq_len: int) -> float:
+    """FLOPs per token of one transformer block (QKV/proj/MLP matmuls + attention)."""
+    return 24.0 * d_model * d_model + 4.0 * seq_len * d_model
+
+
+def head_cost(d_model: int, vocab_size: int) -> float:
+    """FLOPs per token of the final projection onto the vocabulary (+ softmax)."""
+    return 2.0 * d_model * vocab_size + 5.0 * vocab_size
+
+
+def embedding_cost(d_model: int) -> float:
+    """FLOPs per token of the token + position embedding lookup and add."""
+    return 2.0 * d_model
+
+
+def balance_layers(
+    layer_costs: Sequence[float], pp: int, *, first_extra: float = 0.0, last_extra: float = 0.0
+) -> tuple[int, ...]:
+    """Contiguous split of the layers into ``pp`` non-empty stages minimising the
+    most expensive stage; returns the pp+1 boundaries (stage s owns [p[s], p[s+1])).
+
+    Exact dynamic programme, O(pp * layers^2): layer counts are small. Ties go to
+    the split that puts layers earlier, so the result is deterministic.
+    """
+    n = len(layer_costs)
+    if pp < 1:
+        raise ValueError(f"pp must be >= 1, got {pp}")
+    if pp > n:
+        raise ValueError(f"pp={pp} stages cannot each own a layer of {n} layers")
+    prefix = [0.0]
+    for c in layer_costs:
+        prefix.append(prefix[-1] + float(c))
+
+    def stage_cost(stage: int, lo: int, hi: int) -> float:
+        cost = prefix[hi] - prefix[lo]
+        if stage == 0:
+            cost += first_extra
+        if stage == pp - 1:
+            cost += last_extra
+        return cost
+
+    # best[s][i]: (max stage cost, sum of squared stage costs) of placing the
+    # first i layers on stages 0..s-1. The squared sum breaks ties towards even
+    # stages when one stage (say a huge head) dominates the maximum anyway.
+    inf = (float("inf"), float("inf"))
+    best = [[inf] * (n + 1) for _ in range(pp + 1)]
+    cut = [[0] * (n + 1) for _ in range(pp + 1)]
+    best[0][0] = (0.0, 0.0)
+    for s in range(1, pp + 1):
+        for i in range(s, n - (pp - s) + 1):
+            for j in range(s - 1, i):
+                cost = stage_cost(s - 1, j, i)
+                value = (max(best[s - 1][j][0], cost), best[s - 1][j][1] + cost * cost)
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    bounds = [n]
+    for s in range(pp, 0, -1):
+        bounds.append(cut[s][bounds[-1]])
+    return tuple(reversed(bounds))
+
+
+def partition_for_model(*, layers: int, d_model: int, seq_len: int, vocab_size: int, pp: int) -> tuple[int, ...]:
+    """Cost-balanced boundaries for a GPT with these dimensions (see ModelSpec)."""
+    return balance_layers(
+        [block_cost(d_model, seq_len)] * layers,
+        pp,
+        first_extra=embedding_cost(d_model),
+        last_extra=head_cost(d_model, vocab_size),
+    )
+
+
+def partition_for_spec(model_spec, pp: int) -> tuple[int, ...]:
+    """Cost-balanced boundaries for a ``common.spec.ModelSpec`` over ``pp`` stages."""
+    return partition_for_model(
+        layers=model_spec.layers,
+        d_model=model_spec.d_model,
+        seq_len=model_spec.seq_len,
+        vocab_size=model_spec.vocab_size,
+        pp=pp,
+    )
+
+
+def even_shares(total: int, parts: int) -> tuple[int, ...]:
+    """Split ``total`` into ``parts`` near-equal positive shares; the first parts take the
+    remainder. The default sample shares of a plan (the global batch over dp ranks)."""
+    if parts < 1 or total < parts:
+        raise ValueError(f"cannot split {total} into {parts} positive shares")
+    base, extra = divmod(total, parts)
+    return tuple(base + (1 if i < extra else 0) for i in range(parts))
+
+
+def equal_partition(layers: int, pp: int) -> tuple[int, ...]:
+    """pp+1 boundaries giving each stage a contiguous, near-equal count of layers."""
+    bounds = [0]
+    for size in even_shares(layers, pp):
+        bounds.append(bounds[-1] + size)
+    return tuple(bounds)
+
+
+def store_prefix(job_id: str, generation: int) -> str:
+    """The rendezvous key prefix of one generation: a new generation never reads stale keys."""
+    return f"{job_id}/g{generation}/"
+
+
+def grid_workers(placement: Sequence[tuple[str, int]], pp: int) -> tuple[WorkerAssignment, ...]:
+    """Workers of a plan from (node, slot) per rank: ranks are dp-major, rank = dp_rank*pp + pp_rank."""
+    return tuple(WorkerAssignment(rank=rank, node=node, slot=slot, dp_rank=rank // pp, pp_rank=rank % pp)
+                 for rank, (node, slot) in enumerate(placement))
+
+
+def new_plan(*, job_id: str, generation: int, placement: Sequence[tuple[str, int]], dp: int, pp: int,
+             zero_stage: int, layer_partition: Sequence[int], global_batch_size: int, store_address: str,
+             sample_shares: Sequence[int] | None = None, switch_at_step: int = -1, reason: str = "",
+             extra: dict[str, Any] | None = None) -> Plan:
+    """The one plan constructor (submit, re-plan, growth, drain, rebalance): checked before
+    it is returned, so nothing writes a plan that ``Plan.check`` would refuse.
+
+    ``placement`` is (node, slot) per new rank; ``sample_shares`` defaults to the even split
+    of the global batch.
+    """
+    plan = Plan(
+        job_id=job_id,
+        generation=generation,
+        workers=grid_workers(placement, pp),
+        dp=dp,
+        pp=pp,
+        zero_stage=zero_stage,
+        layer_partition=tuple(int(b) for b in layer_partition),
+        sample_shares=tuple(sample_shares) if sample_shares is not None else even_shares(global_batch_size, dp),
+        store_address=store_address,
+        store_prefix=store_prefix(job_id, generation),
+        switch_at_step=switch_at_step,
+        reason=reason,
+        extra=dict(extra or {}),
+    )
+    plan.check()
+    return plan
