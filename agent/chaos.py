@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from protos.chaos import ChaosRecord
-from common.etcd import Etcd, EtcdError
+from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff
 from protos.keys import Keys
 
@@ -101,7 +101,7 @@ class ChaosExecutor:
                     if ev.kind == "put":
                         await self.handle(ev.key, ev.value)
                 raise EtcdError("chaos watch ended")
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 log.warning("chaos watch broken (will retry): %r", exc)
                 await backoff.sleep()
             except Exception:  # a bug must not end the watch for good
@@ -133,7 +133,7 @@ class ChaosExecutor:
     async def _delete(self, key: str) -> None:
         try:
             await asyncio.wait_for(self.etcd.delete(key), 5.0)
-        except (EtcdError, asyncio.TimeoutError) as exc:
+        except (EtcdError, EtcdUnavailable, asyncio.TimeoutError) as exc:
             log.warning("could not delete chaos request %s: %r", key, exc)
 
     def _rank_action(self, record: ChaosRecord) -> str:

@@ -181,7 +181,7 @@ class Agent:
             await self._shutdown(http, store)
 
     async def _connect(self) -> None:
-        from common.etcd import EtcdError
+        from common.etcd import EtcdError, EtcdUnavailable
         from common.retry import Backoff
 
         backoff = Backoff(0.1, 2.0)
@@ -189,7 +189,7 @@ class Agent:
             try:
                 await self.etcd.connect()
                 return
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 log.warning("etcd %s not reachable (will retry): %r", self.settings.etcd, exc)
                 await backoff.sleep()
 
@@ -221,7 +221,7 @@ class Agent:
     async def _telemetry_loop(self) -> None:
         from agent.retrylog import FailureLog
         from agent.telemetry import export_gauges, health_record, node_condition, sample_host
-        from common.etcd import EtcdError
+        from common.etcd import EtcdError, EtcdUnavailable
 
         failures = FailureLog(log, "telemetry publishing")
         while True:
@@ -236,7 +236,7 @@ class Agent:
                 await self.registration.put_leased(self.keys.node_health(self.settings.node_id),
                                                    json.dumps(record))
                 failures.ok()
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 failures.failed(exc)
             except Exception:  # telemetry must never take the agent down
                 log.exception("telemetry sample failed")
@@ -256,7 +256,7 @@ class Agent:
     # ------------------------------------------------------------ jobs
     async def _jobs_loop(self) -> None:
         """Sync with etcd, then follow changes; after any break (etcd restart) sync again."""
-        from common.etcd import EtcdError
+        from common.etcd import EtcdError, EtcdUnavailable
         from common.retry import Backoff
 
         from agent.retrylog import FailureLog
@@ -273,7 +273,7 @@ class Agent:
                 async for ev in self.etcd.watch_prefix(self.keys.jobs(), start_revision=revision + 1):
                     await self._on_job_event(ev.kind, ev.key, ev.value)
                 raise EtcdError("watch ended")
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 failures.failed(exc)
                 await backoff.sleep()
             except Exception:  # a bug must not silently end the watch: log it, resync

@@ -37,7 +37,7 @@ from typing import Any, Callable
 from agent import metrics
 from agent.decisions import should_publish
 from agent.retrylog import FailureLog
-from common.etcd import Etcd, EtcdError
+from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff, cancel_and_wait
 from protos.keys import Keys
 from protos.records import MetricsBatch, ProgressRecord, StepRecord
@@ -137,7 +137,7 @@ class ProgressRelay:
         self._read_new_lines()
         try:
             await asyncio.wait_for(self._publish(force=True), timeout_s)
-        except (EtcdError, asyncio.TimeoutError) as exc:
+        except (EtcdError, EtcdUnavailable, asyncio.TimeoutError) as exc:
             log.warning("final progress of job %s rank %d not published: %r", self.job, self.rank, exc)
 
     async def _run(self) -> None:
@@ -150,7 +150,7 @@ class ProgressRelay:
                 failures.ok()
                 backoff.reset()
                 await asyncio.sleep(POLL_S)
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 failures.failed(exc)
                 await backoff.sleep()
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.etcd import Etcd, EtcdError
+from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff
 from protos.keys import Keys
 
@@ -165,7 +165,7 @@ class RankHealthPublisher:
                 await self.tick()
                 backoff.reset()
                 await asyncio.sleep(self.interval_s)
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 log.warning("rank telemetry not published (will retry): %r", exc)
                 await backoff.sleep()
             except Exception:  # telemetry must never take the agent down

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from agent import metrics
 from agent.retrylog import FailureLog
-from common.etcd import Etcd, EtcdError, LeaseKeeper, LeaseLost
+from common.etcd import Etcd, EtcdError, EtcdUnavailable, LeaseKeeper, LeaseLost
 from common.retry import Backoff, cancel_and_wait
 from protos.keys import Keys
 
@@ -60,10 +60,10 @@ class Registration:
         lease = await self.etcd.grant_lease(self.ttl_s)
         try:
             await self.etcd.put(self.keys.node(self.node_id), json.dumps(self.node_info()), lease=lease)
-        except EtcdError:
+        except (EtcdError, EtcdUnavailable):
             try:
                 await self.etcd.revoke_lease(lease)
-            except EtcdError:
+            except (EtcdError, EtcdUnavailable):
                 pass
             raise
         old = self._keeper
@@ -85,7 +85,7 @@ class Registration:
                 await self._register_once()
                 failures.ok()
                 backoff.reset()
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 failures.failed(exc)
                 await backoff.sleep()
                 continue

@@ -58,7 +58,7 @@ from typing import Any
 from agent import metrics
 from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, growth_actions, plan_actions
 from agent.progress import ProgressRelay
-from common.etcd import Etcd, EtcdError
+from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff
 from protos.keys import Keys
 from protos.plan import Plan, WorkerAssignment
@@ -410,7 +410,7 @@ class Supervisor:
         record["reason"] = f"could not start the worker: {exc}"
         try:
             await self.etcd.put(self.keys.job_worker(plan.job_id, a.rank), json.dumps(record))
-        except EtcdError as put_exc:
+        except (EtcdError, EtcdUnavailable) as put_exc:
             log.warning("start failure of job %s rank %d not reported: %r", plan.job_id, a.rank, put_exc)
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -461,7 +461,7 @@ class Supervisor:
             try:
                 await self.etcd.put(self.keys.job_joiner(job, record.node, record.slot), record.to_json())
                 return
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 log.warning("joiner record of job %s slot %d not written (will retry): %r", job, record.slot, exc)
                 await backoff.sleep()
 
@@ -484,7 +484,7 @@ class Supervisor:
                 try:
                     await self.etcd.put(self.keys.job_worker(worker.job, worker.rank), json.dumps(record))
                     return
-                except EtcdError as exc:
+                except (EtcdError, EtcdUnavailable) as exc:
                     log.warning("report job %s rank %d %s failed (will retry): %r", worker.job, worker.rank,
                                 worker.state, exc)
                     await backoff.sleep()

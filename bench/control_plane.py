@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common.embedded_etcd import start_etcd  # noqa: E402
-from common.etcd import Etcd, EtcdError  # noqa: E402
+from common.etcd import Etcd, EtcdError, EtcdUnavailable  # noqa: E402
 from controller.state import read_prefix_paged  # noqa: E402
 from protos.keys import Keys  # noqa: E402
 from protos.records import NodeHealthRecord, NodeRecord, RegistryRecord  # noqa: E402
@@ -84,7 +84,7 @@ class SimAgent:
                                               memory_used=random.randint(1, 1 << 30), memory_total=1 << 34)
                     await self.etcd.put(self.keys.node_health(self.node), sample.to_json(), lease=self.lease)
                     next_health = now + self.telemetry_every_s
-            except EtcdError:
+            except (EtcdError, EtcdUnavailable):
                 pass  # like the real agent: keep trying
             await asyncio.sleep(max(min(next_refresh, next_health) - time.monotonic(), 0.01))
 
@@ -262,7 +262,7 @@ def main() -> int:
             print(f"N={n}: running ...", file=sys.stderr, flush=True)
             try:
                 rows.append(run_round(etcd.url, n, args, workdir))
-            except (RuntimeError, EtcdError) as exc:
+            except (RuntimeError, EtcdError, EtcdUnavailable) as exc:
                 print(f"N={n}: machine did not hold it: {exc}", file=sys.stderr, flush=True)
                 break
     finally:

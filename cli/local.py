@@ -202,7 +202,7 @@ def registered_nodes(etcd_url: str, prefix: str = "/tenax") -> set[str]:
     """Node ids with a NodeInfo in etcd (i.e. holding a live lease)."""
     import asyncio
 
-    from common.etcd import Etcd, EtcdError
+    from common.etcd import Etcd, EtcdError, EtcdUnavailable
     from protos.keys import Keys
 
     keys = Keys(prefix)
@@ -214,7 +214,7 @@ def registered_nodes(etcd_url: str, prefix: str = "/tenax") -> set[str]:
 
     try:
         return asyncio.run(asyncio.wait_for(read(), 10))
-    except (EtcdError, asyncio.TimeoutError, OSError):
+    except (EtcdError, EtcdUnavailable, asyncio.TimeoutError, OSError):
         return set()
 
 

@@ -22,7 +22,7 @@ import time
 import grpc
 
 from controller import auth, security, tls
-from common.etcd import Etcd, EtcdError
+from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from protos import tenax_pb2, tenax_pb2_grpc
 from protos.keys import DEFAULT_PREFIX, Keys
 
@@ -116,7 +116,7 @@ def audit_line(record: tenax_pb2.AuditRecord) -> str:
 def run_tokens(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(asyncio.wait_for(_tokens(args), 30))
-    except (EtcdError, ValueError, asyncio.TimeoutError) as exc:
+    except (EtcdError, EtcdUnavailable, ValueError, asyncio.TimeoutError) as exc:
         print(f"tenax tokens: {exc or 'timed out'}", file=sys.stderr)
         return 1
 

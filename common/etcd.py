@@ -6,7 +6,10 @@ Errors come in two kinds:
 * ``EtcdUnavailable`` — temporary: etcd is down, restarting, partitioned or slow.
   Callers retry with backoff (``Backoff``) and must not crash.
 * ``EtcdError`` — anything else etcd refused (bad argument, compacted revision):
-  permanent for that call.
+  permanent for that call, never retried.
+
+The two are siblings (neither subclasses the other): code that must survive
+both names both.
 
 Leases are kept alive by ``LeaseKeeper`` (aetcd does not do it for us): it
 refreshes every ``ttl/3`` seconds and reports loss of the lease so the owner can
@@ -36,11 +39,14 @@ DEFAULT_TIMEOUT_S = 5.0
 
 
 class EtcdError(Exception):
-    """etcd refused a request (permanent for that request)."""
+    """etcd refused a request (permanent for that request): retrying it cannot help."""
 
 
-class EtcdUnavailable(EtcdError):
-    """etcd could not be reached in time (temporary: retry)."""
+class EtcdUnavailable(Exception):
+    """etcd could not be reached in time (temporary: retry with ``common.retry.Backoff``).
+
+    A sibling of ``EtcdError``, not a subclass: a retry loop catches this one alone,
+    so a permanent refusal is never retried forever."""
 
 
 class LeaseLost(EtcdUnavailable):
@@ -89,7 +95,7 @@ _TEMPORARY = (
 )
 
 
-def _translate(exc: BaseException, what: str) -> EtcdError:
+def _translate(exc: BaseException, what: str) -> EtcdError | EtcdUnavailable:
     if isinstance(exc, _TEMPORARY):
         return EtcdUnavailable(f"etcd unavailable during {what}: {exc!r}")
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -201,7 +207,7 @@ class Etcd:
     async def _call(self, what: str, coro: Awaitable, timeout_s: float | None = None):
         try:
             return await asyncio.wait_for(coro, timeout_s or self.timeout_s)
-        except EtcdError:
+        except (EtcdError, EtcdUnavailable):
             raise
         except Exception as exc:
             raise _translate(exc, what) from exc
@@ -321,7 +327,7 @@ class Etcd:
                     value=ev.kv.value.decode(errors="replace") if kind == "put" else "",
                     mod_revision=ev.kv.mod_revision,
                 )
-        except EtcdError:
+        except (EtcdError, EtcdUnavailable):
             raise
         except asyncio.CancelledError:
             raise
@@ -378,7 +384,7 @@ class LeaseKeeper:
         if revoke:
             try:
                 await self.etcd.revoke_lease(self.lease_id)
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 log.debug("revoke lease: %r", exc)
 
     @property
@@ -398,7 +404,7 @@ class LeaseKeeper:
             except LeaseLost as exc:
                 reason = str(exc)
                 break
-            except (EtcdError, asyncio.TimeoutError) as exc:
+            except (EtcdError, EtcdUnavailable, asyncio.TimeoutError) as exc:
                 if loop.time() - last_ok > self.ttl_s:
                     reason = f"could not refresh for longer than the TTL: {exc!r}"
                     break

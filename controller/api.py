@@ -79,7 +79,7 @@ def unary(fn):
         try:
             _check_size(request)
             return await fn(self, request, context)
-        except (RpcAbort, SpecError, EtcdError) as exc:
+        except (RpcAbort, SpecError, EtcdError, EtcdUnavailable) as exc:
             code, message = _status_for(exc)
         except Exception as exc:  # never leak a traceback to the client
             log.exception("%s failed", fn.__name__)
@@ -98,7 +98,7 @@ def streaming(fn):
             _check_size(request)
             async for item in fn(self, request, context):
                 yield item
-        except (RpcAbort, SpecError, EtcdError) as exc:
+        except (RpcAbort, SpecError, EtcdError, EtcdUnavailable) as exc:
             code, message = _status_for(exc)
         except Exception as exc:
             log.exception("%s failed", fn.__name__)

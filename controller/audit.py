@@ -148,7 +148,7 @@ class AuditLog:
         key = self.keys.audit_record(int(record.time * 1e9), secrets.token_hex(4))
         try:
             await self.etcd.put(key, record.to_json())
-        except EtcdError as exc:
+        except (EtcdError, EtcdUnavailable) as exc:
             self.failed += 1
             log.error("audit record not stored (%s): %s", exc, record.to_json())
             return
@@ -165,7 +165,7 @@ class AuditLog:
             if keep == (keys[0] if keys else None):
                 return 0
             return await self.etcd.delete_range(prefix, keep or prefix_end(prefix))
-        except EtcdError as exc:  # temporary: the next trim catches up
+        except (EtcdError, EtcdUnavailable) as exc:  # temporary: the next trim catches up
             log.warning("audit trim failed (will retry on a later write): %s", exc)
             return 0
 
@@ -203,7 +203,7 @@ class AuditServicer(tenax_pb2_grpc.AuditServiceServicer):
             records = await self.audit.newest(list_limit(request.limit))
         except EtcdUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"audit log unavailable, retry: {exc}")
-        except EtcdError as exc:
+        except (EtcdError, EtcdUnavailable) as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"audit log unreadable: {exc}")
         return tenax_pb2.ListAuditResponse(records=[r.to_proto() for r in records])
 

@@ -51,7 +51,7 @@ import grpc
 
 from controller import limits as limits_mod
 from controller.audit import MAX_DETAIL_CHARS, MAX_TARGET_CHARS, AuditLog, AuditRecord, clean_text
-from common.etcd import Etcd, EtcdError
+from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from controller.tls import peer_certificate
 from protos.keys import Keys
 
@@ -514,7 +514,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         if token is not None and self.settings.accept_tokens:
             try:
                 identity = await self.tokens.authenticate(token)
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 log.warning("token store unreadable: %s", exc)
                 return None, "credentials cannot be checked right now (etcd unavailable); retry"
             return (identity, "") if identity else (None, "invalid or revoked token")
@@ -553,7 +553,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
     async def _lookup(awaitable):
         try:
             return await awaitable
-        except EtcdError as exc:
+        except (EtcdError, EtcdUnavailable) as exc:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, f"cannot check permissions right now, retry: {exc}")
 
     async def _audit(self, method: str, identity: Identity | None, request, context, code: str,

@@ -80,12 +80,12 @@ class ChaosService(pb_grpc.ChaosServiceServicer):
     async def Inject(self, request: pb.ChaosRequest, context) -> pb.ChaosResponse:
         from controller import metrics
         from controller.api import RpcAbort, _status_for
-        from common.etcd import EtcdError
+        from common.etcd import EtcdError, EtcdUnavailable
 
         code = grpc.StatusCode.OK
         try:
             return await self._inject(request)
-        except (RpcAbort, EtcdError) as exc:
+        except (RpcAbort, EtcdError, EtcdUnavailable) as exc:
             code, message = _status_for(exc)
         except Exception as exc:  # never leak a traceback to the client
             log.exception("Inject failed")

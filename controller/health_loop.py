@@ -59,7 +59,7 @@ from controller.detection import (
 )
 from common.layout import even_shares
 from controller.recovery_decisions import failed_slots
-from common.etcd import EtcdError
+from common.etcd import EtcdError, EtcdUnavailable
 from controller.state import JobView, NodeSummary, jobs_from, nodes_from
 from protos.plan import Plan
 from protos.records import JobEventRecord
@@ -382,7 +382,7 @@ class HealthLoop:
         while True:
             try:
                 await self.tick(time.time())
-            except (EtcdError, asyncio.TimeoutError) as exc:
+            except (EtcdError, EtcdUnavailable, asyncio.TimeoutError) as exc:
                 log.warning("health pass: etcd unavailable (will retry): %r", exc)
             except Exception:  # a bug in one pass must not stop detection for good
                 log.exception("health pass failed")
@@ -507,7 +507,7 @@ class HealthLoop:
             event = with_action(base, action=kind, decided_at_step=decided_at, reason=why, ranks=ranks)
             try:  # the plan is written: a lost record must not make this pass ask again
                 await self._write_event(job, memory, event, now)
-            except (EtcdError, asyncio.TimeoutError) as exc:
+            except (EtcdError, EtcdUnavailable, asyncio.TimeoutError) as exc:
                 log.warning("job %s: straggler event not written: %r", job.id, exc)
         elif memory.last_reason != why:
             memory.last_reason = why

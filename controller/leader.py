@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Awaitable, Callable
 
-from common.etcd import Etcd, EtcdError, LeaseKeeper
+from common.etcd import Etcd, EtcdError, EtcdUnavailable, LeaseKeeper
 from common.retry import Backoff
 from protos.keys import Keys
 from protos.records import LeaderRecord, RecordError
@@ -54,7 +54,7 @@ class LeaderElector:
                 await self._revoke(lease)
                 await self._wait_for_vacancy()
                 backoff.reset()
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 log.warning("leader election: etcd unavailable (will retry): %s", exc)
                 await backoff.sleep()
 
@@ -91,7 +91,7 @@ class LeaderElector:
     async def _revoke(self, lease: int) -> None:
         try:
             await self.etcd.revoke_lease(lease)
-        except EtcdError as exc:
+        except (EtcdError, EtcdUnavailable) as exc:
             log.debug("revoke unused lease: %s", exc)
 
     async def _wait_for_vacancy(self) -> None:

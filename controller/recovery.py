@@ -83,7 +83,7 @@ from controller.recovery_decisions import (
     switch_step,
     without_slots,
 )
-from common.etcd import EtcdError
+from common.etcd import EtcdError, EtcdUnavailable
 from controller.replan import ClusterView, drain, grow, replan
 from controller.state import JobView, NodeSummary, jobs_from, nodes_from
 from protos.plan import Plan
@@ -302,7 +302,7 @@ class Recovery:
             await self._event(job.id, "note", {"generation": job.plan.generation,
                                                "message": f"growth {growth.id} abandoned: {why}"},
                               part=1 + min(growth.attempt, 8))
-        except EtcdError as exc:
+        except (EtcdError, EtcdUnavailable) as exc:
             log.debug("job %s: abandoned-growth event not written: %r", job.id, exc)
         await self._forget_joiners(job.id)
         return True
@@ -312,7 +312,7 @@ class Recovery:
         has another id, so a leftover record is never mistaken for a ready worker)."""
         try:
             await self.c.etcd.delete_prefix(self.c.keys.job_joiners(job_id))
-        except EtcdError as exc:
+        except (EtcdError, EtcdUnavailable) as exc:
             log.debug("job %s: joiner records not deleted: %r", job_id, exc)
 
     async def _write_planned(self, job: JobView, plan: Plan, cause: str, now: float) -> tuple[bool, str]:

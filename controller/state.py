@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from controller.decisions import Progress, fold_progress, node_state
-from common.etcd import KV, Etcd, EtcdError, WatchEvent
+from common.etcd import KV, Etcd, EtcdError, EtcdUnavailable, WatchEvent
 from common.retry import Backoff
 from protos.keys import Keys
 from protos.plan import Plan
@@ -89,7 +89,7 @@ class ClusterCache:
                 async for ev in self.etcd.watch_prefix(self.keys.prefix + "/", start_revision=start):
                     self._apply(ev)
                     await self._notify()
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 log.warning("cluster watch broken (will reload): %s", exc)
                 self.synced.clear()
                 await backoff.sleep()

@@ -251,7 +251,7 @@ def start_real_controller(etcd_url: str, state_dir: Path, settings: SecuritySett
     except BaseException:
         thread.stop()
         raise
-    return SecuredApi(thread=thread, etcd=common.etcd, keys=controller.keys, security=controller.security,
+    return SecuredApi(thread=thread, etcd=controller.etcd, keys=controller.keys, security=controller.security,
                       address=controller.address, pki=pki, shutdown=controller.stop)
 
 

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from common.embedded_etcd import start_etcd
-from common.etcd import EtcdError
+from common.etcd import EtcdError, EtcdUnavailable
 from protos import tenax_pb2 as pb
 from protos.records import WorkerStatusRecord
 from tests.conftest import run_async
@@ -46,7 +46,7 @@ def test_controller_survives_an_etcd_restart(tmp_path):
                                 rank=rank, node="n1", slot=rank, state="EXITED", exit_code=0,
                                 generation=1).to_json())
                         return True
-                    except EtcdError:
+                    except (EtcdError, EtcdUnavailable):
                         return False
                 await wait_until(put_exits, 20, 0.5)
                 # the mirror's watch reconnected and the (re-)elected leader decides

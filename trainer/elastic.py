@@ -317,7 +317,7 @@ class PlanWatcher:
         unreachable (temporary), TimeoutError once ``timeout_s`` has passed."""
         import concurrent.futures
 
-        from common.etcd import EtcdError
+        from common.etcd import EtcdError, EtcdUnavailable
 
         deadline = time.monotonic() + timeout_s
         last: BaseException | None = None
@@ -331,7 +331,7 @@ class PlanWatcher:
                 except concurrent.futures.TimeoutError:
                     future.cancel()
                     break
-                except (EtcdError, RuntimeError) as exc:  # connection lost or being replaced: retry
+                except (EtcdError, EtcdUnavailable, RuntimeError) as exc:  # connection lost or being replaced: retry
                     last = exc
             time.sleep(0.05)
         raise TimeoutError(f"could not write {key} within {timeout_s:.0f} s: {last!r}")
@@ -354,7 +354,7 @@ class PlanWatcher:
         asyncio.run(self._run())
 
     async def _run(self) -> None:
-        from common.etcd import Etcd, EtcdError
+        from common.etcd import Etcd, EtcdError, EtcdUnavailable
         from common.retry import Backoff
 
         self._loop = asyncio.get_running_loop()
@@ -373,7 +373,7 @@ class PlanWatcher:
                         backoff.reset()
                         if self._stop.is_set():
                             return
-            except EtcdError as exc:
+            except (EtcdError, EtcdUnavailable) as exc:
                 log.debug("plan watch on %s interrupted: %r", self.key, exc)
                 await backoff.sleep()
             finally:
