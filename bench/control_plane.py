@@ -122,7 +122,7 @@ def agent_process(etcd_url: str, prefix: str, nodes: list[str], ttl_s: int, tele
 # ------------------------------------------------------------------ controller process
 def start_controller(etcd_url: str, prefix: str, log_path: Path) -> tuple[subprocess.Popen, dict]:
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "controller.server", "--etcd", etcd_url, "--prefix", prefix,
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "controller", "--etcd", etcd_url, "--prefix", prefix,
                              "--metrics-port", "-1", "--id", "bench", "--tls", "plaintext", "--no-auth"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     line = proc.stdout.readline()

@@ -1,4 +1,4 @@
-"""Client subcommands of `tenax`: controller, submit, jobs, job, nodes, cordon,
+"""Client subcommands of `tenax`: submit, jobs, job, nodes, cordon,
 uncordon, drain, cancel, logs.
 
 Controller address: ``--controller``, else ``$TENAX_CONTROLLER``, else the local
@@ -27,6 +27,8 @@ from typing import Any, Callable
 import grpc
 from google.protobuf import json_format
 
+from cli.local import local_cluster_state
+from controller import security
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 
@@ -50,10 +52,6 @@ def controller_addresses(args: argparse.Namespace) -> list[str]:
 
 
 def _local_state() -> dict | None:
-    try:
-        from cli.local import local_cluster_state  # written by the local-cluster part
-    except ImportError:
-        return None
     try:
         state = local_cluster_state()
     except Exception:  # a broken state file is the same as none
@@ -81,9 +79,8 @@ _STUBS = {
 class Client:
     """Calls one RPC on the first replica that answers (UNAVAILABLE -> next).
 
-    Channels carry TLS and the caller's token when the security part is built
-    in (``controller.security.client_channel``: --ca-file/--token-file/--plaintext,
-    else the local cluster's CA and admin token).
+    Channels carry TLS and the caller's token (``controller.security.client_channel``:
+    --ca-file/--token-file/--plaintext, else the local cluster's CA and admin token).
     """
 
     def __init__(self, addresses: list[str], timeout_s: float, args: argparse.Namespace | None = None) -> None:
@@ -93,12 +90,6 @@ class Client:
         self._local = _local_state()
 
     def _channel(self, address: str) -> grpc.Channel:
-        try:
-            from controller import security
-        except ModuleNotFoundError as exc:
-            if exc.name != "controller.security":
-                raise
-            return grpc.insecure_channel(address)
         try:
             return security.client_channel(self.args, address,
                                            local=security.local_security_for(address, self._local))
@@ -426,12 +417,6 @@ def _fetch_log(address: str, job_id: str, rank: int, offset: int, timeout_s: flo
         raise CliError(f"cannot reach agent at {address}: {exc}") from exc
 
 
-def cmd_controller(args: argparse.Namespace) -> int:
-    from controller.server import run_controller
-
-    return run_controller(args)
-
-
 # ------------------------------------------------------------------ registration
 def _client_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
@@ -439,24 +424,12 @@ def _client_parent() -> argparse.ArgumentParser:
                                              "else the local cluster)")
     parent.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per-call deadline, seconds")
     parent.add_argument("--json", action="store_true", help="machine-readable output")
-    try:
-        from controller import security
-    except ModuleNotFoundError as exc:
-        if exc.name != "controller.security":
-            raise  # a missing dependency must not silently turn security off
-        return parent  # built without the security part: plaintext channels
     security.add_client_args(parent)  # --ca-file, --cert-file, --key-file, --plaintext, --token-file
     return parent
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from controller.server import add_server_args
-
     parent = _client_parent()
-
-    p = sub.add_parser("controller", help="run a controller replica")
-    add_server_args(p)
-    p.set_defaults(func=cmd_controller)
 
     p = sub.add_parser("submit", parents=[parent], help="submit a job file (YAML)")
     p.add_argument("file")

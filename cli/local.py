@@ -1,7 +1,9 @@
 """`tenax up`, `tenax down`, `tenax demo`: a whole cluster on this host.
 
 ``up`` starts an embedded etcd (unless ``--etcd``), ``--controllers`` controller
-replicas and ``--agents`` agents (node ids node-0, node-1, ...), each in its own
+replicas (``tenax controller``, with any ``--controller-arg`` flags, e.g.
+``--controller-arg=--hang-floor-s=4`` to detect hangs sooner) and ``--agents``
+agents (node ids node-0, node-1, ...; with any ``--agent-arg``), each in its own
 session (process group), waits until a controller answers gRPC health checks
 and every node is registered, and records what it started in
 ``<state-dir>/cluster.json``. ``down`` stops all of it from that file: agents
@@ -64,6 +66,8 @@ class LocalClusterSettings:
     """How long to wait for the controller and all nodes (seconds)."""
     agent_args: list[str] = field(default_factory=list)
     """Extra arguments for every agent (tests)."""
+    controller_args: list[str] = field(default_factory=list)
+    """Extra ``tenax controller`` flags for every controller replica (e.g. shorter detection timeouts)."""
 
     def validate(self) -> "LocalClusterSettings":
         if self.agents < 0 or self.agents > 64:
@@ -179,21 +183,14 @@ def _controller_serving(address: str, security: dict[str, Any] | None) -> bool:
         return False
 
 
-def _controller_security(state_dir: Path, etcd_url: str) -> tuple[list[str], dict[str, Any] | None]:
+def _controller_security(state_dir: Path, etcd_url: str) -> tuple[list[str], dict[str, Any]]:
     """(extra controller flags, security record) for a controller that serves TLS.
 
-    The controller refuses to start without TLS once it has the security flags; a
-    controller without them (older build) gets none. The record (dev CA, server
-    certificate, admin token file) is kept in the state file for the client CLI.
+    The record (dev CA, server certificate, admin token file) is kept in the state
+    file for the client CLI.
     """
-    try:
-        from controller import security, server
-    except ImportError:
-        return [], None
-    probe = argparse.ArgumentParser(add_help=False)
-    server.add_server_args(probe)
-    if "--tls" not in probe._option_string_actions:  # this controller build has no TLS flags
-        return [], None
+    from controller import security
+
     record = security.bootstrap_local(state_dir, etcd_url)
     return security.controller_tls_args(record), record
 
@@ -245,14 +242,13 @@ def start_cluster(settings: LocalClusterSettings, *, out=sys.stderr) -> dict[str
         print(f"etcd        {etcd_url}", file=out)
 
         security_args, security = _controller_security(state_dir, etcd_url)
-        if security:
-            state["security"] = security
+        state["security"] = security
         controllers = []
         for i in range(settings.controllers):
             name = f"controller-{i}"
-            proc = _spawn([sys.executable, "-m", "controller.server", "--etcd", etcd_url,
+            proc = _spawn([sys.executable, "-m", "cli.main", "controller", "--etcd", etcd_url,
                            "--listen", "127.0.0.1:0", "--metrics-port", "0", "--id", name,
-                           "--lease-ttl", str(settings.lease_ttl_s), *security_args],
+                           "--lease-ttl", str(settings.lease_ttl_s), *security_args, *settings.controller_args],
                           logs / f"{name}.log", stdout_path=logs / f"{name}.out")
             started.append(proc)
             pids[name] = _process_key(proc.pid)
@@ -333,6 +329,10 @@ def register(sub) -> None:
     up.add_argument("--state-dir", type=Path, default=None, help="default: $TENAX_HOME/local or ~/.tenax/local")
     up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait until ready")
     up.add_argument("--agent-arg", action="append", default=[], help="extra argument for every agent")
+    up.add_argument("--controller-arg", action="append", default=[], metavar="FLAG",
+                    help="extra `tenax controller` flag for every controller replica, repeatable; write it "
+                         "with '=' (e.g. --controller-arg=--hang-floor-s=4 --controller-arg=--straggler-window=12; "
+                         "see `tenax controller --help`)")
     up.set_defaults(func=_up)
 
     down = sub.add_parser("down", help="stop the local cluster started by `tenax up`")
@@ -348,7 +348,7 @@ def _settings(args: argparse.Namespace) -> LocalClusterSettings:
     return LocalClusterSettings(state_dir=args.state_dir or default_state_dir(), agents=args.agents,
                                 slots=args.slots, controllers=args.controllers, etcd=args.etcd,
                                 lease_ttl_s=args.lease_ttl, ready_timeout_s=args.timeout,
-                                agent_args=args.agent_arg).validate()
+                                agent_args=args.agent_arg, controller_args=args.controller_arg).validate()
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ import every part (controller, agent, trainer) — see the README's architecture
 Each module here registers its own subcommands (``register(subparsers)``), so
 this file only wires them together:
 
-* cli/client.py       submit, jobs, job, nodes, cancel, logs, controller
+* cli/controller.py   controller
+* cli/client.py       submit, jobs, job, nodes, cancel, logs
 * cli/chaos.py        chaos
 * cli/local.py        up, down, demo
 * cli/agent.py        agent
@@ -21,11 +22,11 @@ import argparse
 import logging
 import sys
 
-from cli import agent, chaos, client, local, security, train_local
+from cli import agent, chaos, client, controller, local, security, train_local
 
 # Each module's `register` adds its subcommands; each subcommand sets `func`
 # (args -> exit code). Order is the order of `tenax --help`.
-_PARTS = (client, local, agent, train_local, security, chaos)
+_PARTS = (controller, client, local, agent, train_local, security, chaos)
 
 
 def build_parser() -> argparse.ArgumentParser:

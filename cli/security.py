@@ -21,6 +21,7 @@ import time
 
 import grpc
 
+from cli.controller import etcd_tls_from_args
 from controller import auth, security, tls
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from protos import tenax_pb2, tenax_pb2_grpc
@@ -122,7 +123,7 @@ def run_tokens(args: argparse.Namespace) -> int:
 
 
 async def _tokens(args: argparse.Namespace) -> int:
-    etcd_tls = security.etcd_tls_from_args(args)
+    etcd_tls = etcd_tls_from_args(args)
     async with Etcd(args.etcd, tls=etcd_tls) as etcd:
         store = auth.TokenStore(etcd, Keys(args.prefix), cache_ttl_s=0)
         if args.verb == "create":

@@ -1,140 +1,44 @@
 """The gRPC services of the controller: JobService and NodeService.
 
 Handlers translate between the wire (generated types, via controller.convert)
-and the Controller (controller/server.py), which owns etcd, the mirror and the
-leader loops. Mutating calls only record intent in etcd with one atomic write,
-so every replica serves them; see the server module for the replica roles.
+and the cluster's keys in etcd, through the narrow ``ControllerHandle``
+(controller/handle.py: etcd, the key layout, the watched mirror). Mutating calls
+only record intent in etcd with one atomic write, so every replica serves them;
+see controller/server.py for the replica roles.
 
-Errors: domain errors map to status codes in one place (``_status_for``):
-SpecError and oversized or malformed requests -> INVALID_ARGUMENT (naming the
-field), unknown ids -> NOT_FOUND, etcd down -> UNAVAILABLE (retry).
+Errors map to status codes in one place (controller/rpc.py): SpecError and
+oversized or malformed requests -> INVALID_ARGUMENT (naming the field), unknown
+ids -> NOT_FOUND, etcd down -> UNAVAILABLE (retry).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
-import re
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 import grpc
 
-from controller import convert, metrics
-from common.etcd import EtcdError, EtcdUnavailable, WatchEvent
-from controller.state import JobView, jobs_from, nodes_from
+from common.etcd import WatchEvent
+from controller import convert
+from controller.auth import owner_name
+from controller.handle import ControllerHandle
+from controller.rpc import RpcAbort, checked_job_id, checked_node_id, streaming, unary
+from controller.state import JobView, jobs_from, nodes_from, read_job, step_metrics
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 from protos.keys import Keys
 from protos.plan import Plan
 from protos.records import TERMINAL_PHASES, CancelRecord, CordonRecord, JobStatusRecord, ProgressRecord
-from common.spec import SpecError
-
-if TYPE_CHECKING:
-    from controller.server import Controller
 
 log = logging.getLogger("tenax.controller")
 
-MAX_REQUEST_BYTES = 64 * 1024
-"""Largest request we parse; bigger ones are refused with INVALID_ARGUMENT."""
-_JOB_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,78}[a-z0-9])?$")
-_NODE_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
 
-
-# ------------------------------------------------------------------ plumbing
-class RpcAbort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, RpcAbort):
-        return exc.code, exc.message
-    if isinstance(exc, SpecError):
-        return grpc.StatusCode.INVALID_ARGUMENT, f"invalid job spec: {exc}"
-    if isinstance(exc, EtcdUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"etcd unavailable, retry: {exc}"
-    if isinstance(exc, EtcdError):
-        return grpc.StatusCode.INTERNAL, f"etcd error: {exc}"
-    return grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"
-
-
-def _check_size(request: Any) -> None:
-    size = request.ByteSize()
-    if size > MAX_REQUEST_BYTES:
-        raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"request is {size} bytes; the limit is {MAX_REQUEST_BYTES}")
-
-
-def unary(fn):
-    """Map domain errors to gRPC status codes and count requests."""
-    @functools.wraps(fn)
-    async def wrapper(self, request, context):
-        code = grpc.StatusCode.OK
-        try:
-            _check_size(request)
-            return await fn(self, request, context)
-        except (RpcAbort, SpecError, EtcdError, EtcdUnavailable) as exc:
-            code, message = _status_for(exc)
-        except Exception as exc:  # never leak a traceback to the client
-            log.exception("%s failed", fn.__name__)
-            code, message = _status_for(exc)
-        finally:
-            metrics.GRPC_REQUESTS.labels(fn.__name__, code.name).inc()
-        await context.abort(code, message)
-    return wrapper
-
-
-def streaming(fn):
-    @functools.wraps(fn)
-    async def wrapper(self, request, context):
-        code = grpc.StatusCode.OK
-        try:
-            _check_size(request)
-            async for item in fn(self, request, context):
-                yield item
-        except (RpcAbort, SpecError, EtcdError, EtcdUnavailable) as exc:
-            code, message = _status_for(exc)
-        except Exception as exc:
-            log.exception("%s failed", fn.__name__)
-            code, message = _status_for(exc)
-        finally:
-            metrics.GRPC_REQUESTS.labels(fn.__name__, code.name).inc()
-        if code != grpc.StatusCode.OK:
-            await context.abort(code, message)
-    return wrapper
-
-
-def _owner_name() -> str:
-    """The authenticated caller ('' without the security part or without authentication)."""
-    try:
-        from controller.auth import owner_name
-    except ImportError:
-        return ""
-    return owner_name()
-
-
-def _job_id(value: str) -> str:
-    if not _JOB_ID_RE.match(value):
-        raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"job_id: must be 1-80 lowercase letters, digits or '-', got {value[:80]!r}")
-    return value
-
-
-def _node_id(value: str) -> str:
-    if not _NODE_ID_RE.match(value):
-        raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"node_id: must be 1-128 letters, digits, '.', '_' or '-', got {value[:128]!r}")
-    return value
-
-
-async def job_or_404(controller: "Controller", job_id: str) -> JobView:
-    job = await controller.read_job(_job_id(job_id))
+async def job_or_404(handle: ControllerHandle, job_id: str) -> JobView:
+    job = await read_job(handle.etcd, handle.keys, checked_job_id(job_id), handle.cache.warn_malformed)
     if job is None:
         raise RpcAbort(grpc.StatusCode.NOT_FOUND, f"job {job_id!r} not found")
     return job
@@ -142,8 +46,8 @@ async def job_or_404(controller: "Controller", job_id: str) -> JobView:
 
 # ------------------------------------------------------------------ services
 class JobService(pb_grpc.JobServiceServicer):
-    def __init__(self, controller: Controller) -> None:
-        self.c = controller
+    def __init__(self, handle: ControllerHandle) -> None:
+        self.c = handle
 
     @unary
     async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.Job:
@@ -151,7 +55,7 @@ class JobService(pb_grpc.JobServiceServicer):
         k = self.c.keys
         now = time.time()
         status = JobStatusRecord(phase="PENDING", message="submitted", created=now, updated=now)
-        owner = _owner_name()
+        owner = owner_name()  # '' when the server runs without authentication
         for _attempt in range(5):
             job_id = f"{spec.name[:70]}-{secrets.token_hex(3)}"
             puts = {k.job_spec(job_id): json.dumps(spec.to_dict(), sort_keys=True),
@@ -194,7 +98,7 @@ class JobService(pb_grpc.JobServiceServicer):
 
     @streaming
     async def WatchJob(self, request: pb.WatchJobRequest, context) -> AsyncIterator[pb.JobEvent]:
-        job_id = _job_id(request.job_id)
+        job_id = checked_job_id(request.job_id)
         queue: asyncio.Queue[WatchEvent] = asyncio.Queue(maxsize=10000)
         prefix = self.c.keys.job(job_id)
 
@@ -218,7 +122,7 @@ class JobService(pb_grpc.JobServiceServicer):
     @unary
     async def GetJobMetrics(self, request: pb.GetJobMetricsRequest, context) -> pb.GetJobMetricsResponse:
         job = await job_or_404(self.c, request.job_id)
-        steps = await self.c.step_metrics(job.id, request.since_step)
+        steps = await step_metrics(self.c.etcd, self.c.keys, job.id, request.since_step)
         return pb.GetJobMetricsResponse(steps=[convert.step_to_proto(s) for s in steps])
 
 
@@ -292,14 +196,14 @@ class _EventFeed:
 
 
 class NodeService(pb_grpc.NodeServiceServicer):
-    def __init__(self, controller: Controller) -> None:
-        self.c = controller
+    def __init__(self, handle: ControllerHandle) -> None:
+        self.c = handle
 
     def _nodes(self) -> dict:
         return nodes_from(self.c.cache, jobs_from(self.c.cache), with_health=True)
 
     def _node_or_404(self, node_id: str):
-        node = self._nodes().get(_node_id(node_id))
+        node = self._nodes().get(checked_node_id(node_id))
         if node is None:
             raise RpcAbort(grpc.StatusCode.NOT_FOUND, f"node {node_id!r} not found")
         return node

@@ -23,19 +23,21 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING
 
 import grpc
 
 from common.etcd import Etcd
+from controller.handle import ControllerHandle
+from controller.rpc import RpcAbort, unary
+from controller.state import jobs_from
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 from protos.chaos import NODE_ACTIONS, ChaosRecord, validate_action
 from protos.keys import Keys
 from protos.plan import Plan
 
-if TYPE_CHECKING:
-    from controller.server import Controller
+MAX_CHAOS_REQUEST_BYTES = 4096
+"""A chaos request is a few short fields; anything bigger is refused."""
 
 log = logging.getLogger("tenax.controller.chaos")
 
@@ -74,31 +76,12 @@ def rank_request(*, action: str, plan: Plan, job: str, rank: int, reason: str, n
 class ChaosService(pb_grpc.ChaosServiceServicer):
     """``tenax.v1.ChaosService``: admin-only fault injection (controller/auth.py)."""
 
-    def __init__(self, controller: "Controller") -> None:
-        self.c = controller
+    def __init__(self, handle: ControllerHandle) -> None:
+        self.c = handle
 
+    @unary
     async def Inject(self, request: pb.ChaosRequest, context) -> pb.ChaosResponse:
-        from controller import metrics
-        from controller.api import RpcAbort, _status_for
-        from common.etcd import EtcdError, EtcdUnavailable
-
-        code = grpc.StatusCode.OK
-        try:
-            return await self._inject(request)
-        except (RpcAbort, EtcdError, EtcdUnavailable) as exc:
-            code, message = _status_for(exc)
-        except Exception as exc:  # never leak a traceback to the client
-            log.exception("Inject failed")
-            code, message = _status_for(exc)
-        finally:
-            metrics.GRPC_REQUESTS.labels("Inject", code.name).inc()
-        await context.abort(code, message)
-
-    async def _inject(self, request: pb.ChaosRequest) -> pb.ChaosResponse:
-        from controller.api import RpcAbort
-        from controller.state import jobs_from
-
-        if request.ByteSize() > 4096:
+        if request.ByteSize() > MAX_CHAOS_REQUEST_BYTES:
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "chaos request too large")
         action = request.action
         factor = request.factor or (1.5 if action == "slow" else 1.0)

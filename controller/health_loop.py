@@ -27,8 +27,9 @@ generation, the generation it already rebalanced); a new leader may repeat one
 action at most, which every action tolerates (a kill of a dead rank is a no-op,
 a rebalance is guarded by the plan generation).
 
-Settings come from the environment (``HealthSettings.from_env``) so that a local
-cluster (``tenax up``) and the tests can shorten the timeouts.
+Settings (``HealthSettings``) come from ``tenax controller`` flags (cli/controller.py),
+so that a local cluster (``tenax up --controller-arg``) and the tests can shorten the
+timeouts.
 """
 
 from __future__ import annotations
@@ -37,11 +38,10 @@ import asyncio
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from controller import chaos, metrics
 from controller.detection import (
@@ -58,14 +58,13 @@ from controller.detection import (
     per_sample_seconds,
 )
 from common.layout import even_shares
+from controller.handle import ControllerHandle
+from controller.recovery import Recovery
 from controller.recovery_decisions import failed_slots
 from common.etcd import EtcdError, EtcdUnavailable
 from controller.state import JobView, NodeSummary, jobs_from, nodes_from
 from protos.plan import Plan
 from protos.records import JobEventRecord
-
-if TYPE_CHECKING:
-    from controller.server import Controller
 
 log = logging.getLogger("tenax.controller.health")
 
@@ -78,10 +77,15 @@ events sort by generation, and controller/recovery.py writes parts 0 (plan) and 
 
 @dataclass(kw_only=True)
 class HealthSettings:
+    """The leader's health loop (``tenax controller --health-interval-s``, ``--hang-*``,
+    ``--straggler-*``, ``--drain-degraded``)."""
+
     interval_s: float = 0.5
     """Seconds between two passes of the loop (> 0)."""
     hang: HangSettings = field(default_factory=HangSettings)
+    """When a rank that makes no progress is declared hung (controller/detection.py)."""
     straggler: StragglerSettings = field(default_factory=StragglerSettings)
+    """When a rank is flagged as a straggler, and when the loop acts on it (controller/detection.py)."""
     switch_ahead_steps: int = 5
     """A rebalance switches this many steps after the latest step seen (steps, >= 1): every
     rank must read the new plan before it reaches the boundary."""
@@ -98,33 +102,6 @@ class HealthSettings:
             raise ValueError(f"min_rebalance_gain: must be in [0, 1), got {self.min_rebalance_gain}")
         if self.switch_ahead_steps < 1:
             raise ValueError(f"switch_ahead_steps: must be >= 1 steps, got {self.switch_ahead_steps}")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "HealthSettings":
-        """TENAX_HEALTH_INTERVAL_S, TENAX_HANG_K, TENAX_HANG_FLOOR_S, TENAX_HANG_STARTUP_S,
-        TENAX_STRAGGLER_WINDOW, TENAX_STRAGGLER_WINDOW_S, TENAX_STRAGGLER_Z, TENAX_DRAIN_DEGRADED (0/1).
-        Raises ValueError."""
-        env = os.environ if env is None else env
-
-        def number(name: str, default: float) -> float:
-            raw = env.get(name, "")
-            try:
-                return float(raw) if raw else default
-            except ValueError:
-                raise ValueError(f"{name}: must be a number, got {raw!r}") from None
-
-        hang = HangSettings(k=number("TENAX_HANG_K", 5.0), floor_s=number("TENAX_HANG_FLOOR_S", 10.0),
-                            startup_timeout_s=number("TENAX_HANG_STARTUP_S", 300.0))
-        window = number("TENAX_STRAGGLER_WINDOW", 20)
-        if window != int(window):
-            raise ValueError(f"TENAX_STRAGGLER_WINDOW: must be an integer number of steps, got {window}")
-        straggler = StragglerSettings(window_steps=int(window), z_threshold=number("TENAX_STRAGGLER_Z", 3.5),
-                                      min_window_s=number("TENAX_STRAGGLER_WINDOW_S", 2.0))
-        drain = env.get("TENAX_DRAIN_DEGRADED", "1")
-        if drain not in ("0", "1"):
-            raise ValueError(f"TENAX_DRAIN_DEGRADED: must be 0 or 1, got {drain!r}")
-        return cls(interval_s=number("TENAX_HEALTH_INTERVAL_S", 0.5), hang=hang, straggler=straggler,
-                   drain_degraded=drain == "1")
 
 
 # ------------------------------------------------------------------ pure gathering
@@ -360,9 +337,11 @@ class _JobMemory:
 
 
 class HealthLoop:
-    def __init__(self, controller: "Controller", settings: HealthSettings | None = None) -> None:
-        self.c = controller
-        self.settings = settings or HealthSettings.from_env()
+    def __init__(self, handle: ControllerHandle, recovery: Recovery, settings: HealthSettings) -> None:
+        self.c = handle
+        self.recovery = recovery
+        """Where the loop asks for plan changes (rebalance, migration, drain)."""
+        self.settings = settings
         self._jobs: dict[str, _JobMemory] = {}
         self._drained: set[str] = set()
         self._rebalanced_for: dict[str, frozenset[int]] = {}
@@ -382,8 +361,10 @@ class HealthLoop:
         while True:
             try:
                 await self.tick(time.time())
-            except (EtcdError, EtcdUnavailable, asyncio.TimeoutError) as exc:
+            except (EtcdUnavailable, asyncio.TimeoutError) as exc:
                 log.warning("health pass: etcd unavailable (will retry): %r", exc)
+            except EtcdError as exc:  # permanent for that request: this pass is skipped, the next one starts over
+                log.error("health pass skipped: etcd refused a request: %s", exc)
             except Exception:  # a bug in one pass must not stop detection for good
                 log.exception("health pass failed")
             await asyncio.sleep(self.settings.interval_s)
@@ -480,13 +461,13 @@ class HealthLoop:
                 return
             at_step = decided_at + self.settings.switch_ahead_steps
             await self._request(job, memory, "rebalance", reason, decided_at, decision.flagged_ranks, now,
-                                self.c.recovery.request_rebalance(job.id, list(decision.shares), at_step=at_step,
+                                self.recovery.request_rebalance(job.id, list(decision.shares), at_step=at_step,
                                                                   cause="straggler-rebalance"))
             if memory.acted:
                 self._rebalanced_for[job.id] = frozenset(decision.flagged_ranks)
         elif decision.action is StragglerAction.EVICT:
             await self._request(job, memory, "evict", reason, decided_at, decision.evict_ranks, now,
-                                self.c.recovery.request_migration(job.id, decision.evict_ranks,
+                                self.recovery.request_migration(job.id, decision.evict_ranks,
                                                                   cause="straggler-evict"))
             if memory.acted:
                 self._evicted.setdefault(job.id, set()).update(
@@ -525,7 +506,7 @@ class HealthLoop:
         for node, reason in nodes_to_drain(nodes):
             if node in self._drained:
                 continue
-            done, why = await self.c.recovery.request_drain(node, reason)
+            done, why = await self.recovery.request_drain(node, reason)
             if done:
                 self._drained.add(node)
                 self.actions.append(("drain", node, reason))

@@ -1,7 +1,7 @@
 """Elastic recovery, the control side: plan g+1 for failures, growth, drains and rebalances.
 
 The leader's reconcile pass calls ``Recovery.reconcile_job`` for every active
-job (controller/server.py). It:
+job (controller/reconcile.py). It:
 
 1. finds a failed worker (its agent reported the exit within milliseconds) or a
    lost node (lease expired) of the current plan -> computes plan g+1 with
@@ -23,23 +23,23 @@ job (controller/server.py). It:
    steps ahead (growth COMMITTED, same transaction): the survivors stall at the
    boundary only for the rendezvous and the state transfer, not for process
    start-up. A joiner that exits, a joiner node that leaves, a plan change, or
-   ``prepare_timeout_s`` without every joiner ready -> ABANDONED (agents stop
+   ``RecoverySettings.growth_prepare_s`` without every joiner ready -> ABANDONED (agents stop
    the joiners), retried after a backoff (controller/recovery_decisions.py).
 
 Entry points for other parts of the controller (the health loop, chaos, the
 API); all are coroutines on the leader and return ``(done, reason)``:
 
-* ``await controller.recovery.request_replan(job_id, cause, lost_ranks=..., lost_nodes=..., detected_at=...)``
+* ``await recovery.request_replan(job_id, cause, lost_ranks=..., lost_nodes=..., detected_at=...)``
   - ranks to give up on *now* (a hung rank, an evicted straggler): plan g+1
   without them, switch now. Their agents stop the processes once they are out of
   the plan (they are not killed first: the hang detector may do that).
-* ``await controller.recovery.request_migration(job_id, ranks, cause, at_step=None)``
+* ``await recovery.request_migration(job_id, ranks, cause, at_step=None)``
   - move ranks off their slots at a step boundary (a degrading GPU): plan g+1
   without them, ``switch_at_step`` = ``at_step`` or a few seconds of steps ahead.
-* ``await controller.recovery.request_drain(node, reason="drain")`` - the same
+* ``await recovery.request_drain(node, reason="drain")`` - the same
   as ``tenax nodes drain NODE``: cordon the node with reason ``drain``; the
   reconcile pass moves every job off it at a step boundary.
-* ``await controller.recovery.request_rebalance(job_id, shares, at_step=None)``
+* ``await recovery.request_rebalance(job_id, shares, at_step=None)``
   - same workers and layout, new per-dp-rank sample shares (a straggler), at a
   step boundary.
 
@@ -55,10 +55,11 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
+import math
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
 from controller import metrics
 from controller.recovery_decisions import (
@@ -84,28 +85,37 @@ from controller.recovery_decisions import (
     without_slots,
 )
 from common.etcd import EtcdError, EtcdUnavailable
+from controller.handle import ControllerHandle
 from controller.replan import ClusterView, drain, grow, replan
 from controller.state import JobView, NodeSummary, jobs_from, nodes_from
 from protos.plan import Plan
-from protos.records import GrowthRecord, JobEventRecord, JobStatusRecord
-
-if TYPE_CHECKING:
-    from controller.server import Controller
+from protos.records import CordonRecord, GrowthRecord, JobEventRecord, JobStatusRecord
 
 log = logging.getLogger("tenax.controller.recovery")
 
 DURATION_PHASES = ("detection", "plan", "rebuild", "transfer", "total")
 
 
+@dataclass(kw_only=True)
+class RecoverySettings:
+    growth_prepare_s: float = GROWTH_PREPARE_TIMEOUT_S
+    """Longest a two-phase growth waits for its new workers to be ready before it is abandoned
+    (seconds, > 0; ``tenax controller --growth-prepare-s``)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.growth_prepare_s) and self.growth_prepare_s > 0):
+            raise ValueError(f"growth_prepare_s: must be > 0 seconds, got {self.growth_prepare_s}")
+
+
 class Recovery:
     """Writes plan generations for one controller (acts only while it leads)."""
 
-    def __init__(self, controller: "Controller") -> None:
-        self.c = controller
+    def __init__(self, handle: ControllerHandle, settings: RecoverySettings | None = None) -> None:
+        self.c = handle
         self._lock = asyncio.Lock()
         """One plan write at a time (the reconcile pass and requests from other tasks)."""
-        self.prepare_timeout_s = _env_seconds("TENAX_GROWTH_PREPARE_S", GROWTH_PREPARE_TIMEOUT_S)
-        """Longest a growth waits for its new workers to be ready before it is abandoned."""
+        self.prepare_timeout_s = (settings or RecoverySettings()).growth_prepare_s
+        """Longest a growth waits for its new workers to be ready before it is abandoned (seconds)."""
 
     # ------------------------------------------------------------ public requests
     async def request_replan(self, job_id: str, cause: str, *, lost_ranks: Iterable[int] = (),
@@ -145,10 +155,8 @@ class Recovery:
 
     async def request_drain(self, node: str, reason: str = "drain") -> tuple[bool, str]:
         """Cordon ``node`` for a drain; the reconcile pass moves jobs off it at a step boundary."""
-        from protos.records import CordonRecord
-
         await self.c.etcd.put(self.c.keys.cordon(node), CordonRecord(time=time.time(), reason="drain").to_json())
-        self.c._wake.set()
+        self.c.wake()
         return True, f"node {node} draining ({reason})"
 
     async def request_rebalance(self, job_id: str, shares: Sequence[int], at_step: int | None = None,
@@ -437,7 +445,7 @@ class Recovery:
     # ------------------------------------------------------------ views
     def _active_job(self, job_id: str, phases: tuple[str, ...] = ("RUNNING", "RECOVERING")
                     ) -> tuple[JobView | None, str]:
-        if not self.c.is_leader:
+        if not self.c.is_leader():
             return None, "this controller replica does not lead"
         job = jobs_from(self.c.cache).get(job_id)
         if job is None:
@@ -465,16 +473,6 @@ class Recovery:
     def _step_time(job: JobView) -> float:
         times = [p.step_time_s for p in job.progress_ranks.values() if p.step_time_s > 0]
         return max(times) if times else 0.0
-
-
-def _env_seconds(name: str, default: float) -> float:
-    """A positive number of seconds from the environment (tests shorten timeouts), else ``default``."""
-    try:
-        value = float(os.environ.get(name, "") or default)
-    except ValueError:
-        log.warning("%s=%r is not a number of seconds: using %.0f", name, os.environ.get(name), default)
-        return default
-    return value if value > 0 else default
 
 
 def _event_seq(generation: int, part: int) -> int:

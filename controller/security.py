@@ -21,6 +21,7 @@ opens a blocking channel that carries the token on every call.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import grpc
 from controller import auth, limits
 from controller.audit import AuditLog, AuditSettings, add_audit_service
 from common.etcd import Etcd, EtcdTls
-from controller.tls import TlsSettings, add_port
+from controller.tls import TlsSettings, add_port, ensure_dev_pki, sync_channel
 from protos.keys import Keys
 from protos.records import TERMINAL_PHASES, JobStatusRecord, RecordError
 
@@ -139,45 +140,6 @@ class ServerSecurity:
 
 
 # ------------------------------------------------------------------ command line
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("security")
-    group.add_argument("--tls", choices=("tls", "mtls", "plaintext"), default=None,
-                       help="transport security of the API (default: tls when --tls-cert is given, else refuse "
-                            "to start; 'plaintext' must be asked for)")
-    group.add_argument("--tls-cert", default="", help="server certificate (PEM)")
-    group.add_argument("--tls-key", default="", help="server private key (PEM)")
-    group.add_argument("--tls-ca", default="", help="CA bundle that signs client certificates (mtls)")
-    group.add_argument("--no-auth", action="store_true",
-                       help="let every caller in as admin (development only; logs a warning)")
-    group.add_argument("--max-jobs-per-user", type=int, default=limits.Limits().max_active_jobs_per_user)
-    group.add_argument("--calls-per-s", type=float, default=limits.Limits().calls_per_s,
-                       help="sustained API calls per second per identity")
-    group.add_argument("--etcd-ca", default=os.environ.get("TENAX_ETCD_CA", ""),
-                       help="CA of etcd's certificate (https:// etcd endpoints)")
-    group.add_argument("--etcd-cert", default=os.environ.get("TENAX_ETCD_CERT", ""),
-                       help="client certificate for etcd")
-    group.add_argument("--etcd-key", default=os.environ.get("TENAX_ETCD_KEY", ""), help="its private key")
-
-
-def server_settings_from_args(args: argparse.Namespace) -> SecuritySettings:
-    """Raises ValueError (TlsError) on inconsistent flags."""
-    mode = args.tls or ("tls" if args.tls_cert else "")
-    if not mode:
-        raise ValueError("--tls: give --tls-cert/--tls-key (or run `tenax up`, which makes them), "
-                         "or ask for --tls plaintext explicitly")
-    lim = limits.Limits(max_active_jobs_per_user=args.max_jobs_per_user, calls_per_s=args.calls_per_s,
-                        burst=max(1, int(args.calls_per_s * 2)))
-    return SecuritySettings(
-        tls=TlsSettings(mode=mode, ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key),
-        auth=auth.AuthSettings(enabled=not args.no_auth), limits=lim).validate()
-
-
-def etcd_tls_from_args(args: argparse.Namespace) -> EtcdTls | None:
-    if not getattr(args, "etcd_ca", ""):
-        return None
-    return EtcdTls(ca_file=args.etcd_ca, cert_file=args.etcd_cert, key_file=args.etcd_key)
-
-
 def add_client_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("security")
     group.add_argument("--ca-file", default=os.environ.get(ENV_CA, ""),
@@ -222,8 +184,6 @@ def client_channel(args: argparse.Namespace, target: str, *, local: dict | None 
     ``local`` is the ``security`` record of the local cluster (``tenax up``), used
     for whatever the flags and environment leave open.
     """
-    from controller.tls import sync_channel
-
     channel = sync_channel(target, client_tls_from_args(args, local), options)
     token = client_token(args, local)
     return grpc.intercept_channel(channel, auth.TokenClientInterceptor(token)) if token else channel
@@ -254,10 +214,6 @@ def bootstrap_local(state_dir: str | Path, etcd_url: str, *, prefix: str = "/ten
     kept if etcd still knows the token (a restarted cluster on the same data);
     otherwise a new admin token is made. Raises EtcdError / ValueError.
     """
-    import asyncio
-
-    from controller.tls import ensure_dev_pki
-
     state_dir = Path(state_dir)
     pki = ensure_dev_pki(state_dir)
     token_file = state_dir / LOCAL_TOKEN_FILE

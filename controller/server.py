@@ -1,8 +1,12 @@
 """The Tenax controller: asyncio gRPC server, leader election, scheduler loop, /metrics.
 
-The RPC handlers live in controller/api.py, the etcd mirror and views in
-controller/state.py, the pure decisions in controller/decisions.py, the
-election in controller/leader.py; this module wires them and runs the loops.
+The RPC handlers live in controller/api.py and controller/chaos.py (their shared
+plumbing in controller/rpc.py), the etcd mirror and views in controller/state.py,
+the pure decisions in controller/decisions.py, the election in
+controller/leader.py, the leader's loops in controller/reconcile.py,
+controller/recovery.py and controller/health_loop.py. This module wires them:
+each gets the narrow ``ControllerHandle`` (controller/handle.py), never the
+``Controller``, and no other module imports this one.
 
 Replica roles (any number of replicas share one etcd):
 
@@ -19,52 +23,42 @@ The health service reports ``""`` (the process) SERVING whenever it runs, and
 ``tenax.v1.Leader`` SERVING only on the leader (also the
 ``tenax_controller_is_leader`` gauge).
 
-Run: ``python -m controller.server --etcd http://127.0.0.1:2379 --tls-cert ... --tls-key ...`` (or ``tenax
-controller``); it prints one JSON line with its gRPC and metrics addresses.
+Run: ``tenax controller --etcd http://127.0.0.1:2379 --tls-cert ... --tls-key ...`` (its flags are in
+cli/controller.py); it prints one JSON line with its gRPC and metrics addresses.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import os
 import signal
 import socket
-import sys
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from common.etcd import Etcd, EtcdError, EtcdTls, EtcdUnavailable, WatchEvent
+from common.retry import Backoff
 from controller import metrics
 from controller.api import JobService, NodeService
-from controller.decisions import JobState, NodeView, build_plan, job_phase, schedule
-from common.etcd import Etcd, EtcdUnavailable, WatchEvent
-from common.retry import Backoff
+from controller.chaos import ChaosService
+from controller.handle import ControllerHandle
+from controller.health_loop import HealthLoop, HealthSettings
 from controller.leader import LeaderElector
-from controller.recovery import Recovery
-from controller.state import (ClusterCache, JobView, build_job, jobs_from, nodes_from, parse_uncached,
-                              read_prefix_paged)
+from controller.reconcile import JobReconciler
+from controller.recovery import Recovery, RecoverySettings
+from controller.security import SecuritySettings, ServerSecurity
+from controller.state import ClusterCache, jobs_from, nodes_from
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 from protos.keys import DEFAULT_PREFIX, Keys
-from protos.records import (
-    JOB_PHASES,
-    TERMINAL_PHASES,
-    JobStatusRecord,
-    LeaderRecord,
-    MetricsBatch,
-    NodeRecord,
-    RecordError,
-    RegistryRecord,
-    StepRecord,
-)
+from protos.records import JOB_PHASES, LeaderRecord, NodeRecord, RecordError, RegistryRecord
 
 log = logging.getLogger("tenax.controller")
 
@@ -74,6 +68,8 @@ GRPC_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 @dataclass(kw_only=True)
 class ControllerSettings:
+    """One controller replica, whole (``tenax controller`` builds it from its flags: cli/controller.py)."""
+
     etcd: str
     """etcd endpoint(s), ``http://host:port``."""
     listen: str = "127.0.0.1:0"
@@ -83,6 +79,7 @@ class ControllerSettings:
     metrics_port: int = 0
     """Prometheus /metrics HTTP port; 0 = ephemeral, -1 = off."""
     metrics_host: str = "127.0.0.1"
+    """Bind address of the /metrics HTTP server."""
     id: str = ""
     """Replica id; default hostname-pid."""
     lease_ttl_s: int = 5
@@ -91,23 +88,31 @@ class ControllerSettings:
     """etcd key prefix of the cluster."""
     reconcile_interval_s: float = 0.5
     """Leader loop period (seconds) when nothing wakes it earlier."""
-    security: Any = None
-    """``controller.security.SecuritySettings`` (TLS, authentication, limits, audit); None serves
-    plaintext without authentication (in-process tests only; the command line asks for it explicitly)."""
-    etcd_tls: Any = None
-    """``common.etcd.EtcdTls`` for an https:// etcd endpoint; None for http://."""
+    security: SecuritySettings | None = None
+    """TLS, authentication, limits, audit; None serves plaintext without authentication
+    (in-process tests only; the command line asks for it explicitly)."""
+    etcd_tls: EtcdTls | None = None
+    """Client TLS for an https:// etcd endpoint; None for http://."""
+    health: HealthSettings = field(default_factory=HealthSettings)
+    """The leader's hang, straggler and degraded-GPU detection (controller/health_loop.py)."""
+    recovery: RecoverySettings = field(default_factory=RecoverySettings)
+    """Plan generations g+1 (controller/recovery.py)."""
 
     def validate(self) -> None:
+        """Raises ValueError naming the field (``lease_ttl_s: ...``)."""
         if self.lease_ttl_s < 1:
-            raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
+            raise ValueError(f"lease_ttl_s: must be >= 1 seconds, got {self.lease_ttl_s}")
         if not 0.01 <= self.reconcile_interval_s <= 60:
-            raise ValueError(f"reconcile_interval_s must be in [0.01, 60], got {self.reconcile_interval_s}")
+            raise ValueError(f"reconcile_interval_s: must be in [0.01, 60] seconds, got {self.reconcile_interval_s}")
         if self.metrics_port < -1 or self.metrics_port > 65535:
-            raise ValueError(f"metrics_port must be -1..65535, got {self.metrics_port}")
+            raise ValueError(f"metrics_port: must be -1..65535, got {self.metrics_port}")
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"listen must be host:port, got {self.listen!r}")
-        Keys(self.prefix)  # raises ValueError on a bad prefix
+            raise ValueError(f"listen: must be host:port, got {self.listen!r}")
+        try:
+            Keys(self.prefix)
+        except ValueError as exc:
+            raise ValueError(f"prefix: {exc}") from None
         if not self.id:
             self.id = f"{socket.gethostname()}-{os.getpid()}"
 
@@ -119,8 +124,8 @@ class Controller:
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.etcd = Etcd(settings.etcd, tls=settings.etcd_tls)
-        self.security = None
-        """controller.security.ServerSecurity when settings.security is given."""
+        self.security: ServerSecurity | None = None
+        """TLS, authentication, limits and audit of the API, when settings.security is given."""
         self.cache = ClusterCache(self.etcd, self.keys)
         self.address = ""
         self.metrics_address = ""
@@ -133,8 +138,14 @@ class Controller:
         self._wake = asyncio.Event()
         self._registry_queue: asyncio.Queue[tuple[str, str, float, str]] = asyncio.Queue()
         self._job_series: set[str] = set()
-        self.recovery = Recovery(self)
+        self.handle = ControllerHandle(etcd=self.etcd, keys=self.keys, cache=self.cache, wake=self._wake.set,
+                                       is_leader=lambda: self.is_leader)
+        """What the loops and services may touch (controller/handle.py)."""
+        self.recovery = Recovery(self.handle, settings.recovery)
         """Plan generations g+1: failures, growth, drains, rebalances (controller/recovery.py)."""
+        self.reconciler = JobReconciler(self.handle, self.recovery, self._wake,
+                                        interval_s=settings.reconcile_interval_s)
+        """The leader's job loop: scheduling and phases (controller/reconcile.py)."""
         self.cache.add_listener(self._on_change)
 
     @property
@@ -145,8 +156,6 @@ class Controller:
     async def start(self) -> None:
         await self._connect_etcd()
         if self.settings.security is not None:
-            from controller.security import ServerSecurity  # optional part: TLS, auth, limits, audit
-
             self.security = ServerSecurity(self.etcd, self.keys, self.settings.security)
             server = grpc.aio.server(interceptors=self.security.interceptors(),
                                      options=self.security.server_options())
@@ -156,11 +165,10 @@ class Controller:
                 ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
             ])
-        pb_grpc.add_JobServiceServicer_to_server(JobService(self), server)
-        pb_grpc.add_NodeServiceServicer_to_server(NodeService(self), server)
-        from controller.chaos import ChaosService  # admin-only fault injection (controller/auth.py)
-
-        pb_grpc.add_ChaosServiceServicer_to_server(ChaosService(self), server)
+        pb_grpc.add_JobServiceServicer_to_server(JobService(self.handle), server)
+        pb_grpc.add_NodeServiceServicer_to_server(NodeService(self.handle), server)
+        # admin-only fault injection (who may call it: controller/auth.py)
+        pb_grpc.add_ChaosServiceServicer_to_server(ChaosService(self.handle), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         served = ["JobService", "NodeService", "ChaosService"] + (["AuditService"] if self.security is not None else [])
         reflection.enable_server_reflection(
@@ -240,9 +248,10 @@ class Controller:
         metrics.CONTROLLER_IS_LEADER.set(1)
         await self.health.set(LEADER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._leader_tasks = [
-            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+            asyncio.create_task(self.reconciler.run(), name="reconcile"),
             asyncio.create_task(self._registry_loop(), name="registry"),
-            asyncio.create_task(self._health_loop(), name="health"),
+            # hang, straggler and degraded-GPU detection; a fresh loop (and memory) per term as leader
+            asyncio.create_task(HealthLoop(self.handle, self.recovery, self.settings.health).run(), name="health"),
         ]
 
     async def _demoted(self, reason: str) -> None:
@@ -286,6 +295,9 @@ class Controller:
                 except EtcdUnavailable as exc:
                     log.warning("registry write for %s failed (retrying): %s", node, exc)
                     await backoff.sleep()
+                except EtcdError as exc:  # permanent: retrying the same write cannot help
+                    log.error("registry %s of node %s skipped: etcd refused it: %s", kind, node, exc)
+                    break
 
     async def _sync_registry(self) -> None:
         now = time.time()
@@ -323,96 +335,6 @@ class Controller:
         if old is None or old.lost_at is not None:
             log.info("node %s READY (%s slots)", node, record.get("slots"))
         await self.etcd.put(key, RegistryRecord(node=record, first_seen=old.first_seen if old else when).to_json())
-
-    async def _health_loop(self) -> None:
-        """Hang, straggler and degraded-GPU detection (controller/health_loop.py)."""
-        from controller.health_loop import HealthLoop
-
-        await HealthLoop(self).run()
-
-    # -------------------------------------------------------------- leader: jobs
-    async def _reconcile_loop(self) -> None:
-        await self.cache.synced.wait()
-        backoff = Backoff(0.1, 2.0)
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval_s)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self.reconcile_once()
-                backoff.reset()
-            except EtcdUnavailable as exc:
-                log.warning("reconcile: etcd unavailable (will retry): %s", exc)
-                await backoff.sleep()
-            except Exception:  # a bug in one pass must not kill the leader loop
-                log.exception("reconcile pass failed")
-                await asyncio.sleep(self.settings.reconcile_interval_s)
-            await asyncio.sleep(0.05)  # coalesce bursts of changes
-
-    async def reconcile_once(self) -> None:
-        now = time.time()
-        jobs = jobs_from(self.cache)
-        if not any(job.active for job in jobs.values()):
-            return  # idle: no node view to build (it matters at thousands of nodes)
-        nodes = nodes_from(self.cache, jobs)
-        live = frozenset(n.id for n in nodes.values() if n.registered)
-        used = {n.id: set(n.used) for n in nodes.values()}
-        waiting = any(j.status.phase == "PENDING" for j in jobs.values())
-        for job in sorted(jobs.values(), key=lambda j: (j.status.created, j.id)):
-            if not job.active:
-                continue
-            if await self.recovery.reconcile_job(job, nodes, now, jobs_waiting=waiting):
-                # it wrote plan g+1 or a phase: the slots it took are no longer free for the next job
-                nodes = nodes_from(self.cache, jobs)
-                used = {n.id: set(n.used) for n in nodes.values()}
-                continue
-            state = JobState(phase=job.status.phase, cancelled=job.cancelled, plan=job.plan,
-                             workers=job.workers, live_nodes=live, progress=job.progress_ranks)
-            phase, reason = job_phase(state, now)
-            if phase == "PENDING":
-                await self._schedule(job, nodes, used, now)
-            elif phase != job.status.phase:
-                await self._set_phase(job, phase, reason, now)
-
-    async def _schedule(self, job: JobView, nodes: dict, used: dict[str, set[int]], now: float) -> None:
-        views = [NodeView(id=n.id, slots=int(n.record.get("slots", 0) or 0), ready=n.registered,
-                          cordoned=n.cordon is not None, used_slots=frozenset(used.get(n.id, ())),
-                          store_address=str(n.record.get("store_address", "")))
-                 for n in nodes.values()]
-        placement, reason = schedule(job.spec, views)
-        if placement is None:
-            if job.status.message != reason:
-                await self._write_status(job, JobStatusRecord(**{**job.status.to_dict(), "message": reason,
-                                                                  "updated": now}))
-            return
-        store_address = next(v.store_address for v in views if v.id == placement[0].node)
-        plan = build_plan(job_id=job.id, spec=job.spec, placement=placement, store_address=store_address)
-        status = JobStatusRecord(**{**job.status.to_dict(), "phase": "RUNNING", "generation": plan.generation,
-                                    "message": reason, "updated": now})
-        ok = await self.etcd.put_many_if(self.keys.job_plan(job.id), 0, {
-            self.keys.job_plan(job.id): plan.to_json(),
-            self.keys.job_status(job.id): status.to_json(),
-        })
-        if ok:
-            log.info("job %s scheduled: %s", job.id, reason)
-            for slot in placement:
-                used.setdefault(slot.node, set()).add(slot.slot)
-
-    async def _set_phase(self, job: JobView, phase: str, reason: str, now: float) -> None:
-        status = JobStatusRecord(**{**job.status.to_dict(), "phase": phase, "message": reason, "updated": now})
-        if await self._write_status(job, status):
-            log.info("job %s %s -> %s: %s", job.id, job.status.phase, phase, reason)
-            if phase in TERMINAL_PHASES:
-                metrics.forget_job(job.id)
-                self._job_series.discard(job.id)
-
-    async def _write_status(self, job: JobView, status: JobStatusRecord) -> bool:
-        """Compare-and-swap on the status key, so a deposed leader cannot overwrite a newer decision."""
-        key = self.keys.job_status(job.id)
-        revision = self.cache.data.get(key, ("", 0))[1]
-        return await self.etcd.put_if_revision(key, status.to_json(), revision)
 
     # -------------------------------------------------------------- gauges (every replica)
     async def _gauges_loop(self) -> None:
@@ -457,74 +379,8 @@ class Controller:
             metrics.forget_job(gone)
         self._job_series = active
 
-    # -------------------------------------------------------------- reads
-    async def read_job(self, job_id: str) -> JobView | None:
-        """One job straight from etcd (fresh on any replica, right after a submit)."""
-        k = self.keys
-        spec, status, plan, cancel, workers, progress = await asyncio.gather(
-            self.etcd.get(k.job_spec(job_id)), self.etcd.get(k.job_status(job_id)),
-            self.etcd.get(k.job_plan(job_id)), self.etcd.get(k.job_cancel(job_id)),
-            self.etcd.get_prefix(k.job_workers(job_id)), self.etcd.get_prefix(k.job_progress(job_id)))
-        raw: dict[str, str] = {}
-        for name, kv in (("spec", spec), ("status", status), ("plan", plan), ("cancel", cancel)):
-            if kv is not None:
-                raw[name] = kv.value
-        for kv in workers + progress:
-            parsed = k.parse_job_key(kv.key)
-            if parsed:
-                raw[parsed[1]] = kv.value
-        return build_job(job_id, raw, parse_uncached(self.cache.warn_malformed), k)
-
-    async def step_metrics(self, job_id: str, since_step: int) -> list[StepRecord]:
-        """Per-step records from the metric batches; a step re-run after a recovery keeps its last record."""
-        by_step: dict[int, StepRecord] = {}
-        batches = await read_prefix_paged(self.etcd, self.keys.job_metrics(job_id), lambda key: True, page=200)
-        for kv in sorted(batches, key=lambda kv: kv.mod_revision):
-            try:
-                batch = MetricsBatch.from_json(kv.value)
-            except RecordError as exc:
-                log.warning("skipping malformed metrics batch at %s: %s", kv.key, exc)
-                continue
-            for step in batch.steps:
-                if step.step >= since_step:
-                    by_step[step.step] = step
-        return [by_step[s] for s in sorted(by_step)]
-
 
 # ------------------------------------------------------------------ entry point
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--etcd", default=os.environ.get("TENAX_ETCD", "http://127.0.0.1:2379"),
-                        help="etcd endpoint (default $TENAX_ETCD or http://127.0.0.1:2379)")
-    parser.add_argument("--listen", default="127.0.0.1:0", help="gRPC listen host:port (port 0 = ephemeral)")
-    parser.add_argument("--advertise", default="", help="address clients should use (default: listen address)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="/metrics HTTP port (0 = ephemeral, -1 = off)")
-    parser.add_argument("--metrics-host", default="127.0.0.1", help="/metrics HTTP bind address")
-    parser.add_argument("--id", default="", help="replica id (default hostname-pid)")
-    parser.add_argument("--lease-ttl", type=int, default=5, help="leader lease TTL, seconds")
-    parser.add_argument("--prefix", default=os.environ.get("TENAX_ETCD_PREFIX", DEFAULT_PREFIX),
-                        help="etcd key prefix")
-    try:
-        from controller import security
-    except ModuleNotFoundError as exc:
-        if exc.name != "controller.security":
-            raise  # a missing dependency must not silently turn security off
-        return  # built without the security part: plaintext only
-    security.add_server_args(parser)  # --tls/--tls-cert/--no-auth/... (plaintext must be asked for)
-
-
-def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
-    """Raises ValueError on bad or inconsistent flags."""
-    sec = etcd_tls = None
-    if hasattr(args, "tls"):  # the security part is built in
-        from controller import security
-
-        sec = security.server_settings_from_args(args)
-        etcd_tls = security.etcd_tls_from_args(args)
-    return ControllerSettings(etcd=args.etcd, listen=args.listen, advertise=args.advertise,
-                              metrics_port=args.metrics_port, metrics_host=args.metrics_host, id=args.id,
-                              lease_ttl_s=args.lease_ttl, prefix=args.prefix, security=sec, etcd_tls=etcd_tls)
-
-
 STOP_TIMEOUT_S = 10.0
 """Longest a graceful stop may take (resign, drain RPCs, close etcd) before the process just exits."""
 
@@ -549,32 +405,3 @@ async def serve(settings: ControllerSettings) -> None:
             log.error("controller %s did not stop within %.0f s; exiting", settings.id, STOP_TIMEOUT_S)
             logging.shutdown()
             os._exit(1)
-
-
-def run_controller(args: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(args)
-        settings.validate()
-    except ValueError as exc:
-        print(f"tenax controller: {exc}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(settings))
-    except (EtcdUnavailable, OSError) as exc:
-        print(f"tenax controller: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m controller.server", description="Run a Tenax controller replica.")
-    add_server_args(parser)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_controller(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

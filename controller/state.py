@@ -29,11 +29,13 @@ from protos.records import (
     GrowthRecord,
     JobStatusRecord,
     JoinerRecord,
+    MetricsBatch,
     NodeHealthRecord,
     NodeRecord,
     ProgressRecord,
     RecordError,
     RegistryRecord,
+    StepRecord,
     WorkerStatusRecord,
 )
 from common.spec import JobSpec
@@ -303,6 +305,41 @@ def parse_uncached(report: Callable[[str, str], None]) -> ParseFn:
             report(key, str(exc))
             return None
     return parse
+
+
+async def read_job(etcd: Etcd, keys: Keys, job_id: str, report: Callable[[str, str], None]) -> JobView | None:
+    """One job straight from etcd (fresh on any replica, right after a submit); malformed
+    values go to ``report(key, problem)`` and are skipped."""
+    k = keys
+    spec, status, plan, cancel, workers, progress = await asyncio.gather(
+        etcd.get(k.job_spec(job_id)), etcd.get(k.job_status(job_id)),
+        etcd.get(k.job_plan(job_id)), etcd.get(k.job_cancel(job_id)),
+        etcd.get_prefix(k.job_workers(job_id)), etcd.get_prefix(k.job_progress(job_id)))
+    raw: dict[str, str] = {}
+    for name, kv in (("spec", spec), ("status", status), ("plan", plan), ("cancel", cancel)):
+        if kv is not None:
+            raw[name] = kv.value
+    for kv in workers + progress:
+        parsed = k.parse_job_key(kv.key)
+        if parsed:
+            raw[parsed[1]] = kv.value
+    return build_job(job_id, raw, parse_uncached(report), k)
+
+
+async def step_metrics(etcd: Etcd, keys: Keys, job_id: str, since_step: int) -> list[StepRecord]:
+    """Per-step records from the metric batches; a step re-run after a recovery keeps its last record."""
+    by_step: dict[int, StepRecord] = {}
+    batches = await read_prefix_paged(etcd, keys.job_metrics(job_id), lambda key: True, page=200)
+    for kv in sorted(batches, key=lambda kv: kv.mod_revision):
+        try:
+            batch = MetricsBatch.from_json(kv.value)
+        except RecordError as exc:
+            log.warning("skipping malformed metrics batch at %s: %s", kv.key, exc)
+            continue
+        for step in batch.steps:
+            if step.step >= since_step:
+                by_step[step.step] = step
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def jobs_from(cache: ClusterCache) -> dict[str, JobView]:

@@ -19,7 +19,7 @@ class ControllerProc:
         self.log_path = log_dir / f"controller-{replica_id}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controller.server", "--etcd", etcd_url, "--id", replica_id,
+            [sys.executable, "-m", "cli.main", "controller", "--etcd", etcd_url, "--id", replica_id,
              "--lease-ttl", str(ttl_s), "--metrics-port", "0", "--tls", "plaintext", "--no-auth"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True,
         )

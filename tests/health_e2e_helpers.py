@@ -14,20 +14,22 @@ from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 from tests.test_e2e_cluster import KEYS, etcd_read, job_json, local_cluster, tenax
 
-FAST_DETECTION_ENV = {
-    "TENAX_HANG_FLOOR_S": "4",      # the default 10 s floor is for real clusters
-    "TENAX_HANG_K": "5",
-    "TENAX_HEALTH_INTERVAL_S": "0.3",
-}
+FAST_DETECTION_ARGS = (
+    "--hang-floor-s=4",  # the default 10 s floor is for real clusters
+    "--hang-k=5",
+    "--health-interval-s=0.3",
+)
+"""`tenax controller` flags (through `tenax up --controller-arg`) for detection within a test's time."""
 
 
 @contextlib.contextmanager
-def cluster_with_env(tmp_path: Path, env: dict[str, str], **kwargs):
-    """``local_cluster`` whose controller and agents (and so workers) see ``env``."""
+def cluster_with_env(tmp_path: Path, env: dict[str, str], *, controller_args=FAST_DETECTION_ARGS, **kwargs):
+    """``local_cluster`` whose agents (and so workers) see ``env``, and whose controllers get
+    ``controller_args``."""
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     try:
-        with local_cluster(tmp_path, **kwargs) as info:
+        with local_cluster(tmp_path, controller_args=controller_args, **kwargs) as info:
             yield info
     finally:
         for name, value in saved.items():

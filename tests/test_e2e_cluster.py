@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -56,13 +57,16 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 
 @contextlib.contextmanager
-def local_cluster(tmp_path: Path, *, agents: int = 2, slots: int = 2, controllers: int = 1, etcd: str = ""):
-    """`tenax up --detach`; yields its JSON; always `tenax down` and SIGKILLs survivors."""
+def local_cluster(tmp_path: Path, *, agents: int = 2, slots: int = 2, controllers: int = 1, etcd: str = "",
+                  controller_args: Sequence[str] = ()):
+    """`tenax up --detach`; yields its JSON; always `tenax down` and SIGKILLs survivors.
+    ``controller_args``: extra `tenax controller` flags (``--controller-arg``)."""
     home = tmp_path / "home"
     args = ["up", "--detach", "--agents", str(agents), "--slots", str(slots), "--controllers", str(controllers),
             "--lease-ttl", str(TTL_S), "--timeout", "60", "--agent-arg=--kill-grace=2"]
     if etcd:
         args += ["--etcd", etcd]
+    args += [f"--controller-arg={flag}" for flag in controller_args]
     up = tenax(*args, home=home, timeout_s=90)
     info = json.loads(up.stdout.strip().splitlines()[-1])
     info["home"] = home

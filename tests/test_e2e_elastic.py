@@ -296,15 +296,14 @@ def test_growth_to_four_workers_then_drain_lose_no_step(tmp_path, long_reference
 
 
 # ------------------------------------------------------------------ 5. growth that never gets ready
-def test_a_growth_whose_new_workers_never_get_ready_is_abandoned_and_leaves_no_process(tmp_path, monkeypatch):
+def test_a_growth_whose_new_workers_never_get_ready_is_abandoned_and_leaves_no_process(tmp_path):
     """The joining node's workers hang before they are ready (a worker command that only sleeps):
-    the controller abandons the growth after TENAX_GROWTH_PREPARE_S, the agent stops them, and the
+    the controller abandons the growth after --growth-prepare-s, the agent stops them, and the
     job never stalls: it keeps training on plan 1."""
     import psutil
 
-    monkeypatch.setenv("TENAX_GROWTH_PREPARE_S", "4")  # read by the controller `tenax up` starts
     hang = f"{sys.executable} -c 'import time; time.sleep(300)'"
-    with local_cluster(tmp_path, agents=1) as info:
+    with local_cluster(tmp_path, agents=1, controller_args=["--growth-prepare-s=4"]) as info:
         path = job_file(tmp_path, steps=400, parallelism={"dp": 1, "pp": 2, "zero_stage": 1},
                         resources={"workers": 2, "device": "cpu"},
                         elastic={"min_workers": 1, "max_workers": 4, "snapshot_every": "1"})

@@ -12,7 +12,7 @@ import pytest
 
 from protos import tenax_pb2 as pb
 from protos.plan import Plan
-from tests.health_e2e_helpers import FAST_DETECTION_ENV, cluster_with_env, get_job
+from tests.health_e2e_helpers import cluster_with_env, get_job
 from tests.test_e2e_cluster import KEYS, etcd_read, job_file, nodes, submit, wait_job_done, wait_job_step, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -25,7 +25,7 @@ STEPS = 200
 def test_injected_xid_degrades_the_node_and_its_worker_migrates_without_losing_a_step(tmp_path):
     gpus = tmp_path / "gpus"
     gpus.mkdir()
-    env = {**FAST_DETECTION_ENV, "TENAX_FAKE_GPU_DIR": str(gpus)}
+    env = {"TENAX_FAKE_GPU_DIR": str(gpus)}
     with cluster_with_env(tmp_path, env, agents=3, slots=1) as info:
         path = job_file(tmp_path, steps=STEPS, parallelism={"dp": 2, "pp": 1, "zero_stage": 1},
                         resources={"workers": 2, "device": "cpu"},

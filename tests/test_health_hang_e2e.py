@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from tests.health_e2e_helpers import (FAST_DETECTION_ENV, chaos, cluster_with_env, controller_metrics_address,
+from tests.health_e2e_helpers import (chaos, cluster_with_env, controller_metrics_address,
                                       get_job, metric_value, scrape)
 from tests.test_e2e_cluster import alive, job_file, submit, wait_job_done, wait_job_step, wait_until
 
@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
 def test_sigstopped_rank_is_declared_hung_killed_and_the_job_recovers(tmp_path):
-    with cluster_with_env(tmp_path, FAST_DETECTION_ENV) as info:
+    with cluster_with_env(tmp_path, {}) as info:
         job_id = submit(info, job_file(tmp_path, steps=30))
         job = wait_job_step(info, job_id, 5)
         victim = next(w for w in job["workers"] if w["rank"] == 1)

@@ -8,6 +8,7 @@ through the real agent summary format, ``step_window`` and controller/detection.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
@@ -15,11 +16,14 @@ import random
 import pytest
 import yaml
 
+from cli.controller import add_controller_args, health_settings_from_args, settings_from_args
 from controller import metrics
 from controller.decisions import Slot, build_plan
 from controller.detection import HangSettings, StragglerSettings
 from controller.health_loop import (HealthLoop, HealthSettings, hang_decision, nodes_to_drain, rank_progress,
                                     spare_exists, step_window, telemetry_ranks)
+from controller.handle import ControllerHandle
+from controller.recovery import RecoverySettings
 from controller.state import ClusterCache, NodeSummary
 from protos.keys import Keys
 from protos.records import JobStatusRecord
@@ -120,16 +124,37 @@ def test_nodes_to_drain_only_bad_uncordoned_registered_nodes_with_workers():
     assert not spare_exists({"a": node("a", condition="DEGRADED", used=0)})
 
 
-def test_settings_from_env_validate():
-    s = HealthSettings.from_env({"TENAX_HANG_FLOOR_S": "3", "TENAX_STRAGGLER_WINDOW": "12",
-                                 "TENAX_STRAGGLER_WINDOW_S": "0.5"})
+def controller_flags(*argv: str):
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_controller_args(parser)
+    return parser.parse_args(["--tls", "plaintext", *argv])
+
+
+def test_health_settings_from_controller_flags_validate_and_name_the_flag():
+    s = health_settings_from_args(controller_flags("--hang-floor-s=3", "--straggler-window=12",
+                                                   "--straggler-window-s=0.5", "--no-drain-degraded"))
     assert s.hang.floor_s == 3 and s.straggler.window_steps == 12 and s.straggler.min_window_s == 0.5
-    assert HealthSettings.from_env({}).straggler.min_window_s == 2.0
-    for bad in ({"TENAX_HANG_FLOOR_S": "x"}, {"TENAX_HANG_K": "0.5"}, {"TENAX_STRAGGLER_WINDOW": "2.5"},
-                {"TENAX_STRAGGLER_WINDOW_S": "-1"},
-                {"TENAX_DRAIN_DEGRADED": "yes"}, {"TENAX_HEALTH_INTERVAL_S": "0"}):
-        with pytest.raises(ValueError):
-            HealthSettings.from_env(bad)
+    assert s.drain_degraded is False
+    default = health_settings_from_args(controller_flags())
+    assert default == HealthSettings() and default.straggler.min_window_s == 2.0 and default.drain_degraded
+    for bad in ("--hang-k=0.5", "--straggler-window-s=-1", "--health-interval-s=0", "--hang-floor-s=0",
+                "--straggler-window=0", "--straggler-z=0"):
+        flag = bad.partition("=")[0]
+        with pytest.raises(ValueError, match=f"^{flag}: "):
+            health_settings_from_args(controller_flags(bad))
+    for unparsable in ("--hang-floor-s=x", "--straggler-window=2.5", "--drain-degraded=yes"):
+        with pytest.raises((argparse.ArgumentError, SystemExit)):
+            controller_flags(unparsable)
+
+
+def test_recovery_and_server_settings_from_controller_flags_name_the_flag():
+    settings = settings_from_args(controller_flags("--growth-prepare-s=4", "--hang-floor-s=4"))
+    assert settings.recovery.growth_prepare_s == 4 and settings.health.hang.floor_s == 4
+    assert settings_from_args(controller_flags()).recovery == RecoverySettings()
+    for bad in ("--growth-prepare-s=0", "--lease-ttl=0", "--listen=nowhere", "--prefix=tenax/"):
+        flag = bad.partition("=")[0]
+        with pytest.raises(ValueError, match=f"^{flag}: "):
+            settings_from_args(controller_flags(bad))
 
 
 # ------------------------------------------------------------------ 500 healthy steps
@@ -201,6 +226,8 @@ class FakeController:
         self.etcd = FakeEtcd()
         self.cache = ClusterCache(self.etcd, KEYS)
         self.recovery = FakeRecovery()
+        self.handle = ControllerHandle(etcd=self.etcd, keys=KEYS, cache=self.cache, wake=lambda: None,
+                                       is_leader=lambda: True)
 
     def put(self, key: str, value: str) -> None:
         self.cache.data[key] = (value, len(self.cache.data) + 1)
@@ -232,7 +259,7 @@ def publish(c: FakeController, plan, ranks: dict[int, dict]) -> None:
 def test_loop_flags_a_slow_rank_and_asks_for_a_rebalance_at_a_step_boundary():
     s = spec(parallelism={"dp": 4, "pp": 1, "zero_stage": 1}, resources={"workers": 4, "device": "cpu"})
     c, plan = controller_with_job(s)
-    loop = HealthLoop(c, HealthSettings(hang=HangSettings(floor_s=4, startup_timeout_s=60)))
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings(hang=HangSettings(floor_s=4, startup_timeout_s=60)))
     ranks = {r: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.2)) for r in range(4)}
     ranks[3] = entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.3))  # +50% compute
     publish(c, plan, ranks)
@@ -258,7 +285,7 @@ def test_loop_flags_a_slow_rank_and_asks_for_a_rebalance_at_a_step_boundary():
 def test_loop_alert_policy_flags_but_writes_no_plan():
     s = spec(parallelism={"dp": 4, "pp": 1, "zero_stage": 1}, resources={"workers": 4, "device": "cpu"})
     c, plan = controller_with_job(s, policy="alert")
-    loop = HealthLoop(c, HealthSettings())
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings())
     ranks = {r: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.3 if r == 0 else 0.2)) for r in range(4)}
     publish(c, plan, ranks)
     before = metrics.STRAGGLERS_FLAGGED.labels(JOB)._value.get()
@@ -270,7 +297,7 @@ def test_loop_alert_policy_flags_but_writes_no_plan():
 def test_loop_kills_a_stopped_rank_through_its_agent_once():
     s = spec()
     c, plan = controller_with_job(s)
-    loop = HealthLoop(c, HealthSettings(hang=HangSettings(floor_s=4, startup_timeout_s=60)))
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings(hang=HangSettings(floor_s=4, startup_timeout_s=60)))
     ranks = {r: entry(step=10, progress_at=80.0, heartbeat_at=99.0, steps=steps_of(1, 10, 0.1)) for r in range(4)}
     ranks[1] = {**ranks[1], "stopped": True, "heartbeat_at": 80.0}
     publish(c, plan, ranks)
@@ -292,7 +319,7 @@ def test_loop_kills_a_stopped_rank_through_its_agent_once():
 def test_loop_drains_a_degraded_node_that_runs_workers_once():
     s = spec()
     c, plan = controller_with_job(s, conditions={"n1": "DEGRADED"})
-    loop = HealthLoop(c, HealthSettings())
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings())
     asyncio.run(loop.tick(100.0))
     asyncio.run(loop.tick(100.5))
     assert c.recovery.calls == [("drain", "n1", "node DEGRADED: gpu 1: XID 13")]
@@ -319,7 +346,7 @@ def test_loop_leaves_shares_that_already_fit_and_scales_compute_by_share():
     publish(c, rebalanced, ranks)
     window = step_window(rebalanced, ranks)
     assert window[-1].compute_s == {0: pytest.approx(0.2), 1: pytest.approx(0.3)}  # as if 8 samples each
-    loop = HealthLoop(c, HealthSettings())
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings())
     asyncio.run(loop.tick(100.0))
     assert c.recovery.calls == []  # the shares already fit: no plan
     assert [t for k, t, _ in loop.actions if k == "flag"] == [f"{JOB}/1"]  # still the slow hardware
@@ -361,7 +388,7 @@ def straggler_events(c: FakeController) -> dict[str, dict]:
 def test_loop_records_the_decision_step_in_a_straggler_event():
     s = spec(parallelism={"dp": 4, "pp": 1, "zero_stage": 1}, resources={"workers": 4, "device": "cpu"})
     c, plan = controller_with_job(s)
-    loop = HealthLoop(c, HealthSettings())
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings())
     ranks = {r: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.2)) for r in range(4)}
     ranks[3] = entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.3))
     ranks[0] = entry(step=33, progress_at=99.9, steps=steps_of(1, 33, 0.2))  # ahead: steps 31-33 not complete
@@ -382,7 +409,7 @@ def test_loop_records_the_decision_step_in_a_straggler_event():
 def test_loop_writes_no_straggler_event_for_a_healthy_job():
     s = spec(parallelism={"dp": 4, "pp": 1, "zero_stage": 1}, resources={"workers": 4, "device": "cpu"})
     c, plan = controller_with_job(s)
-    loop = HealthLoop(c, HealthSettings())
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings())
     publish(c, plan, {r: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.2)) for r in range(4)})
     asyncio.run(loop.tick(100.0))
     assert straggler_events(c) == {} and c.recovery.calls == []
@@ -405,7 +432,7 @@ def one_slot_cluster(policy: str = "evict"):
 
 def test_loop_evicts_a_slow_rank_to_a_spare_and_never_back_to_the_slot_it_left():
     c, plan = one_slot_cluster()
-    loop = HealthLoop(c, HealthSettings())
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings())
     ranks = {0: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.2)),
              1: entry(step=30, progress_at=99.9, steps=steps_of(1, 30, 0.3))}
     publish(c, plan, ranks)

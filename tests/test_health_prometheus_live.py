@@ -16,7 +16,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.health_e2e_helpers import FAST_DETECTION_ENV, chaos, cluster_with_env, controller_metrics_address
+from tests.health_e2e_helpers import chaos, cluster_with_env, controller_metrics_address
 from tests.test_e2e_cluster import job_file, nodes, submit, wait_job_step
 from tests.test_ops import ALERTS, _alert_rules
 from tests.test_ops_prometheus import _api, _free_port, _wait_for
@@ -40,7 +40,7 @@ def scrape_config(controller_metrics: str, agents: list[str]) -> dict:
 def test_prometheus_scrapes_a_live_cluster_and_the_alert_rules_evaluate(tmp_path):
     binary = shutil.which("prometheus")
     assert binary, "prometheus not found: install Debian's 'prometheus' package (make system-deps)"
-    with cluster_with_env(tmp_path, FAST_DETECTION_ENV) as info:
+    with cluster_with_env(tmp_path, {}) as info:
         job_id = submit(info, job_file(tmp_path, steps=400))
         wait_job_step(info, job_id, 3)
         chaos(info, "slow", "--job", job_id, "--rank", "2", "--factor", "2")

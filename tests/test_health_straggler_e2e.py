@@ -29,7 +29,7 @@ import statistics
 import pytest
 
 from protos.plan import Plan
-from tests.health_e2e_helpers import (FAST_DETECTION_ENV, chaos_rpc, cluster_with_env, controller_metrics_address,
+from tests.health_e2e_helpers import (FAST_DETECTION_ARGS, chaos_rpc, cluster_with_env, controller_metrics_address,
                                       job_events, metric_value, metrics_lines, scrape, wait_rarely)
 from tests.test_e2e_cluster import KEYS, etcd_read, job_file, submit
 
@@ -51,8 +51,9 @@ def step_seconds(lines: list[dict], first: int, last: int) -> float:
 
 
 def test_slow_rank_is_flagged_shares_rebalanced_and_throughput_recovers(tmp_path):
-    env = {**FAST_DETECTION_ENV, "TENAX_STRAGGLER_WINDOW": str(WINDOW), "OMP_NUM_THREADS": "1"}
-    with cluster_with_env(tmp_path, env, agents=DP, slots=1) as info:
+    env = {"OMP_NUM_THREADS": "1"}
+    with cluster_with_env(tmp_path, env, agents=DP, slots=1,
+                          controller_args=(*FAST_DETECTION_ARGS, f"--straggler-window={WINDOW}")) as info:
         model = {"arch": "gpt", "layers": 4, "d_model": 128, "heads": 4, "vocab_size": 256, "seq_len": 64,
                  "dropout": 0.1}
         path = job_file(tmp_path, steps=STEPS, model=model, parallelism={"dp": DP, "pp": 1, "zero_stage": 1},

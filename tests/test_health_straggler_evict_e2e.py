@@ -29,7 +29,7 @@ import pytest
 
 from protos.plan import Plan
 from protos.records import JobStatusRecord
-from tests.health_e2e_helpers import (FAST_DETECTION_ENV, chaos_rpc, cluster_with_env, controller_metrics_address,
+from tests.health_e2e_helpers import (FAST_DETECTION_ARGS, chaos_rpc, cluster_with_env, controller_metrics_address,
                                       job_events, metric_value, metrics_lines, scrape, wait_rarely)
 from tests.test_e2e_cluster import KEYS, etcd_read, job_file, job_json, submit
 
@@ -65,7 +65,8 @@ def job_status(info: dict, job_id: str) -> JobStatusRecord:
     return JobStatusRecord.from_json(etcd_read(info["etcd"], lambda e: e.get(KEYS.job_status(job_id))).value)
 
 
-DETECTION_ENV = {**FAST_DETECTION_ENV, "TENAX_STRAGGLER_WINDOW": str(WINDOW), "OMP_NUM_THREADS": "1"}
+DETECTION_ENV = {"OMP_NUM_THREADS": "1"}
+DETECTION_ARGS = (*FAST_DETECTION_ARGS, f"--straggler-window={WINDOW}")
 
 
 def dp2_job_file(tmp_path, *, steps: int, model: dict, policy: str):
@@ -85,7 +86,7 @@ SLOW_RANK = 1
 @pytest.mark.timeout(240)
 def test_evict_policy_moves_a_slow_rank_to_a_spare_and_throughput_recovers(tmp_path):
     # three nodes of one slot: the job (dp2, max_workers 2) leaves one spare slot
-    with cluster_with_env(tmp_path, DETECTION_ENV, agents=3, slots=1) as info:
+    with cluster_with_env(tmp_path, DETECTION_ENV, agents=3, slots=1, controller_args=DETECTION_ARGS) as info:
         job_id = submit(info, dp2_job_file(tmp_path, steps=EVICT_STEPS, model=COMPUTE_MODEL, policy="evict"))
         job = wait_rarely(info, job_id, lambda j: j["step"] >= EVICT_SLOW_AT, 150, interval_s=1.0)
         before = {w["rank"]: w["node"] for w in job["workers"]}
@@ -158,7 +159,7 @@ HEALTHY_MODEL = {"arch": "gpt", "layers": 2, "d_model": 128, "heads": 4, "vocab_
 
 @pytest.mark.timeout(200)
 def test_no_rank_flagged_over_500_steps_of_a_healthy_run(tmp_path):
-    with cluster_with_env(tmp_path, DETECTION_ENV, agents=2, slots=1) as info:
+    with cluster_with_env(tmp_path, DETECTION_ENV, agents=2, slots=1, controller_args=DETECTION_ARGS) as info:
         job_id = submit(info, dp2_job_file(tmp_path, steps=HEALTHY_STEPS, model=HEALTHY_MODEL, policy="rebalance"))
         address = controller_metrics_address(info)
         scored = set()

@@ -87,9 +87,13 @@ def test_local_bootstrap_makes_pki_and_a_reusable_admin_token(etcd_url, tmp_path
 def test_server_flags_refuse_to_start_without_tls_unless_plaintext_is_asked_for():
     import argparse
 
+    from cli.controller import add_controller_args, security_settings_from_args, settings_from_args
+
     parser = argparse.ArgumentParser()
-    security.add_server_args(parser)
+    add_controller_args(parser)
     with pytest.raises(ValueError, match="--tls"):
-        security.server_settings_from_args(parser.parse_args([]))
-    settings = security.server_settings_from_args(parser.parse_args(["--tls", "plaintext", "--no-auth"]))
+        security_settings_from_args(parser.parse_args([]))
+    with pytest.raises(ValueError, match="--tls"):
+        settings_from_args(parser.parse_args([]))
+    settings = security_settings_from_args(parser.parse_args(["--tls", "plaintext", "--no-auth"]))
     assert settings.tls.plaintext and not settings.auth.enabled
