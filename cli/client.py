@@ -27,8 +27,8 @@ from typing import Any, Callable
 import grpc
 from google.protobuf import json_format
 
+from cli import credentials
 from cli.local import local_cluster_state
-from controller import security
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 
@@ -79,7 +79,7 @@ _STUBS = {
 class Client:
     """Calls one RPC on the first replica that answers (UNAVAILABLE -> next).
 
-    Channels carry TLS and the caller's token (``controller.security.client_channel``:
+    Channels carry TLS and the caller's token (``cli.credentials.client_channel``:
     --ca-file/--token-file/--plaintext, else the local cluster's CA and admin token).
     """
 
@@ -91,8 +91,8 @@ class Client:
 
     def _channel(self, address: str) -> grpc.Channel:
         try:
-            return security.client_channel(self.args, address,
-                                           local=security.local_security_for(address, self._local))
+            return credentials.client_channel(self.args, address,
+                                           local=credentials.local_security_for(address, self._local))
         except (ValueError, OSError) as exc:
             raise CliError(str(exc)) from exc
 
@@ -424,7 +424,7 @@ def _client_parent() -> argparse.ArgumentParser:
                                              "else the local cluster)")
     parent.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per-call deadline, seconds")
     parent.add_argument("--json", action="store_true", help="machine-readable output")
-    security.add_client_args(parent)  # --ca-file, --cert-file, --key-file, --plaintext, --token-file
+    credentials.add_client_args(parent)  # --ca-file, --cert-file, --key-file, --plaintext, --token-file
     return parent
 
 

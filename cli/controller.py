@@ -155,6 +155,12 @@ def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
     return settings
 
 
+def controller_tls_args(record: dict) -> list[str]:
+    """``tenax controller`` flags that serve TLS with a local cluster's certificate (its ``security``
+    record: ``controller.security.bootstrap_local``)."""
+    return ["--tls", "tls", "--tls-cert", record["server_cert"], "--tls-key", record["server_key"]]
+
+
 def run_controller(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)

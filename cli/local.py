@@ -165,7 +165,7 @@ def controller_channel(address: str, security: dict[str, Any] | None):
     import grpc
 
     if security:
-        from controller.security import local_channel
+        from cli.credentials import local_channel
 
         return local_channel(address, security)
     return grpc.insecure_channel(address)
@@ -189,10 +189,11 @@ def _controller_security(state_dir: Path, etcd_url: str) -> tuple[list[str], dic
     The record (dev CA, server certificate, admin token file) is kept in the state
     file for the client CLI.
     """
+    from cli.controller import controller_tls_args
     from controller import security
 
     record = security.bootstrap_local(state_dir, etcd_url)
-    return security.controller_tls_args(record), record
+    return controller_tls_args(record), record
 
 
 def registered_nodes(etcd_url: str, prefix: str = "/tenax") -> set[str]:
@@ -389,7 +390,7 @@ def _tenax(*argv: str, security: dict[str, Any] | None, capture: bool = False,
            timeout_s: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if security:
-        from controller.security import client_env
+        from cli.credentials import client_env
 
         env.update(client_env(security))
     return subprocess.run([sys.executable, "-m", "cli.main", *argv], cwd=REPO, timeout=timeout_s,

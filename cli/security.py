@@ -21,6 +21,7 @@ import time
 
 import grpc
 
+from cli import credentials
 from cli.controller import etcd_tls_from_args
 from controller import auth, security, tls
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--controller", default="", help="controller host:port (default $TENAX_CONTROLLER)")
     audit.add_argument("--limit", type=int, default=50, help="newest N records")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
-    security.add_client_args(audit)
+    credentials.add_client_args(audit)
     audit.set_defaults(func=run_audit)
 
     tokens = sub.add_parser("tokens", help="create, list or revoke API tokens (talks to etcd)")
@@ -86,7 +87,7 @@ def run_audit(args: argparse.Namespace) -> int:
         return 2
     try:
         address = target.split(",")[0].strip()
-        channel = security.client_channel(args, address, local=security.local_security_for(address, local))
+        channel = credentials.client_channel(args, address, local=credentials.local_security_for(address, local))
     except ValueError as exc:
         print(f"tenax audit: {exc}", file=sys.stderr)
         return 2

@@ -40,7 +40,6 @@ import hmac
 import inspect
 import json
 import logging
-import os
 import re
 import secrets
 import time
@@ -60,7 +59,6 @@ log = logging.getLogger(__name__)
 ROLES = ("viewer", "submitter", "admin")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
 
-TOKEN_ENV = "TENAX_TOKEN"
 TOKEN_PREFIX = "tnx"
 _TOKEN_RE = re.compile(r"^tnx\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,62}$")
@@ -566,20 +564,16 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
 
 # ------------------------------------------------------------------ client side
-def read_token(token_file: str | None = None, env: dict | None = None) -> str | None:
-    """The CLI's token: from ``token_file`` if given, else ``$TENAX_TOKEN``; never from argv."""
-    environ = os.environ if env is None else env
-    if token_file:
-        try:
-            with open(token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise AuthError(f"--token-file: cannot read {token_file!r}: {exc}") from exc
-        if not token:
-            raise AuthError(f"--token-file: {token_file!r} is empty")
-        return token
-    token = environ.get(TOKEN_ENV, "").strip()
-    return token or None
+def read_token_file(token_file: str) -> str:
+    """The token kept in ``token_file`` (raises AuthError naming the flag if unreadable or empty)."""
+    try:
+        with open(token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise AuthError(f"--token-file: cannot read {token_file!r}: {exc}") from exc
+    if not token:
+        raise AuthError(f"--token-file: {token_file!r} is empty")
+    return token
 
 
 class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",

@@ -8,7 +8,8 @@ import grpc
 import pytest
 
 from controller import auth
-from controller.auth import Identity, authorize, bearer_token, new_token, parse_token, read_token
+from cli.credentials import read_token
+from controller.auth import Identity, authorize, bearer_token, new_token, parse_token
 from controller.security import SecuritySettings
 from controller.limits import Limits
 from controller.tls import TlsSettings

@@ -8,8 +8,10 @@ import stat
 
 import pytest
 
-from controller import security
+from cli import credentials
+from cli.controller import controller_tls_args
 from cli.main import main as tenax
+from controller import security
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 from tests.security_helpers import CALL_TIMEOUT_S, start_secured_api, tiny_spec
@@ -78,10 +80,10 @@ def test_local_bootstrap_makes_pki_and_a_reusable_admin_token(etcd_url, tmp_path
     assert stat.S_IMODE(os.stat(first["token_file"]).st_mode) == 0o600
     again = security.bootstrap_local(tmp_path, etcd_url)
     assert open(again["token_file"]).read().strip() == token  # still valid in etcd: kept
-    assert security.controller_tls_args(again)[:2] == ["--tls", "tls"]
+    assert controller_tls_args(again)[:2] == ["--tls", "tls"]
     state = {"controller": "127.0.0.1:1", "controllers": ["127.0.0.1:1"], "security": again}
-    assert security.local_security_for("127.0.0.1:1", state) == again
-    assert security.local_security_for("evil.example:443", state) is None  # never leak the local token
+    assert credentials.local_security_for("127.0.0.1:1", state) == again
+    assert credentials.local_security_for("evil.example:443", state) is None  # never leak the local token
 
 
 def test_server_flags_refuse_to_start_without_tls_unless_plaintext_is_asked_for():
