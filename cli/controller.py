@@ -14,7 +14,7 @@ import asyncio
 import sys
 from typing import Callable, TypeVar
 
-from common.etcd import EtcdTls, EtcdUnavailable
+from common.etcd import EtcdError, EtcdTls, EtcdUnavailable
 from controller import auth, limits
 from controller.detection import HangSettings, StragglerSettings
 from controller.health_loop import HealthSettings
@@ -169,7 +169,7 @@ def run_controller(args: argparse.Namespace) -> int:
         return 2
     try:
         asyncio.run(serve(settings))
-    except (EtcdUnavailable, OSError) as exc:
+    except (EtcdUnavailable, EtcdError, OSError) as exc:
         print(f"tenax controller: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -203,7 +203,7 @@ class AuditServicer(tenax_pb2_grpc.AuditServiceServicer):
             records = await self.audit.newest(list_limit(request.limit))
         except EtcdUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"audit log unavailable, retry: {exc}")
-        except (EtcdError, EtcdUnavailable) as exc:
+        except EtcdError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"audit log unreadable: {exc}")
         return tenax_pb2.ListAuditResponse(records=[r.to_proto() for r in records])
 

@@ -54,8 +54,11 @@ class LeaderElector:
                 await self._revoke(lease)
                 await self._wait_for_vacancy()
                 backoff.reset()
-            except (EtcdError, EtcdUnavailable) as exc:
+            except EtcdUnavailable as exc:
                 log.warning("leader election: etcd unavailable (will retry): %s", exc)
+                await backoff.sleep()
+            except EtcdError as exc:  # permanent for that request: this round is skipped, the next starts afresh
+                log.error("leader election round skipped: etcd refused a request: %s", exc)
                 await backoff.sleep()
 
     async def _try_lead(self, lease: int, lost: asyncio.Event) -> bool:

@@ -91,8 +91,14 @@ class ClusterCache:
                 async for ev in self.etcd.watch_prefix(self.keys.prefix + "/", start_revision=start):
                     self._apply(ev)
                     await self._notify()
-            except (EtcdError, EtcdUnavailable) as exc:
+            except EtcdUnavailable as exc:
                 log.warning("cluster watch broken (will reload): %s", exc)
+                self.synced.clear()
+                await backoff.sleep()
+            except EtcdError as exc:
+                # permanent for that request (e.g. a watch from a compacted revision): it is not
+                # repeated; the mirror starts over from a fresh snapshot at a new revision
+                log.error("cluster mirror: etcd refused a load or watch (%s); reloading from a new snapshot", exc)
                 self.synced.clear()
                 await backoff.sleep()
 
