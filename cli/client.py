@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 import urllib.error
@@ -25,8 +24,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import grpc
+import yaml
 from google.protobuf import json_format
 
+from cli.env import CONTROLLER, controller_from_env
+from cli.local import local_cluster_state
+from common.spec import JobSpec
+from controller import security
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 
@@ -40,25 +44,18 @@ class CliError(Exception):
 
 # ------------------------------------------------------------------ plumbing
 def controller_addresses(args: argparse.Namespace) -> list[str]:
-    value = getattr(args, "controller", None) or os.environ.get("TENAX_CONTROLLER")
+    value = getattr(args, "controller", None) or controller_from_env()
     if not value:
         value = _local_controller(_local_state())
     if not value:
-        raise CliError("no controller address: pass --controller HOST:PORT, set TENAX_CONTROLLER, "
+        raise CliError(f"no controller address: pass --controller HOST:PORT, set {CONTROLLER}, "
                        "or start a local cluster with `tenax up`")
     return [a.strip() for a in value.split(",") if a.strip()]
 
 
 def _local_state() -> dict | None:
-    try:
-        from cli.local import local_cluster_state  # written by the local-cluster part
-    except ImportError:
-        return None
-    try:
-        state = local_cluster_state()
-    except Exception:  # a broken state file is the same as none
-        return None
-    return state if isinstance(state, dict) else None
+    """The record `tenax up` wrote, or None (a missing or unreadable state file reads as None)."""
+    return local_cluster_state()
 
 
 def _local_controller(state: dict | None) -> str | None:
@@ -81,9 +78,8 @@ _STUBS = {
 class Client:
     """Calls one RPC on the first replica that answers (UNAVAILABLE -> next).
 
-    Channels carry TLS and the caller's token when the security part is built
-    in (``controller.security.client_channel``: --ca-file/--token-file/--plaintext,
-    else the local cluster's CA and admin token).
+    Channels carry TLS and the caller's token (``controller.security.client_channel``:
+    --ca-file/--token-file/--plaintext, else the local cluster's CA and admin token).
     """
 
     def __init__(self, addresses: list[str], timeout_s: float, args: argparse.Namespace | None = None) -> None:
@@ -93,12 +89,6 @@ class Client:
         self._local = _local_state()
 
     def _channel(self, address: str) -> grpc.Channel:
-        try:
-            from controller import security
-        except ModuleNotFoundError as exc:
-            if exc.name != "controller.security":
-                raise
-            return grpc.insecure_channel(address)
         try:
             return security.client_channel(self.args, address,
                                            local=security.local_security_for(address, self._local))
@@ -220,10 +210,6 @@ def node_record(node: pb.NodeInfo) -> dict[str, Any]:
 # ------------------------------------------------------------------ commands
 @_command
 def cmd_submit(args: argparse.Namespace) -> int:
-    import yaml  # CLI-only dependency
-
-    from common.spec import JobSpec
-
     try:
         data = yaml.safe_load(Path(args.file).read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -435,16 +421,10 @@ def cmd_controller(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ registration
 def _client_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--controller", help="controller host:port[,host:port] (default $TENAX_CONTROLLER, "
+    parent.add_argument("--controller", help=f"controller host:port[,host:port] (default ${CONTROLLER}, "
                                              "else the local cluster)")
     parent.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per-call deadline, seconds")
     parent.add_argument("--json", action="store_true", help="machine-readable output")
-    try:
-        from controller import security
-    except ModuleNotFoundError as exc:
-        if exc.name != "controller.security":
-            raise  # a missing dependency must not silently turn security off
-        return parent  # built without the security part: plaintext channels
     security.add_client_args(parent)  # --ca-file, --cert-file, --key-file, --plaintext, --token-file
     return parent
 
