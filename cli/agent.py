@@ -58,17 +58,22 @@ def register(sub) -> None:
     p.set_defaults(func=_run)
 
 
+def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+    """The agent's settings, from its flags only; ValueError names the bad flag."""
+    return AgentSettings(
+        etcd=args.etcd, etcd_prefix=args.etcd_prefix, node_id=args.node_id, slots=args.slots,
+        lease_ttl_s=args.lease_ttl, work_dir=args.work_dir or default_work_dir(args.node_id),
+        http_host=args.http[0], http_port=args.http[1], advertise_host=args.advertise_host,
+        telemetry_interval_s=args.telemetry_interval, kill_grace_s=args.kill_grace,
+        worker_command=shlex.split(args.worker_command), etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert,
+        etcd_key=args.etcd_key, fake_gpu_dir=args.fake_gpu_dir).validate()
+
+
 def _run(args: argparse.Namespace) -> int:
     # gRPC core logs an INFO line on every fork (each worker start); keep its errors only.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
-        settings = AgentSettings(
-            etcd=args.etcd, etcd_prefix=args.etcd_prefix, node_id=args.node_id, slots=args.slots,
-            lease_ttl_s=args.lease_ttl, work_dir=args.work_dir or default_work_dir(args.node_id),
-            http_host=args.http[0], http_port=args.http[1], advertise_host=args.advertise_host,
-            telemetry_interval_s=args.telemetry_interval, kill_grace_s=args.kill_grace,
-            worker_command=shlex.split(args.worker_command), etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert,
-            etcd_key=args.etcd_key, fake_gpu_dir=args.fake_gpu_dir).validate()
+        settings = settings_from_args(args)
     except ValueError as exc:
         print(f"tenax agent: {exc}")
         return 2
