@@ -95,8 +95,7 @@ class Registration:
                 await backoff.sleep()
                 continue
             except EtcdError as exc:
-                log.error("registration of node %s refused by etcd (not retried; the node stays "
-                          "unregistered): %s", self.node_id, exc)
+                log.error("registration of node %s refused by etcd, not retried: %s", self.node_id, exc)
                 self.refused = exc
                 self.ended.set()
                 return
