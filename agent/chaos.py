@@ -27,9 +27,10 @@ import signal
 from pathlib import Path
 from typing import Callable
 
-from protos.chaos import ChaosRecord
+from agent.rank_health import RankHealthPublisher
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff
+from protos.chaos import ChaosRecord
 from protos.keys import Keys
 
 log = logging.getLogger("agent.chaos")
@@ -55,8 +56,6 @@ def write_slow_factor(run_dir: Path, rank: int, factor: float) -> Path:
 
 def start_agent_tasks(agent) -> list[asyncio.Task]:
     """The agent's detection-side tasks: the chaos/kill executor and the rank telemetry publisher."""
-    from agent.rank_health import RankHealthPublisher
-
     agent.chaos = ChaosExecutor(etcd=agent.etcd, keys=agent.keys, node_id=agent.settings.node_id,
                                 supervisor=agent.supervisor)
     agent.rank_health = RankHealthPublisher(etcd=agent.etcd, keys=agent.keys, node_id=agent.settings.node_id,
@@ -100,7 +99,8 @@ class ChaosExecutor:
                 async for ev in self.etcd.watch_prefix(prefix, start_revision=revision + 1):
                     if ev.kind == "put":
                         await self.handle(ev.key, ev.value)
-                raise EtcdError("chaos watch ended")
+                raise EtcdUnavailable("chaos watch ended")
+            # The watch must survive both: a fresh read also cures a refused watch (compacted revision).
             except (EtcdError, EtcdUnavailable) as exc:
                 log.warning("chaos watch broken (will retry): %r", exc)
                 await backoff.sleep()

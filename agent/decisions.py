@@ -5,6 +5,7 @@ Nothing here touches etcd, processes or clocks; every function reads as a test.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 from protos.plan import Plan, PlanError, WorkerAssignment
@@ -176,11 +177,9 @@ def exit_state(returncode: int, kill_requested: bool) -> tuple[str, str, str]:
 
     ``returncode`` follows subprocess: negative means killed by that signal.
     """
-    import signal as _signal
-
     if returncode < 0:
         try:
-            sig = _signal.Signals(-returncode).name
+            sig = signal.Signals(-returncode).name
         except ValueError:
             sig = f"SIG{-returncode}"
     else:

@@ -20,17 +20,30 @@ kills its workers (parent-death signal) and the lease expires after the TTL.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
-import os
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from agent import metrics
+from agent.chaos import start_agent_tasks
+from agent.decisions import LocalWorker
+from agent.http import AgentHttp
+from agent.registration import Registration
+from agent.retrylog import FailureLog
+from agent.store import RendezvousStore
+from agent.supervisor import Supervisor
+from agent.telemetry import export_gauges, health_record, node_condition, open_gpu_source, sample_host
+from common.etcd import Etcd, EtcdError, EtcdTls, EtcdUnavailable, parse_endpoint
+from common.retry import Backoff
+from protos.keys import DEFAULT_PREFIX, Keys
+from protos.plan import Plan, PlanError
+from protos.records import (TERMINAL_PHASES, GrowthRecord, JobStatusRecord, NodeRecord, WorkerStatusRecord,
+                            parse_or_none)
 
 log = logging.getLogger("agent")
 
@@ -53,7 +66,8 @@ class AgentSettings:
     advertise_host: str = ""
     """Host other machines use to reach this agent (HTTP and store); default: http_host, or the
     hostname when http_host is a wildcard address."""
-    etcd_prefix: str = "/tenax"
+    etcd_prefix: str = DEFAULT_PREFIX
+    """Cluster key prefix in etcd (protos.keys.Keys)."""
     telemetry_interval_s: float = 3.0
     """Seconds between telemetry samples."""
     kill_grace_s: float = 5.0
@@ -70,17 +84,15 @@ class AgentSettings:
     """Client certificate for etcd (PEM), when etcd asks for one."""
     etcd_key: str = ""
     """Its private key (PEM)."""
+    fake_gpu_dir: Path | None = None
+    """Test hook: read GPU telemetry from ``<dir>/<node id>.json`` (a JSON list of GpuSample fields)
+    instead of NVML, so tests and game days can inject XID/ECC errors; None: NVML."""
 
     def etcd_tls(self):
-        from common.etcd import EtcdTls
-
         return EtcdTls(ca_file=self.etcd_ca, cert_file=self.etcd_cert, key_file=self.etcd_key) \
             if self.etcd_ca else None
 
     def validate(self) -> "AgentSettings":
-        from common.etcd import parse_endpoint
-        from protos.keys import Keys
-
         parse_endpoint(self.etcd)
         Keys(self.etcd_prefix)
         if self.etcd.strip().startswith("https://") and not self.etcd_ca:
@@ -107,12 +119,10 @@ class AgentSettings:
 
 class Agent:
     def __init__(self, settings: AgentSettings, *, gpu_source=None) -> None:
-        from agent.telemetry import open_gpu_source
-        from protos.keys import Keys
-
         self.settings = settings
         self.keys = Keys(settings.etcd_prefix)
-        self.gpu_source = gpu_source if gpu_source is not None else open_gpu_source(settings.node_id)
+        self.gpu_source = gpu_source if gpu_source is not None else \
+            open_gpu_source(settings.node_id, settings.fake_gpu_dir)
         gpus = self.gpu_source.device_count()
         self.slots = settings.slots if settings.slots is not None else (gpus or 1)
         self.started = time.time()
@@ -129,8 +139,6 @@ class Agent:
 
     # ------------------------------------------------------------ node info
     def node_info(self) -> dict[str, Any]:
-        from protos.records import NodeRecord
-
         return NodeRecord(id=self.settings.node_id, slots=self.slots, hostname=socket.gethostname(),
                           address=self.address, store_address=self.store_address,
                           condition=self.condition[0], condition_reason=self.condition[1],
@@ -138,13 +146,6 @@ class Agent:
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
-        from agent import metrics
-        from agent.http import AgentHttp
-        from agent.registration import Registration
-        from agent.store import RendezvousStore
-        from agent.supervisor import Supervisor
-        from common.etcd import Etcd
-
         s = self.settings
         metrics.AGENT_INFO.labels(s.node_id).set(1)
         metrics.AGENT_SLOTS.set(self.slots)
@@ -168,30 +169,46 @@ class Agent:
             self.store_address = f"{s.advertise_host}:{store_port}"
             await self._connect()
             self.registration.start()
-            await self.registration.registered.wait()
+            await self._registered()
             self._tasks = [asyncio.create_task(self._telemetry_loop(), name="telemetry"),
-                           asyncio.create_task(self._jobs_loop(), name="jobs")]
-            from agent.chaos import start_agent_tasks  # chaos/kill requests, rank timings for detection
-
+                           asyncio.create_task(self._jobs_loop(), name="jobs"),
+                           asyncio.create_task(self._stop_when_registration_ends(), name="registration-end")]
             self._tasks += start_agent_tasks(self)
             log.info("agent %s ready: %d slots, http %s, store %s", s.node_id, self.slots, self.address,
                      self.store_address)
             await self.stopping.wait()
+            if self.registration.refused is not None:
+                raise self.registration.refused
         finally:
             await self._shutdown(http, store)
 
     async def _connect(self) -> None:
-        from common.etcd import EtcdError, EtcdUnavailable
-        from common.retry import Backoff
-
+        """Connect, retrying while etcd is unreachable; a refusal (EtcdError) ends the agent."""
         backoff = Backoff(0.1, 2.0)
         while True:
             try:
                 await self.etcd.connect()
                 return
-            except (EtcdError, EtcdUnavailable) as exc:
+            except EtcdUnavailable as exc:
                 log.warning("etcd %s not reachable (will retry): %r", self.settings.etcd, exc)
                 await backoff.sleep()
+
+    async def _registered(self) -> None:
+        """Until the node is registered; raises the EtcdError that made the registration give up."""
+        registered = asyncio.create_task(self.registration.registered.wait())
+        ended = asyncio.create_task(self.registration.ended.wait())
+        try:
+            await asyncio.wait({registered, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            registered.cancel()
+            ended.cancel()
+        if self.registration.refused is not None:
+            raise self.registration.refused
+
+    async def _stop_when_registration_ends(self) -> None:
+        """A node etcd refuses to register cannot run workers: stop the agent (run() raises why)."""
+        await self.registration.ended.wait()
+        self.stopping.set()
 
     async def _shutdown(self, http, store) -> None:
         log.info("agent %s stopping", self.settings.node_id)
@@ -219,10 +236,6 @@ class Agent:
 
     # ------------------------------------------------------------ telemetry
     async def _telemetry_loop(self) -> None:
-        from agent.retrylog import FailureLog
-        from agent.telemetry import export_gauges, health_record, node_condition, sample_host
-        from common.etcd import EtcdError, EtcdUnavailable
-
         failures = FailureLog(log, "telemetry publishing")
         while True:
             try:
@@ -236,8 +249,10 @@ class Agent:
                 await self.registration.put_leased(self.keys.node_health(self.settings.node_id),
                                                    json.dumps(record))
                 failures.ok()
-            except (EtcdError, EtcdUnavailable) as exc:
+            except EtcdUnavailable as exc:
                 failures.failed(exc)
+            except EtcdError as exc:  # permanent for this sample: skip it, the next one is new data
+                log.error("telemetry sample not published (etcd refused it; skipped): %s", exc)
             except Exception:  # telemetry must never take the agent down
                 log.exception("telemetry sample failed")
             await asyncio.sleep(self.settings.telemetry_interval_s)
@@ -256,11 +271,6 @@ class Agent:
     # ------------------------------------------------------------ jobs
     async def _jobs_loop(self) -> None:
         """Sync with etcd, then follow changes; after any break (etcd restart) sync again."""
-        from common.etcd import EtcdError, EtcdUnavailable
-        from common.retry import Backoff
-
-        from agent.retrylog import FailureLog
-
         backoff = Backoff(0.1, 2.0)
         failures = FailureLog(log, "jobs watch")
         first = True
@@ -272,7 +282,8 @@ class Agent:
                 backoff.reset()
                 async for ev in self.etcd.watch_prefix(self.keys.jobs(), start_revision=revision + 1):
                     await self._on_job_event(ev.kind, ev.key, ev.value)
-                raise EtcdError("watch ended")
+                raise EtcdUnavailable("jobs watch ended")
+            # The watch must survive both: a fresh sync also cures a refused watch (compacted revision).
             except (EtcdError, EtcdUnavailable) as exc:
                 failures.failed(exc)
                 await backoff.sleep()
@@ -287,10 +298,6 @@ class Agent:
         it replays at most a few events we already saw (plans are idempotent)
         and never misses one.
         """
-        from protos.records import TERMINAL_PHASES, JobStatusRecord, WorkerStatusRecord, parse_or_none
-
-        from common.etcd import EtcdUnavailable
-
         node = self.settings.node_id
         lease = self.registration.lease_id
         if lease is None:  # never write NodeInfo without a lease: it would outlive the agent
@@ -326,9 +333,6 @@ class Agent:
         At the agent's first sync, a STARTING/RUNNING record is from a previous life of
         this agent; its workers died with it (parent-death signal): report them FAILED.
         """
-        from agent.decisions import LocalWorker
-        from protos.records import WorkerStatusRecord
-
         # a worker is its slot: the record may sit under the rank it had in an older generation
         if any(w.job == job and w.slot == rec.slot and w.alive for w in self.supervisor.all_workers()):
             return
@@ -357,8 +361,6 @@ class Agent:
             self._cancelled.add(job)
             await self.supervisor.cancel_job(job)
         elif rest == "status" and kind == "put":
-            from protos.records import TERMINAL_PHASES, JobStatusRecord, parse_or_none
-
             status = parse_or_none(JobStatusRecord, value, log, key)
             if status is not None and status.phase in TERMINAL_PHASES:
                 await self._job_ended(job, status.phase)
@@ -371,8 +373,6 @@ class Agent:
         self.supervisor.forget_job(job)
 
     async def _on_plan(self, job: str, value: str) -> None:
-        from protos.plan import Plan, PlanError
-
         try:
             plan = Plan.from_json(value)
         except PlanError as exc:
@@ -390,9 +390,6 @@ class Agent:
 
     async def _on_growth(self, job: str, value: str | None) -> None:
         """A growth record changed (or is gone): start or stop this node's new workers for it."""
-        from protos.plan import Plan, PlanError
-        from protos.records import GrowthRecord, parse_or_none
-
         growth = parse_or_none(GrowthRecord, value, log, self.keys.job_growth(job)) if value else None
         node = self.settings.node_id
         mine = growth is not None and any(n == node for n, _ in growth.joiner_slots())

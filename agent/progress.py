@@ -150,7 +150,7 @@ class ProgressRelay:
                 failures.ok()
                 backoff.reset()
                 await asyncio.sleep(POLL_S)
-            except (EtcdError, EtcdUnavailable) as exc:
+            except EtcdUnavailable as exc:
                 failures.failed(exc)
                 await backoff.sleep()
 
@@ -273,16 +273,24 @@ class ProgressRelay:
             if self.first_step is not None:
                 progress["generation_first_step"] = self.first_step
             self._urgent = False
-            await self.etcd.put(self.keys.job_progress_rank(self.job, latest["rank"]), json.dumps(progress))
+            try:
+                await self.etcd.put(self.keys.job_progress_rank(self.job, latest["rank"]), json.dumps(progress))
+                self.writes += 1
+                wrote = True
+            except EtcdError as exc:  # not retried: the next step is published anew
+                log.error("job %s rank %d: progress of step %d skipped, etcd refused it: %s", self.job,
+                          latest["rank"], latest["step"], exc)
             self._latest_published = self.latest
-            self.writes += 1
-            wrote = True
         while self._batch:
             chunk = self._batch[:MAX_BATCH]
-            await self.etcd.put(self.keys.job_metrics_batch(self.job, chunk[0].step),
-                                MetricsBatch(steps=tuple(chunk)).to_json())
+            try:
+                await self.etcd.put(self.keys.job_metrics_batch(self.job, chunk[0].step),
+                                    MetricsBatch(steps=tuple(chunk)).to_json())
+                self.writes += 1
+                wrote = True
+            except EtcdError as exc:  # not retried: the steps are lost to the metrics history only
+                log.error("job %s rank %d: metrics of steps %d-%d skipped, etcd refused them: %s", self.job,
+                          self.rank, chunk[0].step, chunk[-1].step, exc)
             del self._batch[:len(chunk)]
-            self.writes += 1
-            wrote = True
         if wrote:
             self._last_publish = now

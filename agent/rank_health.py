@@ -165,7 +165,7 @@ class RankHealthPublisher:
                 await self.tick()
                 backoff.reset()
                 await asyncio.sleep(self.interval_s)
-            except (EtcdError, EtcdUnavailable) as exc:
+            except EtcdUnavailable as exc:
                 log.warning("rank telemetry not published (will retry): %r", exc)
                 await backoff.sleep()
             except Exception:  # telemetry must never take the agent down
@@ -204,9 +204,15 @@ class RankHealthPublisher:
             if self._published.get(job) == body:
                 continue
             value = json.dumps({"node": self.node_id, "time": time.time(), "ranks": ranks}, sort_keys=True)
-            await asyncio.wait_for(self.etcd.put(self.keys.job_telemetry_node(job, self.node_id), value), 5.0)
+            try:
+                await asyncio.wait_for(self.etcd.put(self.keys.job_telemetry_node(job, self.node_id), value), 5.0)
+                self.writes += 1
+            except EtcdError as exc:  # not retried: the next change of this job's ranks is written anew
+                log.error("rank telemetry of job %s skipped, etcd refused it: %s", job, exc)
             self._published[job] = body
-            self.writes += 1
         for job in [j for j in self._published if j not in by_job]:
-            await asyncio.wait_for(self.etcd.delete(self.keys.job_telemetry_node(job, self.node_id)), 5.0)
+            try:
+                await asyncio.wait_for(self.etcd.delete(self.keys.job_telemetry_node(job, self.node_id)), 5.0)
+            except EtcdError as exc:
+                log.error("rank telemetry of ended job %s left in etcd, etcd refused the delete: %s", job, exc)
             del self._published[job]

@@ -9,7 +9,9 @@ Life of a registration::
 
 While etcd is down the loop keeps retrying with backoff (temporary error); a
 lease that etcd still knows after it comes back is simply refreshed, one it
-lost is replaced by a new lease and NodeInfo is written again. Keys written
+lost is replaced by a new lease and NodeInfo is written again. A refusal
+(``EtcdError``, e.g. permission denied) is permanent: the registration gives up,
+keeps the error in ``refused`` and sets ``ended`` (the agent stops). Keys written
 with ``put_leased`` (the health record) live and die with the node.
 """
 
@@ -41,6 +43,9 @@ class Registration:
         self.registrations = 0
         """How many times NodeInfo was written under a new lease."""
         self.registered = asyncio.Event()
+        self.ended = asyncio.Event()
+        """Set when the registration gave up for good (``refused`` says why)."""
+        self.refused: EtcdError | None = None
         self._lost = asyncio.Event()
         self._keeper: LeaseKeeper | None = None
         self._task: asyncio.Task | None = None
@@ -85,10 +90,15 @@ class Registration:
                 await self._register_once()
                 failures.ok()
                 backoff.reset()
-            except (EtcdError, EtcdUnavailable) as exc:
+            except EtcdUnavailable as exc:
                 failures.failed(exc)
                 await backoff.sleep()
                 continue
+            except EtcdError as exc:
+                log.error("registration of node %s refused by etcd, not retried: %s", self.node_id, exc)
+                self.refused = exc
+                self.ended.set()
+                return
             await self._lost.wait()
             self.registered.clear()
             self.lease_id = None

@@ -22,7 +22,7 @@ class RendezvousStore:
     def start(self, bind_host: str, port: int = 0, timeout_s: float = 30.0) -> int:
         """Start the server (blocking: run it in a thread); returns the bound port."""
         warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch without numpy: harmless
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch takes seconds to import; `tenax --help` must not wait
 
         self._store = dist.TCPStore(bind_host, port, is_master=True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=timeout_s))

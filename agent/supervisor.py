@@ -455,19 +455,25 @@ class Supervisor:
         return record
 
     async def _put_joiner(self, job: str, record: JoinerRecord, *, tries: int = 20) -> None:
-        """Write a joiner record, retrying for a while (the growth deadline covers a lost one)."""
+        """Write a joiner record, retrying for a while while etcd is unavailable (the growth
+        deadline covers a lost one); a refused write is not retried."""
         backoff = Backoff(0.05, 1.0)
         for _ in range(tries):
             try:
                 await self.etcd.put(self.keys.job_joiner(job, record.node, record.slot), record.to_json())
                 return
-            except (EtcdError, EtcdUnavailable) as exc:
+            except EtcdUnavailable as exc:
                 log.warning("joiner record of job %s slot %d not written (will retry): %r", job, record.slot, exc)
                 await backoff.sleep()
+            except EtcdError as exc:
+                log.error("joiner record of job %s slot %d (%s) skipped, etcd refused it: %s", job, record.slot,
+                          record.state, exc)
+                return
 
     async def _report(self, worker: Worker) -> None:
-        """Write the worker's current status; retry while etcd is unavailable (the latest state wins).
-        A preparing worker has no rank key yet: only its exit is reported, as a joiner record."""
+        """Write the worker's current status; retry while etcd is unavailable (the latest state wins),
+        not when etcd refuses the write. A preparing worker has no rank key yet: only its exit is
+        reported, as a joiner record."""
         if worker.preparing:
             if not worker.alive:  # ended before its growth switched: the controller abandons it now
                 await self._put_joiner(worker.job, JoinerRecord(
@@ -484,10 +490,14 @@ class Supervisor:
                 try:
                     await self.etcd.put(self.keys.job_worker(worker.job, worker.rank), json.dumps(record))
                     return
-                except (EtcdError, EtcdUnavailable) as exc:
+                except EtcdUnavailable as exc:
                     log.warning("report job %s rank %d %s failed (will retry): %r", worker.job, worker.rank,
                                 worker.state, exc)
                     await backoff.sleep()
+                except EtcdError as exc:
+                    log.error("report job %s rank %d %s skipped, etcd refused it: %s", worker.job, worker.rank,
+                              worker.state, exc)
+                    return
 
     # ---------------------------------------------------------------- stop
     @staticmethod

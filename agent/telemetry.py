@@ -15,8 +15,8 @@ The node condition is a pure function of the latest GPU samples
              threshold, NVLink CRC/replay/recovery errors
 * HEALTHY  — otherwise (also when there are no GPUs)
 
-Tests and game days inject GPU telemetry without a GPU: ``TENAX_FAKE_GPU_DIR``
-selects ``FileGpuSource``, which reads ``<dir>/<node id>.json`` (a JSON list of
+Tests and game days inject GPU telemetry without a GPU: ``tenax agent
+--fake-gpu-dir DIR`` (``AgentSettings.fake_gpu_dir``) selects ``FileGpuSource``, which reads ``<dir>/<node id>.json`` (a JSON list of
 GpuSample fields) at every sample; no file means no GPUs.
 """
 
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+import psutil
 
 from agent import metrics
 
@@ -135,7 +136,7 @@ class FakeGpuSource:
 
 
 class FileGpuSource:
-    """GPU telemetry read from a JSON file at every sample (``TENAX_FAKE_GPU_DIR``): lets a test
+    """GPU telemetry read from a JSON file at every sample (``--fake-gpu-dir``): lets a test
     inject XID or ECC errors into a running agent. A missing or malformed file reads as no GPUs
     (the previous sample is kept when the file is being rewritten)."""
 
@@ -287,13 +288,12 @@ def throttle_names(mask: int) -> list[str]:
     return [name for bit, name in THROTTLE_BITS.items() if mask & bit]
 
 
-def open_gpu_source(node_id: str = "") -> GpuSource:
-    """``FileGpuSource`` under ``TENAX_FAKE_GPU_DIR`` (tests); else NVML when it works and sees at
-    least one GPU; otherwise no GPUs."""
-    fake_dir = os.environ.get("TENAX_FAKE_GPU_DIR", "")
-    if fake_dir:
-        log.warning("GPU telemetry from %s (TENAX_FAKE_GPU_DIR), not NVML", fake_dir)
-        return FileGpuSource(Path(fake_dir) / f"{node_id or 'node'}.json")
+def open_gpu_source(node_id: str = "", fake_gpu_dir: Path | None = None) -> GpuSource:
+    """``FileGpuSource`` reading ``<fake_gpu_dir>/<node id>.json`` when ``fake_gpu_dir`` is given
+    (tests, game days); else NVML when it works and sees at least one GPU; otherwise no GPUs."""
+    if fake_gpu_dir is not None:
+        log.warning("GPU telemetry from %s (--fake-gpu-dir), not NVML", fake_gpu_dir)
+        return FileGpuSource(Path(fake_gpu_dir) / f"{node_id or 'node'}.json")
     try:
         source = NvmlSource()
     except Exception as exc:  # no library, no driver, no device
@@ -306,8 +306,6 @@ def open_gpu_source(node_id: str = "") -> GpuSource:
 
 
 def sample_host() -> HostSample:
-    import psutil
-
     vm = psutil.virtual_memory()
     # interval=None: utilization since the previous call, never blocks.
     return HostSample(cpu_percent=float(psutil.cpu_percent(interval=None)),

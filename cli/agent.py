@@ -1,4 +1,6 @@
-"""``tenax agent``: flags -> ``AgentSettings`` -> the agent service (agent/main.py)."""
+"""``tenax agent``: flags -> ``AgentSettings`` -> the agent service (agent/main.py).
+
+Every agent setting is a flag; the agent reads no environment variable of its own."""
 
 from __future__ import annotations
 
@@ -8,9 +10,13 @@ import os
 import shlex
 import signal
 import socket
+import sys
 from pathlib import Path
 
 from agent.main import Agent, AgentSettings
+from cli.env import tenax_home
+from common.etcd import EtcdError
+from protos.keys import DEFAULT_PREFIX
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -21,16 +27,15 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def default_work_dir(node_id: str) -> Path:
-    home = Path(os.environ.get("TENAX_HOME") or Path.home() / ".tenax")
-    return home / "agents" / node_id
+    return tenax_home() / "agents" / node_id
 
 
 def register(sub) -> None:
     p = sub.add_parser("agent", help="run the node agent (one per host)",
                        description="Register this host, publish telemetry and run the workers plans give it.")
-    p.add_argument("--etcd", default=os.environ.get("TENAX_ETCD", "http://127.0.0.1:2379"),
-                   help="etcd endpoint (default: $TENAX_ETCD or http://127.0.0.1:2379)")
-    p.add_argument("--etcd-prefix", default=os.environ.get("TENAX_ETCD_PREFIX", "/tenax"))
+    p.add_argument("--etcd", default="http://127.0.0.1:2379",
+                   help="etcd endpoint(s), http[s]://host:port[,...] (default http://127.0.0.1:2379)")
+    p.add_argument("--etcd-prefix", default=DEFAULT_PREFIX, help=f"cluster key prefix (default {DEFAULT_PREFIX})")
     p.add_argument("--node-id", default=socket.gethostname(), help="node name (default: hostname)")
     p.add_argument("--slots", type=int, default=None,
                    help="worker slots (default: GPUs found through NVML, else 1)")
@@ -42,30 +47,41 @@ def register(sub) -> None:
     p.add_argument("--advertise-host", default="", help="host others reach this agent at")
     p.add_argument("--telemetry-interval", type=float, default=3.0, help="seconds between telemetry samples")
     p.add_argument("--kill-grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL")
-    p.add_argument("--etcd-ca", default=os.environ.get("TENAX_ETCD_CA", ""),
-                   help="CA of etcd's certificate, for https:// endpoints (default $TENAX_ETCD_CA)")
-    p.add_argument("--etcd-cert", default=os.environ.get("TENAX_ETCD_CERT", ""), help="client certificate for etcd")
-    p.add_argument("--etcd-key", default=os.environ.get("TENAX_ETCD_KEY", ""), help="its private key")
+    p.add_argument("--etcd-ca", default="", help="CA of etcd's certificate, for https:// endpoints")
+    p.add_argument("--etcd-cert", default="", help="client certificate for etcd")
+    p.add_argument("--etcd-key", default="", help="its private key")
     p.add_argument("--worker-command", default="",
                    help="worker command line (default: python -m trainer.worker); for tests")
+    p.add_argument("--fake-gpu-dir", type=Path, default=None, metavar="DIR",
+                   help="test hook: read GPU telemetry from DIR/<node-id>.json (a JSON list of GPU samples) "
+                        "instead of NVML, to inject XID/ECC errors without a GPU")
     p.set_defaults(func=_run)
+
+
+def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+    """The agent's settings, from its flags only; ValueError names the bad flag."""
+    return AgentSettings(
+        etcd=args.etcd, etcd_prefix=args.etcd_prefix, node_id=args.node_id, slots=args.slots,
+        lease_ttl_s=args.lease_ttl, work_dir=args.work_dir or default_work_dir(args.node_id),
+        http_host=args.http[0], http_port=args.http[1], advertise_host=args.advertise_host,
+        telemetry_interval_s=args.telemetry_interval, kill_grace_s=args.kill_grace,
+        worker_command=shlex.split(args.worker_command), etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert,
+        etcd_key=args.etcd_key, fake_gpu_dir=args.fake_gpu_dir).validate()
 
 
 def _run(args: argparse.Namespace) -> int:
     # gRPC core logs an INFO line on every fork (each worker start); keep its errors only.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
-        settings = AgentSettings(
-            etcd=args.etcd, etcd_prefix=args.etcd_prefix, node_id=args.node_id, slots=args.slots,
-            lease_ttl_s=args.lease_ttl, work_dir=args.work_dir or default_work_dir(args.node_id),
-            http_host=args.http[0], http_port=args.http[1], advertise_host=args.advertise_host,
-            telemetry_interval_s=args.telemetry_interval, kill_grace_s=args.kill_grace,
-            worker_command=shlex.split(args.worker_command), etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert,
-            etcd_key=args.etcd_key).validate()
+        settings = settings_from_args(args)
     except ValueError as exc:
         print(f"tenax agent: {exc}")
         return 2
-    return asyncio.run(_serve(settings))
+    try:
+        return asyncio.run(_serve(settings))
+    except EtcdError as exc:  # etcd refused the agent (e.g. permission denied): retrying cannot help
+        print(f"tenax agent: {exc}", file=sys.stderr)
+        return 1
 
 
 async def _serve(settings: AgentSettings) -> int:

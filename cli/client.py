@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 import urllib.error
@@ -25,10 +24,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import grpc
+import yaml
 from google.protobuf import json_format
 
 from cli import credentials
+from cli.env import CONTROLLER, controller_from_env
 from cli.local import local_cluster_state
+from common.spec import JobSpec
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 
@@ -42,21 +44,18 @@ class CliError(Exception):
 
 # ------------------------------------------------------------------ plumbing
 def controller_addresses(args: argparse.Namespace) -> list[str]:
-    value = getattr(args, "controller", None) or os.environ.get("TENAX_CONTROLLER")
+    value = getattr(args, "controller", None) or controller_from_env()
     if not value:
         value = _local_controller(_local_state())
     if not value:
-        raise CliError("no controller address: pass --controller HOST:PORT, set TENAX_CONTROLLER, "
+        raise CliError(f"no controller address: pass --controller HOST:PORT, set {CONTROLLER}, "
                        "or start a local cluster with `tenax up`")
     return [a.strip() for a in value.split(",") if a.strip()]
 
 
 def _local_state() -> dict | None:
-    try:
-        state = local_cluster_state()
-    except Exception:  # a broken state file is the same as none
-        return None
-    return state if isinstance(state, dict) else None
+    """The record `tenax up` wrote, or None (a missing or unreadable state file reads as None)."""
+    return local_cluster_state()
 
 
 def _local_controller(state: dict | None) -> str | None:
@@ -211,10 +210,6 @@ def node_record(node: pb.NodeInfo) -> dict[str, Any]:
 # ------------------------------------------------------------------ commands
 @_command
 def cmd_submit(args: argparse.Namespace) -> int:
-    import yaml  # CLI-only dependency
-
-    from common.spec import JobSpec
-
     try:
         data = yaml.safe_load(Path(args.file).read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -420,7 +415,7 @@ def _fetch_log(address: str, job_id: str, rank: int, offset: int, timeout_s: flo
 # ------------------------------------------------------------------ registration
 def _client_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--controller", help="controller host:port[,host:port] (default $TENAX_CONTROLLER, "
+    parent.add_argument("--controller", help=f"controller host:port[,host:port] (default ${CONTROLLER}, "
                                              "else the local cluster)")
     parent.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per-call deadline, seconds")
     parent.add_argument("--json", action="store_true", help="machine-readable output")

@@ -10,7 +10,8 @@ and every node is registered, and records what it started in
 first (so they report their workers and revoke their leases while etcd is
 still there), then controllers, then etcd; SIGTERM, then SIGKILL after a grace
 period. The state dir is ``--state-dir``, else ``$TENAX_HOME/local``, else
-``~/.tenax/local``.
+``~/.tenax/local``. Agents get ``--agent-arg`` values as extra flags (e.g. the
+test hook ``--agent-arg=--fake-gpu-dir=DIR``).
 
 Client commands find the controller through ``local_cluster_state()``.
 """
@@ -18,6 +19,7 @@ Client commands find the controller through ``local_cluster_state()``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -29,13 +31,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cli import credentials
+from cli.controller import controller_tls_args
+from cli.env import tenax_home
+from common.embedded_etcd import start_etcd
+from common.etcd import Etcd, EtcdError, EtcdUnavailable
+from controller import security
+from protos.keys import DEFAULT_PREFIX, Keys
+
 STATE_FILE = "cluster.json"
 REPO = Path(__file__).resolve().parent.parent
 
 
 def default_state_dir() -> Path:
-    home = os.environ.get("TENAX_HOME")
-    return Path(home) / "local" if home else Path.home() / ".tenax" / "local"
+    return tenax_home() / "local"
 
 
 def local_cluster_state(state_dir: str | Path | None = None) -> dict[str, Any] | None:
@@ -103,8 +116,6 @@ def _spawn(cmd: list[str], log_path: Path, stdout_path: Path | None = None) -> s
 
 def _process_key(pid: int) -> dict[str, Any]:
     """pid plus its start time, so `down` never signals a recycled pid."""
-    import psutil
-
     try:
         return {"pid": pid, "started": psutil.Process(pid).create_time()}
     except psutil.Error:
@@ -112,8 +123,6 @@ def _process_key(pid: int) -> dict[str, Any]:
 
 
 def _same_process(entry: dict[str, Any]) -> bool:
-    import psutil
-
     try:
         proc = psutil.Process(int(entry["pid"]))
         return abs(proc.create_time() - float(entry.get("started", 0))) < 1.0 and \
@@ -160,23 +169,16 @@ def _read_controller_line(path: Path, proc: subprocess.Popen, deadline: float) -
     raise ClusterError("controller did not print its address in time")
 
 
-def controller_channel(address: str, security: dict[str, Any] | None):
+def controller_channel(address: str, record: dict[str, Any] | None):
     """A blocking channel to a local controller: TLS + admin token when the cluster has them."""
-    import grpc
-
-    if security:
-        from cli.credentials import local_channel
-
-        return local_channel(address, security)
+    if record:
+        return credentials.local_channel(address, record)
     return grpc.insecure_channel(address)
 
 
-def _controller_serving(address: str, security: dict[str, Any] | None) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+def _controller_serving(address: str, record: dict[str, Any] | None) -> bool:
     try:
-        with controller_channel(address, security) as channel:
+        with controller_channel(address, record) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
             return reply.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
@@ -184,25 +186,16 @@ def _controller_serving(address: str, security: dict[str, Any] | None) -> bool:
 
 
 def _controller_security(state_dir: Path, etcd_url: str) -> tuple[list[str], dict[str, Any]]:
-    """(extra controller flags, security record) for a controller that serves TLS.
-
-    The record (dev CA, server certificate, admin token file) is kept in the state
-    file for the client CLI.
-    """
-    from cli.controller import controller_tls_args
-    from controller import security
-
+    """(extra controller flags, security record): the controller serves TLS (it refuses to
+    start without it). The record (dev CA, server certificate, admin token file) is kept in
+    the state file for the client CLI."""
     record = security.bootstrap_local(state_dir, etcd_url)
     return controller_tls_args(record), record
 
 
-def registered_nodes(etcd_url: str, prefix: str = "/tenax") -> set[str]:
-    """Node ids with a NodeInfo in etcd (i.e. holding a live lease)."""
-    import asyncio
-
-    from common.etcd import Etcd, EtcdError, EtcdUnavailable
-    from protos.keys import Keys
-
+def registered_nodes(etcd_url: str, prefix: str = DEFAULT_PREFIX) -> set[str]:
+    """Node ids with a NodeInfo in etcd (i.e. holding a live lease); none while etcd is unreachable.
+    Raises ClusterError when etcd refuses the read (not worth waiting for)."""
     keys = Keys(prefix)
 
     async def read() -> set[str]:
@@ -212,15 +205,15 @@ def registered_nodes(etcd_url: str, prefix: str = "/tenax") -> set[str]:
 
     try:
         return asyncio.run(asyncio.wait_for(read(), 10))
-    except (EtcdError, EtcdUnavailable, asyncio.TimeoutError, OSError):
+    except (EtcdUnavailable, asyncio.TimeoutError, OSError):
         return set()
+    except EtcdError as exc:
+        raise ClusterError(f"etcd refused reading the registered nodes: {exc}") from exc
 
 
 # ------------------------------------------------------------------ up / down
 def start_cluster(settings: LocalClusterSettings, *, out=sys.stderr) -> dict[str, Any]:
     """Start everything; return the state record (also written to the state file)."""
-    from common.embedded_etcd import start_etcd
-
     state_dir = settings.state_dir.resolve()
     existing = local_cluster_state(state_dir)
     if existing and any(_same_process(e) for e in existing.get("pids", {}).values()):
@@ -242,8 +235,8 @@ def start_cluster(settings: LocalClusterSettings, *, out=sys.stderr) -> dict[str
         state["etcd"] = etcd_url
         print(f"etcd        {etcd_url}", file=out)
 
-        security_args, security = _controller_security(state_dir, etcd_url)
-        state["security"] = security
+        security_args, record = _controller_security(state_dir, etcd_url)
+        state["security"] = record
         controllers = []
         for i in range(settings.controllers):
             name = f"controller-{i}"
@@ -273,7 +266,7 @@ def start_cluster(settings: LocalClusterSettings, *, out=sys.stderr) -> dict[str
             metrics.append(line.get("metrics", ""))
         state.update(controller=addresses[0], controllers=addresses, controller_metrics=metrics, nodes=agents)
         _write_state(state_dir, state)  # early, so `tenax down` can clean up even if we fail below
-        while not all(_controller_serving(a, security) for a in addresses):
+        while not all(_controller_serving(a, record) for a in addresses):
             _check_alive(started, logs)
             if time.monotonic() > deadline:
                 raise ClusterError("controller does not answer health checks")
@@ -329,7 +322,9 @@ def register(sub) -> None:
     up.add_argument("--detach", action="store_true", help="print one JSON object and return")
     up.add_argument("--state-dir", type=Path, default=None, help="default: $TENAX_HOME/local or ~/.tenax/local")
     up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait until ready")
-    up.add_argument("--agent-arg", action="append", default=[], help="extra argument for every agent")
+    up.add_argument("--agent-arg", action="append", default=[],
+                    help="extra flag for every agent, repeatable; use the = form for values starting with "
+                         "'-' (e.g. --agent-arg=--kill-grace=2, or the test hook --agent-arg=--fake-gpu-dir=DIR)")
     up.add_argument("--controller-arg", action="append", default=[], metavar="FLAG",
                     help="extra `tenax controller` flag for every controller replica, repeatable; write it "
                          "with '=' (e.g. --controller-arg=--hang-floor-s=4 --controller-arg=--straggler-window=12; "
@@ -386,13 +381,11 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tenax(*argv: str, security: dict[str, Any] | None, capture: bool = False,
+def _tenax(*argv: str, record: dict[str, Any] | None, capture: bool = False,
            timeout_s: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    if security:
-        from cli.credentials import client_env
-
-        env.update(client_env(security))
+    if record:
+        env.update(credentials.client_env(record))
     return subprocess.run([sys.executable, "-m", "cli.main", *argv], cwd=REPO, timeout=timeout_s,
                           capture_output=capture, text=True, env=env)
 
@@ -409,12 +402,12 @@ def _demo(args: argparse.Namespace) -> int:
         return 1
     controller = state["controller"]
     try:
-        security = state.get("security")
-        submitted = _tenax("submit", str(args.job), "--wait", "--controller", controller, security=security)
-        jobs = _tenax("jobs", "--json", "--controller", controller, security=security, capture=True, timeout_s=30)
+        record = state.get("security")
+        submitted = _tenax("submit", str(args.job), "--wait", "--controller", controller, record=record)
+        jobs = _tenax("jobs", "--json", "--controller", controller, record=record, capture=True, timeout_s=30)
         job_id = _newest_job_id(jobs.stdout)
         if job_id:
-            _tenax("job", job_id, "--controller", controller, security=security, timeout_s=30)
+            _tenax("job", job_id, "--controller", controller, record=record, timeout_s=30)
         print(f"logs: {state['logs']}", file=sys.stderr)
         return submitted.returncode
     finally:

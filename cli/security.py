@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 
@@ -23,8 +22,10 @@ import grpc
 
 from cli import credentials
 from cli.controller import etcd_tls_from_args
-from controller import auth, security, tls
+from cli.env import CONTROLLER, controller_from_env
+from cli.local import local_cluster_state
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
+from controller import auth, security, tls
 from protos import tenax_pb2, tenax_pb2_grpc
 from protos.keys import DEFAULT_PREFIX, Keys
 
@@ -33,18 +34,19 @@ RPC_TIMEOUT_S = 10.0
 
 def register(sub: argparse._SubParsersAction) -> None:
     audit = sub.add_parser("audit", help="show the audit log (admins)")
-    audit.add_argument("--controller", default="", help="controller host:port (default $TENAX_CONTROLLER)")
+    audit.add_argument("--controller", default="", help=f"controller host:port (default ${CONTROLLER})")
     audit.add_argument("--limit", type=int, default=50, help="newest N records")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
     credentials.add_client_args(audit)
     audit.set_defaults(func=run_audit)
 
     tokens = sub.add_parser("tokens", help="create, list or revoke API tokens (talks to etcd)")
-    tokens.add_argument("--etcd", default=os.environ.get("TENAX_ETCD", "http://127.0.0.1:2379"))
-    tokens.add_argument("--prefix", default=os.environ.get("TENAX_ETCD_PREFIX", DEFAULT_PREFIX))
-    tokens.add_argument("--etcd-ca", default=os.environ.get("TENAX_ETCD_CA", ""))
-    tokens.add_argument("--etcd-cert", default=os.environ.get("TENAX_ETCD_CERT", ""))
-    tokens.add_argument("--etcd-key", default=os.environ.get("TENAX_ETCD_KEY", ""))
+    tokens.add_argument("--etcd", default="http://127.0.0.1:2379",
+                        help="etcd endpoint(s) (default http://127.0.0.1:2379)")
+    tokens.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"cluster key prefix (default {DEFAULT_PREFIX})")
+    tokens.add_argument("--etcd-ca", default="", help="CA of etcd's certificate, for https:// endpoints")
+    tokens.add_argument("--etcd-cert", default="", help="client certificate for etcd")
+    tokens.add_argument("--etcd-key", default="", help="its private key")
     verbs = tokens.add_subparsers(dest="verb", metavar="VERB", required=True)
     create = verbs.add_parser("create", help="make a token (shown once)")
     create.add_argument("name")
@@ -70,20 +72,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------ audit
 def local_cluster() -> dict:
-    """The record `tenax up` left (controller address, ``security``), or {} if there is none."""
-    try:
-        from cli.local import local_cluster_state
-
-        return local_cluster_state() or {}
-    except Exception:  # no local cluster part, or a broken state file: same as none
-        return {}
+    """The record `tenax up` left (controller address, ``security``), or {} if there is none
+    (a broken state file reads as none)."""
+    return local_cluster_state() or {}
 
 
 def run_audit(args: argparse.Namespace) -> int:
     local = local_cluster()
-    target = args.controller or os.environ.get("TENAX_CONTROLLER", "") or str(local.get("controller", ""))
+    target = args.controller or controller_from_env() or str(local.get("controller", ""))
     if not target:
-        print("tenax audit: give --controller, set TENAX_CONTROLLER, or start a local cluster", file=sys.stderr)
+        print(f"tenax audit: give --controller, set {CONTROLLER}, or start a local cluster", file=sys.stderr)
         return 2
     try:
         address = target.split(",")[0].strip()

@@ -229,6 +229,25 @@ def test_agent_settings_are_validated_once_with_clear_errors(tmp_path):
             settings(**bad)
 
 
+def test_agent_settings_come_from_flags_only(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from cli.agent import settings_from_args
+    from cli.main import build_parser
+
+    for name in ("TENAX_ETCD", "TENAX_ETCD_PREFIX", "TENAX_ETCD_CA", "TENAX_FAKE_GPU_DIR"):
+        monkeypatch.setenv(name, "https://ignored:1" if name == "TENAX_ETCD" else "/ignored")
+    monkeypatch.setenv("TENAX_HOME", str(tmp_path))  # a user convenience of the CLI: the default work dir
+    parse = build_parser().parse_args
+    defaults = settings_from_args(parse(["agent", "--node-id", "n1"]))
+    assert (defaults.etcd, defaults.etcd_prefix, defaults.etcd_ca, defaults.fake_gpu_dir) == \
+        ("http://127.0.0.1:2379", "/tenax", "", None)
+    assert defaults.work_dir == tmp_path / "agents" / "n1"
+    given = settings_from_args(parse(["agent", "--node-id", "n1", "--etcd", "http://e:2379", "--etcd-prefix", "/x",
+                                      "--fake-gpu-dir", str(tmp_path / "gpus")]))
+    assert (given.etcd, given.etcd_prefix, given.fake_gpu_dir) == ("http://e:2379", "/x", Path(tmp_path / "gpus"))
+
+
 # ------------------------------------------------------------------ two-phase growth
 def _growth(state="PREPARING", growth_id="g2-x", base=1):
     from protos.records import GrowthRecord

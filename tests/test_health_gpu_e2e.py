@@ -1,5 +1,5 @@
 """End to end: XID telemetry injected into a running agent (its GPU source reads a
-file the test writes, ``TENAX_FAKE_GPU_DIR``) -> the node reports DEGRADED -> the
+file the test writes, ``tenax agent --fake-gpu-dir``) -> the node reports DEGRADED -> the
 leader's health loop drains it -> the job's worker there moves to the spare node
 at a step boundary (plan g+1 with switch_at_step), no step lost, and the job
 finishes."""
@@ -25,8 +25,8 @@ STEPS = 200
 def test_injected_xid_degrades_the_node_and_its_worker_migrates_without_losing_a_step(tmp_path):
     gpus = tmp_path / "gpus"
     gpus.mkdir()
-    env = {"TENAX_FAKE_GPU_DIR": str(gpus)}
-    with cluster_with_env(tmp_path, env, agents=3, slots=1) as info:
+    with cluster_with_env(tmp_path, {}, agents=3, slots=1,
+                          agent_args=[f"--fake-gpu-dir={gpus}"]) as info:
         path = job_file(tmp_path, steps=STEPS, parallelism={"dp": 2, "pp": 1, "zero_stage": 1},
                         resources={"workers": 2, "device": "cpu"},
                         elastic={"min_workers": 1, "max_workers": 2, "snapshot_every": "1"})

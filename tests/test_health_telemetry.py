@@ -43,9 +43,8 @@ def test_gpu_condition_mapping(fields, condition, words):
     assert cond == condition and words in reason
 
 
-def test_file_source_injects_telemetry_into_a_running_agent(tmp_path, monkeypatch):
-    monkeypatch.setenv("TENAX_FAKE_GPU_DIR", str(tmp_path))
-    source = open_gpu_source("node-7")
+def test_file_source_injects_telemetry_into_a_running_agent(tmp_path):
+    source = open_gpu_source("node-7", fake_gpu_dir=tmp_path)
     assert isinstance(source, FileGpuSource) and source.sample() == []  # no file: no GPUs
     path = tmp_path / "node-7.json"
     path.write_text(json.dumps([{"name": "H200"}, {"xid_events": [31], "unknown_field": 1}]))

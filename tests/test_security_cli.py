@@ -10,6 +10,7 @@ import pytest
 
 from cli import credentials
 from cli.controller import controller_tls_args
+from cli.main import build_parser
 from cli.main import main as tenax
 from controller import security
 from protos import tenax_pb2 as pb
@@ -99,3 +100,11 @@ def test_server_flags_refuse_to_start_without_tls_unless_plaintext_is_asked_for(
         settings_from_args(parser.parse_args([]))
     settings = security_settings_from_args(parser.parse_args(["--tls", "plaintext", "--no-auth"]))
     assert settings.tls.plaintext and not settings.auth.enabled
+
+
+def test_tokens_etcd_flags_have_no_environment_defaults(monkeypatch):
+    for name in ("TENAX_ETCD", "TENAX_ETCD_PREFIX", "TENAX_ETCD_CA", "TENAX_ETCD_CERT", "TENAX_ETCD_KEY"):
+        monkeypatch.setenv(name, "/ignored")
+    args = build_parser().parse_args(["tokens", "list"])
+    assert (args.etcd, args.prefix, args.etcd_ca, args.etcd_cert, args.etcd_key) == \
+        ("http://127.0.0.1:2379", "/tenax", "", "", "")
