@@ -32,7 +32,9 @@ install: $(STAMP) system-deps
 demo: install
 	$(VENV)/bin/tenax demo
 
+# The import layering (.importlinter) first: a broken contract fails fast, before the long suite.
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -p no:cacheprovider
 
 protos: $(STAMP)
