@@ -41,7 +41,7 @@ protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/tenax.proto
 
 check-protos: $(STAMP)
-	$(PY) -m pytest -q tests/test_protos.py
+	$(PY) -m pytest -q tests/common/test_protos.py
 
 bench: install
 	$(PY) bench/trainer_throughput.py
