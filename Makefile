@@ -34,7 +34,7 @@ demo: install
 
 # The import layering (.importlinter) first: a broken contract fails fast, before the long suite.
 test: install
-	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -q -p no:cacheprovider
 
 protos: $(STAMP)
