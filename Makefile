@@ -32,14 +32,16 @@ install: $(STAMP) system-deps
 demo: install
 	$(VENV)/bin/tenax demo
 
+# The import layering (.importlinter) first: a broken contract fails fast, before the long suite.
 test: install
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -q -p no:cacheprovider
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/tenax.proto
 
 check-protos: $(STAMP)
-	$(PY) -m pytest -q tests/test_protos.py
+	$(PY) -m pytest -q tests/common/test_protos.py
 
 bench: install
 	$(PY) bench/trainer_throughput.py

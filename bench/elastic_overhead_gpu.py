@@ -10,7 +10,7 @@ nodes (so each rank's buddy is off-node) and talk gloo with CUDA tensors
 send/recv, so pipeline layouts cannot run this way). The gradient all-reduce then goes
 through host memory and TCP, so dp2 steps are far slower than over NCCL and the
 ratios are diluted; ``--dp 1`` gives the undiluted cost of the snapshot copy (there is
-no off-node buddy to replicate to). The control side is tests/elastic_harness.py (a
+no off-node buddy to replicate to). The control side is tests/helpers/elastic_harness.py (a
 real etcd, a rendezvous store in this process, plans written like the controller).
 
 Three variants, run interleaved ``--rounds`` times (drifting load hits all alike):
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common.embedded_etcd import start_etcd  # noqa: E402
-from tests.elastic_harness import ElasticJob  # noqa: E402
+from tests.helpers.elastic_harness import ElasticJob  # noqa: E402
 from common.spec import JobSpec  # noqa: E402
 
 VARIANTS = {"plain": {"TENAX_ELASTIC": "0"}, "no-snapshots": {"TENAX_SNAPSHOTS": "0"}, "snapshots": {}}

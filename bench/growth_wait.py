@@ -24,7 +24,7 @@ per trial:
 Medians over trials are printed last.
 
 Workers run with OMP_NUM_THREADS=1 (inherited through `tenax up` and the agents, as
-in tests/elastic_harness.py): with torch's default of one thread per core in every
+in tests/helpers/elastic_harness.py): with torch's default of one thread per core in every
 process, 4-6 processes on a 2-core host make a step take seconds, and the switch,
 1.5 s of steps ahead at least 3 steps, then lies so far ahead that any joiner is
 up before it.
@@ -44,8 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.test_e2e_cluster import job_file, local_cluster, submit, tenax, wait_until  # noqa: E402
-from tests.test_e2e_elastic import extra_agent  # noqa: E402
+from tests.e2e.test_e2e_cluster import job_file, local_cluster, submit, tenax, wait_until  # noqa: E402
+from tests.e2e.test_e2e_elastic import extra_agent  # noqa: E402
 
 
 def _job(info: dict, job_id: str) -> dict:

@@ -6,7 +6,7 @@
 
 The job is examples/tiny-gpt.yaml (4 workers, gloo, CPU) on two pretend nodes,
 default settings (snapshot every step, replicated to a buddy on the other node).
-The script plays the control side (tests/elastic_harness.py): it serves the
+The script plays the control side (tests/helpers/elastic_harness.py): it serves the
 rendezvous store, polls the workers every 2 ms, and writes plan g+1 with
 controller/replan.py the moment it sees the victim's exit. The victim kills
 itself with SIGKILL (TENAX_FAULT) once its last step is replicated, either
@@ -74,7 +74,7 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from common.embedded_etcd import start_etcd  # noqa: E402
-from tests.elastic_harness import ElasticJob  # noqa: E402
+from tests.helpers.elastic_harness import ElasticJob  # noqa: E402
 from common.spec import JobSpec  # noqa: E402
 
 KILL_STEP = 5

@@ -332,7 +332,7 @@ def _coerce(f: dataclasses.Field, value: Any, path: str) -> Any:
             number = float(value)
         except ValueError:
             _fail(path, f"must be a number, got {_short(value)!r}")
-        # NaN passes every `< 0` check and inf breaks JSON: found by tests/test_security_fuzz.py
+        # NaN passes every `< 0` check and inf breaks JSON: found by tests/security/test_security_fuzz.py
         if not math.isfinite(number):
             _fail(path, f"must be a finite number, got {_short(value)!r}")
         return number

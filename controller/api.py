@@ -79,7 +79,7 @@ class JobService(pb_grpc.JobServiceServicer):
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
         unknown = [p for p in request.phases if p not in pb.JobPhase.values()]
-        if unknown:  # found by tests/test_security_fuzz.py: was INTERNAL
+        if unknown:  # found by tests/security/test_security_fuzz.py: was INTERNAL
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"phases: unknown job phase {unknown[0]}")
         wanted = {convert.phase_name(p) for p in request.phases}
         jobs = sorted(jobs_from(self.c.cache).values(), key=lambda j: (j.status.created, j.id))

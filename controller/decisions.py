@@ -2,7 +2,7 @@
 
 Nothing here touches etcd, gRPC or the clock: the server gathers the state,
 calls these, and writes what they decide. That keeps every rule testable as a
-plain function call (tests/test_controller_decisions.py).
+plain function call (tests/controller/test_controller_decisions.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 No etcd, no clock, no processes: ``controller/recovery.py`` gathers the state
 from the mirror, calls these, and writes what they decide (tests:
-tests/test_recovery_decisions.py).
+tests/controller/test_recovery_decisions.py).
 
 Identity across generations. Ranks are renumbered when the layout changes, so a
 worker is identified by where it runs, ``(node, slot)``, not by its rank. The

@@ -5,7 +5,7 @@
 
 The JSON files are what Grafana (and the Helm chart's ConfigMaps) load; this
 script is where they are edited, so the three dashboards share one layout
-and one datasource convention. tests/test_ops.py checks that the committed
+and one datasource convention. tests/ops/test_ops.py checks that the committed
 JSON matches, that every query parses (promtool) and that every metric it
 uses is exported.
 """

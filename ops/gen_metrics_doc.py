@@ -4,7 +4,7 @@
     python ops/gen_metrics_doc.py --check  # exit 1 if the committed table is stale
 
 The registries (controller/metrics.py, agent/metrics.py) are the catalog; the
-table is derived from them so the docs cannot drift. tests/test_ops.py runs
+table is derived from them so the docs cannot drift. tests/ops/test_ops.py runs
 the check and also uses ``exported_series_names`` to refuse dashboards and
 rules that use a metric nobody exports.
 """

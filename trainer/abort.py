@@ -1,6 +1,6 @@
 """Unblocking survivors: abort the communicators of a generation, then re-form.
 
-Design note (what torch 2.13 offers, measured in tests/test_abort.py):
+Design note (what torch 2.13 offers, measured in tests/trainer/test_abort.py):
 
 * A peer that *dies* (kill -9, crash) closes its TCP connections: gloo raises
   "Connection closed by peer" on the ranks that talk to it directly, within

@@ -1,0 +1,332 @@
+"""Elastic in-place recovery, end to end on the worker side (issue 4).
+
+Real worker processes (``python -m trainer.worker``), real etcd, real SIGKILL,
+gloo. The test plays the control side (tests/helpers/elastic_harness.py): it serves the
+rendezvous store, writes plan g+1 with controller/replan.py as soon as it sees a
+worker die, and never restarts a worker.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.helpers.elastic_harness import ElasticJob, reference_losses, tiny_spec
+from trainer.elastic import (auto_snapshot_interval, buddy_and_ward, choose_resume_step, common_disk_step,
+                             parse_faults, rank_in_plan, steps_lost)
+from trainer.reshard import Holding
+
+
+# ------------------------------------------------------------ pure decisions
+def test_my_rank_in_a_new_plan_is_found_by_node_and_slot(tmp_path):
+    from tests.helpers.elastic_harness import first_plan
+
+    plan = first_plan(tiny_spec(), "127.0.0.1:1")
+    assert [rank_in_plan(plan, w.node, w.slot) for w in plan.workers] == [0, 1, 2, 3]
+    assert rank_in_plan(plan, "c", 0) is None
+
+
+def test_buddies_live_on_the_other_node():
+    from tests.helpers.elastic_harness import first_plan
+
+    plan = first_plan(tiny_spec(), "127.0.0.1:1")
+    for w in plan.workers:
+        buddy, ward = buddy_and_ward(plan, w.rank)
+        assert plan.worker(buddy).node != w.node and plan.worker(ward).node != w.node
+
+
+def test_the_resume_step_is_the_newest_step_every_needed_slice_has_a_copy_of():
+    needs = {0: {"w": [(0, 10)]}, 1: {"w": [(10, 20)]}}
+    holdings = {
+        5: [Holding(rank=0, name="w", start=0, end=10)],  # step 5: the second half is gone
+        4: [Holding(rank=0, name="w", start=0, end=10), Holding(rank=1, name="w", start=5, end=20, role="buddy")],
+        3: [Holding(rank=0, name="w", start=0, end=20)],
+    }
+    assert choose_resume_step(needs, holdings) == 4
+    assert choose_resume_step(needs, {5: holdings[5]}) is None
+    assert common_disk_step([[10, 20], [20, 10, 30], [20]]) == 20
+    assert common_disk_step([[10], [20]]) is None
+    assert steps_lost(7, 6) == 1 and steps_lost(6, 6) == 0
+
+
+def test_a_submitted_disk_checkpoint_counts_once_flush_says_it_is_written(tmp_path, monkeypatch):
+    """A recovery (and a fault that kills a rank) first lets the writer thread finish: a
+    checkpoint handed over a step ago must not be missing only because it is still being written."""
+    import threading
+
+    import torch
+
+    from trainer.elastic import DiskCheckpoints
+    from trainer.snapshot import Snapshot, chunk_checksums
+
+    disk = DiskCheckpoints(str(tmp_path), tiny_spec().model)
+    release = threading.Event()
+    real_save = disk.save
+
+    def held_save(snap, **kw):  # the writer is slow (its first save also imports dcp, ~1 s)
+        release.wait(30)
+        return real_save(snap, **kw)
+
+    monkeypatch.setattr(disk, "save", held_save)
+    tensors = {"params": torch.arange(8, dtype=torch.float32)}
+    snap = Snapshot(step=4, tensors=tensors, checksums={k: chunk_checksums(t) for k, t in tensors.items()},
+                    metadata={"rank": 0}, complete=True)
+    disk.submit(snap, generation=1, rank=0)
+    assert not disk.flush(0.2)  # the writer is held: not on disk yet, and flush says so
+    assert not (tmp_path / "checkpoints" / "step-00000004" / "g1-r0" / "done").exists()
+    release.set()
+    assert disk.flush(30)
+    assert (tmp_path / "checkpoints" / "step-00000004" / "g1-r0" / "done").exists()
+    assert disk.flush(0)  # nothing pending: at once
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_flat_snapshot_is_cut_into_exactly_the_slices_the_rank_owns(zero):
+    from trainer.elastic import named_pieces, snapshot_metadata
+    from trainer.parallel import ParallelLayout
+    from trainer.sharding import state_layout
+
+    spec = tiny_spec()
+    layout = ParallelLayout(dp=2, pp=2, zero_stage=zero, layer_partition=(0, 1, 4), sample_shares=(4, 4),
+                            micro_batch_size=2)
+    for rank in range(layout.world_size):
+        pieces = named_pieces(spec.model, snapshot_metadata(layout, rank, generation=3))
+        assert {key: [(a, b)] for _, key, a, b, _ in pieces} == state_layout(spec.model, layout)[rank]
+        for kind in ("param", "exp_avg", "exp_avg_sq"):  # the pieces tile the flat tensor, in order
+            spans = sorted((offset, b - a) for k, _, a, b, offset in pieces if k == kind)
+            assert [o for o, _ in spans] == [sum(n for _, n in spans[:i]) for i in range(len(spans))]
+
+
+def test_auto_snapshot_interval_hides_the_copy_behind_training():
+    assert auto_snapshot_interval(0.001, 0.05) == 1
+    assert auto_snapshot_interval(0.12, 0.05) == 3
+    assert auto_snapshot_interval(0.1, 0.0) == 1
+    # a replication round that held the next boundary 0.08 s took 0.13 s: every 3rd step hides it
+    assert auto_snapshot_interval(0.001, 0.05, replication_wait_s=0.08) == 3
+
+
+def test_fault_specs_parse():
+    faults = parse_faults("rank=3,step=4,kind=kill,when=mid; rank=0,kind=corrupt-own")
+    assert [(f.kind, f.rank, f.step, f.when) for f in faults] == [("kill", 3, 4, "mid"), ("corrupt-own", 0, -1, "between")]
+
+
+# ------------------------------------------------------ processes: recovery
+@pytest.fixture(scope="module")
+def reference_for(tmp_path_factory):
+    """Losses of an uninterrupted run, one run per distinct spec for the whole module."""
+    cache: dict[str, dict[int, float]] = {}
+
+    def losses(spec) -> dict[int, float]:
+        import json
+
+        # the layout and elastic settings do not change losses (that is what these tests check)
+        key = json.dumps({k: v for k, v in spec.to_dict().items()
+                          if k not in ("parallelism", "resources", "elastic")}, sort_keys=True)
+        if key not in cache:
+            cache[key] = reference_losses(spec, tmp_path_factory.mktemp("reference"))
+        return cache[key]
+    return losses
+
+
+def _assert_same_losses(job: ElasticJob, where, reference: dict[int, float], steps: int) -> dict[int, float]:
+    last = {}
+    for r in job.steps(*where):
+        last[r["step"]] = r["loss"]  # a redone step keeps its last (post-recovery) loss
+    assert sorted(last) == list(range(1, steps + 1)), sorted(last)
+    for step, loss in last.items():
+        assert math.isclose(loss, reference[step], rel_tol=1e-4), (step, loss, reference[step])
+    return last
+
+
+def _kill_and_replan(job: ElasticJob) -> tuple[tuple[str, int], float]:
+    """Play the controller: see the death, write plan g+1 from the survivors."""
+    dead, code, seen = job.wait_for_death()
+    assert code == -9, job.logs()
+    job.write_plan(job.replan_without({job.plan_rank(dead)}))
+    return dead, seen
+
+
+@pytest.mark.parametrize("when", ["mid"])
+def test_kill_9_of_one_worker_of_dp2_pp2_recovers_in_place_with_the_same_losses(tmp_path, etcd_url, reference_for, when):
+    spec = tiny_spec(steps=10)
+    reference = reference_for(spec)
+    job = ElasticJob(spec, tmp_path / "job", etcd_url)
+    try:
+        job.start(faults=f"rank=3,step=4,kind=kill,when={when}")
+        pids = {where: p.pid for where, p in job.procs.items()}
+        dead, _ = _kill_and_replan(job)
+        codes = job.wait_all()
+    finally:
+        job.close()
+    assert dead == ("b", 1)  # rank 3 of generation 1
+    survivors = [w for w in pids if w != dead]
+    assert all(codes[w] == 0 for w in survivors), job.logs()
+    # survivors were never restarted: the same process wrote every line
+    for where in survivors:
+        assert {r["pid"] for r in job.steps(*where)} == {pids[where]}
+    trainers = [w for w in survivors if job.recoveries(*w) and job.steps(*w)[-1]["step"] == spec.steps]
+    assert len(trainers) == 2, job.logs()  # dp1·pp2 after the loss; the third survivor is idle and exited
+    for where in trainers:
+        (rec,) = job.recoveries(*where)
+        assert rec["old_generation"] == 1 and rec["new_generation"] == 2
+        assert rec["old_layout"] == "dp2pp2z1" and rec["new_layout"] == "dp1pp2z1"
+        assert rec["steps_lost"] <= 1 and rec["resumed_step"] >= 3 and not rec["from_disk"]
+        assert rec["bad_copies"] == [] and 0 < rec["total_s"] < 10
+        # the buddy of each lost shard was placed on the rank that now needs it: local copies
+        assert rec["bytes_moved"] + rec["bytes_local"] > 0
+        _assert_same_losses(job, where, reference, spec.steps)
+
+
+BIG_STATE_MODEL = {"layers": 2, "d_model": 192, "heads": 2, "vocab_size": 64, "seq_len": 16, "dropout": 0.1}
+"""~0.9M params: a dp2 ZeRO-1 rank's state is ~5 MB, above DIRECT_WAIT_BYTES, so replication
+rounds move in the background (a waiter thread each, the boundary votes in the step's all-reduce)."""
+
+
+@pytest.mark.parametrize("when", ["between", "posted"])
+def test_kill_9_with_rounds_moving_in_the_background_recovers_from_the_buddy_replica(tmp_path, etcd_url,
+                                                                                      reference_for, when):
+    from trainer.transfer import DIRECT_WAIT_BYTES
+
+    spec = tiny_spec(steps=12, dp=2, pp=1, model=BIG_STATE_MODEL)
+    reference = reference_for(spec)
+    job = ElasticJob(spec, tmp_path / "job", etcd_url)
+    try:
+        # between: once its last round is through; posted: right after the boundary posted a
+        # round (carrying the step before the newest: background snapshots), before it moved.
+        # The survivor's own copies must still include the step the replica it holds is at:
+        # the replicator pins it, and the snapshotter writes around it (three buffer sets)
+        job.start(faults=f"rank=1,step=5,kind=kill,when={when}")
+        dead, _ = _kill_and_replan(job)
+        codes = job.wait_all()
+    finally:
+        job.close()
+    assert dead == ("b", 0) and codes[("a", 0)] == 0, job.logs()
+    (rec,) = job.recoveries("a", 0)
+    assert (rec["old_layout"], rec["new_layout"]) == ("dp2pp1z1", "dp1pp1z1") and not rec["from_disk"]
+    # a boundary skipped while a round moved is skipped whole (no snapshot either): the resume
+    # step may be a few steps back, never a step some shard has no copy of
+    assert rec["steps_lost"] <= 4 and rec["bad_copies"] == []
+    assert rec["bytes_local"] > DIRECT_WAIT_BYTES  # rank 1's shard came from the replica rank 0 held
+    _assert_same_losses(job, ("a", 0), reference, spec.steps)
+
+
+def _run_kill_scenario(tmp_path, etcd_url, spec, faults: str):
+    """Kill rank 3 of a dp2·pp2 job (plus ``faults``); returns (job, codes, the two training survivors)."""
+    job = ElasticJob(spec, tmp_path / "job", etcd_url)
+    try:
+        job.start(faults="rank=3,step=4,kind=kill,when=mid;" + faults)
+        _kill_and_replan(job)
+        codes = job.wait_all()
+    finally:
+        job.close()
+    assert all(code == 0 for where, code in codes.items() if where != ("b", 1)), job.logs()
+    trainers = [w for w in job.procs if job.recoveries(*w) and job.steps(*w)[-1]["step"] == spec.steps]
+    assert len(trainers) == 2, job.logs()
+    return job, trainers
+
+
+def test_a_corrupted_snapshot_is_caught_and_another_copy_is_used(tmp_path, etcd_url, reference_for):
+    # rank 0's snapshots rot in memory; its buddy (rank 2, left idle by the new plan) still
+    # holds a verified replica and serves it before leaving
+    spec = tiny_spec(steps=10)
+    reference = reference_for(spec)
+    job, trainers = _run_kill_scenario(tmp_path, etcd_url, spec, "rank=0,kind=corrupt-own")
+    (rec,) = job.recoveries("a", 0)
+    assert rec["bad_copies"] and all("rank 0" in b for b in rec["bad_copies"]), rec
+    assert not rec["from_disk"] and rec["steps_lost"] <= 1 and rec["bytes_moved"] > 0
+    for where in trainers:
+        _assert_same_losses(job, where, reference, spec.steps)
+
+
+def test_when_every_copy_of_a_shard_is_bad_the_disk_checkpoint_is_used(tmp_path, etcd_url, reference_for):
+    # rank 0's ZeRO chunk of stage 0 lives in its own snapshots and in rank 2's replica:
+    # with both rotten only the disk checkpoint (every 2 steps) has it
+    spec = tiny_spec(steps=10, checkpoint_every=2)
+    reference = reference_for(spec)
+    job, trainers = _run_kill_scenario(tmp_path, etcd_url, spec, "rank=0,kind=corrupt-own;rank=2,kind=corrupt-replica")
+    for where in trainers:
+        (rec,) = job.recoveries(*where)
+        assert rec["from_disk"] and rec["resumed_step"] in (2, 4), rec
+        _assert_same_losses(job, where, reference, spec.steps)
+    assert job.recoveries("a", 0)[0]["bad_copies"]
+
+
+def test_growth_from_2_to_4_workers_switches_at_the_planned_step_without_losing_one(tmp_path, etcd_url, reference_for):
+    spec = tiny_spec(steps=10, dp=1, pp=2, zero=1, max_workers=4)
+    reference = reference_for(spec)
+    job = ElasticJob(spec, tmp_path / "job", etcd_url)
+    try:
+        job.start()
+        old = {where: p.pid for where, p in job.procs.items()}
+        job.wait_step("a", 0, 2)
+        switch_at = max(r["step"] for r in job.steps("a", 0)) + 3
+        plan2 = job.grow_into({"a": [1], "b": [1]}, at_step=switch_at)
+        assert plan2.world_size == 4 and plan2.switch_at_step == switch_at
+        job.write_plan(plan2)
+        job.start(plan2)  # the agents start the new slots' workers with plan g2: they join with no state
+        codes = job.wait_all()
+    finally:
+        job.close()
+    assert set(codes.values()) == {0}, job.logs()
+    for where, pid in old.items():
+        assert {r["pid"] for r in job.steps(*where)} == {pid}
+    for where in job.procs:
+        (rec,) = job.recoveries(*where)
+        assert rec["cause"] == ("switch" if where in old else "join"), rec
+        assert rec["resumed_step"] == switch_at and rec["steps_lost"] == 0 and rec["new_layout"] == "dp2pp2z1"
+        if where in old:
+            _assert_same_losses(job, where, reference, spec.steps)
+        else:  # a joiner's first step is the one after the switch
+            assert min(r["step"] for r in job.steps(*where)) == switch_at + 1
+            assert all(math.isclose(r["loss"], reference[r["step"]], rel_tol=1e-4) for r in job.steps(*where))
+    assert sum(job.recoveries(*w)[0]["bytes_moved"] for w in job.procs) > 0  # the joiners' state came over the wire
+
+
+def test_two_failures_in_a_row_reshard_pipeline_stages_down_to_one_worker(tmp_path, etcd_url, reference_for):
+    spec = tiny_spec(steps=10)
+    reference = reference_for(spec)
+    job = ElasticJob(spec, tmp_path / "job", etcd_url)
+    try:
+        # generation 1 loses rank 3; in generation 2 (dp1·pp2) rank 1 dies too
+        job.start(faults="rank=3,step=3,kind=kill,when=mid;rank=1,step=6,kind=kill,gen=2,when=between")
+        _kill_and_replan(job)
+        dead, _ = _kill_and_replan(job)
+        codes = job.wait_all()
+    finally:
+        job.close()
+    assert dead == ("a", 1) and codes[("a", 0)] == 0, job.logs()
+    first, second = job.recoveries("a", 0)
+    assert (first["new_generation"], second["new_generation"]) == (2, 3)
+    assert second["old_layout"] == "dp1pp2z1" and second["new_layout"] == "dp1pp1z1"
+    assert first["steps_lost"] <= 1 and second["steps_lost"] <= 1 and not second["from_disk"]
+    _assert_same_losses(job, ("a", 0), reference, spec.steps)
+
+
+def test_a_failure_during_a_recovery_leads_to_the_next_generation_with_the_idle_survivor_back_in(
+        tmp_path, etcd_url, reference_for):
+    spec = tiny_spec(steps=10)
+    reference = reference_for(spec)
+    job = ElasticJob(spec, tmp_path / "job", etcd_url)
+    try:
+        # rank 3 dies at step 4; in generation 2's transfer its new rank 0 (a0) dies as well
+        job.start(faults="rank=3,step=4,kind=kill,when=mid;rank=0,gen=2,kind=kill-in-transfer")
+        pids = {where: p.pid for where, p in job.procs.items()}
+        _kill_and_replan(job)
+        assert job.plan.extra["idle"] == [{"node": "b", "slot": 0, "old_rank": 2}]
+        dead, code, _ = job.wait_for_death()
+        assert dead == ("a", 0) and code == -9, job.logs()
+        # the controller's part: the idle survivor's slot is free for generation 3
+        job.write_plan(job.replan_without({0}, free={"b": [0]}))
+        codes = job.wait_all()
+    finally:
+        job.close()
+    assert codes[("a", 1)] == 0 and codes[("b", 0)] == 0, job.logs()
+    for where in (("a", 1), ("b", 0)):
+        assert {r["pid"] for r in job.steps(*where)} == {pids[where]}
+        last = job.recoveries(*where)[-1]
+        assert last["new_generation"] == 3 and last["new_layout"] == "dp1pp2z1", last
+        assert last["steps_lost"] <= 1 and not last["from_disk"]
+        # one outage: from generation 1 (where the first failure was noticed) straight to 3
+        assert last["old_generation"] == 1 and "+" in last["cause"] and last["total_s"] > last["transfer_s"]
+        _assert_same_losses(job, where, reference, spec.steps)
