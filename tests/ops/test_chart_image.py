@@ -200,6 +200,6 @@ def test_copied_files_build_the_package(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert re.search(r"^tenax = controller\.cli:main$", entry_points, re.M)
-    for package in ("controller", "agent", "trainer", "protos"):
+    assert re.search(r"^tenax = cli\.main:main$", entry_points, re.M)
+    for package in ("protos", "common", "controller", "agent", "trainer", "cli"):
         assert f"{package}/__init__.py" in names
