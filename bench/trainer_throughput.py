@@ -153,22 +153,22 @@ def _slot_env(spec: dict, rank: int) -> dict:
 
 
 def run_tenax(spec: dict, nproc: int, tmp: Path, timeout_s: float) -> list[dict]:
-    from protos.plan import Plan, WorkerAssignment
-    from common.spec import JobSpec
     from cli.train_local import launch_workers
-    from common.layout import even_shares
+    from common.layout import new_plan
+    from common.spec import JobSpec
+    from trainer.telemetry import read_step_records
 
     job = JobSpec.from_dict(spec)
-    workers = tuple(WorkerAssignment(rank=r, node="local", slot=r, dp_rank=r, pp_rank=0) for r in range(nproc))
-    plan = Plan(job_id="bench", generation=1, workers=workers, dp=nproc, pp=1, zero_stage=job.parallelism.zero_stage,
-                layer_partition=(0, job.model.layers), sample_shares=even_shares(job.global_batch_size, nproc),
-                store_address="", store_prefix="bench/g1")
+    plan = new_plan(job_id="bench", generation=1, placement=[("local", r) for r in range(nproc)], dp=nproc, pp=1,
+                    zero_stage=job.parallelism.zero_stage, layer_partition=(0, job.model.layers),
+                    global_batch_size=job.global_batch_size, store_address="")
     metrics = tmp / "tenax.jsonl"
     # launch_workers pins rank r to GPU r on CUDA, like the DDP side (_slot_env).
     code = launch_workers(job, plan, metrics=str(metrics), run_dir=str(tmp), timeout_s=timeout_s)
     if code:
         raise RuntimeError(f"tenax run failed with exit code {code}")
-    return [r for r in map(json.loads, metrics.read_text().splitlines()) if r["rank"] == 0]
+    # Heartbeats and events share the file and carry a rank too: keep rank 0's step lines only.
+    return [r for r in read_step_records(metrics) if r.get("rank") == 0]
 
 
 def model_flops_per_token(m: dict) -> float:
