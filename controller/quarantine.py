@@ -41,6 +41,10 @@ NODE_WIDE = -1
 MAX_REMEMBERED_FAILURES = 64
 """Failure times kept per record (the window rarely holds more; bounds the plan's size)."""
 
+AUTO_CORDON_REASON = "failing"
+"""``CordonRecord.reason`` prefix of a node cordoned by these decisions (``failing: <why>``), so
+an operator's cordon and a drain stay distinguishable."""
+
 ENV_PREFIX = "TENAX_QUARANTINE_"
 """Environment variables overriding ``QuarantineSettings``: TENAX_QUARANTINE_<FIELD NAME IN CAPITALS>."""
 

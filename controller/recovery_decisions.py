@@ -177,10 +177,10 @@ def free_slots_for(schedulable: Mapping[str, Sequence[int]],
 
 
 def failed_slots(plan: Plan | None) -> set[tuple[str, int]]:
-    """(node, slot) where a worker of this job failed (carried from plan to plan in
-    ``extra["failed_slots"]``). No later plan of the job (re-plan or growth) uses them: a slot
-    that just killed a worker would be re-used at once and could fail again, in a loop. Lost
-    nodes are not listed: a node that comes back (a new agent) is a node joining."""
+    """(node, slot) of this job quarantined or cordoned when ``plan`` was written
+    (``extra["failed_slots"]``, see controller/quarantine.py). For readers without a clock;
+    the time-aware view (a cool-down ends, a node rejoins) is ``quarantine.excluded_slots``.
+    Lost nodes are not listed: a node that comes back (a new agent) is a node joining."""
     out: set[tuple[str, int]] = set()
     for item in (plan.extra.get("failed_slots") if plan is not None else None) or []:
         if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int):

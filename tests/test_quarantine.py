@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controller.quarantine import (
+    AUTO_CORDON_REASON,
     FAILED_SLOTS_KEY,
     NODE_WIDE,
     QUARANTINE_KEY,
@@ -182,3 +183,11 @@ def test_records_from_garbage_and_from_an_older_plan():
 def test_node_wide_records_never_exclude_a_slot():
     records, _ = fail([], 0.0, lost=["n1"])
     assert records[0].slot == NODE_WIDE and excluded_slots(records, now=0.0) == {}
+
+
+def test_a_node_cordoned_for_failing_is_not_said_to_be_cordoned_by_an_operator():
+    from controller.decisions import node_state
+
+    reason = f"{AUTO_CORDON_REASON}: 5 failures of job workers or of the node within 3600 s"
+    assert node_state(registered=True, cordon_reason=reason) == ("CORDONED", reason)
+    assert node_state(registered=True, cordon_reason="cordon") == ("CORDONED", "cordon by operator")
