@@ -13,8 +13,9 @@ it does not change the balance.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from protos.plan import Plan, WorkerAssignment
 
@@ -213,3 +214,21 @@ def expected_throughput(*, global_batch_size: int, micro_batch_size: int, dp: in
     """
     share = -(-global_batch_size // dp)
     return Fraction(global_batch_size * pp, share + (pp - 1) * micro_batch_size)
+
+
+# ------------------------------------------------------------------ snapshot replication
+def buddy_ring(nodes_by_rank: Mapping[int, str]) -> dict[int, int]:
+    """{rank: buddy rank}: a permutation where, whenever possible, a rank's buddy
+    lives on another node. Ranks are ordered by node and shifted by the size of
+    the biggest node, so every rank also receives exactly one replica."""
+    order = sorted(nodes_by_rank, key=lambda r: (nodes_by_rank[r], r))
+    n = len(order)
+    if n < 2:
+        return {}
+    counts: dict[str, int] = defaultdict(int)
+    for r in order:
+        counts[nodes_by_rank[r]] += 1
+    shift = max(counts.values())
+    if shift >= n:  # a single node: no off-node copy exists; still keep a copy elsewhere in memory
+        shift = 1
+    return {order[i]: order[(i + shift) % n] for i in range(n)}

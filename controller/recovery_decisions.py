@@ -29,8 +29,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from common.layout import new_plan
+from common.layout import buddy_ring, new_plan
 from protos.plan import Plan
+from common.spec import JobSpec
 from protos.records import GrowthRecord, JoinerRecord, ProgressRecord, WorkerStatusRecord
 
 GROWTH_MARGIN_S = 1.5
@@ -431,3 +432,45 @@ def close_superseded(recoveries: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     """Entries still open when a newer plan replaces theirs are closed as superseded."""
     return [complete_recovery(r, [], [], superseded=True) if not r.get("complete", True) else dict(r)
             for r in recoveries]
+
+
+# ------------------------------------------------------------------ what the next failure costs
+def snapshot_redundancy(plan: Plan) -> tuple[bool, bool, str]:
+    """(covers one worker failure, covers the loss of one node, the statement) for the in-memory
+    snapshots of ``plan``: each rank replicates its snapshot to a buddy (``common.layout.buddy_ring``,
+    the ring the trainer uses), on another node whenever the placement allows."""
+    node = {w.rank: w.node for w in plan.workers}
+    ring = buddy_ring(node)
+    if not ring:
+        return False, False, "none: a single worker has no buddy to hold a copy of its state"
+    same = sorted(r for r, buddy in ring.items() if node[r] == node[buddy])
+    if not same:
+        return True, True, "one failure, or the loss of one node: every rank's replica is on another node"
+    nodes = sorted({node[r] for r in same})
+    return True, False, (f"one worker failure, not the loss of a node: ranks {same} keep their replica on "
+                         f"their own node ({', '.join(nodes)})")
+
+
+def next_failure_cost(spec: JobSpec, plan: Plan, *, step: int, recoverable_step: int) -> tuple[str, str]:
+    """(redundancy, what the next failure would cost) for the job status.
+
+    From memory: the steps since ``recoverable_step``, the newest step every rank's off-node copy
+    holds. From disk (what the snapshots do not cover): the steps since the newest disk checkpoint,
+    estimated as the last multiple of ``elastic.checkpoint_every`` (each is written a moment after
+    its step, asynchronously)."""
+    worker_ok, node_ok, redundancy = snapshot_redundancy(plan)
+    memory = f"{max(step - recoverable_step, 0)} step(s) from memory" if recoverable_step > 0 else \
+        f"{step} step(s): no snapshot replicated yet"
+    every = spec.elastic.checkpoint_every
+    if every <= 0:
+        disk = "the job (elastic.checkpoint_every: 0, no disk checkpoint)"
+    elif step >= every:
+        last = (step // every) * every
+        disk = f"about {step - last} step(s) from the disk checkpoint of step {last}"
+    else:
+        disk = f"{step} step(s): the first disk checkpoint is at step {every}"
+    worker = memory if worker_ok else disk
+    node = memory if node_ok else disk
+    if worker == node:
+        return redundancy, f"a worker or node failure: {worker}"
+    return redundancy, f"a worker failure: {worker}; a node loss: {node}"
