@@ -51,9 +51,10 @@ ENV_PREFIX = "TENAX_QUARANTINE_"
 
 @dataclass(kw_only=True)
 class QuarantineSettings:
-    base_cooldown_s: float = 60.0
-    """Seconds a slot stays out of the job after its first failure (seconds)."""
-    max_cooldown_s: float = 1800.0
+    base_cooldown_s: float = 300.0
+    """Time a slot stays out of the job after its first failure (seconds): long enough that a
+    growth back onto it (a stall of the whole job) is not spent on a slot that fails again at once."""
+    max_cooldown_s: float = 3600.0
     """Longest cool-down, however often the slot failed (seconds)."""
     healthy_reset_s: float = 3600.0
     """A slot with no failure for this long starts again at ``base_cooldown_s`` (seconds)."""
