@@ -379,6 +379,8 @@ def pending_recovery(*, cause: str, old: Plan, new: Plan, at_step: int, failed_a
         "bytes_local": 0, "from_disk": False, "time": failed_at, "failed_at": failed_at, "seen_at": seen_at,
         "planned_at": planned_at, "switch_at_step": new.switch_at_step, "reason": new.reason, "complete": False,
         "prepare_s": prepare_s,
+        # survivors the new layout leaves idle, and why (controller/replan.py idle_reason)
+        "idle": len(new.extra.get("idle", []) or []), "idle_reason": str(new.extra.get("idle_reason", "") or ""),
     }
 
 

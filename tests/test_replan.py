@@ -87,6 +87,12 @@ def test_one_worker_of_dp2_pp2_lost_keeps_pp_and_says_why_a_survivor_idles():
     assert "dp=2·pp=2" in reason and "dp=1·pp=2" in reason
     assert plan.extra["idle_reason"].startswith("dp=3·pp=1 would use all 3, but its per-worker memory estimate")
     assert f"1 survivor(s) idle: {plan.extra['idle_reason']}" in reason
+    # the recovery record says it too
+    from controller.recovery_decisions import pending_recovery
+
+    entry = pending_recovery(cause="worker-failed", old=current, new=plan, at_step=3, failed_at=1.0, seen_at=1.0,
+                             planned_at=1.0)
+    assert entry["idle"] == 1 and entry["idle_reason"] == plan.extra["idle_reason"]
 
 
 def test_a_survivor_idles_when_the_batch_leaves_no_layout_for_all_of_them():
