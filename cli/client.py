@@ -187,6 +187,8 @@ def job_record(job: pb.Job) -> dict[str, Any]:
                      "exit_code": w.exit_code, "signal": w.signal} for w in st.workers],
         "recoveries": [_to_dict(r) for r in st.recoveries],
         "recoverable_step": st.recoverable_step,
+        "redundancy": st.redundancy,
+        "next_failure_cost": st.next_failure_cost,
         "created": st.created,
         "updated": st.updated,
     }
@@ -307,6 +309,8 @@ def cmd_job(args: argparse.Namespace) -> int:
           f"step       {r['step']}/{r['steps']}  loss {r['loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s  "
           f"ETA {_fmt_duration(r['eta_s'])}\n"
           f"generation {r['generation']}  layout dp={lay['dp']} pp={lay['pp']} zero={lay['zero_stage']}")
+    if r["redundancy"]:
+        print(f"redundancy {r['redundancy']}\nat risk    {r['next_failure_cost']}")
     print(f"{'RANK':>4} {'NODE':<24} {'SLOT':>4} {'PID':>8} STATE")
     for w in r["workers"]:
         print(f"{w['rank']:>4} {w['node']:<24} {w['slot']:>4} {w['pid']:>8} {w['state']}")

@@ -18,6 +18,7 @@ from common.etcd import EtcdError, EtcdTls, EtcdUnavailable
 from controller import auth, limits
 from controller.detection import HangSettings, StragglerSettings
 from controller.health_loop import HealthSettings
+from controller.quarantine import QuarantineSettings
 from controller.recovery import RecoverySettings
 from controller.security import SecuritySettings
 from controller.server import ControllerSettings, serve
@@ -36,6 +37,12 @@ _HANG_FLAGS = {"k": "--hang-k", "floor_s": "--hang-floor-s", "startup_timeout_s"
 _STRAGGLER_FLAGS = {"window_steps": "--straggler-window", "min_window_s": "--straggler-window-s",
                     "z_threshold": "--straggler-z"}
 _RECOVERY_FLAGS = {"growth_prepare_s": "--growth-prepare-s"}
+_QUARANTINE_FLAGS = {"quarantine.base_cooldown_s": "--quarantine-base-s",
+                     "quarantine.max_cooldown_s": "--quarantine-max-s",
+                     "quarantine.healthy_reset_s": "--quarantine-reset-s",
+                     "quarantine.window_s": "--quarantine-window-s",
+                     "quarantine.slot_cordon_failures": "--slot-cordon-failures",
+                     "quarantine.node_cordon_failures": "--node-cordon-failures"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,6 +67,24 @@ def add_controller_args(parser: argparse.ArgumentParser) -> None:
     recovery.add_argument("--growth-prepare-s", type=float, default=RecoverySettings().growth_prepare_s,
                           help="longest a two-phase growth waits for its new workers to be ready before it is "
                                "abandoned, seconds (default %(default)s)")
+    q = QuarantineSettings()
+    recovery.add_argument("--quarantine-base-s", type=float, default=q.base_cooldown_s,
+                          help="a slot where a worker failed stays out of the job this long after its first "
+                               "failure, doubling per repeated failure, seconds (default %(default)s)")
+    recovery.add_argument("--quarantine-max-s", type=float, default=q.max_cooldown_s,
+                          help="longest cool-down of a slot, seconds (default %(default)s)")
+    recovery.add_argument("--quarantine-reset-s", type=float, default=q.healthy_reset_s,
+                          help="a slot with no failure for this long starts again at the base cool-down, "
+                               "seconds (default %(default)s)")
+    recovery.add_argument("--quarantine-window-s", type=float, default=q.window_s,
+                          help="failures older than this do not count towards a cordon, seconds "
+                               "(default %(default)s)")
+    recovery.add_argument("--slot-cordon-failures", type=int, default=q.slot_cordon_failures,
+                          help="failures of one slot within the window that cordon the slot for the job "
+                               "(default %(default)s)")
+    recovery.add_argument("--node-cordon-failures", type=int, default=q.node_cordon_failures,
+                          help="failures on one node within the window that cordon the node "
+                               "(default %(default)s)")
 
 
 def _add_security_args(parser: argparse.ArgumentParser) -> None:
@@ -150,9 +175,17 @@ def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
         metrics_host=args.metrics_host, id=args.id, lease_ttl_s=args.lease_ttl, prefix=args.prefix,
         security=security_settings_from_args(args), etcd_tls=etcd_tls_from_args(args),
         health=health_settings_from_args(args),
-        recovery=_flags_named(_RECOVERY_FLAGS, lambda: RecoverySettings(growth_prepare_s=args.growth_prepare_s)))
+        recovery=_flags_named(_RECOVERY_FLAGS, lambda: RecoverySettings(
+            growth_prepare_s=args.growth_prepare_s, quarantine=quarantine_settings_from_args(args))))
     _flags_named(_SERVER_FLAGS, settings.validate)
     return settings
+
+
+def quarantine_settings_from_args(args: argparse.Namespace) -> QuarantineSettings:
+    return _flags_named(_QUARANTINE_FLAGS, lambda: QuarantineSettings(
+        base_cooldown_s=args.quarantine_base_s, max_cooldown_s=args.quarantine_max_s,
+        healthy_reset_s=args.quarantine_reset_s, window_s=args.quarantine_window_s,
+        slot_cordon_failures=args.slot_cordon_failures, node_cordon_failures=args.node_cordon_failures))
 
 
 def controller_tls_args(record: dict) -> list[str]:

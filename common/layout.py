@@ -12,7 +12,10 @@ it does not change the balance.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from collections import defaultdict
+from fractions import Fraction
+from typing import Any, Mapping, Sequence
 
 from protos.plan import Plan, WorkerAssignment
 
@@ -154,3 +157,78 @@ def new_plan(*, job_id: str, generation: int, placement: Sequence[tuple[str, int
     )
     plan.check()
     return plan
+
+
+# ------------------------------------------------------------------ memory and throughput estimates
+PARAM_BYTES = 4
+"""fp32 parameters (bf16 autocast computes in bf16 but keeps fp32 weights)."""
+GRAD_BYTES = 4
+"""fp32 gradients."""
+ADAM_BYTES = 8
+"""AdamW's two fp32 moments."""
+
+
+def block_params(d_model: int) -> int:
+    """Parameters of one transformer block (trainer/model.py Block: two LayerNorms, QKV, output
+    projection, 4x MLP, with biases)."""
+    return 12 * d_model * d_model + 13 * d_model
+
+
+def stage_params(model_spec, partition: Sequence[int], stage: int) -> int:
+    """Parameters of pipeline stage ``stage`` of ``partition`` (the first also holds the token
+    and position embeddings, the last the final LayerNorm and the untied head)."""
+    m = model_spec
+    n = block_params(m.d_model) * (partition[stage + 1] - partition[stage])
+    if stage == 0:
+        n += (m.vocab_size + m.seq_len) * m.d_model
+    if stage == len(partition) - 2:
+        n += 2 * m.d_model + m.vocab_size * m.d_model
+    return n
+
+
+def stage_memory_bytes(model_spec, partition: Sequence[int], *, zero_stage: int, dp: int) -> int:
+    """Estimated bytes of model state on the fullest worker of a layout: its stage's parameters,
+    gradients and AdamW moments, the moments sharded over the dp ranks from ZeRO stage 1 on and
+    the gradients too from stage 2. Activations are left out (they depend on the micro-batch,
+    which no layout changes). Torch-free: the controller compares layouts with it."""
+    grad = GRAD_BYTES / dp if zero_stage >= 2 else GRAD_BYTES
+    adam = ADAM_BYTES / dp if zero_stage >= 1 else ADAM_BYTES
+    per_param = PARAM_BYTES + grad + adam
+    return max(math.ceil(stage_params(model_spec, partition, s) * per_param) for s in range(len(partition) - 1))
+
+
+def pipeline_bubble(*, micro_batches: float, pp: int) -> float:
+    """Idle fraction of a pipeline of ``pp`` stages over ``micro_batches`` micro-batches per step:
+    (pp-1) / (m+pp-1)."""
+    return (pp - 1) / (micro_batches + pp - 1)
+
+
+def expected_throughput(*, global_batch_size: int, micro_batch_size: int, dp: int, pp: int) -> Fraction:
+    """Samples per unit of time of a dp x pp layout, the unit being one sample's forward and
+    backward through the whole model on one worker (exact, so ties compare equal).
+
+    A step takes as long as the dp rank with the largest share (``ceil(gbs/dp)`` samples,
+    ``m`` = share / micro_batch micro-batches, the last one possibly short) needs to push them
+    through ``pp`` stages of 1/pp of the model each: ``(m + pp - 1)`` micro-batch slots of
+    ``micro_batch/pp``. Equivalently: dp*pp workers x (1 - bubble) x (mean share / largest share).
+    """
+    share = -(-global_batch_size // dp)
+    return Fraction(global_batch_size * pp, share + (pp - 1) * micro_batch_size)
+
+
+# ------------------------------------------------------------------ snapshot replication
+def buddy_ring(nodes_by_rank: Mapping[int, str]) -> dict[int, int]:
+    """{rank: buddy rank}: a permutation where, whenever possible, a rank's buddy
+    lives on another node. Ranks are ordered by node and shifted by the size of
+    the biggest node, so every rank also receives exactly one replica."""
+    order = sorted(nodes_by_rank, key=lambda r: (nodes_by_rank[r], r))
+    n = len(order)
+    if n < 2:
+        return {}
+    counts: dict[str, int] = defaultdict(int)
+    for r in order:
+        counts[nodes_by_rank[r]] += 1
+    shift = max(counts.values())
+    if shift >= n:  # a single node: no off-node copy exists; still keep a copy elsewhere in memory
+        shift = 1
+    return {order[i]: order[(i + shift) % n] for i in range(n)}

@@ -10,7 +10,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from controller.recovery_decisions import newest_by_slot
+from controller.recovery_decisions import newest_by_slot, next_failure_cost
 from controller.state import JobView, NodeSummary
 from protos import tenax_pb2 as pb
 from protos.plan import Plan
@@ -79,6 +79,9 @@ def job_to_proto(job: JobView) -> pb.Job:
     )
     if job.plan:
         status.layout.CopyFrom(layout_to_proto(job.plan.dp, job.plan.pp, job.plan.zero_stage))
+        if job.status.phase in ("RUNNING", "RECOVERING"):
+            status.redundancy, status.next_failure_cost = next_failure_cost(
+                job.spec, job.plan, step=status.step, recoverable_step=status.recoverable_step)
         # a worker is its (node, slot): ranks are renumbered when the layout changes
         by_slot = newest_by_slot(job.plan, job.workers)
         for a in job.plan.workers:

@@ -15,6 +15,7 @@ from common.layout import new_plan, partition_for_spec
 from common.spec import JobSpec
 from protos.plan import Plan
 from controller.recovery_decisions import all_ranks_on_generation, find_failure, plan_records, training_finished
+from controller.quarantine import AUTO_CORDON_REASON
 from protos.records import TERMINAL_PHASES, ProgressRecord, WorkerStatusRecord
 
 
@@ -47,6 +48,8 @@ def node_state(*, registered: bool, cordon_reason: str | None) -> tuple[str, str
     if not registered:
         return "NOT_READY", "agent lease expired (no NodeInfo key)"
     if cordon_reason is not None:
+        if cordon_reason.startswith(AUTO_CORDON_REASON + ":"):
+            return "CORDONED", cordon_reason  # by the controller: the reason says why
         return "CORDONED", f"{cordon_reason} by operator"
     return "READY", "agent registered"
 

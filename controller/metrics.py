@@ -42,6 +42,11 @@ RECOVERY_DURATION = Histogram(
     ["phase"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=REGISTRY)
 RECOVERY_MTTR = Gauge("tenax_recovery_mttr_seconds", "Total time of the job's last recovery", ["job"],
                       registry=REGISTRY)
+AUTO_CORDONS = Counter("tenax_auto_cordons_total",
+                       "Slots (for one job) and nodes cordoned because they kept failing", ["kind"],
+                       registry=REGISTRY)
+for _kind in ("node", "slot"):  # exported at 0 from the start: increase() then sees the first cordon
+    AUTO_CORDONS.labels(_kind)
 STEPS_LOST = Counter("tenax_steps_lost_total", "Completed steps lost to recoveries", ["job"], registry=REGISTRY)
 STRAGGLER_SCORE = Gauge("tenax_straggler_score",
                         "Robust z-score of a rank's compute time against the job's median (MAD units)",

@@ -58,7 +58,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from controller import metrics
@@ -71,7 +71,6 @@ from controller.recovery_decisions import (
     commit_plan,
     complete_recovery,
     end_growth,
-    failed_slots,
     find_failure,
     free_slots_for,
     growth_decision,
@@ -85,6 +84,7 @@ from controller.recovery_decisions import (
     without_slots,
 )
 from common.etcd import EtcdError, EtcdUnavailable
+from controller import quarantine
 from controller.handle import ControllerHandle
 from controller.replan import ClusterView, drain, grow, replan
 from controller.state import JobView, NodeSummary, jobs_from, nodes_from
@@ -101,6 +101,9 @@ class RecoverySettings:
     growth_prepare_s: float = GROWTH_PREPARE_TIMEOUT_S
     """Longest a two-phase growth waits for its new workers to be ready before it is abandoned
     (seconds, > 0; ``tenax controller --growth-prepare-s``)."""
+    quarantine: quarantine.QuarantineSettings = field(default_factory=quarantine.QuarantineSettings)
+    """Cool-downs of slots where a worker failed, and when a slot or node is cordoned
+    (``tenax controller --quarantine-*``, ``--slot-cordon-failures``, ``--node-cordon-failures``)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.growth_prepare_s) and self.growth_prepare_s > 0):
@@ -114,8 +117,11 @@ class Recovery:
         self.c = handle
         self._lock = asyncio.Lock()
         """One plan write at a time (the reconcile pass and requests from other tasks)."""
-        self.prepare_timeout_s = (settings or RecoverySettings()).growth_prepare_s
+        settings = settings or RecoverySettings()
+        self.prepare_timeout_s = settings.growth_prepare_s
         """Longest a growth waits for its new workers to be ready before it is abandoned (seconds)."""
+        self.quarantine = settings.quarantine
+        """When a slot where a worker failed may be used again; when a slot or node is cordoned."""
 
     # ------------------------------------------------------------ public requests
     async def request_replan(self, job_id: str, cause: str, *, lost_ranks: Iterable[int] = (),
@@ -217,9 +223,12 @@ class Recovery:
         message = f"recovering from {failure.description}: {reason}"
         lost_nodes = failure.lost_nodes
         dead = {(a.node, a.slot) for a in job.plan.workers if a.rank in failure.lost_ranks and a.node not in lost_nodes}
-        ok = await self._write_plan(job, plan, entry, phase="RECOVERING", message=message, failed=dead)
+        extra, cordons = self._quarantine_after(job, nodes, now, failed=dead, lost_nodes=lost_nodes)
+        plan = dataclasses.replace(plan, extra={**plan.extra, **extra})
+        ok = await self._write_plan(job, plan, entry, phase="RECOVERING", message=message, quarantined=True)
         if ok:
             log.warning("job %s RECOVERING (generation %d): %s", job.id, plan.generation, message)
+            await self._apply_cordons(job, plan.generation, cordons, nodes)
             return True, message
         return False, "the plan changed meanwhile (another writer); the next pass re-plans"
 
@@ -240,7 +249,7 @@ class Recovery:
     async def _maybe_grow(self, job: JobView, nodes: dict[str, NodeSummary], now: float, settled: bool,
                           jobs_waiting: bool) -> bool:
         """Phase 1 of a growth: the PREPARING record (the plan does not change yet)."""
-        view = self._view(job, nodes)  # growth is for nodes that join or come back, never failed slots
+        view = self._view(job, nodes, now=now)  # joined nodes, and slots whose quarantine is over
         free = sum(len(s) for s in view.free_slots.values())
         at = switch_step(job.progress.step, self._step_time(job))
         ok, _why = should_grow(phase=job.status.phase, plan=job.plan, max_workers=job.spec.max_workers,
@@ -252,9 +261,8 @@ class Recovery:
         plan, reason = grow(job.spec, job.plan, view, at_step=-1, now=now)
         if plan is None:
             return False
-        slots = failed_slots(job.plan)
-        if slots:  # carried like any plan of the job (``_write_plan`` does it for the others)
-            plan = dataclasses.replace(plan, extra={**plan.extra, "failed_slots": [list(x) for x in sorted(slots)]})
+        # carried like any plan of the job (``_write_plan`` does it for the others)
+        plan = dataclasses.replace(plan, extra={**plan.extra, **self._quarantine_after(job, nodes, now)[0]})
         growth = start_growth(job.plan, plan, growth_id=f"g{plan.generation}-{uuid.uuid4().hex[:8]}", now=now,
                               previous=job.growth, timeout_s=self.prepare_timeout_s)
         ok = await self._put_guarded(job, {self.c.keys.job_growth(job.id): growth.to_json()})
@@ -394,14 +402,14 @@ class Recovery:
         return await self.c.etcd.put_many_if(plan_key, guard, puts)
 
     async def _write_plan(self, job: JobView, plan: Plan, entry: dict[str, Any], *, phase: str,
-                          message: str, failed: set[tuple[str, int]] = frozenset(),
+                          message: str, quarantined: bool = False,
                           extra_puts: dict[str, str] | None = None) -> bool:
         """Plan g+1, the status and an event (and ``extra_puts``) in one transaction guarded
-        by plan g's revision."""
+        by plan g's revision. The job's quarantine records are carried over from plan g unless
+        ``quarantined`` (the caller put the updated ones in the plan)."""
         keys = self.c.keys
-        slots = sorted(failed_slots(job.plan) | set(failed))
-        if slots:
-            plan = dataclasses.replace(plan, extra={**plan.extra, "failed_slots": [list(x) for x in slots]})
+        if not quarantined:
+            plan = dataclasses.replace(plan, extra={**plan.extra, **self._quarantine_after(job, None, time.time())[0]})
         plan_key = keys.job_plan(job.id)
         raw, guard = self.c.cache.data.get(plan_key, ("", 0))
         cached = self.c.cache.parse(plan_key, raw, Plan.from_json) if raw else None
@@ -458,16 +466,67 @@ class Recovery:
         return nodes_from(self.c.cache, jobs_from(self.c.cache))
 
     def _view(self, job: JobView, nodes: dict[str, NodeSummary], *, lost_ranks: frozenset[int] = frozenset(),
-              lost_nodes: frozenset[str] = frozenset()) -> ClusterView:
+              lost_nodes: frozenset[str] = frozenset(), now: float | None = None) -> ClusterView:
         live = {n.id: n for n in nodes.values() if n.registered}
         schedulable = {n.id: range(int(n.record.get("slots", 0) or 0)) for n in live.values() if n.cordon is None}
         used = {n.id: n.used for n in nodes.values()}
         gone = frozenset(lost_nodes) | frozenset(w.node for w in job.plan.workers if w.node not in live)
-        # never a slot where a worker of this job failed (failed_slots): it could fail again, in a loop
-        free = without_slots(free_slots_for(schedulable, used), failed_slots(job.plan))
+        # never a slot of this job in quarantine or cordoned for it: it could fail again, in a loop
+        excluded = quarantine.excluded_slots(quarantine.records_from(job.plan.extra, settings=self.quarantine),
+                                             now=time.time() if now is None else now,
+                                             node_started=_node_started(nodes))
+        free = without_slots(free_slots_for(schedulable, used), set(excluded))
         return ClusterView(lost_ranks=lost_ranks, lost_nodes=gone, free_slots=free,
                            store_addresses={n.id: str(n.record.get("store_address", ""))
                                             for n in live.values() if n.record.get("store_address")})
+
+    # ------------------------------------------------------------ quarantine (controller/quarantine.py)
+    def _quarantine_after(self, job: JobView, nodes: dict[str, NodeSummary] | None, now: float, *,
+                          failed: Iterable[tuple[str, int]] = (), lost_nodes: Iterable[str] = ()
+                          ) -> tuple[dict[str, Any], list[quarantine.Cordon]]:
+        """The plan extra fields carrying the job's quarantine records (after ``failed`` slots
+        and ``lost_nodes``, if any), and the cordons that decides."""
+        nodes = nodes if nodes is not None else self._nodes()
+        started = _node_started(nodes)
+        records = quarantine.records_from(job.plan.extra, settings=self.quarantine)
+        cordons: list[quarantine.Cordon] = []
+        if failed or lost_nodes:
+            records, cordons = quarantine.record_failures(
+                records, slots=failed, lost_nodes=lost_nodes, now=now, settings=self.quarantine,
+                node_started=started, cordoned_nodes=[n.id for n in nodes.values() if n.cordon is not None])
+        return quarantine.plan_extra(records, now=now, settings=self.quarantine, node_started=started), cordons
+
+    async def _apply_cordons(self, job: JobView, generation: int, cordons: Sequence[quarantine.Cordon],
+                             nodes: dict[str, NodeSummary]) -> None:
+        """Write what ``record_failures`` decided: a node's CordonRecord (never over an operator's
+        cordon or drain), one job event listing the cordons, a metric and a log line. Best effort:
+        the plan is written already, and its records keep the job off a cordoned slot anyway."""
+
+        done: list[dict[str, Any]] = []
+        for c in cordons:
+            where = f"node {c.node}" if c.slot is None else f"slot {c.node}/{c.slot} (for job {job.id})"
+            try:
+                if c.slot is None:
+                    record = CordonRecord(time=time.time(), reason=f"{quarantine.AUTO_CORDON_REASON}: {c.reason}")
+                    if not await self.c.etcd.create(self.c.keys.cordon(c.node), record.to_json()):
+                        log.info("job %s: %s already cordoned; not cordoned again", job.id, where)
+                        continue
+                    self.c.wake()
+            except (EtcdError, EtcdUnavailable) as exc:
+                log.error("job %s: cordon of %s not written (%s): %r", job.id, where, c.reason, exc)
+                continue
+            metrics.AUTO_CORDONS.labels("node" if c.slot is None else "slot").inc()
+            log.warning("job %s: %s cordoned: %s", job.id, where, c.reason)
+            done.append({"node": c.node, "slot": -1 if c.slot is None else c.slot, "reason": c.reason,
+                         "message": f"{where} cordoned: {c.reason}"})
+        if not done:
+            return
+        try:
+            await self._event(job.id, "cordon", {"generation": generation, "cordons": done,
+                                                 "message": "; ".join(d["message"] for d in done)},
+                              part=_CORDON_EVENT_PART)
+        except (EtcdError, EtcdUnavailable) as exc:
+            log.error("job %s: cordon event not written: %r", job.id, exc)
 
     @staticmethod
     def _step_time(job: JobView) -> float:
@@ -475,9 +534,25 @@ class Recovery:
         return max(times) if times else 0.0
 
 
+def _node_started(nodes: dict[str, NodeSummary]) -> dict[str, float]:
+    """When each registered node's agent started (a node that rejoined is usable at once)."""
+    out: dict[str, float] = {}
+    for n in nodes.values():
+        if n.registered:
+            try:
+                out[n.id] = float(n.record.get("started", 0.0) or 0.0)
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+_CORDON_EVENT_PART = 9
+"""The event listing the cordons decided with a plan generation (controller/quarantine.py)."""
+
+
 def _event_seq(generation: int, part: int) -> int:
     """Event keys sort by generation: plan event (part 0), then its recovery (part 1), then
-    notes about it (parts 2-9: abandoned growths)."""
+    notes about it (parts 2-9: abandoned growths; 5: a straggler; 9: cordons)."""
     return generation * 10 + part
 
 

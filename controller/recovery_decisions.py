@@ -29,8 +29,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from common.layout import new_plan
+from common.layout import buddy_ring, new_plan
 from protos.plan import Plan
+from common.spec import JobSpec
 from protos.records import GrowthRecord, JoinerRecord, ProgressRecord, WorkerStatusRecord
 
 GROWTH_MARGIN_S = 1.5
@@ -177,10 +178,10 @@ def free_slots_for(schedulable: Mapping[str, Sequence[int]],
 
 
 def failed_slots(plan: Plan | None) -> set[tuple[str, int]]:
-    """(node, slot) where a worker of this job failed (carried from plan to plan in
-    ``extra["failed_slots"]``). No later plan of the job (re-plan or growth) uses them: a slot
-    that just killed a worker would be re-used at once and could fail again, in a loop. Lost
-    nodes are not listed: a node that comes back (a new agent) is a node joining."""
+    """(node, slot) of this job quarantined or cordoned when ``plan`` was written
+    (``extra["failed_slots"]``, see controller/quarantine.py). For readers without a clock;
+    the time-aware view (a cool-down ends, a node rejoins) is ``quarantine.excluded_slots``.
+    Lost nodes are not listed: a node that comes back (a new agent) is a node joining."""
     out: set[tuple[str, int]] = set()
     for item in (plan.extra.get("failed_slots") if plan is not None else None) or []:
         if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int):
@@ -378,6 +379,8 @@ def pending_recovery(*, cause: str, old: Plan, new: Plan, at_step: int, failed_a
         "bytes_local": 0, "from_disk": False, "time": failed_at, "failed_at": failed_at, "seen_at": seen_at,
         "planned_at": planned_at, "switch_at_step": new.switch_at_step, "reason": new.reason, "complete": False,
         "prepare_s": prepare_s,
+        # survivors the new layout leaves idle, and why (controller/replan.py idle_reason)
+        "idle": len(new.extra.get("idle", []) or []), "idle_reason": str(new.extra.get("idle_reason", "") or ""),
     }
 
 
@@ -431,3 +434,45 @@ def close_superseded(recoveries: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     """Entries still open when a newer plan replaces theirs are closed as superseded."""
     return [complete_recovery(r, [], [], superseded=True) if not r.get("complete", True) else dict(r)
             for r in recoveries]
+
+
+# ------------------------------------------------------------------ what the next failure costs
+def snapshot_redundancy(plan: Plan) -> tuple[bool, bool, str]:
+    """(covers one worker failure, covers the loss of one node, the statement) for the in-memory
+    snapshots of ``plan``: each rank replicates its snapshot to a buddy (``common.layout.buddy_ring``,
+    the ring the trainer uses), on another node whenever the placement allows."""
+    node = {w.rank: w.node for w in plan.workers}
+    ring = buddy_ring(node)
+    if not ring:
+        return False, False, "none: a single worker has no buddy to hold a copy of its state"
+    same = sorted(r for r, buddy in ring.items() if node[r] == node[buddy])
+    if not same:
+        return True, True, "one failure, or the loss of one node: every rank's replica is on another node"
+    nodes = sorted({node[r] for r in same})
+    return True, False, (f"one worker failure, not the loss of a node: ranks {same} keep their replica on "
+                         f"their own node ({', '.join(nodes)})")
+
+
+def next_failure_cost(spec: JobSpec, plan: Plan, *, step: int, recoverable_step: int) -> tuple[str, str]:
+    """(redundancy, what the next failure would cost) for the job status.
+
+    From memory: the steps since ``recoverable_step``, the newest step every rank's off-node copy
+    holds. From disk (what the snapshots do not cover): the steps since the newest disk checkpoint,
+    estimated as the last multiple of ``elastic.checkpoint_every`` (each is written a moment after
+    its step, asynchronously)."""
+    worker_ok, node_ok, redundancy = snapshot_redundancy(plan)
+    memory = f"{max(step - recoverable_step, 0)} step(s) from memory" if recoverable_step > 0 else \
+        f"{step} step(s): no snapshot replicated yet"
+    every = spec.elastic.checkpoint_every
+    if every <= 0:
+        disk = "the job (elastic.checkpoint_every: 0, no disk checkpoint)"
+    elif step >= every:
+        last = (step // every) * every
+        disk = f"about {step - last} step(s) from the disk checkpoint of step {last}"
+    else:
+        disk = f"{step} step(s): the first disk checkpoint is at step {every}"
+    worker = memory if worker_ok else disk
+    node = memory if node_ok else disk
+    if worker == node:
+        return redundancy, f"a worker or node failure: {worker}"
+    return redundancy, f"a worker failure: {worker}; a node loss: {node}"

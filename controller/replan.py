@@ -6,14 +6,22 @@ each live node serves its rendezvous store) and returns ``(plan | None, reason)`
 ``None`` means "no new plan": the reason says why (below ``min_workers``, the
 global batch cannot be kept, nothing to grow into...).
 
-Layout rules (issue 4, DESIGN principles 3-6):
+Layout rules (issues 4 and 16, DESIGN principles 3-6; ``pick_layout``):
 
-* Keep the pipeline depth when it still fits; otherwise re-partition the layers
-  over fewer stages (the deepest pipeline that fits, dp = 1).
-* dp is what remains: ``floor(capacity / pp)``, capped so every data-parallel
-  rank gets at least ``micro_batch_size`` samples and the world stays within
-  ``max_workers``. Survivors left over stay alive as idle spares (listed in
-  ``plan.extra["idle"]``): survivors are never restarted.
+* Every pipeline depth ``pp`` is a candidate, with dp what remains:
+  ``floor(capacity / pp)``, capped so every data-parallel rank gets at least
+  ``micro_batch_size`` samples and the world stays within ``max_workers``.
+* A candidate must fit memory: a pipeline at least as deep as the spec's, or a
+  shallower one whose per-stage memory estimate (``common.layout.stage_memory_bytes``:
+  parameters, gradients, AdamW state, ZeRO-sharded) is no larger than the spec
+  layout's, which is known to fit. Only when no such layout reaches
+  ``min_workers`` does a shallower one run anyway (the least memory per stage).
+* Among those, the highest expected throughput wins (``common.layout.expected_throughput``:
+  workers used, pipeline bubble (pp-1)/(m+pp-1), uneven shares); ties go to fewer
+  workers, then the current depth, then the deeper pipeline. So 3 survivors of
+  dp2·pp2 run as dp1·pp3 rather than dp1·pp2 with one idle.
+* Survivors left over stay alive as idle spares (listed in ``plan.extra["idle"]``,
+  with why in ``plan.extra["idle_reason"]``): survivors are never restarted.
 * The global batch never changes: sample shares are recomputed to sum to it.
 * ZeRO stage is unchanged; the trainer re-partitions the shards for the new dp.
 * Survivors keep their node/slot, and (where possible) their stage and rank,
@@ -29,7 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from common.layout import new_plan, partition_for_spec
+from fractions import Fraction
+
+from common.layout import expected_throughput, new_plan, partition_for_spec, pipeline_bubble, stage_memory_bytes
 from common.spec import JobSpec, ModelSpec
 from protos.plan import Plan, WorkerAssignment
 
@@ -131,30 +141,127 @@ def drain(
 
 
 # ---------------------------------------------------------------- the decision
-def choose_layout(spec: JobSpec, current: Plan, capacity: int) -> tuple[int, int] | str:
-    """(dp, pp) for ``capacity`` usable workers, or the reason none works.
+@dataclass(kw_only=True, frozen=True)
+class LayoutOption:
+    """One candidate layout and what the choice weighs."""
 
-    Preference: the spec's pp if it fits (restores depth after a shrink), then
-    the current pp, then shallower pipelines; the first that reaches
-    ``min_workers`` wins. dp is capped so that every dp rank gets at least
-    ``micro_batch_size`` samples of the (fixed) global batch.
-    """
+    dp: int
+    pp: int
+    throughput: Fraction
+    """``common.layout.expected_throughput`` (samples per one-worker sample time)."""
+    bubble: float
+    """Pipeline idle fraction, (pp-1)/(m+pp-1)."""
+    stage_bytes: int | None
+    """Per-worker memory estimate; None where not needed (pp >= the spec's)."""
+    fits: bool
+    """pp >= the spec's, or ``stage_bytes`` <= the spec layout's estimate."""
+
+    @property
+    def workers(self) -> int:
+        return self.dp * self.pp
+
+    def describe(self) -> str:
+        return f"dp={self.dp}·pp={self.pp}"
+
+
+def layout_options(spec: JobSpec, current: Plan, capacity: int, *,
+                   partition: PartitionFn = partition_for_spec) -> list[LayoutOption]:
+    """Every depth's best layout for ``capacity`` workers (dp as large as the batch and
+    ``max_workers`` allow), shallowest first."""
     capacity = min(capacity, spec.max_workers)
     max_dp = max(1, spec.global_batch_size // spec.micro_batch_size)
-    preferred = [spec.parallelism.pp, current.pp] + list(range(min(current.pp, capacity), 0, -1))
-    tried: list[str] = []
-    for pp in dict.fromkeys(preferred):  # ordered, unique
-        if pp > capacity or pp > spec.model.layers:
-            continue
+    budget: int | None = None
+    out = []
+    for pp in range(1, min(capacity, spec.model.layers) + 1):
         dp = min(capacity // pp, max_dp)
-        if dp * pp >= spec.elastic.min_workers:
-            return dp, pp
-        tried.append(f"dp={dp}·pp={pp}={dp * pp}")
+        if dp < 1:
+            continue
+        share = -(-spec.global_batch_size // dp)
+        bubble = pipeline_bubble(micro_batches=share / spec.micro_batch_size, pp=pp)
+        stage_bytes = None
+        fits = pp >= spec.parallelism.pp
+        if not fits:  # estimated only where it decides something: partitioning is not free
+            if budget is None:
+                budget = spec_stage_bytes(spec, current, partition=partition)
+            stage_bytes = stage_memory_bytes(spec.model, tuple(partition(spec.model, pp)),
+                                             zero_stage=current.zero_stage, dp=dp)
+            fits = stage_bytes <= budget
+        out.append(LayoutOption(dp=dp, pp=pp, bubble=bubble, stage_bytes=stage_bytes, fits=fits,
+                                throughput=expected_throughput(global_batch_size=spec.global_batch_size,
+                                                               micro_batch_size=spec.micro_batch_size,
+                                                               dp=dp, pp=pp)))
+    return out
+
+
+def spec_stage_bytes(spec: JobSpec, current: Plan, *, partition: PartitionFn = partition_for_spec) -> int:
+    """Per-worker memory estimate of the spec's own layout: the budget a shallower pipeline must
+    fit in (the job was submitted with it, so it fits the slots)."""
+    return stage_memory_bytes(spec.model, tuple(partition(spec.model, spec.parallelism.pp)),
+                              zero_stage=current.zero_stage, dp=spec.parallelism.dp)
+
+
+def _preference(option: LayoutOption, current: Plan) -> tuple:
+    """Highest throughput; then fewer workers (the same speed for less), the current depth
+    (fewer layers move), the deeper pipeline (less memory per worker). Deterministic."""
+    return (option.throughput, -option.workers, option.pp == current.pp, option.pp)
+
+
+def pick_layout(spec: JobSpec, current: Plan, capacity: int, *,
+                partition: PartitionFn = partition_for_spec) -> tuple[LayoutOption | None, str]:
+    """The layout for ``capacity`` usable workers and why, or (None, why none works)."""
+    capacity = min(capacity, spec.max_workers)
     if capacity < spec.elastic.min_workers:
-        return f"only {capacity} workers available, below elastic.min_workers={spec.elastic.min_workers}"
-    return (f"no layout reaches elastic.min_workers={spec.elastic.min_workers} with {capacity} workers "
-            f"while keeping global_batch_size={spec.global_batch_size} at >= micro_batch_size="
-            f"{spec.micro_batch_size} per data-parallel rank (tried {', '.join(tried)})")
+        return None, f"only {capacity} workers available, below elastic.min_workers={spec.elastic.min_workers}"
+    options = layout_options(spec, current, capacity, partition=partition)
+    enough = [o for o in options if o.workers >= spec.elastic.min_workers]
+    if not enough:
+        tried = ", ".join(f"{o.describe()}={o.workers}" for o in options)
+        return None, (f"no layout reaches elastic.min_workers={spec.elastic.min_workers} with {capacity} workers "
+                      f"while keeping global_batch_size={spec.global_batch_size} at >= micro_batch_size="
+                      f"{spec.micro_batch_size} per data-parallel rank (tried {tried})")
+    safe = [o for o in enough if o.fits]
+    if safe:
+        best = max(safe, key=lambda o: _preference(o, current))
+        return best, f"{best.describe()}: highest expected throughput ({float(best.throughput):.2f}) that fits memory"
+    # nothing known to fit reaches min_workers: the least memory per worker, rather than failing the job
+    best = min(enough, key=lambda o: (o.stage_bytes or 0, -o.throughput, -o.pp))
+    return best, (f"{best.describe()}: shallower than the spec's pp={spec.parallelism.pp} although its per-worker "
+                  f"memory estimate ({_mib(best.stage_bytes)}) exceeds the spec layout's "
+                  f"({_mib(spec_stage_bytes(spec, current, partition=partition))}): no layout that fits reaches "
+                  f"elastic.min_workers={spec.elastic.min_workers}")
+
+
+def choose_layout(spec: JobSpec, current: Plan, capacity: int, *,
+                  partition: PartitionFn = partition_for_spec) -> tuple[int, int] | str:
+    """(dp, pp) for ``capacity`` usable workers (``pick_layout``), or the reason none works."""
+    best, why = pick_layout(spec, current, capacity, partition=partition)
+    return (best.dp, best.pp) if best is not None else why
+
+
+def idle_reason(spec: JobSpec, current: Plan, capacity: int, chosen: LayoutOption, *,
+                partition: PartitionFn = partition_for_spec) -> str:
+    """Why ``chosen`` leaves some of ``capacity`` usable workers out ("" if it does not)."""
+    if chosen.workers >= capacity:
+        return ""
+    if capacity > spec.max_workers:
+        return f"the job is at elastic.max_workers={spec.max_workers}"
+    options = layout_options(spec, current, capacity, partition=partition)
+    whole = [o for o in options if o.workers == capacity]
+    if not whole:
+        max_dp = max(1, spec.global_batch_size // spec.micro_batch_size)
+        return (f"no layout uses all {capacity}: dp·pp must equal it with pp <= model.layers={spec.model.layers} "
+                f"and dp <= global_batch_size/micro_batch_size={max_dp}")
+    other = max(whole, key=lambda o: _preference(o, current))
+    if not other.fits:
+        return (f"{other.describe()} would use all {capacity}, but its per-worker memory estimate "
+                f"({_mib(other.stage_bytes)}) exceeds the spec layout's "
+                f"({_mib(spec_stage_bytes(spec, current, partition=partition))})")
+    return (f"{other.describe()} would use all {capacity}, but its expected throughput is not higher "
+            f"({float(other.throughput):.2f} vs {float(chosen.throughput):.2f})")
+
+
+def _mib(n: int | None) -> str:
+    return f"{(n or 0) / 2**20:.1f} MiB"
 
 
 def assign(
@@ -215,10 +322,10 @@ def _plan_from(
     ]
     taken = {(c.node, c.slot) for c in survivors}
     spares = [c for c in spares if (c.node, c.slot) not in taken]
-    layout = choose_layout(spec, current, len(survivors) + len(spares))
-    if isinstance(layout, str):
-        return None, layout
-    dp, pp = layout
+    chosen, why = pick_layout(spec, current, len(survivors) + len(spares), partition=partition)
+    if chosen is None:
+        return None, why
+    dp, pp = chosen.dp, chosen.pp
     if not shrink_ok and dp * pp < current.world_size:
         return None, f"growth would shrink the job to dp={dp}·pp={pp}"
     bounds = current.layer_partition if pp == current.pp else tuple(partition(spec.model, pp))
@@ -231,10 +338,11 @@ def _plan_from(
         return None, "no live node of the new plan serves a rendezvous store"
     generation = current.generation + 1
     idle = [{"node": c.node, "slot": c.slot, "old_rank": c.old_rank} for c in unused if c.old_rank is not None]
+    idle_why = idle_reason(spec, current, len(survivors) + len(spares), chosen, partition=partition) if idle else ""
     reason = (f"{cause}: dp={current.dp}·pp={current.pp} ({current.world_size} workers) -> "
               f"dp={dp}·pp={pp} ({len(workers)} workers)"
               + ("" if pp == current.pp else f", layers re-partitioned {list(current.layer_partition)} -> {list(bounds)}")
-              + (f", {len(idle)} survivor(s) idle" if idle else ""))
+              + (f", {len(idle)} survivor(s) idle: {idle_why}" if idle else ""))
     plan = new_plan(
         job_id=current.job_id,
         generation=generation,
@@ -255,6 +363,9 @@ def _plan_from(
             # resharding planner reads where each slice used to live from this.
             "previous_ranks": {str(r): c.old_rank for r, c in placed.items() if c.old_rank is not None},
             "idle": idle,
+            "idle_reason": idle_why,
+            "layout": {"why": why, "expected_throughput": round(float(chosen.throughput), 4),
+                       "bubble": round(chosen.bubble, 4)},
         },
     )
     return plan, reason

@@ -109,18 +109,20 @@ class Parallelism(_message.Message):
     def __init__(self, dp: _Optional[int] = ..., pp: _Optional[int] = ..., zero_stage: _Optional[int] = ...) -> None: ...
 
 class ElasticSpec(_message.Message):
-    __slots__ = ("min_workers", "max_workers", "snapshot_every", "checkpoint_every", "straggler_policy")
+    __slots__ = ("min_workers", "max_workers", "snapshot_every", "checkpoint_every", "straggler_policy", "checkpoint_keep")
     MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_EVERY_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     STRAGGLER_POLICY_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_KEEP_FIELD_NUMBER: _ClassVar[int]
     min_workers: int
     max_workers: int
     snapshot_every: str
     checkpoint_every: int
     straggler_policy: str
-    def __init__(self, min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., snapshot_every: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., straggler_policy: _Optional[str] = ...) -> None: ...
+    checkpoint_keep: int
+    def __init__(self, min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., snapshot_every: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., straggler_policy: _Optional[str] = ..., checkpoint_keep: _Optional[int] = ...) -> None: ...
 
 class Resources(_message.Message):
     __slots__ = ("workers", "device")
@@ -261,7 +263,7 @@ class Recovery(_message.Message):
     def __init__(self, cause: _Optional[str] = ..., generation: _Optional[int] = ..., old_layout: _Optional[_Union[Layout, _Mapping]] = ..., new_layout: _Optional[_Union[Layout, _Mapping]] = ..., at_step: _Optional[int] = ..., detection_s: _Optional[float] = ..., plan_s: _Optional[float] = ..., rebuild_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., total_s: _Optional[float] = ..., steps_lost: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., from_disk: _Optional[bool] = ..., time: _Optional[float] = ..., bytes_local: _Optional[int] = ..., worker_total_s: _Optional[float] = ..., prepare_s: _Optional[float] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("phase", "message", "step", "loss", "tokens_per_s", "generation", "layout", "workers", "recoveries", "recoverable_step", "created", "updated", "eta_s")
+    __slots__ = ("phase", "message", "step", "loss", "tokens_per_s", "generation", "layout", "workers", "recoveries", "recoverable_step", "created", "updated", "eta_s", "redundancy", "next_failure_cost")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +277,8 @@ class JobStatus(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     ETA_S_FIELD_NUMBER: _ClassVar[int]
+    REDUNDANCY_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FAILURE_COST_FIELD_NUMBER: _ClassVar[int]
     phase: JobPhase
     message: str
     step: int
@@ -288,7 +292,9 @@ class JobStatus(_message.Message):
     created: float
     updated: float
     eta_s: float
-    def __init__(self, phase: _Optional[_Union[JobPhase, str]] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., recoveries: _Optional[_Iterable[_Union[Recovery, _Mapping]]] = ..., recoverable_step: _Optional[int] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., eta_s: _Optional[float] = ...) -> None: ...
+    redundancy: str
+    next_failure_cost: str
+    def __init__(self, phase: _Optional[_Union[JobPhase, str]] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., recoveries: _Optional[_Iterable[_Union[Recovery, _Mapping]]] = ..., recoverable_step: _Optional[int] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., eta_s: _Optional[float] = ..., redundancy: _Optional[str] = ..., next_failure_cost: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "spec", "status")

@@ -92,6 +92,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from common.layout import buddy_ring  # noqa: F401 - the one definition; trainer code imports it from here
 from trainer.abort import CommFailed
 from trainer.reshard import OWNER, Holding, Layout, Transfer, plan_transfers
 from trainer.snapshot import (CRC32, Snapshot, SlabLayout, allocate_slab, as_slab, checksum_kind_of_flags,
@@ -433,23 +434,6 @@ def _nbytes(t: Transfer, dest: Mapping[str, tuple[int, torch.Tensor]]) -> int:
 
 
 # ---------------------------------------------------------- buddy placement
-def buddy_ring(nodes_by_rank: Mapping[int, str]) -> dict[int, int]:
-    """{rank: buddy rank}: a permutation where, whenever possible, a rank's buddy
-    lives on another node. Ranks are ordered by node and shifted by the size of
-    the biggest node, so every rank also receives exactly one replica."""
-    order = sorted(nodes_by_rank, key=lambda r: (nodes_by_rank[r], r))
-    n = len(order)
-    if n < 2:
-        return {}
-    counts: dict[str, int] = defaultdict(int)
-    for r in order:
-        counts[nodes_by_rank[r]] += 1
-    shift = max(counts.values())
-    if shift >= n:  # a single node: no off-node copy exists; still keep a copy elsewhere in memory
-        shift = 1
-    return {order[i]: order[(i + shift) % n] for i in range(n)}
-
-
 def recoverable_step(held_steps: Iterable[int]) -> int:
     """The newest step every rank can recover to from off-node copies (-1: none), from the
     step of the replica each rank holds for its ward."""

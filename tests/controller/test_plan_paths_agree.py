@@ -55,7 +55,7 @@ def differences(a: Plan, b: Plan, *, skip: set[str]) -> list[str]:
 
 def shrink_and_grow_back(partition=partition_for_spec) -> tuple[Plan, Plan, Plan]:
     """g1: submit dp2·pp2 on n0:0,1 n1:0,1; g2: rank 3 dies, min_workers=3 keeps every survivor
-    (dp3·pp1); g3: its slot is free again and the job grows back to dp2·pp2 at AT_STEP."""
+    (a three-worker layout); g3: its slot is free again and the job grows back to dp2·pp2 at AT_STEP."""
     spec = make_spec(dp=2, pp=2)
     placement, why = schedule(spec, NODES)
     assert placement is not None, why
@@ -78,10 +78,11 @@ def test_the_scenario_tells_the_layout_math_apart():
 
 def test_a_failure_replan_writes_what_submit_would_write_for_its_slots_and_layout():
     _, g2, _ = shrink_and_grow_back()
-    assert (g2.dp, g2.pp, g2.generation) == (3, 1, 2)
-    expected = submitted(make_spec(dp=3, pp=1), placement_of(g2), generation=2)
+    assert (g2.world_size, g2.generation) == (3, 2)
+    expected = submitted(make_spec(dp=g2.dp, pp=g2.pp), placement_of(g2), generation=2)
     assert differences(g2, expected, skip=BY_DESIGN) == []
-    assert g2.sample_shares == expected.sample_shares == even_shares(14, 3)
+    assert g2.sample_shares == expected.sample_shares == even_shares(14, g2.dp)
+    assert g2.layer_partition == expected.layer_partition == partition_for_spec(make_spec(dp=2, pp=2).model, g2.pp)
     assert g2.switch_at_step == expected.switch_at_step == -1
 
 
@@ -112,3 +113,18 @@ def test_the_comparison_catches_a_path_that_splits_layers_its_own_way():
     expected = submitted(make_spec(dp=2, pp=2), placement_of(g3), generation=3)
     found = differences(g3, expected, skip=BY_DESIGN | {"switch_at_step"})
     assert [d.split(":")[0] for d in found] == ["layer_partition"], found
+
+
+def test_a_data_parallel_replan_splits_the_batch_as_submit_does():
+    """dp4 loses a rank: dp3 over 14 samples is uneven (5, 5, 4), and both paths must split it alike."""
+    spec = make_spec(dp=4, pp=1)
+    placement, why = schedule(spec, NODES)
+    assert placement is not None, why
+    g1 = submitted(spec, placement, generation=1)
+    g2, why = replan(spec, g1, ClusterView(lost_ranks=frozenset({3}), store_addresses=STORES),
+                     cause="worker-failed", now=NOW)
+    assert g2 is not None, why
+    assert (g2.dp, g2.pp) == (3, 1)
+    expected = submitted(make_spec(dp=3, pp=1), placement_of(g2), generation=2)
+    assert differences(g2, expected, skip=BY_DESIGN) == []
+    assert g2.sample_shares == even_shares(14, 3) == (5, 5, 4)

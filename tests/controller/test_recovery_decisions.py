@@ -43,6 +43,8 @@ SPEC = JobSpec.from_dict({
     "elastic": {"min_workers": 1, "max_workers": 4}, "resources": {"workers": 4},
 })
 STORES = {"n0": "n0:1", "n1": "n1:1", "n2": "n2:1"}
+SPEC_2_LAYERS = JobSpec.from_dict({**SPEC.to_dict(), "model": {**SPEC.to_dict()["model"], "layers": 2}})
+"""SPEC with no room for a 3-stage pipeline: losing one of dp2·pp2 re-plans to dp1·pp2 (one survivor idle)."""
 
 
 def first_plan():
@@ -87,7 +89,7 @@ def test_records_follow_the_slot_not_the_rank_across_generations():
     """Generation 2 after rank 1 died: dp1·pp2, the survivor on (n1,1) (rank 3) is rank 1 now and
     holds the key of the dead worker's rank; the dead worker's record is no failure of generation 2."""
     g1 = first_plan()
-    g2, _ = replan(SPEC, g1, ClusterView(lost_ranks=frozenset({1}), store_addresses=STORES),
+    g2, _ = replan(SPEC_2_LAYERS, g1, ClusterView(lost_ranks=frozenset({1}), store_addresses=STORES),
                    cause="worker-failed", now=100.0)
     workers = {0: rec(0, "n0", 0, generation=2, time=101.0), 1: rec(1, "n0", 1, "FAILED", time=99.0),
                2: rec(2, "n1", 0, generation=1, time=50.0), 3: rec(3, "n1", 1, generation=1, time=50.0)}
@@ -155,7 +157,7 @@ def test_rebalance_keeps_workers_and_changes_shares_at_a_step():
 # ------------------------------------------------------------------ recovery records
 def test_a_recovery_entry_is_written_pending_and_completed_from_worker_records():
     old = first_plan()
-    new, _ = replan(SPEC, old, ClusterView(lost_ranks=frozenset({1}), store_addresses=STORES),
+    new, _ = replan(SPEC_2_LAYERS, old, ClusterView(lost_ranks=frozenset({1}), store_addresses=STORES),
                     cause="worker-failed", now=100.2)
     entry = pending_recovery(cause="worker-failed", old=old, new=new, at_step=7, failed_at=100.0, seen_at=100.05,
                              planned_at=100.08)

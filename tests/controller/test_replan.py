@@ -51,8 +51,27 @@ def where(plan: Plan) -> dict[int, tuple[str, int]]:
     return {w.rank: (w.node, w.slot) for w in plan.workers}
 
 
-def test_one_worker_of_dp2_pp2_lost_without_spare_keeps_pp_and_drops_to_dp1():
+def test_one_worker_of_dp2_pp2_lost_without_spare_uses_every_survivor():
+    """Issue 16: 3 survivors of dp2·pp2 run as dp1·pp3 (expected throughput 2.4 samples per
+    one-worker sample time) rather than dp1·pp2 with one survivor idle (1.78); dp3·pp1 (2.67)
+    would need more memory per worker than the spec's layout."""
     spec = make_spec(dp=2, pp=2)
+    current = first_plan(spec, per_node=2)
+    plan, reason = replan(spec, current, ClusterView(lost_ranks=frozenset({3}), store_addresses=STORES),
+                          cause="worker-failed", now=NOW, partition=even_partition)
+    assert plan is not None, reason
+    assert (plan.dp, plan.pp, plan.generation) == (1, 3, 2)
+    assert sorted(where(plan).values()) == [("n0", 0), ("n0", 1), ("n1", 0)]
+    assert plan.layer_partition == (0, 2, 3, 4) and plan.sample_shares == (16,)
+    assert plan.extra["idle"] == [] and plan.extra["idle_reason"] == ""
+    assert plan.extra["layout"]["expected_throughput"] == 2.4
+    assert plan.extra["layout"]["bubble"] == 0.2  # (pp-1)/(m+pp-1) = 2/(8+2)
+    assert "highest expected throughput" in plan.extra["layout"]["why"]
+    assert "dp=2·pp=2" in reason and "dp=1·pp=3" in reason and "idle" not in reason
+
+
+def test_one_worker_of_dp2_pp2_lost_keeps_pp_and_says_why_a_survivor_idles():
+    spec = make_spec(dp=2, pp=2, layers=2)  # no 3-stage pipeline of 2 layers
     current = first_plan(spec, per_node=2)  # n0: ranks 0,1 (row 0); n1: ranks 2,3 (row 1)
     plan, reason = replan(spec, current, ClusterView(lost_ranks=frozenset({3}), store_addresses=STORES),
                           cause="worker-failed", now=NOW)
@@ -66,17 +85,62 @@ def test_one_worker_of_dp2_pp2_lost_without_spare_keeps_pp_and_drops_to_dp1():
     assert plan.extra["idle"] == [{"node": "n1", "slot": 0, "old_rank": 2}]
     assert plan.extra["previous_ranks"] == {"0": 0, "1": 1}
     assert "dp=2·pp=2" in reason and "dp=1·pp=2" in reason
+    assert plan.extra["idle_reason"].startswith("dp=3·pp=1 would use all 3, but its per-worker memory estimate")
+    assert f"1 survivor(s) idle: {plan.extra['idle_reason']}" in reason
+    # the recovery record says it too
+    from controller.recovery_decisions import pending_recovery
+
+    entry = pending_recovery(cause="worker-failed", old=current, new=plan, at_step=3, failed_at=1.0, seen_at=1.0,
+                             planned_at=1.0)
+    assert entry["idle"] == 1 and entry["idle_reason"] == plan.extra["idle_reason"]
+
+
+def test_a_survivor_idles_when_the_batch_leaves_no_layout_for_all_of_them():
+    spec = make_spec(dp=2, pp=2, layers=2, gbs=4, mbs=2)  # at most 2 dp ranks of 2 samples
+    plan, reason = replan(spec, first_plan(spec, per_node=2),
+                          ClusterView(lost_ranks=frozenset({0}), store_addresses=STORES),
+                          cause="worker-failed", now=NOW)
+    assert plan is not None, reason
+    assert (plan.dp, plan.pp) == (1, 2) and len(plan.extra["idle"]) == 1
+    assert plan.extra["idle_reason"] == ("no layout uses all 3: dp·pp must equal it with pp <= model.layers=2 "
+                                         "and dp <= global_batch_size/micro_batch_size=2")
+
+
+def test_a_shallower_pipeline_is_chosen_only_when_its_memory_estimate_fits():
+    """dp4·pp1 under ZeRO-2 holds the whole model but shards gradients and AdamW state over 4:
+    less per worker than the spec's dp1·pp2 holds unsharded, and faster (no bubble)."""
+    spec = make_spec(dp=1, pp=2, max_workers=4)
+    current = Plan.from_dict({**first_plan(spec, per_node=2).to_dict(), "zero_stage": 2})
+    view = ClusterView(free_slots={"n1": [0, 1]}, store_addresses=STORES)
+    plan, reason = grow(spec, current, view, at_step=9, now=NOW)
+    assert plan is not None, reason
+    assert (plan.dp, plan.pp) == (4, 1) and plan.layer_partition == (0, 4)
+    # ZeRO-1 shards only the AdamW state: the same layout no longer fits, the spec's depth stays
+    zero1 = Plan.from_dict({**current.to_dict(), "zero_stage": 1})
+    plan, reason = grow(spec, zero1, view, at_step=9, now=NOW)
+    assert plan is not None, reason
+    assert (plan.dp, plan.pp) == (2, 2)
+
+
+def test_a_deeper_pipeline_than_the_spec_s_is_a_candidate_and_ties_go_to_fewer_workers():
+    spec = make_spec(dp=2, pp=1, max_workers=4, gbs=4, mbs=2)
+    current = first_plan(spec, per_node=1)
+    # dp2·pp1 and dp2·pp2 both expect 2 samples per unit: the same speed for half the workers
+    assert choose_layout(spec, current, 4) == (2, 1)
+    spec3 = make_spec(dp=1, pp=1, max_workers=3, gbs=4, mbs=2)
+    assert choose_layout(spec3, first_plan(spec3, per_node=1), 3) == (2, 1)  # 2.0 beats dp1·pp3's 1.5
 
 
 def test_lost_worker_with_min_workers_3_repartitions_to_use_every_survivor():
+    # dp3·pp1 would be faster, but holds the whole model per worker: the deeper dp1·pp3 fits
     spec = make_spec(dp=2, pp=2, min_workers=3)
     current = first_plan(spec, per_node=2)
     plan, reason = replan(spec, current, ClusterView(lost_ranks=frozenset({3}), store_addresses=STORES),
-                          cause="worker-failed", now=NOW)
+                          cause="worker-failed", now=NOW, partition=even_partition)
     assert plan is not None, reason
-    assert (plan.dp, plan.pp) == (3, 1)
-    assert plan.layer_partition == (0, 4)
-    assert sum(plan.sample_shares) == 16 and plan.sample_shares == (6, 5, 5)
+    assert (plan.dp, plan.pp) == (1, 3)
+    assert plan.layer_partition == (0, 2, 3, 4)
+    assert plan.sample_shares == (16,)
     assert sorted(where(plan).values()) == [("n0", 0), ("n0", 1), ("n1", 0)]
     assert "re-partitioned" in reason
 
@@ -89,6 +153,8 @@ def test_deep_pipeline_that_no_longer_fits_is_repartitioned_over_fewer_stages():
     assert plan is not None, reason
     assert (plan.dp, plan.pp) == (1, 3)
     assert plan.layer_partition == (0, 3, 6, 8)
+    # no layout as deep as the spec's exists: the one with the least memory per worker, saying so
+    assert "shallower than the spec's pp=4" in plan.extra["layout"]["why"]
     # rank 0 held layers 0-1 and keeps stage 0; the others keep the stage they overlap most
     assert plan.worker(0).node == "n0" and plan.worker(0).slot == 0
 
@@ -174,11 +240,17 @@ def test_min_workers_unreachable_with_the_global_batch_gives_no_plan():
     tight = make_spec(dp=2, pp=1, min_workers=2, gbs=4, mbs=2)
     reason = choose_layout(tight, first_plan(tight, per_node=1), 1)
     assert reason == "only 1 workers available, below elastic.min_workers=2"
-    # 3 workers, but at most 2 dp ranks can each get a micro-batch of 2 from a batch of 4
-    deep = make_spec(dp=1, pp=1, min_workers=1, max_workers=3, gbs=4, mbs=2)
+    # 3 workers, but at most 2 dp ranks can each get a micro-batch of 2 from a batch of 4,
+    # and 2 layers make at most 2 stages
+    deep = make_spec(dp=1, pp=1, min_workers=1, max_workers=3, gbs=4, mbs=2, layers=2)
     deep.elastic.min_workers = 3
     reason = choose_layout(deep, first_plan(deep, per_node=1), 3)
     assert isinstance(reason, str) and "global_batch_size=4" in reason
+    assert "(tried dp=2·pp=1=2, dp=1·pp=2=2)" in reason
+    # with 4 layers a 3-stage pipeline reaches min_workers=3 (issue 16: deeper than the spec is allowed)
+    deeper = make_spec(dp=1, pp=1, min_workers=1, max_workers=3, gbs=4, mbs=2, layers=4)
+    deeper.elastic.min_workers = 3
+    assert choose_layout(deeper, first_plan(deeper, per_node=1), 3) == (1, 3)
 
 
 def test_nothing_lost_is_not_a_replan():
