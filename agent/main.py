@@ -40,6 +40,7 @@ from agent.supervisor import Supervisor
 from agent.telemetry import export_gauges, health_record, node_condition, open_gpu_source, sample_host
 from common.etcd import Etcd, EtcdError, EtcdTls, EtcdUnavailable, parse_endpoint
 from common.retry import Backoff
+from protos import launch
 from protos.keys import DEFAULT_PREFIX, Keys
 from protos.plan import Plan, PlanError
 from protos.records import (TERMINAL_PHASES, GrowthRecord, JobStatusRecord, NodeRecord, WorkerStatusRecord,
@@ -155,8 +156,8 @@ class Agent:
                                      etcd_endpoints=s.etcd, worker_command=s.worker_command or None,
                                      kill_grace_s=s.kill_grace_s, progress_interval_s=s.progress_interval_s,
                                      extra_env={name: value for name, value in (
-                                         ("TENAX_ETCD_CA", s.etcd_ca), ("TENAX_ETCD_CERT", s.etcd_cert),
-                                         ("TENAX_ETCD_KEY", s.etcd_key)) if value})
+                                         (launch.ETCD_CA, s.etcd_ca), (launch.ETCD_CERT, s.etcd_cert),
+                                         (launch.ETCD_KEY, s.etcd_key)) if value})
         self.registration = Registration(etcd=self.etcd, keys=self.keys, node_id=s.node_id, ttl_s=s.lease_ttl_s,
                                          node_info=self.node_info)
         http = AgentHttp(log_path=self.supervisor.log_path, healthy=lambda: self.registration.registered.is_set())

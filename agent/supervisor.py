@@ -60,6 +60,7 @@ from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state,
 from agent.progress import ProgressRelay
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff
+from protos import launch
 from protos.keys import Keys
 from protos.plan import Plan, WorkerAssignment
 from protos.records import GrowthRecord, JoinerRecord, WorkerStatusRecord
@@ -346,20 +347,20 @@ class Supervisor:
         env = dict(os.environ)
         env.update(self.extra_env)
         env.update({
-            "TENAX_JOB_ID": plan.job_id,
-            "TENAX_RANK": str(a.rank),
-            "TENAX_LAUNCH_FILE": str(launch_file),
-            "TENAX_METRICS_FILE": str(metrics_path),
-            "TENAX_RUN_DIR": str(run_dir),
-            "TENAX_ETCD": self.etcd_endpoints,
-            "TENAX_ETCD_PREFIX": self.keys.prefix,
-            "TENAX_NODE_ID": self.node_id,
+            launch.JOB_ID: plan.job_id,
+            launch.RANK: str(a.rank),
+            launch.LAUNCH_FILE: str(launch_file),
+            launch.METRICS_FILE: str(metrics_path),
+            launch.RUN_DIR: str(run_dir),
+            launch.ETCD: self.etcd_endpoints,
+            launch.ETCD_PREFIX: self.keys.prefix,
+            launch.NODE_ID: self.node_id,
             "PYTHONUNBUFFERED": "1",
         })
         if growth_id:
-            env["TENAX_GROWTH_ID"] = growth_id  # prepare, say READY, join only once plan g+1 is written
+            env[launch.GROWTH_ID] = growth_id  # prepare, say READY, join only once plan g+1 is written
         else:
-            env.pop("TENAX_GROWTH_ID", None)
+            env.pop(launch.GROWTH_ID, None)
         device = str(((spec or {}).get("resources") or {}).get("device", "cpu"))
         # CPU jobs must not grab a GPU of this host; CUDA jobs get exactly their slot.
         env["CUDA_VISIBLE_DEVICES"] = str(a.slot) if device == "cuda" else ""

@@ -40,10 +40,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from common.embedded_etcd import start_etcd  # noqa: E402
+from protos import launch  # noqa: E402
 from tests.helpers.elastic_harness import ElasticJob  # noqa: E402
 from common.spec import JobSpec  # noqa: E402
 
-VARIANTS = {"plain": {"TENAX_ELASTIC": "0"}, "no-snapshots": {"TENAX_SNAPSHOTS": "0"}, "snapshots": {}}
+VARIANTS = {"plain": {launch.ELASTIC: "0"}, "no-snapshots": {launch.SNAPSHOTS: "0"}, "snapshots": {}}
 
 
 def within_run(step_lines: list[dict]) -> tuple[list[float], list[float]]:
@@ -72,7 +73,7 @@ def gpu_spec(*, dp: int, d_model: int, layers: int, steps: int, micro: int, batc
 
 
 def one_run(spec: JobSpec, etcd_url: str, out: Path, variant: str, run: int, warmup: int) -> dict:
-    env = {"TENAX_BACKEND": "gloo", "TENAX_COLLECTIVE_TIMEOUT_S": "120", **VARIANTS.get(variant, {})}
+    env = {launch.BACKEND: "gloo", launch.COLLECTIVE_TIMEOUT_S: "120", **VARIANTS.get(variant, {})}
     job = ElasticJob(spec, out, etcd_url, job=f"{variant}-{run}", env=env)
     try:
         job.start()

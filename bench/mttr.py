@@ -74,6 +74,7 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from common.embedded_etcd import start_etcd  # noqa: E402
+from protos import launch  # noqa: E402
 from tests.helpers.elastic_harness import ElasticJob  # noqa: E402
 from common.spec import JobSpec  # noqa: E402
 
@@ -192,7 +193,7 @@ def step_times(etcd_url: str, out: Path, variant: str, steps: int, run: int,
     """(periods between the ends of rank 0's steps 5.., their step_time, CPU seconds per step
     of each worker over steps 5.., rank 0's step lines 5..)."""
     spec = example_spec(dp=4, pp=1, steps=steps, snapshot_every="2" if variant == "alternate" else None)
-    env = {"plain": {"TENAX_ELASTIC": "0"}, "no-snapshots": {"TENAX_SNAPSHOTS": "0"}, "snapshots": {},
+    env = {"plain": {launch.ELASTIC: "0"}, "no-snapshots": {launch.SNAPSHOTS: "0"}, "snapshots": {},
            "alternate": {}}[variant]
     job = ElasticJob(spec, out, etcd_url, job=f"overhead-{variant}-{run}", env=env)
     sampler = None

@@ -32,10 +32,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from common.embedded_etcd import start_etcd  # noqa: E402
+from protos import launch  # noqa: E402
 from mttr import example_spec  # noqa: E402
 from tests.helpers.elastic_harness import ElasticJob  # noqa: E402
 
-VARIANTS = {"plain": {"TENAX_ELASTIC": "0"}, "no-snapshots": {"TENAX_SNAPSHOTS": "0"}, "snapshots": {}}
+VARIANTS = {"plain": {launch.ELASTIC: "0"}, "no-snapshots": {launch.SNAPSHOTS: "0"}, "snapshots": {}}
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from common.layout import even_shares, new_plan, partition_for_spec
 from common.spec import JobSpec, SpecError
+from protos import launch
 from protos.plan import PlanError
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -115,12 +116,12 @@ def launch_workers(spec, plan, *, metrics: str, run_dir: str, timeout_s: float, 
     plan = dataclasses.replace(plan, store_address=f"127.0.0.1:{store.port}")
     launch_file = Path(run_dir) / "launch.json"
     launch_file.write_text(json.dumps({"spec": spec.to_dict(), "plan": plan.to_dict()}))
-    base_env = {**os.environ, "TENAX_JOB_ID": plan.job_id, "TENAX_LAUNCH_FILE": str(launch_file),
-                "TENAX_METRICS_FILE": metrics, "TENAX_RUN_DIR": run_dir, **(env_extra or {})}
+    base_env = {**os.environ, launch.JOB_ID: plan.job_id, launch.LAUNCH_FILE: str(launch_file),
+                launch.METRICS_FILE: metrics, launch.RUN_DIR: run_dir, **(env_extra or {})}
     repo = str(Path(__file__).resolve().parent.parent)
     base_env["PYTHONPATH"] = repo + os.pathsep + base_env.get("PYTHONPATH", "")
     def rank_env(w) -> dict:
-        env = {**base_env, "TENAX_RANK": str(w.rank)}
+        env = {**base_env, launch.RANK: str(w.rank)}
         if spec.resources.device == "cuda" and "CUDA_VISIBLE_DEVICES" not in (env_extra or {}):
             env["CUDA_VISIBLE_DEVICES"] = str(w.slot)  # one GPU per rank, as an agent does
         return env

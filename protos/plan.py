@@ -5,19 +5,11 @@ guarded by ``g`` (key ``Keys.job_plan``). Agents read it to start and stop
 workers; workers read it (through the launch file, and later from etcd) to form
 their process groups. The stored value is ``Plan.to_json()``.
 
-Worker launch contract (agent -> ``python -m trainer.worker``), environment:
-
-    TENAX_JOB_ID        job id
-    TENAX_RANK          this worker's global rank in the plan
-    TENAX_LAUNCH_FILE   JSON file ``{"spec": JobSpec.to_dict(), "plan": Plan.to_dict()}``
-    TENAX_METRICS_FILE  where the worker appends its per-step JSON lines
-    TENAX_RUN_DIR       per-job directory on this host (snapshots, checkpoints)
-    TENAX_ETCD          etcd endpoints ("http://host:port,..."), for watching plans
-    TENAX_ETCD_PREFIX   the cluster key prefix (protos.keys.Keys)
-    CUDA_VISIBLE_DEVICES  the slot, when the job's device is cuda
-    TENAX_GROWTH_ID     only for a worker of a growth being prepared (protos.records.GrowthRecord):
-                        the launch file holds the tentative plan g+1; the worker gets ready, says
-                        so (Keys.job_joiner) and joins only once a plan >= g+1 in etcd names it
+Worker launch contract (agent -> ``python -m trainer.worker``): the environment variables
+are named once, with their meaning and defaults, in protos/launch.py (the launch file
+``{"spec": JobSpec.to_dict(), "plan": Plan.to_dict()}``, the rank, the metrics file, etcd,
+the growth id, ...); besides them ``CUDA_VISIBLE_DEVICES`` is the slot when the job's
+device is cuda.
 
 The rendezvous store is a TCPStore served by an agent (``NodeInfo.store_address``);
 each generation uses its own key prefix, so a new generation never reads

@@ -37,7 +37,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
+
+from trainer.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +58,13 @@ class TelemetrySettings:
             raise ValueError(f"heartbeat_s: must be > 0 seconds, got {self.heartbeat_s}")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "TelemetrySettings":
-        env = os.environ if env is None else env
-        flag = env.get("TENAX_TELEMETRY", "1")
-        if flag not in ("0", "1"):
-            raise ValueError(f"TENAX_TELEMETRY must be 0 or 1, got {flag!r}")
-        raw = env.get("TENAX_HEARTBEAT_S", "")
-        try:
-            heartbeat = float(raw) if raw else 1.0
-        except ValueError:
-            raise ValueError(f"TENAX_HEARTBEAT_S must be a number of seconds, got {raw!r}") from None
-        return cls(enabled=flag == "1", heartbeat_s=heartbeat, control_dir=env.get("TENAX_RUN_DIR", ""))
+    def from_worker(cls, worker: WorkerSettings) -> "TelemetrySettings":
+        return cls(enabled=worker.telemetry, heartbeat_s=worker.heartbeat_s, control_dir=worker.run_dir)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "TelemetrySettings":
+        """From the launch environment (``TENAX_TELEMETRY``, ``TENAX_HEARTBEAT_S``, ``TENAX_RUN_DIR``)."""
+        return cls.from_worker(WorkerSettings.from_env(env))
 
 
 class SlowdownControl:
@@ -100,7 +98,7 @@ class _CudaSpan:
     """Start/end CUDA events of one step's compute; read later, never waited for."""
 
     def __init__(self, step: int) -> None:
-        import torch
+        import torch  # CUDA only: readers of metrics files import this module without torch
 
         self.step = step
         self.start = torch.cuda.Event(enable_timing=True)
@@ -269,9 +267,6 @@ def read_step_records(path) -> list[dict]:
     heartbeat lines, ``step_error`` events and recovery records; readers that
     want the training curve use this instead of parsing every line.
     """
-    import json
-    from pathlib import Path
-
     records = []
     for line in Path(path).read_text().splitlines():
         record = json.loads(line)

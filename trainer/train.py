@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import time
 from datetime import timedelta
 
@@ -33,8 +34,9 @@ from trainer.model import DropoutContext, build_stage, init_parameters
 from trainer.optim import FlatStage, ShardedAdamW, lr_at
 from trainer.parallel import ParallelLayout
 from trainer.schedule import PipelineStageRunner, StageTimes
+from trainer.settings import WorkerSettings
 from trainer.sharding import update_range
-from trainer.telemetry import StepTelemetry
+from trainer.telemetry import StepTelemetry, TelemetrySettings
 from trainer.zero2 import ShardedGradReducer
 
 
@@ -65,15 +67,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated device memory on CUDA; peak resident set size of the process on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def should_compile(device: torch.device) -> bool:
-    mode = os.environ.get("TENAX_COMPILE", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"TENAX_COMPILE must be auto, 0 or 1, got {mode!r}")
+def should_compile(device: torch.device, mode: str | None = None) -> bool:
+    """``mode`` (``TENAX_COMPILE``: auto, 0 or 1; None: from the environment): compile on CUDA
+    only (auto), always (1) or never (0)."""
+    mode = WorkerSettings.from_env().compile if mode is None else mode
     return mode == "1" or (mode == "auto" and device.type == "cuda")
 
 
@@ -86,24 +86,25 @@ def pick_device(spec) -> torch.device:
     return torch.device("cpu")
 
 
-def backend_for(device: torch.device) -> str:
-    """NCCL on CUDA, gloo on CPU. ``TENAX_BACKEND=gloo`` forces gloo with CUDA tensors: several
-    ranks on one GPU (benchmarks on a single-GPU machine; NCCL refuses a duplicate GPU)."""
-    forced = os.environ.get("TENAX_BACKEND", "")
+def backend_for(device: torch.device, forced: str | None = None) -> str:
+    """NCCL on CUDA, gloo on CPU. ``forced`` (``TENAX_BACKEND``; None: from the environment,
+    '' = by device) ``gloo`` forces gloo with CUDA tensors: several ranks on one GPU (benchmarks
+    on a single-GPU machine; NCCL refuses a duplicate GPU)."""
+    forced = WorkerSettings.from_env().backend if forced is None else forced
     if forced:
-        if forced not in ("gloo", "nccl"):
-            raise ValueError(f"TENAX_BACKEND: expected 'gloo' or 'nccl', got {forced!r}")
         return forced
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_process_group(*, store, rank: int, world_size: int, device: torch.device, timeout_s: float) -> None:
-    """Join the default group of a layout over ``store`` (already prefixed per generation)."""
+def init_process_group(*, store, rank: int, world_size: int, device: torch.device, timeout_s: float,
+                       backend: str | None = None) -> None:
+    """Join the default group of a layout over ``store`` (already prefixed per generation);
+    ``backend``: see ``backend_for``."""
     kwargs = {}
     if device.type == "cuda":
         kwargs["device_id"] = device
     dist.init_process_group(
-        backend_for(device), store=store, rank=rank, world_size=world_size,
+        backend_for(device, backend), store=store, rank=rank, world_size=world_size,
         timeout=timedelta(seconds=timeout_s), **kwargs,
     )
 
@@ -117,8 +118,11 @@ class Trainer:
     """
 
     def __init__(self, spec, layout: ParallelLayout, rank: int, *, device: torch.device,
-                 generation: int = 1, metrics: MetricsWriter | None = None):
+                 generation: int = 1, metrics: MetricsWriter | None = None,
+                 settings: WorkerSettings | None = None):
         self.spec, self.layout, self.rank, self.device = spec, layout, rank, device
+        self.settings = WorkerSettings.from_env() if settings is None else settings
+        """The launch environment (compile, telemetry); None: this process's environment."""
         self.generation, self.metrics = generation, metrics or MetricsWriter(None)
         self.dp_rank, self.pp_rank = layout.coords(rank)
         self.is_first, self.is_last = self.pp_rank == 0, self.pp_rank == layout.pp - 1
@@ -140,7 +144,8 @@ class Trainer:
             device=device,
         )
         self.step = 0  # steps completed (committed)
-        self.telemetry = StepTelemetry(device_type=device.type, rank=rank, write=self.metrics.write)
+        self.telemetry = StepTelemetry(device_type=device.type, rank=rank, write=self.metrics.write,
+                                       settings=TelemetrySettings.from_worker(self.settings))
         self.before_update = None
         """Called right before the optimizer mutates the owned state (an in-flight
         snapshot copy must be fenced off first: trainer.elastic)."""
@@ -207,7 +212,7 @@ class Trainer:
     def apply_compile(self) -> None:
         """torch.compile each block (fuses LayerNorm/GELU/residual kernels) when TENAX_COMPILE
         says so: ``auto`` (default) compiles on CUDA only, ``1`` always, ``0`` never."""
-        if should_compile(self.device):
+        if should_compile(self.device, self.settings.compile):
             for block in self.stage.blocks.values():
                 block.compile()
 

@@ -92,7 +92,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from common.layout import buddy_ring  # noqa: F401 - the one definition; trainer code imports it from here
 from trainer.abort import CommFailed
 from trainer.reshard import OWNER, Holding, Layout, Transfer, plan_transfers
 from trainer.snapshot import (CRC32, Snapshot, SlabLayout, allocate_slab, as_slab, checksum_kind_of_flags,

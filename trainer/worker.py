@@ -1,6 +1,6 @@
 """``python -m trainer.worker``: one training rank, launched by an agent (or train-local).
 
-Launch contract (see protos/plan.py): TENAX_LAUNCH_FILE holds
+Launch contract (protos/launch.py; parsed once, trainer/settings.py): TENAX_LAUNCH_FILE holds
 {"spec": JobSpec dict, "plan": Plan dict}; TENAX_RANK is this worker's global
 rank; TENAX_METRICS_FILE receives one JSON line per step; TENAX_RUN_DIR is the
 per-job directory. The rendezvous store is the TCPStore at plan.store_address,
@@ -35,6 +35,12 @@ import traceback
 import warnings
 from datetime import timedelta
 
+from common.spec import JobSpec, SpecError
+from protos import launch
+from protos.plan import Plan, PlanError
+from trainer.parallel import ParallelLayout
+from trainer.settings import ElasticSettings, WorkerSettings
+
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 
@@ -42,50 +48,39 @@ class LaunchError(Exception):
     """The launch environment, spec or plan is unusable (exit code 2)."""
 
 
-def _env(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise LaunchError(f"environment variable {name} is not set")
-    return value
-
-
-def _float_env(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
+def load_settings(env=None) -> WorkerSettings:
+    """The launch environment (protos/launch.py); LaunchError naming the bad variable."""
     try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise LaunchError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise LaunchError(f"{name} must be > 0, got {value}")
-    return value
+        return WorkerSettings.from_env(env)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
 
 
-def load_launch():
-    """(spec, plan, rank, layout) from the environment; LaunchError if anything is off."""
-    from protos.plan import Plan, PlanError
-    from common.spec import JobSpec, SpecError
-    from trainer.parallel import ParallelLayout
-
-    path = _env("TENAX_LAUNCH_FILE")
+def load_launch(settings: WorkerSettings):
+    """(spec, plan, rank, layout) from the launch file and rank; LaunchError if anything is off."""
+    path = settings.launch_file
+    if not path:
+        raise LaunchError(f"environment variable {launch.LAUNCH_FILE} is not set")
     try:
         with open(path) as f:
-            launch = json.load(f)
+            launched = json.load(f)
     except (OSError, ValueError) as exc:
         raise LaunchError(f"cannot read launch file {path}: {exc}") from exc
-    if not isinstance(launch, dict) or "spec" not in launch or "plan" not in launch:
+    if not isinstance(launched, dict) or "spec" not in launched or "plan" not in launched:
         raise LaunchError(f"launch file {path} must be a JSON object with 'spec' and 'plan'")
     try:
-        spec = JobSpec.from_dict(launch["spec"])
+        spec = JobSpec.from_dict(launched["spec"])
     except SpecError as exc:
         raise LaunchError(f"bad job spec: {exc}") from exc
     try:
-        plan = Plan.from_dict(launch["plan"])
+        plan = Plan.from_dict(launched["plan"])
     except PlanError as exc:
         raise LaunchError(f"bad plan: {exc}") from exc
-    raw_rank = _env("TENAX_RANK")
-    if not raw_rank.isdigit() or int(raw_rank) >= plan.world_size:
-        raise LaunchError(f"TENAX_RANK={raw_rank!r} is not a rank of the plan's {plan.world_size} workers")
-    rank = int(raw_rank)
+    rank = settings.rank
+    if rank is None:
+        raise LaunchError(f"environment variable {launch.RANK} is not set")
+    if rank >= plan.world_size:
+        raise LaunchError(f"{launch.RANK}={str(rank)!r} is not a rank of the plan's {plan.world_size} workers")
     layout = ParallelLayout.from_plan(plan, micro_batch_size=spec.micro_batch_size)
     try:
         layout.validate(layers=spec.model.layers, global_batch_size=spec.global_batch_size)
@@ -95,7 +90,7 @@ def load_launch():
 
 
 def connect_store(address: str, prefix: str, timeout_s: float):
-    import torch.distributed as dist
+    import torch.distributed as dist  # past the launch checks only (see run_plain)
 
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
@@ -108,53 +103,54 @@ def connect_store(address: str, prefix: str, timeout_s: float):
 
 
 def run() -> int:
-    spec, plan, rank, layout = load_launch()
-    store_timeout = _float_env("TENAX_STORE_TIMEOUT_S", 30.0)
-    collective_timeout = _float_env("TENAX_COLLECTIVE_TIMEOUT_S", 60.0)
-    if os.environ.get("TENAX_ELASTIC", "1") == "0":
-        return run_plain(spec, plan, rank, layout, store_timeout, collective_timeout)
-    return run_elastic(spec, plan, rank, store_timeout, collective_timeout)
+    settings = load_settings()
+    spec, plan, rank, layout = load_launch(settings)
+    if not settings.elastic:
+        return run_plain(spec, plan, rank, layout, settings)
+    return run_elastic(spec, plan, rank, settings)
 
 
-def run_elastic(spec, plan, rank: int, store_timeout: float, collective_timeout: float) -> int:
+def run_elastic(spec, plan, rank: int, settings: WorkerSettings) -> int:
     """The default: survive failures in process (trainer/elastic.py has the state machine)."""
-    from trainer.elastic import ElasticSettings, ElasticWorker, parse_faults
+    # torch and etcd imports only past the launch checks: a bad launch fails fast (exit 2)
+    from common.etcd import EtcdTls
+    from trainer.elastic import ElasticWorker
+    from trainer.faults import parse_faults
     from trainer.train import MetricsWriter, pick_device
 
     if not plan.store_address:
         raise LaunchError("plan.store_address is empty")
-    settings = ElasticSettings(
-        store_timeout_s=store_timeout, collective_timeout_s=collective_timeout,
-        plan_wait_s=_float_env("TENAX_PLAN_WAIT_S", 60.0), transfer_timeout_s=collective_timeout,
-        prepare_wait_s=_float_env("TENAX_PREPARE_WAIT_S", 300.0),
-        snapshot_every=spec.elastic.snapshot_every, checkpoint_every=spec.elastic.checkpoint_every,
-        run_dir=os.environ.get("TENAX_RUN_DIR", ""),
-    )
-    metrics = MetricsWriter(os.environ.get("TENAX_METRICS_FILE") or None)
+    elastic = ElasticSettings.from_worker(settings, snapshot_every=spec.elastic.snapshot_every,
+                                          checkpoint_every=spec.elastic.checkpoint_every)
+    tls = (EtcdTls(ca_file=settings.etcd_ca, cert_file=settings.etcd_cert, key_file=settings.etcd_key)
+           if settings.etcd_ca else None)
+    metrics = MetricsWriter(settings.metrics_file or None)
     try:
         worker = ElasticWorker(
-            spec, plan, rank, device=pick_device(spec), metrics=metrics, settings=settings,
-            etcd=os.environ.get("TENAX_ETCD", ""), etcd_prefix=os.environ.get("TENAX_ETCD_PREFIX", "/tenax"),
-            faults=parse_faults(os.environ.get("TENAX_FAULT", "")),
-            growth_id=os.environ.get("TENAX_GROWTH_ID", ""),
+            spec, plan, rank, device=pick_device(spec), metrics=metrics, settings=elastic,
+            etcd=settings.etcd, etcd_prefix=settings.etcd_prefix, etcd_tls=tls,
+            faults=parse_faults(settings.faults), growth_id=settings.growth_id,
         )
         return worker.run()
     finally:
         metrics.close()
 
 
-def run_plain(spec, plan, rank, layout, store_timeout: float, collective_timeout: float) -> int:
+def run_plain(spec, plan, rank, layout, settings: WorkerSettings) -> int:
     """TENAX_ELASTIC=0: one generation, no snapshots, a failure ends the worker (baseline for benchmarks)."""
+    # torch imports only past the launch checks: a bad launch fails fast (exit 2)
     import torch.distributed as dist
 
     from trainer.train import MetricsWriter, Trainer, init_process_group, pick_device
 
     device = pick_device(spec)
-    store = connect_store(plan.store_address, plan.store_prefix, store_timeout)
-    init_process_group(store=store, rank=rank, world_size=plan.world_size, device=device, timeout_s=collective_timeout)
-    metrics = MetricsWriter(os.environ.get("TENAX_METRICS_FILE") or None)
+    store = connect_store(plan.store_address, plan.store_prefix, settings.store_timeout_s)
+    init_process_group(store=store, rank=rank, world_size=plan.world_size, device=device,
+                       timeout_s=settings.collective_timeout_s, backend=settings.backend)
+    metrics = MetricsWriter(settings.metrics_file or None)
     try:
-        trainer = Trainer(spec, layout, rank, device=device, generation=plan.generation, metrics=metrics)
+        trainer = Trainer(spec, layout, rank, device=device, generation=plan.generation, metrics=metrics,
+                          settings=settings)
         trainer.train(spec.steps)
         # Nobody tears down its connections while a peer may still be reading from them.
         dist.barrier()
@@ -165,7 +161,7 @@ def run_plain(spec, plan, rank, layout, store_timeout: float, collective_timeout
 
 
 def main() -> int:
-    rank = os.environ.get("TENAX_RANK", "?")
+    rank = os.environ.get(launch.RANK, "?")  # labels the messages, even when the environment does not parse
     try:
         return run()
     except LaunchError as exc:

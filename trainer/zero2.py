@@ -12,6 +12,8 @@ the (dp-1)/dp of the fp32 gradient memory.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -65,8 +67,6 @@ class ShardedGradReducer:
         return on_grad
 
     def _reduce_bucket(self, index: int) -> None:
-        import time
-
         start = time.perf_counter()
         bucket, staging = self.buckets[index], self._staging.pop(index)
         self._ready.pop(index, None)

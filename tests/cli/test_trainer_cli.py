@@ -99,6 +99,8 @@ def test_worker_refuses_a_bad_launch(tmp_path):
     launch.write_text(json.dumps({"spec": tiny_spec(), "plan": plan}))
     bad_rank = _worker({"TENAX_LAUNCH_FILE": str(launch), "TENAX_RANK": "5"})
     assert bad_rank.returncode == 2 and "TENAX_RANK='5' is not a rank" in bad_rank.stderr
+    bad_knob = _worker({"TENAX_LAUNCH_FILE": str(launch), "TENAX_RANK": "0", "TENAX_PLAN_WAIT_S": "soon"})
+    assert bad_knob.returncode == 2 and "TENAX_PLAN_WAIT_S must be a number of seconds, got 'soon'" in bad_knob.stderr
     plan["sample_shares"] = [11, 1]
     launch.write_text(json.dumps({"spec": tiny_spec(), "plan": plan}))
     bad_share = _worker({"TENAX_LAUNCH_FILE": str(launch), "TENAX_RANK": "0"})

@@ -23,12 +23,6 @@ def spec(**elastic) -> JobSpec:
                               "elastic": elastic})
 
 
-def test_the_trainer_and_the_controller_share_one_buddy_ring():
-    from trainer.transfer import buddy_ring as trainer_ring
-
-    assert trainer_ring is buddy_ring
-
-
 def test_redundancy_across_two_nodes_covers_a_node():
     worker, node, text = snapshot_redundancy(plan_on("a", "a", "b", "b"))
     assert (worker, node) == (True, True) and text.startswith("one failure, or the loss of one node")

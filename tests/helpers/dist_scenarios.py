@@ -183,7 +183,8 @@ def recovery_scenario(rank: int, world: int, port: int, out: Path) -> None:
     prefix and reshard from their own snapshots and the buddy replicas."""
     from trainer.reshard import BUDDY
     from trainer.snapshot import Snapshotter, corrupt
-    from trainer.transfer import (BuddyReplicator, buddy_ring, copies_from_snapshot, gather_json,
+    from common.layout import buddy_ring
+    from trainer.transfer import (BuddyReplicator, copies_from_snapshot, gather_json,
                                   recoverable_step, reshard_state)
 
     store = client(port)
@@ -243,7 +244,8 @@ def replication_scenario(rank: int, world: int, port: int, out: Path) -> None:
     import threading
 
     from trainer.snapshot import Snapshotter, SnapshotSettings
-    from trainer.transfer import BuddyReplicator, buddy_ring, gather_json
+    from common.layout import buddy_ring
+    from trainer.transfer import BuddyReplicator, gather_json
 
     store = client(port)
     form_group(store, "g1/", rank=rank, world_size=world, timeout_s=60)
@@ -293,7 +295,8 @@ def big_round_scenario(rank: int, world: int, port: int, out: Path) -> None:
     import threading
 
     from trainer.snapshot import Snapshotter
-    from trainer.transfer import DIRECT_WAIT_BYTES, BuddyReplicator, buddy_ring
+    from common.layout import buddy_ring
+    from trainer.transfer import DIRECT_WAIT_BYTES, BuddyReplicator
 
     store = client(port)
     form_group(store, "g1/", rank=rank, world_size=world, timeout_s=60)

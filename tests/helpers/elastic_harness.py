@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:
 
 from common.etcd import Etcd  # noqa: E402
 from controller.replan import ClusterView, grow, replan  # noqa: E402
+from protos import launch  # noqa: E402
 from protos.keys import Keys  # noqa: E402
 from protos.plan import Plan, WorkerAssignment  # noqa: E402
 from common.spec import JobSpec  # noqa: E402
@@ -143,14 +144,14 @@ class ElasticJob:
             self._launch(plan, w, faults)
 
     def _launch(self, plan: Plan, w: WorkerAssignment, faults: str) -> None:
-        launch = self.out / f"launch-g{plan.generation}-r{w.rank}.json"
-        launch.write_text(json.dumps({"spec": self.spec.to_dict(), "plan": plan.to_dict()}))
+        launch_file = self.out / f"launch-g{plan.generation}-r{w.rank}.json"
+        launch_file.write_text(json.dumps({"spec": self.spec.to_dict(), "plan": plan.to_dict()}))
         env = {
             **os.environ, "PYTHONPATH": _pythonpath(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-            "TENAX_JOB_ID": plan.job_id, "TENAX_RANK": str(w.rank), "TENAX_LAUNCH_FILE": str(launch),
-            "TENAX_METRICS_FILE": str(self.metrics_path(w.node, w.slot)), "TENAX_RUN_DIR": str(self.run_dir),
-            "TENAX_ETCD": self.etcd_url, "TENAX_ETCD_PREFIX": PREFIX, "TENAX_NODE_ID": w.node,
-            "TENAX_FAULT": faults, "TENAX_COLLECTIVE_TIMEOUT_S": "30", "TENAX_PLAN_WAIT_S": "30",
+            launch.JOB_ID: plan.job_id, launch.RANK: str(w.rank), launch.LAUNCH_FILE: str(launch_file),
+            launch.METRICS_FILE: str(self.metrics_path(w.node, w.slot)), launch.RUN_DIR: str(self.run_dir),
+            launch.ETCD: self.etcd_url, launch.ETCD_PREFIX: PREFIX, launch.NODE_ID: w.node,
+            launch.FAULT: faults, launch.COLLECTIVE_TIMEOUT_S: "30", launch.PLAN_WAIT_S: "30",
             **self.env,
         }
         log = open(self.out / f"log-{w.node}{w.slot}.txt", "ab")
@@ -257,11 +258,11 @@ def reference_losses(spec: JobSpec, out: Path) -> dict[int, float]:
     out.mkdir(parents=True, exist_ok=True)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
     plan = first_plan(single, f"127.0.0.1:{store.port}", job="reference", nodes=("a",))
-    launch = out / "launch.json"
-    launch.write_text(json.dumps({"spec": single.to_dict(), "plan": plan.to_dict()}))
+    launch_file = out / "launch.json"
+    launch_file.write_text(json.dumps({"spec": single.to_dict(), "plan": plan.to_dict()}))
     metrics = out / "metrics.jsonl"
-    env = {**os.environ, "PYTHONPATH": _pythonpath(), "OMP_NUM_THREADS": "1", "TENAX_RANK": "0",
-           "TENAX_LAUNCH_FILE": str(launch), "TENAX_METRICS_FILE": str(metrics), "TENAX_ELASTIC": "0"}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "OMP_NUM_THREADS": "1", launch.RANK: "0",
+           launch.LAUNCH_FILE: str(launch_file), launch.METRICS_FILE: str(metrics), launch.ELASTIC: "0"}
     subprocess.run([sys.executable, "-m", "trainer.worker"], env=env, check=True, timeout=120, cwd=str(REPO),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return {r["step"]: r["loss"] for r in read_lines(metrics) if "loss" in r and "event" not in r}

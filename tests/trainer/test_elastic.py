@@ -13,8 +13,9 @@ import math
 import pytest
 
 from tests.helpers.elastic_harness import ElasticJob, reference_losses, tiny_spec
-from trainer.elastic import (auto_snapshot_interval, buddy_and_ward, choose_resume_step, common_disk_step,
-                             parse_faults, rank_in_plan, steps_lost)
+from trainer.decisions import (auto_snapshot_interval, buddy_and_ward, choose_resume_step, common_disk_step,
+                               rank_in_plan, steps_lost)
+from trainer.faults import parse_faults
 from trainer.reshard import Holding
 
 
@@ -57,7 +58,7 @@ def test_a_submitted_disk_checkpoint_counts_once_flush_says_it_is_written(tmp_pa
 
     import torch
 
-    from trainer.elastic import DiskCheckpoints
+    from trainer.checkpoints import DiskCheckpoints
     from trainer.snapshot import Snapshot, chunk_checksums
 
     disk = DiskCheckpoints(str(tmp_path), tiny_spec().model)
@@ -83,7 +84,7 @@ def test_a_submitted_disk_checkpoint_counts_once_flush_says_it_is_written(tmp_pa
 
 @pytest.mark.parametrize("zero", [0, 1])
 def test_a_flat_snapshot_is_cut_into_exactly_the_slices_the_rank_owns(zero):
-    from trainer.elastic import named_pieces, snapshot_metadata
+    from trainer.decisions import named_pieces, snapshot_metadata
     from trainer.parallel import ParallelLayout
     from trainer.sharding import state_layout
 

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch.distributed as dist
 
+from protos import launch
 from tests.helpers.elastic_harness import ElasticJob, reference_losses, tiny_spec
 from trainer.abort import JOINED_KEY
 
@@ -42,7 +43,7 @@ def _wait(predicate, timeout_s: float, what: str, job: ElasticJob) -> None:
 def test_survivors_leave_a_rendezvous_whose_participant_died_as_soon_as_the_next_plan_comes(tmp_path, etcd_url):
     spec = tiny_spec(steps=30, dp=1, pp=2, zero=1, max_workers=4)
     reference = reference_losses(spec, tmp_path / "reference")
-    job = ElasticJob(spec, tmp_path / "job", etcd_url, env={"TENAX_COLLECTIVE_TIMEOUT_S": str(COLLECTIVE_TIMEOUT_S)})
+    job = ElasticJob(spec, tmp_path / "job", etcd_url, env={launch.COLLECTIVE_TIMEOUT_S: str(COLLECTIVE_TIMEOUT_S)})
     survivors = [("a", 0), ("b", 0)]
     try:
         job.start()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from tests.helpers.dist_harness import Workers
-from trainer.transfer import buddy_ring, recoverable_step
+from common.layout import buddy_ring
+from trainer.transfer import recoverable_step
 
 
 def test_buddy_ring_puts_every_buddy_on_another_node_and_receives_one_replica_each():

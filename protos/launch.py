@@ -1,0 +1,97 @@
+"""The worker launch contract: every environment variable an agent (or ``tenax train-local``,
+a test harness, a benchmark) sets for ``python -m trainer.worker``, named once here.
+
+The writer is agent/supervisor.py; the one reader is ``trainer.settings.WorkerSettings.from_env``.
+An empty value means the same as an unset one (the default). Numbers of seconds must be
+finite and > 0; flags are ``0`` or ``1``. Anything else is a launch error (exit 2) naming
+the variable. The launch file, the rendezvous store and the plan are described in
+protos/plan.py; the elastic runtime's side of the contract in docs/elastic-worker.md.
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------ set by the agent for every worker
+JOB_ID = "TENAX_JOB_ID"
+"""The job id (informative: the launch file's plan names the job too)."""
+
+RANK = "TENAX_RANK"
+"""This worker's global rank in the launch plan (a non-negative integer). Required."""
+
+LAUNCH_FILE = "TENAX_LAUNCH_FILE"
+"""Path of the JSON file ``{"spec": JobSpec.to_dict(), "plan": Plan.to_dict()}``. Required."""
+
+METRICS_FILE = "TENAX_METRICS_FILE"
+"""Path the worker appends its per-step JSON lines and recovery records to; unset: stdout."""
+
+RUN_DIR = "TENAX_RUN_DIR"
+"""Per-job directory on this host: disk checkpoints, the chaos slowdown file, ``killed-PID``
+marks of injected faults. Unset: no disk checkpoints, no chaos control."""
+
+ETCD = "TENAX_ETCD"
+"""etcd endpoints (``http://host:port,...``; the first is used) for following the job's plan.
+Unset: not elastic across generations (a failure ends the worker with exit 1)."""
+
+ETCD_PREFIX = "TENAX_ETCD_PREFIX"
+"""The cluster's key prefix (protos.keys.Keys). Default ``/tenax``."""
+
+NODE_ID = "TENAX_NODE_ID"
+"""The agent's node id (informative: the launch plan's worker entry is authoritative)."""
+
+GROWTH_ID = "TENAX_GROWTH_ID"
+"""Set only for a worker of a growth being prepared (protos.records.GrowthRecord): the launch
+file holds the tentative plan g+1; the worker gets ready, says so (Keys.job_joiner) and joins
+only once a plan >= g+1 in etcd names it. Needs ``TENAX_ETCD``."""
+
+# ------------------------------------------------------------ set by the agent when etcd uses TLS
+ETCD_CA = "TENAX_ETCD_CA"
+"""CA file of etcd's server certificate (https endpoints). Unset: plain connection."""
+
+ETCD_CERT = "TENAX_ETCD_CERT"
+"""Client certificate file for etcd (with ``TENAX_ETCD_CA``)."""
+
+ETCD_KEY = "TENAX_ETCD_KEY"
+"""Private key file of ``TENAX_ETCD_CERT``."""
+
+# ------------------------------------------------------------ timeouts (seconds)
+STORE_TIMEOUT_S = "TENAX_STORE_TIMEOUT_S"
+"""Seconds to reach the rendezvous store. Default 30."""
+
+COLLECTIVE_TIMEOUT_S = "TENAX_COLLECTIVE_TIMEOUT_S"
+"""Seconds: backstop of process-group init, one collective, one transfer and a generation's
+rendezvous (aborts come much sooner). Default 60."""
+
+PLAN_WAIT_S = "TENAX_PLAN_WAIT_S"
+"""Seconds a worker waits for plan g+1 after it noticed a failure. Default 60."""
+
+PREPARE_WAIT_S = "TENAX_PREPARE_WAIT_S"
+"""Seconds a prepared growth worker waits for the plan that takes it in, then exits 0.
+Default 300."""
+
+HEARTBEAT_S = "TENAX_HEARTBEAT_S"
+"""Seconds between heartbeat lines while a step runs. Default 1."""
+
+# ------------------------------------------------------------ switches (benchmarks, tests)
+ELASTIC = "TENAX_ELASTIC"
+"""``0``: the plain single-generation trainer (a failure ends the worker). Default ``1``."""
+
+SNAPSHOTS = "TENAX_SNAPSHOTS"
+"""``0``: the elastic runtime without snapshots and replication (their overhead). Default ``1``."""
+
+TELEMETRY = "TENAX_TELEMETRY"
+"""``0``: no phase times, heartbeats or chaos slowdown in the step lines. Default ``1``."""
+
+COMPILE = "TENAX_COMPILE"
+"""torch.compile the blocks: ``auto`` (default: on CUDA only), ``1`` always, ``0`` never."""
+
+BACKEND = "TENAX_BACKEND"
+"""Force the collective backend, ``gloo`` or ``nccl``. Default: NCCL on CUDA, gloo on CPU
+(``gloo`` with CUDA tensors runs several ranks on one GPU)."""
+
+FAULT = "TENAX_FAULT"
+"""Fault injection (test infrastructure): ``;``-separated faults such as
+``rank=3,step=4,kind=kill,when=mid`` (grammar: trainer/faults.py). Default: none."""
+
+ALL = (JOB_ID, RANK, LAUNCH_FILE, METRICS_FILE, RUN_DIR, ETCD, ETCD_PREFIX, NODE_ID, GROWTH_ID,
+       ETCD_CA, ETCD_CERT, ETCD_KEY, STORE_TIMEOUT_S, COLLECTIVE_TIMEOUT_S, PLAN_WAIT_S, PREPARE_WAIT_S,
+       HEARTBEAT_S, ELASTIC, SNAPSHOTS, TELEMETRY, COMPILE, BACKEND, FAULT)
+"""Every name of the contract."""

@@ -1,0 +1,114 @@
+"""The elastic runtime's pure decisions: my place in a plan, buddies, which step to resume
+from, the snapshot interval, and where each parameter slice lives in a flat snapshot.
+No I/O, no collectives: every rank derives the same answer from the same facts."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+from protos.plan import Plan
+from trainer.optim import STATE_KINDS, state_key
+from trainer.parallel import ParallelLayout
+from trainer.reshard import Holding, plan_transfers
+from trainer.sharding import stage_offsets, update_range
+from common.layout import buddy_ring
+
+
+def rank_in_plan(plan: Plan, node: str, slot: int) -> int | None:
+    """My rank in ``plan``: the worker placed on my (node, slot); None if I have no place."""
+    for w in plan.workers:
+        if w.node == node and w.slot == slot:
+            return w.rank
+    return None
+
+
+def idle_survivors(plan: Plan) -> list[tuple[str, int]]:
+    """(node, slot) of the survivors plan g+1 leaves idle (``extra["idle"]``, controller/replan.py)."""
+    return [(str(i["node"]), int(i["slot"])) for i in plan.extra.get("idle", [])
+            if isinstance(i, dict) and "node" in i and "slot" in i]
+
+
+def buddy_and_ward(plan: Plan, rank: int) -> tuple[int, int] | None:
+    """(rank I replicate to, rank whose replica I keep), on another node when possible."""
+    ring = buddy_ring({w.rank: w.node for w in plan.workers})
+    if not ring:
+        return None
+    ward = next(r for r, b in ring.items() if b == rank)
+    return ring[rank], ward
+
+
+LAYOUT_FIELDS = ("dp", "pp", "zero_stage", "layer_partition", "sample_shares", "micro_batch_size")
+
+
+def snapshot_metadata(layout, rank: int, generation: int) -> dict[str, Any]:
+    """What a flat snapshot needs to be read in any later layout: whose state it is, in which layout."""
+    fields = {f: getattr(layout, f) for f in LAYOUT_FIELDS}
+    fields["layer_partition"], fields["sample_shares"] = list(layout.layer_partition), list(layout.sample_shares)
+    return {"layout": fields, "rank": rank, "generation": generation}
+
+
+_PIECES: dict[tuple, tuple[tuple[str, str, int, int, int], ...]] = {}
+
+
+def named_pieces(model_spec, metadata: Mapping[str, Any]) -> list[tuple[str, str, int, int, int]]:
+    """(kind, "kind/name", start, end, offset) of every per-parameter slice in a flat snapshot:
+    ``name[start:end]`` of that kind lives at ``tensors[kind][offset:offset + end - start]``.
+
+    A snapshot is three flat tensors (the owned range of the stage's flat parameters and
+    the two AdamW moments of that range): a few large copies, checksums and sends per step
+    instead of three per parameter. Pieces are cut out only when a recovery needs them
+    (memoised: every participant cuts every advertised copy)."""
+    key = (repr(model_spec), json.dumps(metadata["layout"], sort_keys=True), int(metadata["rank"]))
+    pieces = _PIECES.get(key)
+    if pieces is None:
+        pieces = _PIECES[key] = tuple(_cut_pieces(model_spec, metadata))
+    return list(pieces)
+
+
+def _cut_pieces(model_spec, metadata: Mapping[str, Any]) -> list[tuple[str, str, int, int, int]]:
+    fields = dict(metadata["layout"])
+    fields["layer_partition"], fields["sample_shares"] = tuple(fields["layer_partition"]), tuple(fields["sample_shares"])
+    layout = ParallelLayout(**fields)
+    dp_rank, pp_rank = layout.coords(int(metadata["rank"]))
+    offsets = stage_offsets(model_spec, layout, pp_rank)
+    lo, hi = update_range(max((b for _, b in offsets.values()), default=0), layout, dp_rank)
+    pieces = []
+    for name, (a, b) in offsets.items():
+        if a < hi and b > lo:
+            start, end = max(a, lo) - a, min(b, hi) - a
+            for kind in STATE_KINDS:
+                pieces.append((kind, state_key(kind, name), start, end, a + start - lo))
+    return pieces
+
+
+def choose_resume_step(needs: Mapping[int, Mapping[str, Sequence[tuple[int, int]]]],
+                       holdings_by_step: Mapping[int, Sequence[Holding]]) -> int | None:
+    """The newest step whose copies (over all participants) cover every need; None if none does."""
+    for step in sorted(holdings_by_step, reverse=True):
+        transfers, _ = plan_transfers(needs, holdings_by_step[step])
+        if transfers is not None:
+            return step
+    return None
+
+
+def common_disk_step(per_rank_steps: Iterable[Iterable[int]]) -> int | None:
+    """The newest checkpoint step that every participant can load its part from."""
+    sets = [set(s) for s in per_rank_steps]
+    common = set.intersection(*sets) if sets else set()
+    return max(common) if common else None
+
+
+def auto_snapshot_interval(copy_s: float, step_s: float, replication_wait_s: float = 0.0) -> int:
+    """Smallest interval (steps) whose snapshot copy, and replication round, are hidden by the
+    training between two snapshots. A round that held a boundary for ``replication_wait_s``
+    (it was not done one step after it started) takes about a step plus that."""
+    if step_s <= 0:
+        return 1
+    return max(1, math.ceil(copy_s / step_s), math.ceil((step_s + replication_wait_s) / step_s))
+
+
+def steps_lost(at_step: int, resumed_step: int) -> int:
+    return max(0, at_step - resumed_step)
+

@@ -1,0 +1,101 @@
+"""Fault injection (test infrastructure, ``TENAX_FAULT``): ``;``-separated faults of
+``key=value`` pairs, e.g. ``rank=3,step=4,kind=kill,when=mid``:
+
+    kind=kill            SIGKILL this process at step boundary ``step`` (when=between)
+                         or during the next step (when=mid), once ``step`` is replicated
+                         (and due disk checkpoints written); when=posted: at that
+                         boundary at once, its replication round still to move
+    kind=corrupt-own     at recovery, flip a byte in each of this rank's own snapshots
+    kind=corrupt-replica at recovery, flip a byte in each buddy replica it holds
+    kind=kill-in-transfer SIGKILL at the start of the transfer of generation ``gen``
+                         (``rank``: the rank in that generation's transfer group)
+    ``rank`` is the rank in generation ``gen`` (default 1).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from trainer.snapshot import corrupt
+
+
+@dataclass(kw_only=True, frozen=True)
+class Fault:
+    kind: str
+    rank: int
+    step: int = -1
+    gen: int = 1
+    when: str = "between"
+
+
+def parse_faults(raw: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (part.strip() for part in raw.split(";"))):
+        fields = dict(kv.split("=", 1) for kv in item.split(","))
+        faults.append(Fault(kind=fields["kind"], rank=int(fields["rank"]), step=int(fields.get("step", -1)),
+                            gen=int(fields.get("gen", 1)), when=fields.get("when", "between")))
+    return faults
+
+
+def kill_self(run_dir: str) -> None:
+    """SIGKILL this process; the moment goes to ``run_dir``/killed-PID (benchmarks time MTTR from it)."""
+    if run_dir:
+        Path(run_dir, f"killed-{os.getpid()}").write_text(repr(time.time()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultInjector:
+    """The faults of one worker process and the hooks the state machine calls (each fires once)."""
+
+    def __init__(self, faults: Sequence[Fault], *, run_dir: str) -> None:
+        self.faults = list(faults)
+        self.run_dir = run_dir
+        self._fired: set[Fault] = set()
+
+    def kill_at(self, generation: int, rank: int) -> Fault | None:
+        """The ``kill`` fault of ``rank`` in ``generation``, if any."""
+        for f in self.faults:
+            if f.kind == "kill" and f.gen == generation and f.rank == rank:
+                return f
+        return None
+
+    def fire_kill(self, fault: Fault, *, replicator, disk, flush_timeout_s: float) -> None:
+        """Die like a lost machine. ``when=between``/``mid``: once ``fault.step`` is recoverable
+        as it is in steady state — the round that carries its snapshot completed here, so the
+        buddy holds it, and the disk checkpoints due are written — either right here between
+        steps or a little into the next step. ``when=posted``: at once, with the round this
+        boundary posted still to move (the buddy may keep only the round before)."""
+        if fault.when == "posted":
+            kill_self(self.run_dir)
+        if replicator is not None:
+            replicator.complete()
+        if disk is not None:  # as in steady state: the checkpoints due so far are on disk
+            disk.flush(flush_timeout_s)
+        if fault.when == "mid":
+            threading.Timer(0.02, kill_self, args=(self.run_dir,)).start()
+        else:
+            kill_self(self.run_dir)
+
+    def at_transfer(self, generation: int, rank: int, old_generation: int, old_rank: int, copies) -> None:
+        """Hooks at the start of TRANSFERRING: die (a failure during a recovery), or let this
+        process's copies (``trainer.copies.Copies``) rot in memory after their checksums were
+        taken. ``old_rank``: the rank this process trained as in ``old_generation`` (-1: none)."""
+        for f in self.faults:
+            if f.kind == "kill-in-transfer" and f.gen == generation and f.rank == rank:
+                kill_self(self.run_dir)
+        for f in self.faults:
+            if f.gen != old_generation or f.rank != old_rank or f in self._fired:
+                continue
+            self._fired.add(f)  # once: flipping the same byte again would repair it
+            if f.kind == "corrupt-own":
+                for snap in copies.own():
+                    corrupt(snap, next(iter(sorted(snap.tensors))))
+            elif f.kind == "corrupt-replica":
+                for snap in copies.replicas:
+                    corrupt(snap, next(iter(sorted(snap.tensors))))
