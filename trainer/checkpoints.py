@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -37,9 +38,16 @@ class DiskCheckpoints:
     layout reads the flat tensors of the ranks that held what it needs, checks them
     against the checksums, and cuts out its pieces (``named_pieces``)."""
 
-    def __init__(self, run_dir: str, model_spec) -> None:
+    def __init__(self, run_dir: str, model_spec, *, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep: must be >= 1 checkpoint, got {keep}")
         self.root = Path(run_dir) / "checkpoints"
         self.model_spec = model_spec
+        self.keep = keep
+        """Checkpoints of this process kept on disk, newest first (older ones are deleted)."""
+        self._written: list[Path] = []
+        """What this process saved, oldest first: a process deletes only its own files, so a
+        rank still writing (or a recovery reading) another rank's files is never raced."""
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._writer, name="disk-checkpoints", daemon=True)
         self._thread.start()
@@ -62,11 +70,22 @@ class DiskCheckpoints:
             finally:
                 snap.unpin()
             try:
-                self.save(copy, generation=generation, rank=rank)
+                self._written.append(self.save(copy, generation=generation, rank=rank))
+                self._prune()
             except Exception as exc:  # a failed checkpoint is logged; in-memory snapshots still protect the job
                 log.warning("disk checkpoint of step %d failed: %r", snap.step, exc)
             finally:
                 self._queue.task_done()
+
+    def _prune(self) -> None:
+        """Delete this process's checkpoints beyond the newest ``keep`` (and a step folder left empty)."""
+        while len(self._written) > self.keep:
+            old = self._written.pop(0)
+            shutil.rmtree(old, ignore_errors=True)
+            try:
+                old.parent.rmdir()  # only once no rank's checkpoint of that step is left
+            except OSError:
+                pass
 
     def flush(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the checkpoints submitted so far to be on disk (False:

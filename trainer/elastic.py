@@ -150,7 +150,7 @@ class ElasticWorker:
         # three buffer sets: the replicator pins the step its buddy holds (trainer.transfer)
         self.snapper = Snapshotter(SnapshotSettings(buffers=3, fence_timeout_s=settings.collective_timeout_s))
         self.copies = Copies(self.snapper, spec.model)
-        self.disk = (DiskCheckpoints(settings.run_dir, spec.model)
+        self.disk = (DiskCheckpoints(settings.run_dir, spec.model, keep=settings.checkpoint_keep)
                      if settings.run_dir and settings.checkpoint_every else None)
         self.generation = 0
         self.watcher: AbortWatcher | None = None

@@ -149,6 +149,8 @@ class ElasticSettings:
     """Snapshot interval in steps, or ``auto`` (the job spec's ``elastic.snapshot_every``)."""
     checkpoint_every: int = 0
     """Disk checkpoint interval in steps; 0 = none (the job spec's ``elastic.checkpoint_every``)."""
+    checkpoint_keep: int = 3
+    """Disk checkpoints this worker keeps, newest first (the job spec's ``elastic.checkpoint_keep``)."""
     run_dir: str = ""
     """Per-job directory (disk checkpoints, fault marks); '' = none."""
     snapshots: bool = True
@@ -157,9 +159,10 @@ class ElasticSettings:
     """The whole launch environment (backend, compile, telemetry), handed to every Trainer."""
 
     @classmethod
-    def from_worker(cls, worker: WorkerSettings, *, snapshot_every: str, checkpoint_every: int) -> "ElasticSettings":
+    def from_worker(cls, worker: WorkerSettings, *, snapshot_every: str, checkpoint_every: int,
+                    checkpoint_keep: int = 3) -> "ElasticSettings":
         return cls(store_timeout_s=worker.store_timeout_s, collective_timeout_s=worker.collective_timeout_s,
                    plan_wait_s=worker.plan_wait_s, transfer_timeout_s=worker.collective_timeout_s,
                    prepare_wait_s=worker.prepare_wait_s, snapshot_every=snapshot_every,
-                   checkpoint_every=checkpoint_every, run_dir=worker.run_dir, snapshots=worker.snapshots,
+                   checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep, run_dir=worker.run_dir, snapshots=worker.snapshots,
                    worker=worker)

@@ -121,7 +121,8 @@ def run_elastic(spec, plan, rank: int, settings: WorkerSettings) -> int:
     if not plan.store_address:
         raise LaunchError("plan.store_address is empty")
     elastic = ElasticSettings.from_worker(settings, snapshot_every=spec.elastic.snapshot_every,
-                                          checkpoint_every=spec.elastic.checkpoint_every)
+                                          checkpoint_every=spec.elastic.checkpoint_every,
+                                          checkpoint_keep=spec.elastic.checkpoint_keep)
     tls = (EtcdTls(ca_file=settings.etcd_ca, cert_file=settings.etcd_cert, key_file=settings.etcd_key)
            if settings.etcd_ca else None)
     metrics = MetricsWriter(settings.metrics_file or None)

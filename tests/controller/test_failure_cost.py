@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from common.layout import buddy_ring
 from common.spec import DEFAULT_CHECKPOINT_EVERY, JobSpec, SpecError
 from controller.recovery_decisions import next_failure_cost, snapshot_redundancy
 from protos.plan import Plan, WorkerAssignment

@@ -82,6 +82,29 @@ def test_a_submitted_disk_checkpoint_counts_once_flush_says_it_is_written(tmp_pa
     assert disk.flush(0)  # nothing pending: at once
 
 
+def test_disk_checkpoints_keep_the_newest_k_of_this_process_and_no_other_rank_s(tmp_path):
+    import torch
+
+    from trainer.checkpoints import DiskCheckpoints
+    from trainer.snapshot import Snapshot, chunk_checksums
+
+    other = tmp_path / "checkpoints" / "step-00000002" / "g1-r1"  # another rank's save: never ours to delete
+    other.mkdir(parents=True)
+    (other / "done").write_text("{}")
+    disk = DiskCheckpoints(str(tmp_path), tiny_spec().model, keep=2)
+    for step in (2, 4, 6, 8):
+        tensors = {"params": torch.full((8,), float(step))}
+        disk.submit(Snapshot(step=step, tensors=tensors, checksums={k: chunk_checksums(v) for k, v in tensors.items()},
+                             metadata={"rank": 0}, complete=True), generation=1, rank=0)
+    assert disk.flush(60)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000006", "step-00000008"]
+    assert [p.name for p in (root / "step-00000002").iterdir()] == ["g1-r1"]
+    assert (root / "step-00000008" / "g1-r0" / "done").exists() and (root / "step-00000006" / "g1-r0" / "done").exists()
+    with pytest.raises(ValueError, match="keep"):
+        DiskCheckpoints(str(tmp_path), tiny_spec().model, keep=0)
+
+
 @pytest.mark.parametrize("zero", [0, 1])
 def test_a_flat_snapshot_is_cut_into_exactly_the_slices_the_rank_owns(zero):
     from trainer.decisions import named_pieces, snapshot_metadata
