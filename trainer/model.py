@@ -119,10 +119,13 @@ class GPTStage(nn.Module):
                 module.context = ctx
 
 
-def build_stage(model_spec, *, layers: range, is_first: bool, is_last: bool, device="cpu") -> GPTStage:
-    """Build a stage on ``device`` ('meta' for shapes only); not yet initialised."""
+def build_stage(model_spec, *, layers: range, is_first: bool, is_last: bool, device="cpu") -> nn.Module:
+    """Build a stage of ``model_spec.arch`` on ``device`` ('meta' for shapes only); not yet initialised."""
+    cls = GPTStage
+    if model_spec.arch == "llama":
+        from trainer.llama import LlamaStage as cls  # noqa: N813 - llama imports this module
     with torch.device(device):
-        return GPTStage(model_spec, layers=layers, is_first=is_first, is_last=is_last)
+        return cls(model_spec, layers=layers, is_first=is_first, is_last=is_last)
 
 
 @torch.no_grad()
@@ -131,6 +134,10 @@ def init_parameters(stage: GPTStage, *, seed: int, layers: int) -> None:
 
     Drawn on CPU and copied, so CPU and CUDA runs start from the same weights.
     """
+    if not isinstance(stage, GPTStage):
+        from trainer import llama
+
+        return llama.init_parameters(stage, seed=seed, layers=layers)
     residual_std = 0.02 / math.sqrt(2 * layers)
     for name, param in stage.named_parameters():
         gen = torch.Generator().manual_seed(rng.key(rng.INIT, seed, rng.name_key(name)))

@@ -129,6 +129,7 @@ class Trainer:
         self.flat = self.apply_flat_buffers()     # 2. materialise params (and grads) as views of flat padded buffers
         self.apply_init()                         # 3. layout-independent init keyed by (seed, name), in place
         self.dp_group = self.apply_dp_groups()    # 4. one group per stage's replicas (ZeRO group)
+        self.tied = self.apply_tied_embeddings()  # 4b. llama tie_embeddings: head/embedding gradient sum
         self.optimizer = self.apply_zero()        # 5. optimizer state on this rank's range only
         self.reducer = self.apply_zero2_grads()   # 6. zero 2: gradients reduced to their owners in buckets
         self.autocast = self.apply_autocast()     # 7. bf16 autocast on CUDA (fp32 master/state)
@@ -163,7 +164,20 @@ class Trainer:
         return stage.train()
 
     def apply_init(self) -> None:
+        if self.spec.model.init_from:  # this stage's tensors of a Hugging Face checkpoint (trainer.hf)
+            from trainer.hf import load_stage
+
+            load_stage(self.stage, self.spec.model, self.spec.model.init_from)
+            return
         init_parameters(self.stage, seed=self.spec.seed, layers=self.spec.model.layers)
+
+    def apply_tied_embeddings(self):
+        if not self.spec.model.tie_embeddings:
+            return None
+        from trainer.llama import TiedEmbeddings
+
+        group = TiedEmbeddings.new_groups(self.layout, self.dp_rank)  # collective: every rank, same order
+        return TiedEmbeddings(self.flat, is_first=self.is_first, is_last=self.is_last, group=group)
 
     @property
     def shards_gradients(self) -> bool:
@@ -266,6 +280,8 @@ class Trainer:
         if self.reducer is not None:  # reductions ran inside backward: book them as collective time
             times.backward -= self.reducer.comm_seconds
             t0 -= self.reducer.comm_seconds
+        if self.tied is not None:
+            self.tied.sum_gradients()
         grad = self._sync_gradients()
         chunk_lo, chunk_hi = layout.shard_range(self.flat.numel, self.dp_rank)
         norm_part = self._norm_part(grad, chunk_lo, chunk_hi)
@@ -356,8 +372,12 @@ class Trainer:
 
     def _norm_part(self, grad: torch.Tensor, chunk_lo: int, chunk_hi: int) -> torch.Tensor:
         """Squared norm of this rank's dp chunk only, so the world sum counts every element once."""
+        base = self.optimizer.lo
         if self.layout.zero_stage == 0 and self.layout.dp > 1:
-            grad = grad[chunk_lo:chunk_hi]
+            grad, base = grad[chunk_lo:chunk_hi], base + chunk_lo
+        span = self.tied.norm_exclusion(base, base + grad.numel()) if self.tied is not None else None
+        if span is not None:  # a tied head's gradient is the embedding's: count it once
+            return grad[: span[0]].float().pow(2).sum() + grad[span[1] :].float().pow(2).sum()
         return grad.float().pow(2).sum()
 
     def _gather_params(self) -> None:
