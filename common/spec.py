@@ -31,6 +31,8 @@ MAX_HEADS = 1024
 MAX_VOCAB = 1 << 24
 MAX_SEQ_LEN = 1 << 20
 MAX_ROPE_BASE = 1e12
+MAX_EVAL_EVERY = 10_000_000
+MAX_EVAL_BATCHES = 10_000
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Shapes of published checkpoints (their config.json); the long-context rope
@@ -156,6 +158,12 @@ class DataSpec:
     """Element type of the token file: ``uint16`` or ``uint32``."""
     num_samples: int = 4096
     """Dataset size for ``kind: synthetic`` (samples)."""
+    eval_path: str = ""
+    """Held-out token file (same ``dtype``) evaluated every ``eval_every`` steps: loss and perplexity in the step's metrics."""
+    eval_every: int = 0
+    """Evaluation interval (steps, at most 10^7); 0 turns evaluation off."""
+    eval_batches: int = 1
+    """Global batches of the held-out file per evaluation (1 to 10^4), always the file's first ones."""
 
     def validate(self, path: str) -> None:
         if self.kind not in DATA_KINDS:
@@ -167,6 +175,14 @@ class DataSpec:
         if self.dtype not in TOKEN_DTYPES:
             _fail(f"{path}.dtype", f"unknown dtype {self.dtype!r}; known: {', '.join(TOKEN_DTYPES)}")
         _positive(f"{path}.num_samples", self.num_samples)
+        if len(self.eval_path) > MAX_PATH_LEN:
+            _fail(f"{path}.eval_path", f"longer than {MAX_PATH_LEN} characters")
+        if not 0 <= self.eval_every <= MAX_EVAL_EVERY:
+            _fail(f"{path}.eval_every", f"must be in [0, {MAX_EVAL_EVERY}], got {self.eval_every}")
+        if self.eval_every and not self.eval_path:
+            _fail(f"{path}.eval_path", "is required when eval_every > 0")
+        if not 1 <= self.eval_batches <= MAX_EVAL_BATCHES:
+            _fail(f"{path}.eval_batches", f"must be in [1, {MAX_EVAL_BATCHES}], got {self.eval_batches}")
 
 
 @dataclass(kw_only=True)
@@ -430,7 +446,7 @@ def _coerce(f: dataclasses.Field, value: Any, path: str) -> Any:
             value = str(value)  # e.g. snapshot_every: 5
         if not isinstance(value, str):
             _fail(path, f"must be a string, got {_short(value)!r}")
-        limit = MAX_PATH_LEN if path.endswith(".path") else MAX_STRING_LEN
+        limit = MAX_PATH_LEN if path.endswith(("path", ".init_from")) else MAX_STRING_LEN
         if len(value) > limit:
             _fail(path, f"longer than {limit} characters")
         return value
