@@ -228,3 +228,36 @@ def test_every_layout_trains_the_same_llama(tmp_path, tie):
     for run, ranks in sweep.items():
         for rank, records in ranks.items():
             assert _losses(records) == pytest.approx(reference, rel=1e-5), f"{run} rank {rank}"
+
+
+# ------------------------------------------------------------------ examples
+def _example(name: str) -> dict:
+    import yaml
+
+    from tests.trainer_helpers import REPO
+
+    return yaml.safe_load((REPO / "examples" / name).read_text())
+
+
+def test_llama_examples_are_valid_jobs():
+    gpu = JobSpec.from_dict(_example("llama-1b-gpu.yaml"))
+    assert gpu.model.d_model == 2048 and gpu.model.layers == 16 and gpu.resources.device == "cuda"
+    JobSpec.from_dict(_example("llama-text.yaml"))
+
+
+@pytest.mark.timeout(300)
+def test_llama_text_example_learns_the_readme(tmp_path):
+    from tests.trainer_helpers import REPO
+    from trainer import data
+
+    raw = _example("llama-text.yaml")
+    assert data.main(["build", str(REPO / "README.md"), str(tmp_path / "text.tokens")]) == 0
+    assert data.main(["build", str(REPO / "docs" / "elastic-recovery.md"), str(tmp_path / "held.tokens")]) == 0
+    raw["data"].update(path=str(tmp_path / "text.tokens"), eval_path=str(tmp_path / "held.tokens"), eval_every=20)
+    raw["steps"] = 40
+    runs = [{"name": "example", "dp": 2, "pp": 2, "zero": 1, "shares": [8, 8]}]
+    records = sorted(run_sweep(tmp_path, raw, runs, nproc=4, timeout_s=240)["example"][3], key=lambda r: r["step"])
+    losses = [r["loss"] for r in records]
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0], losses
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]

@@ -4,8 +4,9 @@ A pipeline stage owns a contiguous range of blocks; the first stage also owns
 the embeddings and the last the final LayerNorm and the head. Parameter names
 are global (``blocks.7.mlp_in.weight`` is the same name on whichever stage owns
 block 7) and every parameter is initialised from a generator keyed by (seed,
-name), so the model is the same whatever the layout. The head is not tied to
-the embedding: across stages a tie would need an extra all-reduce.
+name), so the model is the same whatever the layout. The GPT's head is not
+tied to the embedding (the Llama's may be: trainer/llama.py, same contract).
+``build_stage`` picks the architecture from ``model.arch``.
 
 Dropout masks are drawn per sample from generators keyed by (seed, step,
 sample position in the global batch, layer, site), never by rank: a sample
