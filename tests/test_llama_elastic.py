@@ -9,6 +9,7 @@ held-out batch.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -82,6 +83,16 @@ def test_llama_survives_kill_9_with_the_same_losses_and_exports_to_transformers(
         logits = model(batch[:, :-1]).logits
     hf_loss = F.cross_entropy(logits.reshape(-1, 64), batch[:, 1:].reshape(-1)).item()
     assert hf_loss == pytest.approx(last[exported]["eval_loss"], abs=1e-4)
+
+    # by job id: the local cluster's agents each hold the job's directory (here one node)
+    state = tmp_path / "state"
+    (state / "agents" / "node-0" / "jobs").mkdir(parents=True)
+    (state / "agents" / "node-0" / "jobs" / "job1").symlink_to(job.out)
+    (state / "cluster.json").write_text(json.dumps({"controller": "127.0.0.1:1", "state_dir": str(state)}))
+    run = subprocess.run([sys.executable, "-m", "cli.main", "export", "job1", "--state-dir", str(state),
+                          "--out", str(tmp_path / "hf2")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "hf2" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 def test_export_refuses_a_job_without_checkpoints(tmp_path):

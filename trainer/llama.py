@@ -109,7 +109,8 @@ class LlamaStage(nn.Module):
     def _rotary(self, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] < t or self._rope[0].device != device:
             m = self.model_spec
-            self._rope = rotary_tables(max(t, m.seq_len), m.d_model // m.heads, m.rope_base, device)
+            with torch.autocast(device_type=device.type, enabled=False):  # the angles stay fp32
+                self._rope = rotary_tables(max(t, m.seq_len), m.d_model // m.heads, m.rope_base, device)
         cos, sin = self._rope
         return cos[:t], sin[:t]
 
