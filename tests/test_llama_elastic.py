@@ -100,3 +100,20 @@ def test_export_refuses_a_job_without_checkpoints(tmp_path):
     run = subprocess.run([sys.executable, "-m", "cli.main", "export", str(tmp_path), "--out", str(tmp_path / "o")],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "no launch file" in run.stderr, run.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_init_from_checkpoint_stops_the_start_with_a_message_naming_it(tmp_path, etcd_url):
+    from tests.test_llama import save_hf_llama
+
+    save_hf_llama(tmp_path / "hf", tie=False)  # 3 layers; the job wants 4
+    model = {**LLAMA, "tie_embeddings": False, "kv_heads": 2, "init_from": str(tmp_path / "hf")}
+    spec = tiny_spec(steps=4, dp=1, pp=2, zero=0, model=model)
+    job = ElasticJob(spec, tmp_path / "job", etcd_url)
+    try:
+        job.start()
+        _, code, _ = job.wait_for_death(timeout_s=60)
+    finally:
+        job.close()
+    assert code == 1
+    assert "model.init_from: " in job.logs() and "num_hidden_layers is 3 but model.layers is 4" in job.logs()
