@@ -9,7 +9,7 @@ import argparse
 def cmd_data(args: argparse.Namespace) -> int:
     from trainer.data import main
 
-    return main(args.rest)
+    return main(args.rest, prog="tenax data")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -133,3 +133,12 @@ def test_a_llama_learns_from_tokenized_text_and_its_held_out_loss_falls(corpus, 
     for rank, recs in sweep["dp2pp2"].items():
         got = [r["eval_loss"] for r in sorted(recs, key=lambda r: r["step"]) if "eval_loss" in r]
         assert got == pytest.approx([l for _, l, _ in evals], rel=1e-5), rank
+
+
+def test_tenax_data_prepare_is_the_same_command(corpus, tmp_path):
+    from cli.main import main as tenax
+
+    args = [str(corpus / "more.jsonl"), "--tokenizer", str(corpus / "tokenizer.json")]
+    assert tenax(["data", "prepare", *args, "--out", str(tmp_path / "a.bin")]) == 0
+    assert data.main(["prepare", *args, "--out", str(tmp_path / "b.bin")]) == 0
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()

@@ -271,8 +271,8 @@ def _source(text: str) -> tuple[str, float]:
     return path, value
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, *, prog: str = "python -m trainer.data") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="tokenize a UTF-8 text file into a token file (byte-level)")
     build.add_argument("text", help="input text file (UTF-8)")
