@@ -116,6 +116,39 @@ def test_init_from_gives_transformers_logits_on_any_stage_split(tmp_path, tie):
         torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_stage_reads_only_its_own_tensors(tmp_path, monkeypatch):
+    import safetensors
+
+    save_hf_llama(tmp_path, tie=False)
+    read: list[str] = []
+    real = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.inner = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.handle.get_tensor(name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    spec = JobSpec.from_dict(llama_spec(init_from=str(tmp_path)))
+    last = build_stage(spec.model, layers=range(2, 3), is_first=False, is_last=True)
+    hf.load_stage(last, spec.model, str(tmp_path))
+    assert sorted(read) == sorted(["lm_head.weight", "model.norm.weight"] + [
+        f"model.layers.2.{n}" for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                        "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                        "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                                        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")])
+
+
 def test_random_init_ties_head_to_embedding():
     spec = JobSpec.from_dict(llama_spec(tie_embeddings=True))
     first = build_stage(spec.model, layers=range(0, 1), is_first=True, is_last=False)
