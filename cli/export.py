@@ -55,7 +55,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         roots = export.checkpoint_roots(sources)
         step = args.step if args.step is not None else export.latest_complete_step(spec.model, roots)
         tensors = export.load_full_params(spec.model, roots, step)
-        out = hf.export_hf(tensors, spec.model, args.out)
+        out = hf.export_hf(tensors, spec.model, args.out, dtype=args.dtype)
     except (export.ExportError, SpecError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -69,6 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", nargs="+", help="job id of the local cluster, or job/run/checkpoints directories")
     p.add_argument("--format", choices=("hf",), default="hf", help="output format (Hugging Face safetensors)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="tensor type written (default float32: the master weights as trained)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest complete one)")
     p.add_argument("--spec", default="", help="job file (default: the launch file next to the checkpoints)")
     p.add_argument("--state-dir", default=None, help="local cluster state directory (for a job id)")

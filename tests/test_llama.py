@@ -149,6 +149,29 @@ def test_a_stage_reads_only_its_own_tensors(tmp_path, monkeypatch):
                                         "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")])
 
 
+@pytest.mark.parametrize("tie, dtype, tolerance", [(False, "float32", 1e-5), (True, "float32", 1e-5),
+                                                   (True, "bfloat16", 5e-2)])
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, tie, dtype, tolerance):
+    from transformers import LlamaForCausalLM
+
+    spec = JobSpec.from_dict(llama_spec(tie_embeddings=tie))
+    stage = build_stage(spec.model, layers=range(3), is_first=True, is_last=True)
+    init_parameters(stage, seed=9, layers=3)
+    hf.export_hf(dict(stage.named_parameters()), spec.model, tmp_path / "out", dtype=dtype)
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    assert model.config.tie_word_embeddings is tie
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, stage.eval()(tokens), rtol=tolerance, atol=tolerance)
+    # and back: what was exported loads into a job again
+    again = build_stage(spec.model, layers=range(3), is_first=True, is_last=True)
+    hf.load_stage(again, JobSpec.from_dict(llama_spec(tie_embeddings=tie, init_from=str(tmp_path / "out"))).model,
+                  str(tmp_path / "out"))
+    if dtype == "float32":
+        for (name, a), (_, b) in zip(stage.named_parameters(), again.named_parameters()):
+            assert torch.equal(a, b), name
+
+
 def test_random_init_ties_head_to_embedding():
     spec = JobSpec.from_dict(llama_spec(tie_embeddings=True))
     first = build_stage(spec.model, layers=range(0, 1), is_first=True, is_last=False)

@@ -208,8 +208,13 @@ def load_stage(stage, model_spec, directory: str | os.PathLike) -> None:
 
 
 # ------------------------------------------------------------------ out
-def export_hf(tensors: dict[str, torch.Tensor], model_spec, out_dir: str | os.PathLike) -> Path:
-    """Write {Tenax name: full tensor} as config.json + model.safetensors under ``out_dir``."""
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_hf(tensors: dict[str, torch.Tensor], model_spec, out_dir: str | os.PathLike, *,
+              dtype: str = "float32") -> Path:
+    """Write {Tenax name: full tensor} as config.json + model.safetensors under ``out_dir``
+    (tensors cast to ``dtype``: the fp32 master weights by default)."""
     from safetensors.torch import save_file
 
     shapes = full_model_shapes(model_spec)
@@ -220,10 +225,10 @@ def export_hf(tensors: dict[str, torch.Tensor], model_spec, out_dir: str | os.Pa
     for name, shape in shapes.items():
         if name == TIED_HEAD and model_spec.tie_embeddings:
             continue  # transformers ties lm_head to embed_tokens itself
-        value = tensors[name].detach().to("cpu", torch.float32).reshape(shape).contiguous()
+        value = tensors[name].detach().to("cpu", EXPORT_DTYPES[dtype]).reshape(shape).contiguous()
         out[hf_name(name)] = value
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(out, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / CONFIG).write_text(json.dumps(config_for(model_spec), indent=2) + "\n")
+    (out_dir / CONFIG).write_text(json.dumps({**config_for(model_spec), "torch_dtype": dtype}, indent=2) + "\n")
     return out_dir
