@@ -63,7 +63,8 @@ def ddp_worker() -> int:
 
     from common.spec import JobSpec
     from trainer.data import StepSampler, build_dataset
-    from trainer.model import DropoutContext, build_stage, init_parameters
+    from trainer.dropout import DropoutContext
+    from trainer.model import build_stage, init_parameters
     from trainer.optim import lr_at
     from common.layout import even_shares
 

@@ -11,6 +11,8 @@ this file only wires them together:
 * cli/agent.py        agent
 * cli/train_local.py  train-local
 * cli/security.py     audit, tokens, certs
+* cli/export.py       export
+* cli/data.py         data
 
 Controller address resolution for client commands: ``--controller``, else
 ``TENAX_CONTROLLER``, else the local cluster recorded by ``tenax up``.
@@ -22,11 +24,11 @@ import argparse
 import logging
 import sys
 
-from cli import agent, chaos, client, controller, local, security, train_local
+from cli import agent, chaos, client, controller, data, export, local, security, train_local
 
 # Each module's `register` adds its subcommands; each subcommand sets `func`
 # (args -> exit code). Order is the order of `tenax --help`.
-_PARTS = (controller, client, local, agent, train_local, security, chaos)
+_PARTS = (controller, client, local, agent, train_local, security, chaos, export, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

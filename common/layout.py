@@ -25,6 +25,13 @@ def block_cost(d_model: int, seq_len: int) -> float:
     return 24.0 * d_model * d_model + 4.0 * seq_len * d_model
 
 
+def llama_block_cost(d_model: int, seq_len: int, *, heads: int, kv_heads: int, ffn_dim: int) -> float:
+    """FLOPs per token of one Llama block: q/o, the narrower k/v of grouped-query attention,
+    the three SwiGLU matmuls, and attention."""
+    kv_dim = d_model // heads * kv_heads
+    return 2.0 * (2 * d_model * d_model + 2 * d_model * kv_dim + 3 * d_model * ffn_dim) + 4.0 * seq_len * d_model
+
+
 def head_cost(d_model: int, vocab_size: int) -> float:
     """FLOPs per token of the final projection onto the vocabulary (+ softmax)."""
     return 2.0 * d_model * vocab_size + 5.0 * vocab_size
@@ -93,6 +100,11 @@ def partition_for_model(*, layers: int, d_model: int, seq_len: int, vocab_size: 
 
 def partition_for_spec(model_spec, pp: int) -> tuple[int, ...]:
     """Cost-balanced boundaries for a ``common.spec.ModelSpec`` over ``pp`` stages."""
+    m = model_spec
+    if m.arch == "llama":
+        block = llama_block_cost(m.d_model, m.seq_len, heads=m.heads, kv_heads=m.n_kv_heads, ffn_dim=m.mlp_dim)
+        return balance_layers([block] * m.layers, pp, first_extra=embedding_cost(m.d_model) / 2,
+                              last_extra=head_cost(m.d_model, m.vocab_size) + 4.0 * m.d_model)
     return partition_for_model(
         layers=model_spec.layers,
         d_model=model_spec.d_model,

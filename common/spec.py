@@ -23,7 +23,33 @@ MAX_STRING_LEN = 256
 MAX_PATH_LEN = 4096
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 
-ARCHS = ("gpt",)
+ARCHS = ("gpt", "llama")
+MAX_LAYERS = 1024
+MAX_WIDTH = 1 << 17
+"""Upper bound of d_model and ffn_dim (features)."""
+MAX_HEADS = 1024
+MAX_VOCAB = 1 << 24
+MAX_SEQ_LEN = 1 << 20
+MAX_ROPE_BASE = 1e12
+MAX_EVAL_EVERY = 10_000_000
+MAX_EVAL_BATCHES = 10_000
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Shapes of published checkpoints (their config.json); the long-context rope
+    # scaling of Llama 3.x is not modelled, so seq_len stays what the job trains at.
+    "tinyllama-1.1b": dict(arch="llama", layers=22, d_model=2048, heads=32, kv_heads=4, ffn_dim=5632,
+                           vocab_size=32000, rope_base=10000.0, norm_eps=1e-5, tie_embeddings=False),
+    "llama-1b": dict(arch="llama", layers=16, d_model=2048, heads=32, kv_heads=8, ffn_dim=8192,
+                     vocab_size=128256, rope_base=500000.0, norm_eps=1e-5, tie_embeddings=True),
+    "llama-3b": dict(arch="llama", layers=28, d_model=3072, heads=24, kv_heads=8, ffn_dim=8192,
+                     vocab_size=128256, rope_base=500000.0, norm_eps=1e-5, tie_embeddings=True),
+    "llama-7b": dict(arch="llama", layers=32, d_model=4096, heads=32, kv_heads=32, ffn_dim=11008,
+                     vocab_size=32000, rope_base=10000.0, norm_eps=1e-5, tie_embeddings=False),
+    "llama-8b": dict(arch="llama", layers=32, d_model=4096, heads=32, kv_heads=8, ffn_dim=14336,
+                     vocab_size=128256, rope_base=500000.0, norm_eps=1e-5, tie_embeddings=False),
+}
+"""``model.preset`` name -> the model fields it sets (fields given next to it win):
+llama-1b/3b are Llama 3.2 1B/3B, llama-7b is Llama 2 7B, llama-8b is Llama 3 8B."""
 DATA_KINDS = ("synthetic", "tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
 OPTIMIZERS = ("adamw",)
@@ -48,33 +74,86 @@ def _fail(path: str, problem: str) -> None:
 
 @dataclass(kw_only=True)
 class ModelSpec:
+    preset: str = ""
+    """Named size (``llama-1b``, ``llama-3b``, ``llama-7b``, ``llama-8b``, ``tinyllama-1.1b``) setting arch and shapes; fields given next to it win."""
     arch: str = "gpt"
-    """Model architecture; only ``gpt`` (pre-LayerNorm decoder) exists."""
+    """``gpt`` (LayerNorm, learned positions, GELU, biases) or ``llama`` (RMSNorm, rotary positions, SwiGLU, grouped-query attention, no biases)."""
     layers: int = 4
-    """Transformer blocks; a pipeline stage owns a contiguous range of them."""
+    """Transformer blocks (at most 1024); a pipeline stage owns a contiguous range of them."""
     d_model: int = 64
-    """Hidden size (features)."""
+    """Hidden size (features, at most 131072)."""
     heads: int = 4
-    """Attention heads; must divide ``d_model``."""
+    """Attention heads; must divide ``d_model`` (at most 1024)."""
+    kv_heads: int = 0
+    """Key/value heads of grouped-query attention (llama); must divide ``heads``; 0 means ``heads``."""
+    ffn_dim: int = 0
+    """MLP inner size (features, llama; at most 131072); 0 means 4 * ``d_model``."""
     vocab_size: int = 256
-    """Vocabulary size (tokens). 256 fits the byte-level tokenizer."""
+    """Vocabulary size (tokens, at most 2^24). 256 fits the byte-level tokenizer."""
     seq_len: int = 32
-    """Tokens per sample."""
+    """Tokens per sample (at most 2^20)."""
     dropout: float = 0.1
     """Dropout probability in [0, 1); masks are keyed by (seed, step, sample, layer)."""
+    rope_base: float = 10000.0
+    """Rotary embedding base (theta, llama), in (0, 1e12]."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon (llama), in (0, 1)."""
+    tie_embeddings: bool = False
+    """Head shares the token embedding (llama). With pp > 1 the first and last stage each hold a copy and sum their gradients: one extra all-reduce per step. Not with zero_stage 2."""
+    init_from: str = ""
+    """Directory of a Hugging Face Llama checkpoint (``config.json`` + ``*.safetensors``) to start from instead of random weights (llama); every rank reads only its stage's tensors."""
+
+    @staticmethod
+    def expand_preset(data: Any, path: str) -> Any:
+        """The preset's fields under the given ones (given fields win)."""
+        if not isinstance(data, dict) or not data.get("preset"):
+            return data
+        name = data["preset"]
+        if name not in MODEL_PRESETS:
+            _fail(f"{path}.preset", f"unknown preset {_short(name)!r}; known: {', '.join(MODEL_PRESETS)}")
+        return {**MODEL_PRESETS[name], **data}
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.ffn_dim or 4 * self.d_model
 
     def validate(self, path: str) -> None:
+        if self.preset and self.preset not in MODEL_PRESETS:
+            _fail(f"{path}.preset", f"unknown preset {_short(self.preset)!r}; known: {', '.join(MODEL_PRESETS)}")
         if self.arch not in ARCHS:
             _fail(f"{path}.arch", f"unknown architecture {self.arch!r}; known: {', '.join(ARCHS)}")
-        for name in ("layers", "d_model", "heads", "seq_len"):
+        for name, most in (("layers", MAX_LAYERS), ("d_model", MAX_WIDTH), ("heads", MAX_HEADS),
+                           ("seq_len", MAX_SEQ_LEN)):
             _positive(f"{path}.{name}", getattr(self, name))
+            _at_most(f"{path}.{name}", getattr(self, name), most)
         if self.vocab_size < 2:
             _fail(f"{path}.vocab_size", f"must be >= 2, got {self.vocab_size}")
+        _at_most(f"{path}.vocab_size", self.vocab_size, MAX_VOCAB)
         if self.d_model % self.heads:
             _fail(f"{path}.heads", f"must divide d_model={self.d_model}, got {self.heads}")
         if not 0.0 <= self.dropout < 1.0:
             _fail(f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
-
+        if not 0 <= self.kv_heads <= MAX_HEADS:
+            _fail(f"{path}.kv_heads", f"must be in [0, {MAX_HEADS}], got {self.kv_heads}")
+        if self.heads % self.n_kv_heads:
+            _fail(f"{path}.kv_heads", f"must divide heads={self.heads}, got {self.kv_heads}")
+        if not 0 <= self.ffn_dim <= MAX_WIDTH:
+            _fail(f"{path}.ffn_dim", f"must be in [0, {MAX_WIDTH}], got {self.ffn_dim}")
+        if not 0 < self.rope_base <= MAX_ROPE_BASE:
+            _fail(f"{path}.rope_base", f"must be in (0, {MAX_ROPE_BASE:g}], got {self.rope_base}")
+        if not 0 < self.norm_eps < 1:
+            _fail(f"{path}.norm_eps", f"must be in (0, 1), got {self.norm_eps}")
+        if len(self.init_from) > MAX_PATH_LEN:
+            _fail(f"{path}.init_from", f"longer than {MAX_PATH_LEN} characters")
+        if self.arch == "gpt":
+            # the GPT's shapes are fixed; a llama-only field set on it is a mistake, not a no-op
+            for name, default in (("kv_heads", 0), ("ffn_dim", 0), ("tie_embeddings", False), ("init_from", "")):
+                if getattr(self, name) != default:
+                    _fail(f"{path}.{name}", "only for arch 'llama' (arch is 'gpt')")
 
 @dataclass(kw_only=True)
 class DataSpec:
@@ -86,6 +165,12 @@ class DataSpec:
     """Element type of the token file: ``uint16`` or ``uint32``."""
     num_samples: int = 4096
     """Dataset size for ``kind: synthetic`` (samples)."""
+    eval_path: str = ""
+    """Held-out token file (same ``dtype``) evaluated every ``eval_every`` steps: loss and perplexity in the step's metrics."""
+    eval_every: int = 0
+    """Evaluation interval (steps, at most 10^7); 0 turns evaluation off."""
+    eval_batches: int = 1
+    """Global batches of the held-out file per evaluation (1 to 10^4), always the file's first ones."""
 
     def validate(self, path: str) -> None:
         if self.kind not in DATA_KINDS:
@@ -97,6 +182,14 @@ class DataSpec:
         if self.dtype not in TOKEN_DTYPES:
             _fail(f"{path}.dtype", f"unknown dtype {self.dtype!r}; known: {', '.join(TOKEN_DTYPES)}")
         _positive(f"{path}.num_samples", self.num_samples)
+        if len(self.eval_path) > MAX_PATH_LEN:
+            _fail(f"{path}.eval_path", f"longer than {MAX_PATH_LEN} characters")
+        if not 0 <= self.eval_every <= MAX_EVAL_EVERY:
+            _fail(f"{path}.eval_every", f"must be in [0, {MAX_EVAL_EVERY}], got {self.eval_every}")
+        if self.eval_every and not self.eval_path:
+            _fail(f"{path}.eval_path", "is required when eval_every > 0")
+        if not 1 <= self.eval_batches <= MAX_EVAL_BATCHES:
+            _fail(f"{path}.eval_batches", f"must be in [1, {MAX_EVAL_BATCHES}], got {self.eval_batches}")
 
 
 @dataclass(kw_only=True)
@@ -262,6 +355,10 @@ class JobSpec:
                 "parallelism",
                 f"dp*pp must equal resources.workers: {par.dp}*{par.pp}={par.dp * par.pp} != {res.workers}",
             )
+        if self.model.tie_embeddings and par.zero_stage == 2:
+            # ZeRO-2 reduces gradients to their owners inside backward, before the tied
+            # copies could be summed (trainer.llama.TiedEmbeddings)
+            _fail("model.tie_embeddings", "is not supported with parallelism.zero_stage 2 (use 0 or 1)")
         if par.pp > self.model.layers:
             _fail("parallelism.pp", f"must be <= model.layers={self.model.layers}, got {par.pp}")
         if self.global_batch_size < par.dp:
@@ -294,6 +391,11 @@ class JobSpec:
         return self.elastic.max_workers or self.resources.workers
 
 
+def _at_most(path: str, value: float, most: float) -> None:
+    if value > most:
+        _fail(path, f"must be <= {most}, got {value}")
+
+
 def _positive(path: str, value: int) -> None:
     if value < 1:
         _fail(path, f"must be >= 1, got {value}")
@@ -308,6 +410,9 @@ def _build(cls: type, data: Any, path: str) -> Any:
     """Strictly convert a mapping into dataclass ``cls`` (unknown keys refused)."""
     if data is None:
         data = {}
+    expand = getattr(cls, "expand_preset", None)
+    if expand is not None:
+        data = expand(data, path)
     if not isinstance(data, dict):
         _fail(path, f"must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -353,7 +458,7 @@ def _coerce(f: dataclasses.Field, value: Any, path: str) -> Any:
             value = str(value)  # e.g. snapshot_every: 5
         if not isinstance(value, str):
             _fail(path, f"must be a string, got {_short(value)!r}")
-        limit = MAX_PATH_LEN if path.endswith(".path") else MAX_STRING_LEN
+        limit = MAX_PATH_LEN if path.endswith(("path", ".init_from")) else MAX_STRING_LEN
         if len(value) > limit:
             _fail(path, f"longer than {limit} characters")
         return value

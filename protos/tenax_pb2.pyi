@@ -47,7 +47,7 @@ DEGRADED: NodeCondition
 FAILED_CONDITION: NodeCondition
 
 class ModelSpec(_message.Message):
-    __slots__ = ("arch", "layers", "d_model", "heads", "vocab_size", "seq_len", "dropout")
+    __slots__ = ("arch", "layers", "d_model", "heads", "vocab_size", "seq_len", "dropout", "preset", "kv_heads", "ffn_dim", "rope_base", "norm_eps", "tie_embeddings", "init_from")
     ARCH_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,13 @@ class ModelSpec(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    FFN_DIM_FIELD_NUMBER: _ClassVar[int]
+    ROPE_BASE_FIELD_NUMBER: _ClassVar[int]
+    NORM_EPS_FIELD_NUMBER: _ClassVar[int]
+    TIE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    INIT_FROM_FIELD_NUMBER: _ClassVar[int]
     arch: str
     layers: int
     d_model: int
@@ -62,19 +69,32 @@ class ModelSpec(_message.Message):
     vocab_size: int
     seq_len: int
     dropout: float
-    def __init__(self, arch: _Optional[str] = ..., layers: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...
+    preset: str
+    kv_heads: int
+    ffn_dim: int
+    rope_base: float
+    norm_eps: float
+    tie_embeddings: bool
+    init_from: str
+    def __init__(self, arch: _Optional[str] = ..., layers: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., dropout: _Optional[float] = ..., preset: _Optional[str] = ..., kv_heads: _Optional[int] = ..., ffn_dim: _Optional[int] = ..., rope_base: _Optional[float] = ..., norm_eps: _Optional[float] = ..., tie_embeddings: _Optional[bool] = ..., init_from: _Optional[str] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("kind", "path", "dtype", "num_samples")
+    __slots__ = ("kind", "path", "dtype", "num_samples", "eval_path", "eval_every", "eval_batches")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EVAL_PATH_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    EVAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     kind: str
     path: str
     dtype: str
     num_samples: int
-    def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., dtype: _Optional[str] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    eval_path: str
+    eval_every: int
+    eval_batches: int
+    def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., dtype: _Optional[str] = ..., num_samples: _Optional[int] = ..., eval_path: _Optional[str] = ..., eval_every: _Optional[int] = ..., eval_batches: _Optional[int] = ...) -> None: ...
 
 class OptimizerSpec(_message.Message):
     __slots__ = ("name", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip")

@@ -4,8 +4,9 @@ A pipeline stage owns a contiguous range of blocks; the first stage also owns
 the embeddings and the last the final LayerNorm and the head. Parameter names
 are global (``blocks.7.mlp_in.weight`` is the same name on whichever stage owns
 block 7) and every parameter is initialised from a generator keyed by (seed,
-name), so the model is the same whatever the layout. The head is not tied to
-the embedding: across stages a tie would need an extra all-reduce.
+name), so the model is the same whatever the layout. The GPT's head is not
+tied to the embedding (the Llama's may be: trainer/llama.py, same contract).
+``build_stage`` picks the architecture from ``model.arch``.
 
 Dropout masks are drawn per sample from generators keyed by (seed, step,
 sample position in the global batch, layer, site), never by rank: a sample
@@ -15,50 +16,13 @@ gets the same mask whichever rank and micro-batch it lands in.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer import rng
-
-EMBED_LAYER = -1  # dropout "layer" id of the embedding output
-SITE_ATTN, SITE_MLP, SITE_EMBED = 0, 1, 2
-
-
-@dataclass
-class DropoutContext:
-    """What the masks of the current forward are keyed by."""
-
-    seed: int
-    step: int
-    positions: list[int]
-    """Global-batch position of each sample of the micro-batch."""
-
-
-class KeyedDropout(nn.Module):
-    """Dropout whose mask for sample i depends only on (seed, step, position i, layer, site)."""
-
-    def __init__(self, p: float, layer: int, site: int):
-        super().__init__()
-        self.p, self.layer, self.site = p, layer, site
-        self.context: DropoutContext | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        ctx = self.context
-        if ctx is None or len(ctx.positions) != x.shape[0]:
-            raise RuntimeError("KeyedDropout needs a DropoutContext matching the micro-batch")
-        keep = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        gen = torch.Generator(device=x.device)
-        for i, pos in enumerate(ctx.positions):
-            gen.manual_seed(rng.key(rng.DROPOUT, ctx.seed, ctx.step, pos, self.layer, self.site))
-            keep[i].uniform_(generator=gen)
-        mask = (keep >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
-        return x * mask
-
+from trainer import llama, rng
+from trainer.dropout import SITE_ATTN, SITE_EMBED, SITE_MLP, EMBED_LAYER, DropoutContext, KeyedDropout
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block with causal SDPA attention."""
@@ -119,10 +83,11 @@ class GPTStage(nn.Module):
                 module.context = ctx
 
 
-def build_stage(model_spec, *, layers: range, is_first: bool, is_last: bool, device="cpu") -> GPTStage:
-    """Build a stage on ``device`` ('meta' for shapes only); not yet initialised."""
+def build_stage(model_spec, *, layers: range, is_first: bool, is_last: bool, device="cpu") -> nn.Module:
+    """Build a stage of ``model_spec.arch`` on ``device`` ('meta' for shapes only); not yet initialised."""
+    cls = llama.LlamaStage if model_spec.arch == "llama" else GPTStage
     with torch.device(device):
-        return GPTStage(model_spec, layers=layers, is_first=is_first, is_last=is_last)
+        return cls(model_spec, layers=layers, is_first=is_first, is_last=is_last)
 
 
 @torch.no_grad()
@@ -131,6 +96,8 @@ def init_parameters(stage: GPTStage, *, seed: int, layers: int) -> None:
 
     Drawn on CPU and copied, so CPU and CUDA runs start from the same weights.
     """
+    if not isinstance(stage, GPTStage):
+        return llama.init_parameters(stage, seed=seed, layers=layers)
     residual_std = 0.02 / math.sqrt(2 * layers)
     for name, param in stage.named_parameters():
         gen = torch.Generator().manual_seed(rng.key(rng.INIT, seed, rng.name_key(name)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import time
@@ -29,8 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer import comm
-from trainer.data import StepSampler, build_dataset
-from trainer.model import DropoutContext, build_stage, init_parameters
+from trainer.data import StepSampler, TokenFile, build_dataset
+from trainer.dropout import DropoutContext
+from trainer.model import build_stage, init_parameters
 from trainer.optim import FlatStage, ShardedAdamW, lr_at
 from trainer.parallel import ParallelLayout
 from trainer.schedule import PipelineStageRunner, StageTimes
@@ -128,11 +130,13 @@ class Trainer:
         self.is_first, self.is_last = self.pp_rank == 0, self.pp_rank == layout.pp - 1
         self.global_tokens = spec.global_batch_size * spec.model.seq_len
         self.sampler = StepSampler(build_dataset(spec), global_batch_size=spec.global_batch_size, seed=spec.seed)
+        self.eval_set = self.build_eval_set()
         # Parallelisation, in this order (each step relies on the previous):
         self.stage = self.apply_pipeline_split()  # 1. this stage's blocks only, global names, on meta (no memory)
         self.flat = self.apply_flat_buffers()     # 2. materialise params (and grads) as views of flat padded buffers
         self.apply_init()                         # 3. layout-independent init keyed by (seed, name), in place
         self.dp_group = self.apply_dp_groups()    # 4. one group per stage's replicas (ZeRO group)
+        self.tied = self.apply_tied_embeddings()  # 4b. llama tie_embeddings: head/embedding gradient sum
         self.optimizer = self.apply_zero()        # 5. optimizer state on this rank's range only
         self.reducer = self.apply_zero2_grads()   # 6. zero 2: gradients reduced to their owners in buckets
         self.autocast = self.apply_autocast()     # 7. bf16 autocast on CUDA (fp32 master/state)
@@ -168,7 +172,20 @@ class Trainer:
         return stage.train()
 
     def apply_init(self) -> None:
+        if self.spec.model.init_from:  # this stage's tensors of a Hugging Face checkpoint (trainer.hf)
+            from trainer.hf import load_stage
+
+            load_stage(self.stage, self.spec.model, self.spec.model.init_from)
+            return
         init_parameters(self.stage, seed=self.spec.seed, layers=self.spec.model.layers)
+
+    def apply_tied_embeddings(self):
+        if not self.spec.model.tie_embeddings:
+            return None
+        from trainer.llama import TiedEmbeddings
+
+        group = TiedEmbeddings.new_groups(self.layout, self.dp_rank)  # collective: every rank, same order
+        return TiedEmbeddings(self.flat, is_first=self.is_first, is_last=self.is_last, group=group)
 
     @property
     def shards_gradients(self) -> bool:
@@ -271,6 +288,8 @@ class Trainer:
         if self.reducer is not None:  # reductions ran inside backward: book them as collective time
             times.backward -= self.reducer.comm_seconds
             t0 -= self.reducer.comm_seconds
+        if self.tied is not None:
+            self.tied.sum_gradients()
         grad = self._sync_gradients()
         chunk_lo, chunk_hi = layout.shard_range(self.flat.numel, self.dp_rank)
         norm_part = self._norm_part(grad, chunk_lo, chunk_hi)
@@ -302,6 +321,7 @@ class Trainer:
         t0 = time.perf_counter()
         self._gather_params()
         collective += time.perf_counter() - t0
+        evaluation = self.evaluate_held_out() if self.eval_due(step + 1) else {}
 
         self.step += 1
         record = {
@@ -317,12 +337,71 @@ class Trainer:
             "time": time.time(),
         }
         record.update(self.telemetry.fields(forward_s=times.forward, backward_s=times.backward))
+        record.update(evaluation)
         if self.device.type == "cpu" and "compute_time" in record:
             # CPU: the time the OS ran the compute, plus the chaos slowdown; a host busy with
             # other work is not a slow rank (on CUDA, the events measure the device already)
             record["compute_time"] = times.compute_cpu + chaos_extra
         self.metrics.write(record)
         return record
+
+    # ------------------------------------------------------------ evaluation
+    def build_eval_set(self) -> TokenFile | None:
+        d, m = self.spec.data, self.spec.model
+        if not d.eval_every:
+            return None
+        return TokenFile(d.eval_path, dtype=d.dtype, seq_len=m.seq_len, vocab_size=m.vocab_size)
+
+    def eval_due(self, step: int) -> bool:
+        """Evaluate after committed step ``step`` (every ``data.eval_every``, and after the last)."""
+        every = self.spec.data.eval_every
+        return bool(every) and (step % every == 0 or step == self.spec.steps)
+
+    def eval_tokens(self, batch: int) -> torch.Tensor:
+        """[B, seq_len+1] tokens of held-out global batch ``batch``: the file's windows in order."""
+        n, size = len(self.eval_set), self.spec.global_batch_size
+        return torch.stack([self.eval_set.sample((batch * size + p) % n) for p in range(size)])
+
+    def evaluate_held_out(self) -> dict:
+        """{"eval_loss", "eval_perplexity", "eval_time"} over ``data.eval_batches`` held-out batches."""
+        t0 = time.perf_counter()
+        ends = self.is_first or self.is_last
+        losses = [self.evaluate_batch(self.eval_tokens(j) if ends else None) for j in range(self.spec.data.eval_batches)]
+        loss = sum(losses) / len(losses)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
+                "eval_time": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def evaluate_batch(self, tokens: torch.Tensor | None) -> float:
+        """Mean next-token loss of a global batch [B, seq_len+1] under the current weights, no
+        dropout, in this layout (forward-only pipeline; tokens are needed on the first and last
+        stage only). Collective: every rank calls it and gets the same value."""
+        was_training = self.stage.training
+        self.stage.eval()
+        loss = torch.zeros((), device=self.device)
+        pending = []
+        prev = None if self.is_first else self.layout.rank_of(self.dp_rank, self.pp_rank - 1)
+        nxt = None if self.is_last else self.layout.rank_of(self.dp_rank, self.pp_rank + 1)
+        try:
+            for lo, hi in self.layout.micro_batches(self.dp_rank):
+                if prev is None:
+                    x = tokens[lo:hi, :-1].to(self.device)
+                else:
+                    x = torch.empty((hi - lo, self.spec.model.seq_len, self.spec.model.d_model), device=self.device)
+                    comm.wait(dist.irecv(x, src=prev), "evaluation pipeline receive")
+                with self.autocast():
+                    out = self.stage(x)
+                if nxt is None:
+                    targets = tokens[lo:hi, 1:].to(self.device)
+                    loss += F.cross_entropy(out.float().reshape(-1, out.shape[-1]), targets.reshape(-1), reduction="sum")
+                else:
+                    sent = out.float().contiguous()
+                    pending.append((dist.isend(sent, dst=nxt), sent))
+            comm.wait([work for work, _ in pending], "evaluation pipeline send")
+        finally:
+            self.stage.train(was_training)
+        comm.wait(dist.all_reduce(loss, async_op=True), "evaluation loss all-reduce")
+        return loss.item() / self.global_tokens
 
     def state_bytes_held(self) -> int:
         """Training state this rank keeps between steps: params, gradients, optimizer (bytes)."""
@@ -361,8 +440,12 @@ class Trainer:
 
     def _norm_part(self, grad: torch.Tensor, chunk_lo: int, chunk_hi: int) -> torch.Tensor:
         """Squared norm of this rank's dp chunk only, so the world sum counts every element once."""
+        base = self.optimizer.lo
         if self.layout.zero_stage == 0 and self.layout.dp > 1:
-            grad = grad[chunk_lo:chunk_hi]
+            grad, base = grad[chunk_lo:chunk_hi], base + chunk_lo
+        span = self.tied.norm_exclusion(base, base + grad.numel()) if self.tied is not None else None
+        if span is not None:  # a tied head's gradient is the embedding's: count it once
+            return grad[: span[0]].float().pow(2).sum() + grad[span[1] :].float().pow(2).sum()
         return grad.float().pow(2).sum()
 
     def _gather_params(self) -> None:

@@ -86,6 +86,13 @@ def load_launch(settings: WorkerSettings):
         layout.validate(layers=spec.model.layers, global_batch_size=spec.global_batch_size)
     except ValueError as exc:
         raise LaunchError(f"plan layout does not fit the job: {exc}") from exc
+    if spec.model.init_from:
+        from trainer import hf  # imports torch: only a job that starts from published weights pays it here
+
+        try:
+            hf.check_checkpoint(spec.model, spec.model.init_from)
+        except (hf.CheckpointError, OSError) as exc:
+            raise LaunchError(str(exc)) from exc
     return spec, plan, rank, layout
 
 

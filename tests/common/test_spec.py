@@ -32,7 +32,7 @@ def test_good_spec_round_trips():
         ({"global_batch_size": 1, "micro_batch_size": 1}, "global_batch_size"),
         ({"micro_batch_size": 5}, "micro_batch_size"),
         ({"model": {"flash": True}}, "model.flash"),
-        ({"model": {"arch": "llama"}}, "model.arch"),
+        ({"model": {"arch": "mamba"}}, "model.arch"),
         ({"model": {"heads": 3}}, "model.heads"),
         ({"model": {"dropout": 1.5}}, "model.dropout"),
         ({"name": "x" * 300}, "name"),

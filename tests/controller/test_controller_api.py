@@ -103,7 +103,7 @@ INVALID = [
     ({"resources.workers": 0}, "resources.workers"),
     ({"parallelism.dp": 3}, "parallelism"),                   # dp*pp != workers
     ({"global_batch_size": 1}, "global_batch_size"),           # not reachable with dp=2
-    ({"model.arch": "llama"}, "model.arch"),                   # unknown model option
+    ({"model.arch": "mamba"}, "model.arch"),                   # unknown model option
     ({"optimizer.name": "sgd"}, "optimizer.name"),
     ({"name": "x" * 5000}, "name"),                            # oversized string
     ({"data.path": "p" * 10000, "data.kind": "tokens"}, "data.path"),

@@ -7,7 +7,8 @@ import torch
 
 from common.spec import ModelSpec
 from trainer.data import StepSampler, SyntheticTokens
-from trainer.model import DropoutContext, KeyedDropout, build_stage, init_parameters
+from trainer.dropout import DropoutContext, KeyedDropout
+from trainer.model import build_stage, init_parameters
 from trainer.parallel import ParallelLayout
 from common.layout import even_shares
 from common.layout import balance_layers, partition_for_model, partition_for_spec
