@@ -82,6 +82,7 @@ def summarize(record: dict[str, Any], generation: int) -> dict[str, Any] | None:
     if tokens_per_s is None and tokens is not None and step_time:
         tokens_per_s = float(tokens) / float(step_time)
     loss = _first(record, "loss")
+    eval_loss, eval_ppl = record.get("eval_loss"), record.get("eval_perplexity")
     return {
         "step": int(step),
         "loss": float(loss) if isinstance(loss, (int, float)) else None,
@@ -92,6 +93,8 @@ def summarize(record: dict[str, Any], generation: int) -> dict[str, Any] | None:
         "compute_s": _compute_seconds(record),
         "collective_s": _first(record, "collective_s", "collective_time", "collective_time_s", "comm_time"),
         "recoverable_step": int(_first(record, "recoverable_step") or 0),
+        "eval_loss": float(eval_loss) if isinstance(eval_loss, (int, float)) else None,
+        "eval_perplexity": float(eval_ppl) if isinstance(eval_ppl, (int, float)) else None,
     }
 
 
@@ -241,7 +244,8 @@ class ProgressRelay:
         if relay_steps and rec["loss"] is not None:
             self._batch.append(StepRecord(step=rec["step"], loss=rec["loss"], generation=rec["generation"],
                                           time=rec["time"], step_time_s=rec["step_time_s"],
-                                          tokens_per_s=rec["tokens_per_s"]))
+                                          tokens_per_s=rec["tokens_per_s"], eval_loss=rec["eval_loss"],
+                                          eval_perplexity=rec["eval_perplexity"]))
         if not self._seen_any:
             self._seen_any = True
             if self.on_first_record:

@@ -296,8 +296,11 @@ def cmd_job(args: argparse.Namespace) -> int:
     if args.metrics:
         steps = client.call("job", "GetJobMetrics", pb.GetJobMetricsRequest(job_id=args.id)).steps
         for s in steps:
-            print(json.dumps({"step": s.step, "loss": s.loss, "generation": s.generation, "time": s.time,
-                              "step_time_s": s.step_time_s, "tokens_per_s": s.tokens_per_s}))
+            line = {"step": s.step, "loss": s.loss, "generation": s.generation, "time": s.time,
+                    "step_time_s": s.step_time_s, "tokens_per_s": s.tokens_per_s}
+            if s.HasField("eval_loss"):
+                line.update(eval_loss=s.eval_loss, eval_perplexity=s.eval_perplexity)
+            print(json.dumps(line))
         return 0
     job = client.call("job", "GetJob", pb.GetJobRequest(job_id=args.id))
     r = job_record(job)

@@ -131,7 +131,8 @@ def _condition_name(condition: str) -> str:
 
 def step_to_proto(step: StepRecord) -> pb.StepMetrics:
     return pb.StepMetrics(step=step.step, loss=step.loss, generation=step.generation, time=step.time,
-                          step_time_s=step.step_time_s, tokens_per_s=step.tokens_per_s)
+                          step_time_s=step.step_time_s, tokens_per_s=step.tokens_per_s,
+                          eval_loss=step.eval_loss, eval_perplexity=step.eval_perplexity)
 
 
 def phase_name(value: int) -> str:

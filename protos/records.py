@@ -292,6 +292,9 @@ class StepRecord(_Record):
     time: float = 0.0
     step_time_s: float = 0.0
     tokens_per_s: float = 0.0
+    eval_loss: float | None = None
+    """Held-out loss at this step (``data.eval_path``, every ``data.eval_every`` steps); None between evaluations."""
+    eval_perplexity: float | None = None
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -327,20 +327,24 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., status: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
 
 class StepMetrics(_message.Message):
-    __slots__ = ("step", "loss", "generation", "time", "step_time_s", "tokens_per_s")
+    __slots__ = ("step", "loss", "generation", "time", "step_time_s", "tokens_per_s", "eval_loss", "eval_perplexity")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     generation: int
     time: float
     step_time_s: float
     tokens_per_s: float
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., generation: _Optional[int] = ..., time: _Optional[float] = ..., step_time_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    eval_loss: float
+    eval_perplexity: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., generation: _Optional[int] = ..., time: _Optional[float] = ..., step_time_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_perplexity: _Optional[float] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "time", "phase", "plan", "recovery", "progress")

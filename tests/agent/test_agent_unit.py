@@ -131,6 +131,20 @@ def test_summarize_worker_metrics_line():
     assert summarize({"step": 1, "loss": None, "tokens_per_s": 5.0}, generation=1)["loss"] is None
 
 
+def test_an_evaluation_travels_from_the_step_line_to_the_api_like_the_loss():
+    from controller.convert import step_to_proto
+    from protos.records import StepRecord
+
+    line = {"step": 10, "loss": 2.5, "step_time": 0.5, "eval_loss": 3.0, "eval_perplexity": 20.09}
+    rec = summarize(line, generation=1)
+    step = StepRecord.from_json(StepRecord(step=rec["step"], loss=rec["loss"], eval_loss=rec["eval_loss"],
+                                           eval_perplexity=rec["eval_perplexity"]).to_json())
+    proto = step_to_proto(step)
+    assert proto.HasField("eval_loss") and (proto.eval_loss, proto.eval_perplexity) == (3.0, 20.09)
+    between = step_to_proto(StepRecord.from_json(StepRecord(step=11, loss=2.4).to_json()))
+    assert not between.HasField("eval_loss")  # no evaluation at this step: unset, not 0
+
+
 # ------------------------------------------------------------------ condition (fake NVML)
 def test_healthy_gpus_and_no_gpus_are_healthy():
     assert node_condition([]) == (HEALTHY, "")
