@@ -299,6 +299,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         return 0
     job = client.call("job", "GetJob", pb.GetJobRequest(job_id=args.id))
     r = job_record(job)
+    r["events"] = [event_record(e) for e in _events(client, job.id, limit=args.events)]
     if args.json:
         _print_json(r)
         return 0
@@ -312,7 +313,53 @@ def cmd_job(args: argparse.Namespace) -> int:
         print(f"{w['rank']:>4} {w['node']:<24} {w['slot']:>4} {w['pid']:>8} {w['state']}")
     for rec in r["recoveries"]:
         print(f"recovery: {json.dumps(rec, sort_keys=True)}")
+    if r["events"]:
+        print(f"events (latest {len(r['events'])}; all: tenax events {r['id']})")
+        for e in r["events"]:
+            print(_event_line(e))
     return 0
+
+
+def event_record(e: pb.JobEventEntry) -> dict[str, Any]:
+    try:
+        data = json.loads(e.data_json) if e.data_json else {}
+    except ValueError:
+        data = {"raw": e.data_json}
+    return {"time": e.time, "kind": e.kind, "step": e.step, "generation": e.generation, "message": e.message,
+            "action": e.action, "data": data}
+
+
+def _events(client: Client, job_id: str, *, limit: int = 0, since: float = 0.0) -> list[pb.JobEventEntry]:
+    return list(client.call("job", "ListJobEvents",
+                            pb.ListJobEventsRequest(job_id=job_id, limit=limit, since_time=since)).events)
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    when = datetime.datetime.fromtimestamp(e["time"]).strftime("%H:%M:%S.%f")[:-3] if e["time"] else "-"
+    step = f"step {e['step']}" if e["step"] else ""
+    action = f"  -> {e['action']}" if e["action"] else ""
+    return f"{when} {e['kind']:<11} {step:<10} {e['message']}{action}"
+
+
+@_command
+def cmd_events(args: argparse.Namespace) -> int:
+    """A job's timeline; --follow prints new events until the job ends."""
+    client = _client(args)
+    since = 0.0
+    first = True
+    while True:
+        found = _events(client, args.id, limit=args.limit if first else 0, since=since)
+        first = False
+        for e in found:
+            r = event_record(e)
+            print(json.dumps(r, sort_keys=True) if args.json else _event_line(r), flush=True)
+            since = max(since, e.time)
+        if not args.follow:
+            return 0
+        phase = pb.JobPhase.Name(client.call("job", "GetJob", pb.GetJobRequest(job_id=args.id)).status.phase)
+        if phase in TERMINAL and not found:
+            return 0
+        time.sleep(1.0)
 
 
 def _print_nodes(nodes: list[pb.NodeInfo], as_json: bool) -> None:
@@ -438,7 +485,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("job", parents=[parent], help="show one job")
     p.add_argument("id")
     p.add_argument("--metrics", action="store_true", help="per-step JSON lines (step, loss, generation, time)")
+    p.add_argument("--events", type=int, default=10, metavar="N",
+                   help="show the latest N events of the timeline (default 10; `tenax events ID` for all)")
     p.set_defaults(func=cmd_job)
+
+    p = sub.add_parser("events", parents=[parent], help="a job's timeline: decisions and changes with their why")
+    p.add_argument("id")
+    p.add_argument("--limit", type=int, default=200, help="the latest N events (default 200)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events until the job ends")
+    p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("nodes", parents=[parent], help="list nodes, or `nodes cordon|uncordon|drain NODE`")
     p.add_argument("action", nargs="?", help="cordon, uncordon or drain")

@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import time
 from typing import Any, AsyncIterator
 
 import grpc
 
+from common import events
 from common.etcd import WatchEvent
 from controller import convert
 from controller.auth import owner_name
@@ -124,6 +126,18 @@ class JobService(pb_grpc.JobServiceServicer):
         job = await job_or_404(self.c, request.job_id)
         steps = await step_metrics(self.c.etcd, self.c.keys, job.id, request.since_step)
         return pb.GetJobMetricsResponse(steps=[convert.step_to_proto(s) for s in steps])
+
+    @unary
+    async def ListJobEvents(self, request: pb.ListJobEventsRequest, context) -> pb.ListJobEventsResponse:
+        """The job's timeline (common/events.py), oldest first; the newest ``limit`` only."""
+        job_id = checked_job_id(request.job_id)
+        if request.limit < 0 or not math.isfinite(request.since_time):
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "limit: must be >= 0; since_time: a finite number")
+        found = await events.read_events(self.c.etcd, self.c.keys, job_id, limit=request.limit,
+                                         since_time=request.since_time)
+        if not found:
+            await job_or_404(self.c, job_id)  # no events yet, or no such job
+        return pb.ListJobEventsResponse(events=[convert.event_to_proto(e) for e in found])
 
 
 class _EventFeed:

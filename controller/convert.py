@@ -10,11 +10,12 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from common import events
 from controller.recovery_decisions import newest_by_slot
 from controller.state import JobView, NodeSummary
 from protos import tenax_pb2 as pb
 from protos.plan import Plan
-from protos.records import StepRecord
+from protos.records import JobEventRecord, StepRecord
 from common.spec import JobSpec
 
 
@@ -129,6 +130,12 @@ def _condition_name(condition: str) -> str:
 def step_to_proto(step: StepRecord) -> pb.StepMetrics:
     return pb.StepMetrics(step=step.step, loss=step.loss, generation=step.generation, time=step.time,
                           step_time_s=step.step_time_s, tokens_per_s=step.tokens_per_s)
+
+
+def event_to_proto(event: JobEventRecord) -> pb.JobEventEntry:
+    d = events.event_json(event)
+    return pb.JobEventEntry(time=d["time"], kind=d["kind"], step=d["step"], generation=d["generation"],
+                            message=d["message"], action=d["action"], data_json=events.data_json(d["data"]))
 
 
 def phase_name(value: int) -> str:

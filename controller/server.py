@@ -48,6 +48,7 @@ from common.retry import Backoff
 from controller import metrics
 from controller.api import JobService, NodeService
 from controller.chaos import ChaosService
+from controller.events import EventRecorder
 from controller.handle import ControllerHandle
 from controller.health_loop import HealthLoop, HealthSettings
 from controller.leader import LeaderElector
@@ -147,6 +148,8 @@ class Controller:
                                         interval_s=settings.reconcile_interval_s)
         """The leader's job loop: scheduling and phases (controller/reconcile.py)."""
         self.cache.add_listener(self._on_change)
+        self.events = EventRecorder(self.handle)
+        """Phase, first-plan, growth and drain job events from key changes (controller/events.py)."""
 
     @property
     def is_leader(self) -> bool:
@@ -203,6 +206,7 @@ class Controller:
             asyncio.create_task(self.cache.run(), name="cache"),
             asyncio.create_task(self.elector.run(), name="election"),
             asyncio.create_task(self._gauges_loop(), name="gauges"),
+            asyncio.create_task(self.events.run(), name="events"),
         ]
 
     async def _connect_etcd(self) -> None:
