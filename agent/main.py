@@ -37,7 +37,8 @@ from agent.registration import Registration
 from agent.retrylog import FailureLog
 from agent.store import RendezvousStore
 from agent.supervisor import Supervisor
-from agent.telemetry import export_gauges, health_record, node_condition, open_gpu_source, sample_host
+from agent.telemetry import export_gauges, health_record, new_xids, node_condition, open_gpu_source, sample_host
+from common import events, tokens
 from common.etcd import Etcd, EtcdError, EtcdTls, EtcdUnavailable, parse_endpoint
 from common.retry import Backoff
 from protos.keys import DEFAULT_PREFIX, Keys
@@ -84,6 +85,9 @@ class AgentSettings:
     """Client certificate for etcd (PEM), when etcd asks for one."""
     etcd_key: str = ""
     """Its private key (PEM)."""
+    logs_auth: str = "token"
+    """``token``: GET /logs needs an API token (role viewer or above) checked in etcd; ``off``: open
+    (a cluster whose controller runs without authentication)."""
     fake_gpu_dir: Path | None = None
     """Test hook: read GPU telemetry from ``<dir>/<node id>.json`` (a JSON list of GpuSample fields)
     instead of NVML, so tests and game days can inject XID/ECC errors; None: NVML."""
@@ -101,6 +105,8 @@ class AgentSettings:
             raise ValueError("--etcd-cert and --etcd-key go together")
         if not self.node_id or "/" in self.node_id or len(self.node_id) > 253:
             raise ValueError(f"--node-id must be a non-empty name without '/', got {self.node_id!r}")
+        if self.logs_auth not in ("token", "off"):
+            raise ValueError(f"--logs-auth must be token or off, got {self.logs_auth!r}")
         if self.slots is not None and self.slots < 0:
             raise ValueError(f"--slots must be >= 0, got {self.slots}")
         if self.lease_ttl_s < 2:
@@ -136,6 +142,8 @@ class Agent:
         self._cancelled: set[str] = set()
         """Jobs cancelled or ended (terminal phase): their workers are stopped, never started."""
         self._tasks: list[asyncio.Task] = []
+        self._xids_seen: dict[int, int] = {}
+        """GPU index -> how many of its XID events were seen (the xid job events)."""
 
     # ------------------------------------------------------------ node info
     def node_info(self) -> dict[str, Any]:
@@ -159,7 +167,9 @@ class Agent:
                                          ("TENAX_ETCD_KEY", s.etcd_key)) if value})
         self.registration = Registration(etcd=self.etcd, keys=self.keys, node_id=s.node_id, ttl_s=s.lease_ttl_s,
                                          node_info=self.node_info)
-        http = AgentHttp(log_path=self.supervisor.log_path, healthy=lambda: self.registration.registered.is_set())
+        http = AgentHttp(log_path=self.supervisor.log_path, healthy=lambda: self.registration.registered.is_set(),
+                         log_index=self.supervisor.log_index, log_file=self.supervisor.log_file,
+                         authorize=self._authorize_logs if s.logs_auth == "token" else None)
         store = RendezvousStore()
         try:
             port = await http.start(s.http_host, s.http_port)
@@ -242,6 +252,7 @@ class Agent:
                 host = sample_host()
                 gpus = await asyncio.to_thread(self.gpu_source.sample)
                 export_gauges(host, gpus)
+                await self._xid_events(gpus)
                 condition = node_condition(gpus)
                 if condition != self.condition:
                     await self._publish_condition(condition)
@@ -256,6 +267,43 @@ class Agent:
             except Exception:  # telemetry must never take the agent down
                 log.exception("telemetry sample failed")
             await asyncio.sleep(self.settings.telemetry_interval_s)
+
+    async def _authorize_logs(self, header: str | None) -> tuple[int, str]:
+        """GET /logs: an API token of role viewer or above (agent/http.py)."""
+        token = tokens.bearer(header)
+        if token is None:
+            return 401, "GET /logs needs 'Authorization: Bearer <API token>' (role viewer or above)"
+        try:
+            who = await tokens.verify(self.etcd, self.keys, token, least_role="viewer")
+        except (EtcdError, EtcdUnavailable) as exc:
+            return 503, f"cannot check the token now (etcd: {exc}); retry"
+        if who is None:
+            return 401, "unknown, revoked or malformed token"
+        return 200, who[0]
+
+    async def _xid_events(self, gpus) -> None:
+        """An ``xid`` job event, for every job with a live worker here, per new XID on a GPU (the
+        evidence the controller's drain decision follows from). Best effort."""
+        new = new_xids(self._xids_seen, gpus)
+        if not new:
+            return
+        jobs: dict[str, list[int]] = {}
+        for w in self.supervisor.all_workers():
+            if w.alive:
+                jobs.setdefault(w.job, []).append(w.rank)
+        condition, reason = node_condition(gpus)
+        for job, ranks in sorted(jobs.items()):
+            for gpu, xids in sorted(new.items()):
+                event = events.new_event(
+                    "xid", f"GPU {gpu} on {self.settings.node_id} reported XID {', '.join(map(str, xids))} "
+                           f"(node {condition}{': ' + reason if reason else ''})",
+                    action="node condition published; the controller drains a DEGRADED or FAILED node",
+                    data={"node": self.settings.node_id, "gpu": gpu, "xids": xids, "ranks_here": sorted(ranks),
+                          "condition": condition, "condition_reason": reason})
+                try:
+                    await events.emit(self.etcd, self.keys, job, event)
+                except (EtcdError, EtcdUnavailable) as exc:
+                    log.warning("xid event of job %s not written: %r", job, exc)
 
     async def _publish_condition(self, condition: tuple[str, str]) -> None:
         """Rewrite NodeInfo with a new condition. The condition counts as published only once

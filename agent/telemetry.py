@@ -373,6 +373,18 @@ def health_record(host: HostSample, gpus: list[GpuSample], now: float) -> dict[s
 _xids_counted: dict[int, int] = {}
 
 
+def new_xids(seen: dict[int, int], gpus: list[GpuSample]) -> dict[int, list[int]]:
+    """GPU index -> the XID codes it reported since ``seen`` (updated in place). ``xid_events``
+    is the latest 16 codes: a count beyond that reads as the newest ones."""
+    out = {}
+    for gpu in gpus:
+        fresh = len(gpu.xid_events) - seen.get(gpu.index, 0)
+        if fresh > 0:
+            out[gpu.index] = list(gpu.xid_events[-fresh:])
+        seen[gpu.index] = len(gpu.xid_events)
+    return out
+
+
 def export_gauges(host: HostSample, gpus: list[GpuSample]) -> None:
     metrics.NODE_CPU_PERCENT.set(host.cpu_percent)
     metrics.NODE_MEMORY_USED.set(host.memory_used)

@@ -112,6 +112,10 @@ class Client:
         assert last is not None
         raise last
 
+    def token(self) -> str | None:
+        """The caller's API token (agents check it on GET /logs), as its channels carry it."""
+        return credentials.client_token(self.args, credentials.local_security_for(self.addresses[0], self._local))
+
     def watch(self, job_id: str, deadline_s: float):
         """Yield JobEvents; on a lost stream, reconnect (any replica) until the deadline."""
         end = time.monotonic() + deadline_s
@@ -412,29 +416,66 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 @_command
 def cmd_logs(args: argparse.Namespace) -> int:
-    """Logs live on the agents: GET http://<NodeInfo.address>/logs/<job>/<rank>?offset=N."""
+    """Logs live on the agents, one file per worker process (node, slot, generation it started in).
+    Each agent lists its processes of the job at GET /logs/<job> (with the rank each held in every
+    plan generation); the CLI picks the processes asked for and reads /logs/<job>/<log name>."""
     client = _client(args)
     job = client.call("job", "GetJob", pb.GetJobRequest(job_id=args.id))
     nodes = {n.id: n for n in client.call("node", "ListNodes", pb.ListNodesRequest()).nodes}
-    workers = [w for w in job.status.workers if args.rank is None or w.rank == args.rank]
-    if not workers:
-        raise CliError(f"job {args.id} has no worker" + (f" with rank {args.rank}" if args.rank is not None else "")
-                       + " (not scheduled yet?)")
-    offsets = {w.rank: 0 for w in workers}
-    prefix = len(workers) > 1
+    token = client.token()
+    wanted_nodes = {w.node for w in job.status.workers} | ({args.node} if args.node else set())
+    try:  # nodes the job ran on before (a failed worker's node may be in no plan any more)
+        for e in _events(client, job.id, limit=1000):
+            data = event_record(e)["data"]
+            if isinstance(data.get("node"), str):
+                wanted_nodes.add(data["node"])
+            wanted_nodes.update(str(w).split("/")[0] for w in data.get("workers") or [] if isinstance(w, str))
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+    processes: list[tuple[str, dict[str, Any]]] = []
+    legacy: list[str] = []
+    for node_id in sorted(wanted_nodes):
+        node = nodes.get(node_id)
+        if node is None or not node.address:
+            print(f"tenax: node {node_id} is unknown or has no address: its logs are not reachable", file=sys.stderr)
+            continue
+        index = _fetch_index(node.address, job.id, token, args.timeout)
+        if index is None:
+            legacy.append(node_id)
+            continue
+        processes += [(node.address, entry) for entry in index]
+    generation = job.status.generation
+    chosen = select_logs([e for _, e in processes], rank=args.rank, generation=args.generation, node=args.node,
+                         slot=args.slot, every=args.all, current=generation)
+    by_id = {id(e): address for address, e in processes}
+    targets = [(by_id[id(e)], e) for e in chosen]
+    if not targets and legacy and args.rank is not None and args.generation is None and not args.all:
+        # agents without a log index: the worker holding the rank now
+        w = next((w for w in job.status.workers if w.rank == args.rank and w.node in legacy), None)
+        if w is not None:
+            targets = [(nodes[w.node].address, {"node": w.node, "slot": w.slot, "log": str(w.rank), "ranks": {}})]
+    if not targets:
+        what = (f"rank {args.rank}" + (f" in generation {args.generation}" if args.generation is not None else "")
+                if args.rank is not None else f"node {args.node}" + (f" slot {args.slot}" if args.slot is not None
+                                                                     else "") if args.node else "current worker")
+        known = ", ".join(_describe_process(e) for _, e in processes) or "none"
+        raise CliError(f"job {args.id}: no log of a {what} (processes with logs: {known})")
+    offsets = [0] * len(targets)
+    many = len(targets) > 1
+    for _, entry in targets:  # which process is which (stderr for one: stdout stays the log itself)
+        print(f"==> {_describe_process(entry)} <==", file=sys.stdout if many else sys.stderr, flush=True)
     while True:
         got_any = False
-        for w in workers:
-            node = nodes.get(w.node)
-            if node is None or not node.address:
-                raise CliError(f"node {w.node} of rank {w.rank} is unknown or has no address")
-            chunk = _fetch_log(node.address, job.id, w.rank, offsets[w.rank], args.timeout)
+        for i, (address, entry) in enumerate(targets):
+            chunk = _fetch_log(address, job.id, str(entry["log"]), offsets[i], args.timeout, token)
             if chunk:
                 got_any = True
-                offsets[w.rank] += len(chunk)
+                offsets[i] += len(chunk)
                 text = chunk.decode(errors="replace")
-                if prefix:
-                    text = "".join(f"[rank {w.rank}] {line}" for line in text.splitlines(keepends=True))
+                if many:
+                    tag = f"[{entry.get('node')}/{entry.get('slot')} pid {entry.get('pid', '?')}] "
+                    text = "".join(tag + line for line in text.splitlines(keepends=True))
                 sys.stdout.write(text)
                 sys.stdout.flush()
         if not args.follow:
@@ -446,15 +487,87 @@ def cmd_logs(args: argparse.Namespace) -> int:
             time.sleep(1.0)
 
 
-def _fetch_log(address: str, job_id: str, rank: int, offset: int, timeout_s: float) -> bytes:
-    url = f"http://{address}/logs/{urllib.parse.quote(job_id)}/{rank}?offset={offset}"
+def select_logs(entries: list[dict[str, Any]], *, rank: int | None = None, generation: int | None = None,
+                node: str | None = None, slot: int | None = None, every: bool = False,
+                current: int = 0) -> list[dict[str, Any]]:
+    """The worker processes (agents' log index entries) a `tenax logs` asks for, oldest first. Pure.
+
+    ``rank`` (with ``generation``: the process that held it then; without: every process that
+    ever held it), ``node``/``slot``, ``every``; with none of them, the processes of the
+    current generation ``current``."""
+    def ranks(e: dict[str, Any]) -> dict[int, int]:
+        raw = e.get("ranks") if isinstance(e.get("ranks"), dict) else {}
+        return {int(g): int(r) for g, r in raw.items() if str(g).isdigit() and isinstance(r, int)}
+
+    out = []
+    for e in entries:
+        held = ranks(e)
+        if node is not None and e.get("node") != node:
+            continue
+        if slot is not None and e.get("slot") != slot:
+            continue
+        if rank is not None:
+            if generation is not None:
+                if held.get(generation) != rank:
+                    continue
+            elif rank not in held.values():
+                continue
+        elif generation is not None and generation not in held:
+            continue
+        if rank is None and generation is None and node is None and not every and current not in held:
+            continue
+        out.append(e)
+    return sorted(out, key=lambda e: float(e.get("started", 0) or 0))
+
+
+def _describe_process(e: dict[str, Any]) -> str:
+    held = e.get("ranks") if isinstance(e.get("ranks"), dict) else {}
+    ranks = ", ".join(f"rank {r} in generation {g}" for g, r in sorted(held.items(), key=lambda x: int(x[0])))
+    end = ""
+    if e.get("state") not in (None, "STARTING", "RUNNING"):
+        end = f"; {e['state']}" + (f" ({e['signal']})" if e.get("signal") else
+                                    f" (exit code {e['exit_code']})" if e.get("exit_code") else "")
+        if e.get("cause"):
+            end += f": {e['cause']}"
+        elif e.get("last_error"):
+            end += f": {e['last_error']}"
+    return f"{e.get('node')} slot {e.get('slot')} pid {e.get('pid', '?')}: {ranks or 'rank ?'}{end}"
+
+
+def _agent_get(url: str, timeout_s: float, token: str | None):
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    return urllib.request.urlopen(request, timeout=timeout_s)
+
+
+def _fetch_index(address: str, job_id: str, token: str | None, timeout_s: float) -> list[dict[str, Any]] | None:
+    """The agent's log index of the job; None from an agent that has none (older), [] if unreachable."""
+    url = f"http://{address}/logs/{urllib.parse.quote(job_id)}"
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with _agent_get(url, timeout_s, token) as resp:
+            data = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise CliError(f"agent at {address} refused the logs: {exc.read().decode(errors='replace').strip()} "
+                           "(an API token of role viewer or above: --token-file or $TENAX_TOKEN)") from exc
+        return None
+    except ValueError:
+        return None
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"tenax: cannot reach agent at {address}: {exc}", file=sys.stderr)
+        return []
+    return [e for e in data if isinstance(e, dict) and "log" in e] if isinstance(data, list) else None
+
+
+def _fetch_log(address: str, job_id: str, name: str, offset: int, timeout_s: float, token: str | None) -> bytes:
+    url = f"http://{address}/logs/{urllib.parse.quote(job_id)}/{urllib.parse.quote(name)}?offset={offset}"
+    try:
+        with _agent_get(url, timeout_s, token) as resp:
             return resp.read()
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return b""  # no output yet
-        raise CliError(f"agent at {address} answered {exc.code} for {url}") from exc
+        raise CliError(f"agent at {address} answered {exc.code} for {url}: "
+                       f"{exc.read().decode(errors='replace').strip()}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"cannot reach agent at {address}: {exc}") from exc
 
@@ -511,6 +624,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("logs", parents=[parent], help="print a job's worker logs (from the agents)")
     p.add_argument("id")
-    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--rank", type=int, default=None,
+                   help="the process(es) that held this rank in any plan generation (or in --generation)")
+    p.add_argument("--generation", type=int, default=None, help="with --rank: the rank in this plan generation")
+    p.add_argument("--node", default=None, help="the processes that ran on this node (with --slot: that slot)")
+    p.add_argument("--slot", type=int, default=None)
+    p.add_argument("--all", action="store_true", help="every process the job ever had")
     p.add_argument("--follow", "-f", action="store_true")
     p.set_defaults(func=cmd_logs)
