@@ -399,8 +399,9 @@ def export_gauges(host: HostSample, gpus: list[GpuSample]) -> None:
         metrics.GPU_THROTTLED.labels(label).set(1 if gpu.throttle_reasons else 0)
         metrics.GPU_ECC_DBE.labels(label).set(gpu.ecc_volatile_dbe)
         new_xids = len(gpu.xid_events) - _xids_counted.get(gpu.index, 0)
-        if new_xids > 0:  # xid_events is cumulative: count only what is new
-            metrics.GPU_XID_ERRORS.labels(label).inc(new_xids)
+        # inc(0): the series exists at 0 from the first sample, so that increase(...) > 0 sees the
+        # first XID (a counter that appears at 1 has no increase to show)
+        metrics.GPU_XID_ERRORS.labels(label).inc(max(new_xids, 0))
         _xids_counted[gpu.index] = len(gpu.xid_events)
         metrics.GPU_HEALTHY.labels(label).set(1 if gpu_condition(gpu)[0] == HEALTHY else 0)
     condition, _ = node_condition(gpus)

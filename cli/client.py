@@ -162,6 +162,23 @@ def _to_dict(msg: Any) -> dict[str, Any]:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+def _plain(msg: Any) -> dict[str, Any]:
+    """A message as a dict of native values, every field included (MessageToDict writes int64 as
+    strings, which a --json reader would have to parse back)."""
+    out: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        if field.message_type is not None and field.is_repeated:
+            out[field.name] = [_plain(v) for v in value]
+        elif field.message_type is not None:
+            out[field.name] = _plain(value)
+        elif field.is_repeated:
+            out[field.name] = list(value)
+        else:
+            out[field.name] = value
+    return out
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
@@ -208,7 +225,46 @@ def node_record(node: pb.NodeInfo) -> dict[str, Any]:
         "condition_reason": node.condition_reason,
         "labels": dict(node.labels),
         "store_address": node.store_address,
+        "slot_devices": list(node.slot_devices),
+        # everything the agent samples (NodeHealth: host, and per GPU name, memory, utilisation,
+        # temperature, power, clocks, throttle reasons, ECC, retired pages, XIDs, remapped rows,
+        # PCIe replays, NVLink errors); {} until the agent's first sample
+        "health": _plain(node.health) if node.HasField("health") else {},
     }
+
+
+GIB = 1024 ** 3
+
+
+def gpu_flags(gpu: dict[str, Any]) -> list[str]:
+    """The health flags of one GPU (its `tenax nodes` line): what is wrong, or [] when nothing. Pure."""
+    flags = []
+    if int(gpu.get("ecc_volatile_dbe", 0) or 0):
+        flags.append(f"ECC-DBE={gpu['ecc_volatile_dbe']}")
+    if gpu.get("xid_events"):
+        flags.append("XID=" + ",".join(str(x) for x in gpu["xid_events"]))
+    if gpu.get("throttle_reasons"):
+        flags.append("THROTTLE=" + ",".join(gpu["throttle_reasons"]))
+    if int(gpu.get("retired_pages", 0) or 0):
+        flags.append(f"RETIRED-PAGES={gpu['retired_pages']}")
+    if int(gpu.get("remapped_rows_pending", 0) or 0):
+        flags.append("REMAP-PENDING")
+    if int(gpu.get("remapped_rows_failed", 0) or 0):
+        flags.append("REMAP-FAILED")
+    if int(gpu.get("pcie_replay_errors", 0) or 0):
+        flags.append(f"PCIE-REPLAYS={gpu['pcie_replay_errors']}")
+    if int(gpu.get("nvlink_errors", 0) or 0):
+        flags.append(f"NVLINK-ERRORS={gpu['nvlink_errors']}")
+    return flags
+
+
+def gpu_line(gpu: dict[str, Any]) -> str:
+    used, total = int(gpu.get("memory_used", 0) or 0) / GIB, int(gpu.get("memory_total", 0) or 0) / GIB
+    flags = gpu_flags(gpu)
+    return (f"  gpu {int(gpu.get('index', 0) or 0):<2} {str(gpu.get('name', '') or '?')[:24]:<24} "
+            f"mem {used:6.1f}/{total:5.1f} GiB  util {float(gpu.get('utilization', 0) or 0):3.0f}%  "
+            f"{float(gpu.get('temperature_c', 0) or 0):3.0f}°C  {float(gpu.get('power_w', 0) or 0):5.0f} W  "
+            f"{' '.join(flags) if flags else 'ok'}")
 
 
 # ------------------------------------------------------------------ commands
@@ -375,6 +431,8 @@ def _print_nodes(nodes: list[pb.NodeInfo], as_json: bool) -> None:
     for r in records:
         print(f"{r['id']:<24} {r['state']:<10} {r['slots']:>5} {r['used_slots']:>4} {r['condition']:<10} "
               f"{r['condition_reason']}")
+        for gpu in r["health"].get("gpus", []):
+            print(gpu_line(gpu))
 
 
 _NODE_ACTIONS = {"cordon": "CordonNode", "uncordon": "UncordonNode", "drain": "DrainNode"}

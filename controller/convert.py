@@ -111,6 +111,9 @@ def node_to_proto(node: NodeSummary) -> pb.NodeInfo:
         condition_reason=node.reason,
         store_address=str(rec.get("store_address", "")),
     )
+    devices = rec.get("slot_devices")
+    if isinstance(devices, list):
+        msg.slot_devices.extend(str(d) for d in devices)
     labels = rec.get("labels")
     if isinstance(labels, dict):
         msg.labels.update({str(k): str(v) for k, v in labels.items()})
