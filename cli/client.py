@@ -208,6 +208,7 @@ def job_record(job: pb.Job) -> dict[str, Any]:
                      "exit_code": w.exit_code, "signal": w.signal} for w in st.workers],
         "recoveries": [_to_dict(r) for r in st.recoveries],
         "recoverable_step": st.recoverable_step,
+        "goodput": _plain(st.goodput),
         "created": st.created,
         "updated": st.updated,
     }
@@ -368,6 +369,10 @@ def cmd_job(args: argparse.Namespace) -> int:
           f"step       {r['step']}/{r['steps']}  loss {r['loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s  "
           f"ETA {_fmt_duration(r['eta_s'])}\n"
           f"generation {r['generation']}  layout dp={lay['dp']} pp={lay['pp']} zero={lay['zero_stage']}")
+    g = r["goodput"]
+    if g["wall_s"] > 0:
+        print(f"goodput    ETTR {g['ratio']:.1%} of {g['wall_s']:.1f} s; lost: pending {g['pending_s']:.1f} s, "
+              f"recovery {g['recovery_s']:.1f} s, replayed steps {g['replayed_s']:.1f} s, stalls {g['stall_s']:.1f} s")
     print(f"{'RANK':>4} {'NODE':<24} {'SLOT':>4} {'PID':>8} STATE")
     for w in r["workers"]:
         print(f"{w['rank']:>4} {w['node']:<24} {w['slot']:>4} {w['pid']:>8} {w['state']}")

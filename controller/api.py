@@ -27,6 +27,7 @@ from common import events
 from common.etcd import WatchEvent
 from controller import convert
 from controller.auth import owner_name
+from controller.goodput import GoodputTracker
 from controller.handle import ControllerHandle
 from controller.rpc import RpcAbort, checked_job_id, checked_node_id, streaming, unary
 from controller.state import JobView, jobs_from, nodes_from, read_job, step_metrics
@@ -48,8 +49,10 @@ async def job_or_404(handle: ControllerHandle, job_id: str) -> JobView:
 
 # ------------------------------------------------------------------ services
 class JobService(pb_grpc.JobServiceServicer):
-    def __init__(self, handle: ControllerHandle) -> None:
+    def __init__(self, handle: ControllerHandle, goodput: GoodputTracker | None = None) -> None:
         self.c = handle
+        self.goodput = goodput or GoodputTracker(handle)
+        """ETTR per job (controller/goodput.py)."""
 
     @unary
     async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.Job:
@@ -76,7 +79,10 @@ class JobService(pb_grpc.JobServiceServicer):
 
     @unary
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
-        return convert.job_to_proto(await job_or_404(self.c, request.job_id))
+        job = await job_or_404(self.c, request.job_id)
+        msg = convert.job_to_proto(job)
+        msg.status.goodput.CopyFrom(convert.goodput_to_proto(await self.goodput.get(job)))
+        return msg
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
@@ -85,8 +91,15 @@ class JobService(pb_grpc.JobServiceServicer):
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"phases: unknown job phase {unknown[0]}")
         wanted = {convert.phase_name(p) for p in request.phases}
         jobs = sorted(jobs_from(self.c.cache).values(), key=lambda j: (j.status.created, j.id))
-        return pb.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs
-                                         if not wanted or j.status.phase in wanted])
+        out = pb.ListJobsResponse()
+        for j in jobs:
+            if not wanted or j.status.phase in wanted:
+                msg = out.jobs.add()
+                msg.CopyFrom(convert.job_to_proto(j))
+                g = self.goodput.cached(j)  # no etcd read per listed job: what the gauges loop read
+                if g is not None:
+                    msg.status.goodput.CopyFrom(convert.goodput_to_proto(g))
+        return out
 
     @unary
     async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:

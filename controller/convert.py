@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from common import events
+from controller.goodput import Goodput
 from controller.recovery_decisions import newest_by_slot
 from controller.state import JobView, NodeSummary
 from protos import tenax_pb2 as pb
@@ -139,6 +140,10 @@ def event_to_proto(event: JobEventRecord) -> pb.JobEventEntry:
     d = events.event_json(event)
     return pb.JobEventEntry(time=d["time"], kind=d["kind"], step=d["step"], generation=d["generation"],
                             message=d["message"], action=d["action"], data_json=events.data_json(d["data"]))
+
+
+def goodput_to_proto(g: Goodput) -> pb.Goodput:
+    return pb.Goodput(**g.to_dict())
 
 
 def phase_name(value: int) -> str:

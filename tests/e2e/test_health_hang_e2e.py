@@ -37,6 +37,8 @@ def test_sigstopped_rank_is_declared_hung_killed_and_the_job_recovers(tmp_path):
         killed_after = time.monotonic() - stopped_at
         text = scrape(controller_metrics_address(info))
         assert metric_value(text, "tenax_hangs_detected_total", job=job_id) == 1.0
+        assert 0 < metric_value(text, "tenax_job_goodput_ratio", job=job_id) < 1
+        assert metric_value(text, "tenax_job_time_lost_seconds", job=job_id, cause="pending") > 0
         print(f"SIGSTOP -> declared hung and killed after {killed_after:.1f} s")
         assert killed_after < 15, killed_after
 
@@ -80,3 +82,14 @@ def test_sigstopped_rank_is_declared_hung_killed_and_the_job_recovers(tmp_path):
         assert order.index("hang") < order.index("worker-exit") < order.index("recovery"), order
         shown = tenax("job", job_id, "--controller", info["controller"], home=info["home"]).stdout
         assert "hang" in shown and "made no progress" in shown, shown
+
+        # goodput: the recovery's MTTR, the hang before it (a stall) and the rest add up to the wall time
+        g = status.goodput
+        assert 0 < g.ratio < 1 and g.ratio == pytest.approx(g.productive_s / g.wall_s)
+        assert g.wall_s == pytest.approx(status.updated - status.created, abs=1e-3)
+        assert g.recovery_s == pytest.approx(sum(r.total_s for r in status.recoveries if r.cause.startswith("hang")),
+                                             abs=1e-6), (g, status.recoveries)
+        assert g.recovery_s > 0 and g.pending_s > 0
+        assert g.stall_s >= 0.8 * silent - g.recovery_s, g  # the rank stood still before it was declared hung
+        assert g.productive_s + g.pending_s + g.recovery_s + g.replayed_s + g.stall_s == pytest.approx(g.wall_s)
+        assert "goodput    ETTR" in shown, shown
