@@ -35,6 +35,7 @@ from agent.decisions import LocalWorker
 from agent.http import AgentHttp
 from agent.registration import Registration
 from agent.retrylog import FailureLog
+from agent.slots import slot_devices
 from agent.store import RendezvousStore
 from agent.supervisor import Supervisor
 from agent.telemetry import export_gauges, health_record, new_xids, node_condition, open_gpu_source, sample_host
@@ -56,7 +57,13 @@ class AgentSettings:
     node_id: str
     """Unique node name (no '/'); default: the hostname."""
     slots: int | None = None
-    """Worker slots; None: the number of GPUs NVML finds, or 1 on a host without GPUs."""
+    """Worker slots; None: from the GPUs NVML finds (agent/slots.py), or ``cpu_slots`` on a host without GPUs."""
+    cpu_slots: int = 1
+    """Slots on a host where NVML finds no GPU (and ``slots`` is None)."""
+    gpus_per_slot: int = 1
+    """GPUs each slot gets (slot i -> GPUs i*N .. i*N+N-1)."""
+    slot_devices: str = ""
+    """Explicit slot -> GPU map, ``0;0;1;1`` (slots may share a GPU); "" = from the GPUs found."""
     lease_ttl_s: int = 5
     """Node lease TTL (seconds); the lease is refreshed every TTL/3."""
     work_dir: Path
@@ -105,6 +112,9 @@ class AgentSettings:
             raise ValueError("--etcd-cert and --etcd-key go together")
         if not self.node_id or "/" in self.node_id or len(self.node_id) > 253:
             raise ValueError(f"--node-id must be a non-empty name without '/', got {self.node_id!r}")
+        if self.gpus_per_slot < 1 or self.cpu_slots < 0:
+            raise ValueError(f"--gpus-per-slot must be >= 1 and --cpu-slots >= 0, got {self.gpus_per_slot} "
+                             f"and {self.cpu_slots}")
         if self.logs_auth not in ("token", "off"):
             raise ValueError(f"--logs-auth must be token or off, got {self.logs_auth!r}")
         if self.slots is not None and self.slots < 0:
@@ -130,7 +140,10 @@ class Agent:
         self.gpu_source = gpu_source if gpu_source is not None else \
             open_gpu_source(settings.node_id, settings.fake_gpu_dir)
         gpus = self.gpu_source.device_count()
-        self.slots = settings.slots if settings.slots is not None else (gpus or 1)
+        self.slot_devices = slot_devices(gpus=gpus, slots=settings.slots, gpus_per_slot=settings.gpus_per_slot,
+                                         explicit=settings.slot_devices, cpu_slots=settings.cpu_slots)
+        """Slot i -> the CUDA_VISIBLE_DEVICES of its workers (agent/slots.py)."""
+        self.slots = len(self.slot_devices)
         self.started = time.time()
         self.condition = ("HEALTHY", "")
         self.address = ""
@@ -150,7 +163,7 @@ class Agent:
         return NodeRecord(id=self.settings.node_id, slots=self.slots, hostname=socket.gethostname(),
                           address=self.address, store_address=self.store_address,
                           condition=self.condition[0], condition_reason=self.condition[1],
-                          started=self.started).to_dict()
+                          started=self.started, slot_devices=list(self.slot_devices)).to_dict()
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -162,6 +175,7 @@ class Agent:
         self.supervisor = Supervisor(etcd=self.etcd, keys=self.keys, node_id=s.node_id, work_dir=s.work_dir,
                                      etcd_endpoints=s.etcd, worker_command=s.worker_command or None,
                                      kill_grace_s=s.kill_grace_s, progress_interval_s=s.progress_interval_s,
+                                     slot_devices=self.slot_devices,
                                      extra_env={name: value for name, value in (
                                          ("TENAX_ETCD_CA", s.etcd_ca), ("TENAX_ETCD_CERT", s.etcd_cert),
                                          ("TENAX_ETCD_KEY", s.etcd_key)) if value})

@@ -58,6 +58,7 @@ from typing import Any
 from agent import metrics
 from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, growth_actions, plan_actions
 from agent.progress import ProgressRelay
+from agent.slots import visible_devices
 from common import events
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff
@@ -145,7 +146,7 @@ class Supervisor:
     def __init__(self, *, etcd: Etcd, keys: Keys, node_id: str, work_dir: Path, etcd_endpoints: str,
                  worker_command: list[str] | None = None, kill_grace_s: float = 5.0,
                  progress_interval_s: float = 1.0, extra_env: dict[str, str] | None = None,
-                 retire_grace_s: float = 30.0) -> None:
+                 retire_grace_s: float = 30.0, slot_devices: list[str] | None = None) -> None:
         self.etcd = etcd
         self.keys = keys
         self.node_id = node_id
@@ -155,6 +156,8 @@ class Supervisor:
         self.kill_grace_s = kill_grace_s
         self.progress_interval_s = progress_interval_s
         self.extra_env = dict(extra_env or {})
+        self.slot_devices = list(slot_devices) if slot_devices is not None else []
+        """Slot i -> CUDA_VISIBLE_DEVICES of its workers (agent/slots.py); [] = slot i is GPU i."""
         self.workers: dict[tuple[str, int], Worker] = {}
         """(job, rank in the worker's current generation) -> worker."""
         self.retired: dict[tuple[str, int], Worker] = {}
@@ -409,8 +412,9 @@ class Supervisor:
         else:
             env.pop("TENAX_GROWTH_ID", None)
         device = str(((spec or {}).get("resources") or {}).get("device", "cpu"))
-        # CPU jobs must not grab a GPU of this host; CUDA jobs get exactly their slot.
-        env["CUDA_VISIBLE_DEVICES"] = str(a.slot) if device == "cuda" else ""
+        # CPU jobs must not grab a GPU of this host; CUDA jobs get exactly their slot's device(s).
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(device, a.slot, self.slot_devices or
+                                                      [str(i) for i in range(a.slot + 1)])
         offset = metrics_path.stat().st_size  # a restarted rank appends: relay only the new lines
         log_start = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log_file:
