@@ -485,6 +485,7 @@ class Supervisor:
             return
         returncode = await worker.proc.wait()
         worker.exited_at = time.monotonic()
+        exited_time = time.time()
         state, sig, reason = exit_state(returncode, bool(worker.stop_reason))
         worker.state, worker.signal = state, sig
         worker.exit_code = returncode if returncode >= 0 else 128 - returncode
@@ -501,12 +502,12 @@ class Supervisor:
                  worker.exit_code, sig, self.last_exit_report_s * 1000)
         self._write_log_index(worker)
         if failed and not worker.preparing:
-            await self._exit_event(worker)
+            await self._exit_event(worker, exited_time)
         if worker.relay:
             await worker.relay.stop()  # drains the file: the last steps are published too
         self._export_counts()
 
-    async def _exit_event(self, worker: Worker) -> None:
+    async def _exit_event(self, worker: Worker, exited_time: float) -> None:
         """A ``worker-exit`` job event for a worker that failed or was killed for a cause: the
         evidence only this agent has (exit code, signal, the log's last exception line)."""
         how = f"signal {worker.signal}" if worker.signal else f"exit code {worker.exit_code}"
@@ -517,7 +518,8 @@ class Supervisor:
             message += f"; last error: {worker.last_error}"
         latest = worker.relay.latest if worker.relay is not None else None
         step = int(latest.get("step", 0) or 0) if isinstance(latest, dict) else 0
-        event = events.new_event("worker-exit", message, step=step, action="reported to the controller", data={
+        event = events.new_event("worker-exit", message, now=exited_time, step=step,
+                                 action="reported to the controller", data={
             "rank": worker.rank, "node": self.node_id, "slot": worker.slot, "pid": worker.pid,
             "generation": worker.generation, "state": worker.state, "exit_code": worker.exit_code,
             "signal": worker.signal, "cause": worker.cause, "last_error": worker.last_error,

@@ -25,7 +25,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,7 +358,8 @@ def register(sub) -> None:
     down.add_argument("--state-dir", type=Path, default=None)
     down.set_defaults(func=_down)
 
-    demo = sub.add_parser("demo", help="start a local cluster, train the example job, show it, stop")
+    demo = sub.add_parser("demo", help="start a local cluster, train the example job, kill a worker mid-run and "
+                                       "show the recovery live, stop")
     demo.add_argument("--job", type=Path, default=REPO / "examples" / "tiny-gpt.yaml")
     demo.set_defaults(func=_demo)
 
@@ -419,33 +419,5 @@ def _demo(args: argparse.Namespace) -> int:
     if not args.job.is_file():
         print(f"tenax demo: no job file {args.job}", file=sys.stderr)
         return 1
-    state_dir = Path(tempfile.mkdtemp(prefix="tenax-demo-"))
-    try:
-        state = start_cluster(LocalClusterSettings(state_dir=state_dir, agents=2, slots=2).validate())
-    except (ClusterError, RuntimeError) as exc:
-        print(f"tenax demo: {exc}", file=sys.stderr)
-        return 1
-    controller = state["controller"]
-    try:
-        record = state.get("security")
-        submitted = _tenax("submit", str(args.job), "--wait", "--controller", controller, record=record)
-        jobs = _tenax("jobs", "--json", "--controller", controller, record=record, capture=True, timeout_s=30)
-        job_id = _newest_job_id(jobs.stdout)
-        if job_id:
-            _tenax("job", job_id, "--controller", controller, record=record, timeout_s=30)
-        print(f"logs: {state['logs']}", file=sys.stderr)
-        return submitted.returncode
-    finally:
-        stop_cluster(state)
-
-
-def _newest_job_id(text: str) -> str:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return ""
-    jobs = data.get("jobs", data) if isinstance(data, dict) else data
-    if not isinstance(jobs, list) or not jobs:
-        return ""
-    newest = max(jobs, key=lambda j: (j.get("status", j).get("created", 0) if isinstance(j, dict) else 0))
-    return str(newest.get("id", "")) if isinstance(newest, dict) else ""
+    from cli.demo import run_demo  # cli.demo builds on this module
+    return run_demo(args.job)

@@ -83,8 +83,8 @@ def describe(event: JobEventRecord) -> str:
         return f"{text} (cause: {cause})" if cause and not str(d.get("reason", "")).startswith(cause) else text
     if event.kind == "recovery":
         return (f"recovered from {d.get('cause', '?')} in {float(d.get('total_s', 0) or 0):.2f} s "
-                f"(generation {d.get('generation', '?')}, {d.get('old_layout', '')} -> {d.get('new_layout', '')}, "
-                f"steps lost {d.get('steps_lost', 0)})")
+                f"(generation {d.get('generation', '?')}, {_layout(d.get('old_layout'))} -> "
+                f"{_layout(d.get('new_layout'))}, steps lost {d.get('steps_lost', 0)})")
     if event.kind == "straggler":
         flagged = d.get("flagged") if isinstance(d.get("flagged"), dict) else {}
         ranks = ", ".join(f"rank {r} (score {v.get('score', '?')})" for r, v in flagged.items()
@@ -94,6 +94,12 @@ def describe(event: JobEventRecord) -> str:
             text += f"; {d['action']} at step {d.get('action_step', '?')}: {d.get('action_reason', '')}"
         return text
     return str(d.get("message", "")) or event.kind
+
+
+def _layout(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"dp={value.get('dp', '?')}·pp={value.get('pp', '?')}"
+    return str(value or "?")
 
 
 def event_step(event: JobEventRecord) -> int:
