@@ -21,7 +21,7 @@ import yaml
 from google.protobuf import json_format
 
 from common.spec import JobSpec
-from cli.local import ClusterError, LocalClusterSettings, _tenax, controller_channel, start_cluster, stop_cluster
+from cli.local import REPO, ClusterError, LocalClusterSettings, _tenax, controller_channel, start_cluster, stop_cluster
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 
@@ -80,6 +80,20 @@ class _Demo:
     def losses(self, job_id: str) -> dict[int, float]:
         steps = self.call(pb_grpc.JobServiceStub, "GetJobMetrics", pb.GetJobMetricsRequest(job_id=job_id)).steps
         return {s.step: s.loss for s in steps}
+
+
+def register(sub) -> None:
+    demo = sub.add_parser("demo", help="start a local cluster, train the example job, kill a worker mid-run and "
+                                       "show the recovery live, stop")
+    demo.add_argument("--job", type=Path, default=REPO / "examples" / "tiny-gpt.yaml")
+    demo.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    if not args.job.is_file():
+        print(f"tenax demo: no job file {args.job}", file=sys.stderr)
+        return 1
+    return run_demo(args.job)
 
 
 def run_demo(job_file: Path, *, kill_at_fraction: float = 0.35) -> int:

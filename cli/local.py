@@ -1,4 +1,4 @@
-"""`tenax up`, `tenax down`, `tenax demo`: a whole cluster on this host.
+"""`tenax up`, `tenax down`: a whole cluster on this host (`tenax demo` builds on it: cli/demo.py).
 
 ``up`` starts an embedded etcd (unless ``--etcd``), ``--controllers`` controller
 replicas (``tenax controller``, with any ``--controller-arg`` flags, e.g.
@@ -358,10 +358,6 @@ def register(sub) -> None:
     down.add_argument("--state-dir", type=Path, default=None)
     down.set_defaults(func=_down)
 
-    demo = sub.add_parser("demo", help="start a local cluster, train the example job, kill a worker mid-run and "
-                                       "show the recovery live, stop")
-    demo.add_argument("--job", type=Path, default=REPO / "examples" / "tiny-gpt.yaml")
-    demo.set_defaults(func=_demo)
 
 
 def _settings(args: argparse.Namespace) -> LocalClusterSettings:
@@ -413,11 +409,3 @@ def _tenax(*argv: str, record: dict[str, Any] | None, capture: bool = False,
         env.update(credentials.client_env(record))
     return subprocess.run([sys.executable, "-m", "cli.main", *argv], cwd=REPO, timeout=timeout_s,
                           capture_output=capture, text=True, env=env)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    if not args.job.is_file():
-        print(f"tenax demo: no job file {args.job}", file=sys.stderr)
-        return 1
-    from cli.demo import run_demo  # cli.demo builds on this module
-    return run_demo(args.job)

@@ -22,11 +22,11 @@ import argparse
 import logging
 import sys
 
-from cli import agent, chaos, client, controller, local, security, train_local
+from cli import agent, chaos, client, controller, demo, local, security, train_local
 
 # Each module's `register` adds its subcommands; each subcommand sets `func`
 # (args -> exit code). Order is the order of `tenax --help`.
-_PARTS = (controller, client, local, agent, train_local, security, chaos)
+_PARTS = (controller, client, local, demo, agent, train_local, security, chaos)
 
 
 def build_parser() -> argparse.ArgumentParser:
