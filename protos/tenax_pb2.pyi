@@ -371,7 +371,7 @@ class JobEvent(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., time: _Optional[float] = ..., phase: _Optional[_Union[JobPhase, str]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., recovery: _Optional[_Union[Recovery, _Mapping]] = ..., progress: _Optional[_Union[StepMetrics, _Mapping]] = ...) -> None: ...
 
 class GpuHealth(_message.Message):
-    __slots__ = ("index", "name", "utilization", "memory_used", "memory_total", "temperature_c", "power_w", "sm_clock_mhz", "throttle_reasons", "ecc_volatile_dbe", "retired_pages", "xid_events", "remapped_rows_pending", "remapped_rows_failed", "pcie_replay_errors", "nvlink_errors")
+    __slots__ = ("index", "name", "utilization", "memory_used", "memory_total", "temperature_c", "power_w", "sm_clock_mhz", "throttle_reasons", "ecc_volatile_dbe", "retired_pages", "xid_events", "remapped_rows_pending", "remapped_rows_failed", "pcie_replay_errors", "nvlink_errors", "xid_total")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -388,6 +388,7 @@ class GpuHealth(_message.Message):
     REMAPPED_ROWS_FAILED_FIELD_NUMBER: _ClassVar[int]
     PCIE_REPLAY_ERRORS_FIELD_NUMBER: _ClassVar[int]
     NVLINK_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    XID_TOTAL_FIELD_NUMBER: _ClassVar[int]
     index: int
     name: str
     utilization: float
@@ -404,7 +405,8 @@ class GpuHealth(_message.Message):
     remapped_rows_failed: int
     pcie_replay_errors: int
     nvlink_errors: int
-    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., utilization: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_total: _Optional[int] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ..., sm_clock_mhz: _Optional[float] = ..., throttle_reasons: _Optional[_Iterable[str]] = ..., ecc_volatile_dbe: _Optional[int] = ..., retired_pages: _Optional[int] = ..., xid_events: _Optional[_Iterable[int]] = ..., remapped_rows_pending: _Optional[int] = ..., remapped_rows_failed: _Optional[int] = ..., pcie_replay_errors: _Optional[int] = ..., nvlink_errors: _Optional[int] = ...) -> None: ...
+    xid_total: int
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., utilization: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_total: _Optional[int] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ..., sm_clock_mhz: _Optional[float] = ..., throttle_reasons: _Optional[_Iterable[str]] = ..., ecc_volatile_dbe: _Optional[int] = ..., retired_pages: _Optional[int] = ..., xid_events: _Optional[_Iterable[int]] = ..., remapped_rows_pending: _Optional[int] = ..., remapped_rows_failed: _Optional[int] = ..., pcie_replay_errors: _Optional[int] = ..., nvlink_errors: _Optional[int] = ..., xid_total: _Optional[int] = ...) -> None: ...
 
 class NodeHealth(_message.Message):
     __slots__ = ("cpu_percent", "memory_used", "memory_total", "gpus", "time")

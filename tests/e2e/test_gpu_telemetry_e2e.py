@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 GPU = {"name": "NVIDIA H200", "utilization": 37.0, "memory_used": 12 * 1024 ** 3, "memory_total": 141 * 1024 ** 3,
        "temperature_c": 61.0, "power_w": 433.0, "sm_clock_mhz": 1755.0, "throttle_reasons": ["sw_power_cap"],
        "ecc_volatile_dbe": 0, "retired_pages": 0, "xid_events": [], "remapped_rows_pending": 1,
-       "remapped_rows_failed": 0, "pcie_replay_errors": 7, "nvlink_errors": 3}
+       "remapped_rows_failed": 0, "pcie_replay_errors": 7, "nvlink_errors": 3, "xid_total": 0}
 
 
 def xid_counter(address: str) -> float | None:
