@@ -314,6 +314,10 @@ def _wait(client: Client, job_id: str, steps: int, args: argparse.Namespace) -> 
                 r = event.recovery
                 print(f"{nl}recovery: {r.cause} (total {r.total_s:.2f} s)", flush=True)
             continue
+        elif kind == "entry":
+            if not args.json and event.entry.kind not in ("plan", "recovery", "phase"):  # those print above
+                print(f"{nl}event: {_event_line(event_record(event.entry))}", flush=True)
+            continue
         if args.json:
             continue
         width = max(len(str(steps)), 1)

@@ -125,12 +125,24 @@ class JobService(pb_grpc.JobServiceServicer):
         try:
             job = await job_or_404(self.c, job_id)
             feed = _EventFeed(job_id)
+            timeline = _Timeline(self.c, job_id)
             for event in feed.initial(job):
                 yield event
+            for event in await timeline.poll():
+                yield event
             while not feed.done:
-                ev = await queue.get()
-                for event in feed.on_change(self.c.keys, ev):
-                    yield event
+                try:
+                    ev = await asyncio.wait_for(queue.get(), TIMELINE_POLL_S)
+                except asyncio.TimeoutError:
+                    ev = None
+                if ev is not None:
+                    for event in feed.on_change(self.c.keys, ev):
+                        yield event
+                if timeline.due() or feed.done:
+                    if feed.done:  # the last phase's entry is written just after the status
+                        await asyncio.sleep(TIMELINE_POLL_S / 2)
+                    for event in await timeline.poll():
+                        yield event
         finally:
             self.c.cache.remove_listener(listen)
 
@@ -151,6 +163,39 @@ class JobService(pb_grpc.JobServiceServicer):
         if not found:
             await job_or_404(self.c, job_id)  # no events yet, or no such job
         return pb.ListJobEventsResponse(events=[convert.event_to_proto(e) for e in found])
+
+
+TIMELINE_POLL_S = 0.5
+"""How often a WatchJob stream looks for new timeline entries (they are not in the mirror)."""
+
+
+class _Timeline:
+    """The job's timeline entries (common/events.py) for a WatchJob stream: each once, in order."""
+
+    def __init__(self, handle: ControllerHandle, job_id: str) -> None:
+        self.c = handle
+        self.job_id = job_id
+        self.since = 0.0
+        self.seen: set[tuple[float, str, str]] = set()
+        self.polled = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() - self.polled >= TIMELINE_POLL_S
+
+    async def poll(self) -> list[pb.JobEvent]:
+        self.polled = time.monotonic()
+        # a little before the newest entry seen: entries are written by several writers, not in time order
+        found = await events.read_events(self.c.etcd, self.c.keys, self.job_id, limit=events.MAX_EVENTS_READ,
+                                         since_time=max(self.since - 30.0, 0.0))
+        out = []
+        for e in found:
+            identity = (e.time, e.kind, events.describe(e))
+            if identity in self.seen:
+                continue
+            self.seen.add(identity)
+            self.since = max(self.since, e.time)
+            out.append(pb.JobEvent(job_id=self.job_id, time=e.time, entry=convert.event_to_proto(e)))
+        return out
 
 
 class _EventFeed:

@@ -355,20 +355,22 @@ class StepMetrics(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., generation: _Optional[int] = ..., time: _Optional[float] = ..., step_time_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "time", "phase", "plan", "recovery", "progress")
+    __slots__ = ("job_id", "time", "phase", "plan", "recovery", "progress", "entry")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     time: float
     phase: JobPhase
     plan: Plan
     recovery: Recovery
     progress: StepMetrics
-    def __init__(self, job_id: _Optional[str] = ..., time: _Optional[float] = ..., phase: _Optional[_Union[JobPhase, str]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., recovery: _Optional[_Union[Recovery, _Mapping]] = ..., progress: _Optional[_Union[StepMetrics, _Mapping]] = ...) -> None: ...
+    entry: JobEventEntry
+    def __init__(self, job_id: _Optional[str] = ..., time: _Optional[float] = ..., phase: _Optional[_Union[JobPhase, str]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., recovery: _Optional[_Union[Recovery, _Mapping]] = ..., progress: _Optional[_Union[StepMetrics, _Mapping]] = ..., entry: _Optional[_Union[JobEventEntry, _Mapping]] = ...) -> None: ...
 
 class GpuHealth(_message.Message):
     __slots__ = ("index", "name", "utilization", "memory_used", "memory_total", "temperature_c", "power_w", "sm_clock_mhz", "throttle_reasons", "ecc_volatile_dbe", "retired_pages", "xid_events", "remapped_rows_pending", "remapped_rows_failed", "pcie_replay_errors", "nvlink_errors", "xid_total")
