@@ -27,6 +27,8 @@ import signal
 from pathlib import Path
 from typing import Callable
 
+import psutil
+
 from agent.rank_health import RankHealthPublisher
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff
@@ -52,6 +54,24 @@ def write_slow_factor(run_dir: Path, rank: int, factor: float) -> Path:
     tmp.write_text(json.dumps({"slow_factor": factor}))
     os.replace(tmp, path)
     return path
+
+
+def process_stopped(pid: int) -> bool:
+    """True if the process is stopped by a signal (SIGSTOP, SIGTSTP): state ``T`` in /proc."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except (psutil.Error, OSError):
+        return False
+
+
+def kill_cause(reason: str, *, stopped: bool) -> str:
+    """The root cause a kill request carries to the worker's exit report. Pure.
+
+    ``kill_cause("hang: rank 1 made no progress for 4.1 s", stopped=True)`` ->
+    ``hang: rank 1 made no progress for 4.1 s, stopped by SIGSTOP; killed``."""
+    text = " ".join((reason or "kill requested").split())[:400]
+    seen = ", stopped by SIGSTOP" if stopped and "SIGSTOP" not in text else ""
+    return f"{text}{seen}; killed"
 
 
 def start_agent_tasks(agent) -> list[asyncio.Task]:
@@ -144,8 +164,10 @@ class ChaosExecutor:
             return (f"job {record.job} rank {record.rank} is at generation {worker.generation}, the request was "
                     f"for {record.generation}: nothing done")
         if record.action == "kill":
+            # the root cause goes with the exit report (the recovery's cause), not just "killed"
+            worker.cause = kill_cause(record.reason, stopped=process_stopped(worker.pid))
             self._signal(worker.pid, signal.SIGKILL)
-            return f"SIGKILL job {record.job} rank {record.rank} (pid {worker.pid})"
+            return f"SIGKILL job {record.job} rank {record.rank} (pid {worker.pid}): {worker.cause}"
         if record.action == "hang":
             self._signal(worker.pid, signal.SIGSTOP)
             return f"SIGSTOP job {record.job} rank {record.rank} (pid {worker.pid})"

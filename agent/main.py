@@ -35,9 +35,11 @@ from agent.decisions import LocalWorker
 from agent.http import AgentHttp
 from agent.registration import Registration
 from agent.retrylog import FailureLog
+from agent.slots import slot_devices
 from agent.store import RendezvousStore
 from agent.supervisor import Supervisor
-from agent.telemetry import export_gauges, health_record, node_condition, open_gpu_source, sample_host
+from agent.telemetry import export_gauges, health_record, new_xids, node_condition, open_gpu_source, sample_host
+from common import events, tokens
 from common.etcd import Etcd, EtcdError, EtcdTls, EtcdUnavailable, parse_endpoint
 from common.retry import Backoff
 from protos import launch
@@ -56,7 +58,13 @@ class AgentSettings:
     node_id: str
     """Unique node name (no '/'); default: the hostname."""
     slots: int | None = None
-    """Worker slots; None: the number of GPUs NVML finds, or 1 on a host without GPUs."""
+    """Worker slots; None: from the GPUs NVML finds (agent/slots.py), or ``cpu_slots`` on a host without GPUs."""
+    cpu_slots: int = 1
+    """Slots on a host where NVML finds no GPU (and ``slots`` is None)."""
+    gpus_per_slot: int = 1
+    """GPUs each slot gets (slot i -> GPUs i*N .. i*N+N-1)."""
+    slot_devices: str = ""
+    """Explicit slot -> GPU map, ``0;0;1;1`` (slots may share a GPU); "" = from the GPUs found."""
     lease_ttl_s: int = 5
     """Node lease TTL (seconds); the lease is refreshed every TTL/3."""
     work_dir: Path
@@ -85,6 +93,9 @@ class AgentSettings:
     """Client certificate for etcd (PEM), when etcd asks for one."""
     etcd_key: str = ""
     """Its private key (PEM)."""
+    logs_auth: str = "token"
+    """``token``: GET /logs needs an API token (role viewer or above) checked in etcd; ``off``: open
+    (a cluster whose controller runs without authentication)."""
     fake_gpu_dir: Path | None = None
     """Test hook: read GPU telemetry from ``<dir>/<node id>.json`` (a JSON list of GpuSample fields)
     instead of NVML, so tests and game days can inject XID/ECC errors; None: NVML."""
@@ -102,6 +113,11 @@ class AgentSettings:
             raise ValueError("--etcd-cert and --etcd-key go together")
         if not self.node_id or "/" in self.node_id or len(self.node_id) > 253:
             raise ValueError(f"--node-id must be a non-empty name without '/', got {self.node_id!r}")
+        if self.gpus_per_slot < 1 or self.cpu_slots < 0:
+            raise ValueError(f"--gpus-per-slot must be >= 1 and --cpu-slots >= 0, got {self.gpus_per_slot} "
+                             f"and {self.cpu_slots}")
+        if self.logs_auth not in ("token", "off"):
+            raise ValueError(f"--logs-auth must be token or off, got {self.logs_auth!r}")
         if self.slots is not None and self.slots < 0:
             raise ValueError(f"--slots must be >= 0, got {self.slots}")
         if self.lease_ttl_s < 2:
@@ -125,7 +141,10 @@ class Agent:
         self.gpu_source = gpu_source if gpu_source is not None else \
             open_gpu_source(settings.node_id, settings.fake_gpu_dir)
         gpus = self.gpu_source.device_count()
-        self.slots = settings.slots if settings.slots is not None else (gpus or 1)
+        self.slot_devices = slot_devices(gpus=gpus, slots=settings.slots, gpus_per_slot=settings.gpus_per_slot,
+                                         explicit=settings.slot_devices, cpu_slots=settings.cpu_slots)
+        """Slot i -> the CUDA_VISIBLE_DEVICES of its workers (agent/slots.py)."""
+        self.slots = len(self.slot_devices)
         self.started = time.time()
         self.condition = ("HEALTHY", "")
         self.address = ""
@@ -137,13 +156,15 @@ class Agent:
         self._cancelled: set[str] = set()
         """Jobs cancelled or ended (terminal phase): their workers are stopped, never started."""
         self._tasks: list[asyncio.Task] = []
+        self._xids_seen: dict[int, int] = {}
+        """GPU index -> how many of its XID events were seen (the xid job events)."""
 
     # ------------------------------------------------------------ node info
     def node_info(self) -> dict[str, Any]:
         return NodeRecord(id=self.settings.node_id, slots=self.slots, hostname=socket.gethostname(),
                           address=self.address, store_address=self.store_address,
                           condition=self.condition[0], condition_reason=self.condition[1],
-                          started=self.started).to_dict()
+                          started=self.started, slot_devices=list(self.slot_devices)).to_dict()
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -155,12 +176,15 @@ class Agent:
         self.supervisor = Supervisor(etcd=self.etcd, keys=self.keys, node_id=s.node_id, work_dir=s.work_dir,
                                      etcd_endpoints=s.etcd, worker_command=s.worker_command or None,
                                      kill_grace_s=s.kill_grace_s, progress_interval_s=s.progress_interval_s,
+                                     slot_devices=self.slot_devices,
                                      extra_env={name: value for name, value in (
                                          (launch.ETCD_CA, s.etcd_ca), (launch.ETCD_CERT, s.etcd_cert),
                                          (launch.ETCD_KEY, s.etcd_key)) if value})
         self.registration = Registration(etcd=self.etcd, keys=self.keys, node_id=s.node_id, ttl_s=s.lease_ttl_s,
                                          node_info=self.node_info)
-        http = AgentHttp(log_path=self.supervisor.log_path, healthy=lambda: self.registration.registered.is_set())
+        http = AgentHttp(log_path=self.supervisor.log_path, healthy=lambda: self.registration.registered.is_set(),
+                         log_index=self.supervisor.log_index, log_file=self.supervisor.log_file,
+                         authorize=self._authorize_logs if s.logs_auth == "token" else None)
         store = RendezvousStore()
         try:
             port = await http.start(s.http_host, s.http_port)
@@ -243,6 +267,7 @@ class Agent:
                 host = sample_host()
                 gpus = await asyncio.to_thread(self.gpu_source.sample)
                 export_gauges(host, gpus)
+                await self._xid_events(gpus)
                 condition = node_condition(gpus)
                 if condition != self.condition:
                     await self._publish_condition(condition)
@@ -257,6 +282,43 @@ class Agent:
             except Exception:  # telemetry must never take the agent down
                 log.exception("telemetry sample failed")
             await asyncio.sleep(self.settings.telemetry_interval_s)
+
+    async def _authorize_logs(self, header: str | None) -> tuple[int, str]:
+        """GET /logs: an API token of role viewer or above (agent/http.py)."""
+        token = tokens.bearer(header)
+        if token is None:
+            return 401, "GET /logs needs 'Authorization: Bearer <API token>' (role viewer or above)"
+        try:
+            who = await tokens.verify(self.etcd, self.keys, token, least_role="viewer")
+        except (EtcdError, EtcdUnavailable) as exc:
+            return 503, f"cannot check the token now (etcd: {exc}); retry"
+        if who is None:
+            return 401, "unknown, revoked or malformed token"
+        return 200, who[0]
+
+    async def _xid_events(self, gpus) -> None:
+        """An ``xid`` job event, for every job with a live worker here, per new XID on a GPU (the
+        evidence the controller's drain decision follows from). Best effort."""
+        new = new_xids(self._xids_seen, gpus)
+        if not new:
+            return
+        jobs: dict[str, list[int]] = {}
+        for w in self.supervisor.all_workers():
+            if w.alive:
+                jobs.setdefault(w.job, []).append(w.rank)
+        condition, reason = node_condition(gpus)
+        for job, ranks in sorted(jobs.items()):
+            for gpu, xids in sorted(new.items()):
+                event = events.new_event(
+                    "xid", f"GPU {gpu} on {self.settings.node_id} reported XID {', '.join(map(str, xids))} "
+                           f"(node {condition}{': ' + reason if reason else ''})",
+                    action="node condition published; the controller drains a DEGRADED or FAILED node",
+                    data={"node": self.settings.node_id, "gpu": gpu, "xids": xids, "ranks_here": sorted(ranks),
+                          "condition": condition, "condition_reason": reason})
+                try:
+                    await events.emit(self.etcd, self.keys, job, event)
+                except (EtcdError, EtcdUnavailable) as exc:
+                    log.warning("xid event of job %s not written: %r", job, exc)
 
     async def _publish_condition(self, condition: tuple[str, str]) -> None:
         """Rewrite NodeInfo with a new condition. The condition counts as published only once

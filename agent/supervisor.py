@@ -58,6 +58,8 @@ from typing import Any
 from agent import metrics
 from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, growth_actions, plan_actions
 from agent.progress import ProgressRelay
+from agent.slots import visible_devices
+from common import events
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff
 from protos import launch
@@ -120,6 +122,14 @@ class Worker:
     """Not in the job's current plan any more (see the module docstring)."""
     preparing: str = ""
     """The growth id while the worker waits for its growth to be committed (module docstring)."""
+    cause: str = ""
+    """Why the agent killed it when something was wrong before the kill (a hang: see agent/chaos.py)."""
+    last_error: str = ""
+    """After a failure: the last exception line of its log."""
+    log_start: int = 0
+    """Offset in ``log_path`` where this process's output starts."""
+    ranks: dict[int, int] = field(default_factory=dict)
+    """Plan generation -> the rank it held in it (its log index: ``tenax logs --rank R --generation G``)."""
     _report_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -137,7 +147,7 @@ class Supervisor:
     def __init__(self, *, etcd: Etcd, keys: Keys, node_id: str, work_dir: Path, etcd_endpoints: str,
                  worker_command: list[str] | None = None, kill_grace_s: float = 5.0,
                  progress_interval_s: float = 1.0, extra_env: dict[str, str] | None = None,
-                 retire_grace_s: float = 30.0) -> None:
+                 retire_grace_s: float = 30.0, slot_devices: list[str] | None = None) -> None:
         self.etcd = etcd
         self.keys = keys
         self.node_id = node_id
@@ -147,6 +157,8 @@ class Supervisor:
         self.kill_grace_s = kill_grace_s
         self.progress_interval_s = progress_interval_s
         self.extra_env = dict(extra_env or {})
+        self.slot_devices = list(slot_devices) if slot_devices is not None else []
+        """Slot i -> CUDA_VISIBLE_DEVICES of its workers (agent/slots.py); [] = slot i is GPU i."""
         self.workers: dict[tuple[str, int], Worker] = {}
         """(job, rank in the worker's current generation) -> worker."""
         self.retired: dict[tuple[str, int], Worker] = {}
@@ -254,6 +266,8 @@ class Supervisor:
             a = plan.worker(action.rank)
             worker.rank, worker.generation, worker.retired = action.rank, action.generation, False
             worker.preparing = ""  # its growth was committed: from now on a worker of the plan
+            worker.ranks[action.generation] = action.rank
+            self._write_log_index(worker)
             self.workers[(worker.job, worker.rank)] = worker
             if worker.relay:
                 worker.relay.set_role(action.generation, action.rank, _is_metrics_rank(plan, a))
@@ -327,6 +341,43 @@ class Supervisor:
         worker = self.workers.get((job, rank))
         return worker.log_path if worker is not None else self._job_dir(job) / f"rank-{rank}.log"
 
+    # ---------------------------------------------------------------- log index
+    # Every worker process has one log file (named by the rank and generation it started with)
+    # and, next to it, ``<log>.json``: this node, its slot, pid, the rank it held in each plan
+    # generation, and how it ended. The index survives an agent restart (it is on disk) and
+    # lets ``tenax logs`` find a process by rank in any generation, or by node and slot.
+    def _write_log_index(self, worker: Worker) -> None:
+        entry = {"node": self.node_id, "slot": worker.slot, "pid": worker.pid, "log": worker.log_path.name,
+                 "started": worker.started, "ranks": {str(g): r for g, r in sorted(worker.ranks.items())},
+                 "state": worker.state, "exit_code": worker.exit_code, "signal": worker.signal,
+                 "cause": worker.cause, "last_error": worker.last_error, "log_start": worker.log_start}
+        path = worker.log_path.with_name(worker.log_path.name + ".json")
+        try:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(entry, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError as exc:  # the log itself still exists; only the index entry is missing
+            log.warning("log index of job %s slot %d not written: %r", worker.job, worker.slot, exc)
+
+    def log_index(self, job: str) -> list[dict[str, Any]]:
+        """This node's index entries for ``job`` (oldest process first); [] if none."""
+        out = []
+        for path in sorted(self._job_dir(job).glob("*.log.json")):
+            try:
+                entry = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(entry, dict):
+                out.append(entry)
+        return sorted(out, key=lambda e: float(e.get("started", 0) or 0))
+
+    def log_file(self, job: str, name: str) -> Path | None:
+        """The log named ``name`` of ``job`` if the index lists it (never any other file)."""
+        for entry in self.log_index(job):
+            if entry.get("log") == name:
+                return self._job_dir(job) / name
+        return None
+
     def _worker_files(self, job: str, a: WorkerAssignment, generation: int) -> tuple[Path, Path]:
         """(log, metrics file) of a new worker: one pair per process. A survivor keeps writing to
         the files it started with whatever its rank becomes, so a worker started for a later
@@ -362,9 +413,11 @@ class Supervisor:
         else:
             env.pop(launch.GROWTH_ID, None)
         device = str(((spec or {}).get("resources") or {}).get("device", "cpu"))
-        # CPU jobs must not grab a GPU of this host; CUDA jobs get exactly their slot.
-        env["CUDA_VISIBLE_DEVICES"] = str(a.slot) if device == "cuda" else ""
+        # CPU jobs must not grab a GPU of this host; CUDA jobs get exactly their slot's device(s).
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(device, a.slot, self.slot_devices or
+                                                      [str(i) for i in range(a.slot + 1)])
         offset = metrics_path.stat().st_size  # a restarted rank appends: relay only the new lines
+        log_start = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log_file:
             log_file.write(f"--- tenax: rank {a.rank} generation {plan.generation} on {self.node_id} "
                            f"at {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
@@ -374,7 +427,8 @@ class Supervisor:
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         worker = Worker(job=plan.job_id, rank=a.rank, slot=a.slot, generation=plan.generation, pid=proc.pid,
                         proc=proc, log_path=log_path, metrics_path=metrics_path, started=time.time(),
-                        preparing=growth_id)
+                        preparing=growth_id, log_start=log_start, ranks={plan.generation: a.rank})
+        self._write_log_index(worker)
         if growth_id:
             self.preparing[(plan.job_id, a.slot)] = worker  # its rank key may still be a plan-g worker's
         else:
@@ -432,26 +486,56 @@ class Supervisor:
             return
         returncode = await worker.proc.wait()
         worker.exited_at = time.monotonic()
+        exited_time = time.time()
         state, sig, reason = exit_state(returncode, bool(worker.stop_reason))
         worker.state, worker.signal = state, sig
         worker.exit_code = returncode if returncode >= 0 else 128 - returncode
         metrics.WORKER_EXITS.labels(reason).inc()
         self._kill_group(worker.pid, signal.SIGKILL)  # leftovers of its process group, if any
+        failed = state == "FAILED" or bool(worker.cause)
+        if failed:  # the tail of a log is read only after a failure (a few ms, before the report)
+            worker.last_error = events.last_exception_line(events.log_tail(worker.log_path, start=worker.log_start))
         await self._report(worker)
         worker.exit_reported.set()
         self.last_exit_report_s = time.monotonic() - worker.exited_at
         metrics.EXIT_REPORT_LATENCY.set(self.last_exit_report_s)
         log.info("job %s rank %d exited: %s code=%s %s (reported in %.1f ms)", worker.job, worker.rank, state,
                  worker.exit_code, sig, self.last_exit_report_s * 1000)
+        self._write_log_index(worker)
+        if failed and not worker.preparing:
+            await self._exit_event(worker, exited_time)
         if worker.relay:
             await worker.relay.stop()  # drains the file: the last steps are published too
         self._export_counts()
+
+    async def _exit_event(self, worker: Worker, exited_time: float) -> None:
+        """A ``worker-exit`` job event for a worker that failed or was killed for a cause: the
+        evidence only this agent has (exit code, signal, the log's last exception line)."""
+        how = f"signal {worker.signal}" if worker.signal else f"exit code {worker.exit_code}"
+        message = f"rank {worker.rank} on {self.node_id} slot {worker.slot} {worker.state.lower()} ({how})"
+        if worker.cause:
+            message += f": {worker.cause}"
+        if worker.last_error:
+            message += f"; last error: {worker.last_error}"
+        latest = worker.relay.latest if worker.relay is not None else None
+        step = int(latest.get("step", 0) or 0) if isinstance(latest, dict) else 0
+        event = events.new_event("worker-exit", message, now=exited_time, step=step,
+                                 action="reported to the controller", data={
+            "rank": worker.rank, "node": self.node_id, "slot": worker.slot, "pid": worker.pid,
+            "generation": worker.generation, "state": worker.state, "exit_code": worker.exit_code,
+            "signal": worker.signal, "cause": worker.cause, "last_error": worker.last_error,
+            "log": worker.log_path.name})
+        try:
+            await asyncio.wait_for(events.emit(self.etcd, self.keys, worker.job, event), 5.0)
+        except (EtcdError, EtcdUnavailable, asyncio.TimeoutError) as exc:  # the status record says it too
+            log.warning("worker-exit event of job %s rank %d not written: %r", worker.job, worker.rank, exc)
 
     def status_record(self, worker: Worker) -> dict[str, Any]:
         """The WorkerStatusRecord at Keys.job_worker, plus context readers may ignore."""
         record = WorkerStatusRecord(rank=worker.rank, node=self.node_id, state=worker.state, slot=worker.slot,
                                     pid=worker.pid, exit_code=worker.exit_code, signal=worker.signal,
-                                    generation=worker.generation, time=time.time()).to_dict()
+                                    generation=worker.generation, time=time.time(), cause=worker.cause,
+                                    last_error=worker.last_error).to_dict()
         record.update(reason=worker.stop_reason, log=str(worker.log_path), started=worker.started)
         return record
 

@@ -84,9 +84,18 @@ class GpuSample:
     """PCIe replay counter (cumulative since boot)."""
     nvlink_errors: int = 0
     """Sum of NVLink CRC, replay and recovery error counters over all links (cumulative)."""
+    xid_total: int = 0
+    """XID events seen on this GPU since the agent started, all of them (``xid_events`` keeps
+    the latest 16 codes only)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def xid_count(self) -> int:
+        """How many XIDs this GPU reported since the agent started (a source that only lists
+        codes, like a fake GPU file, counts its list)."""
+        return max(self.xid_total, len(self.xid_events))
 
 
 @dataclass(kw_only=True)
@@ -186,6 +195,7 @@ class NvmlSource:
         self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         self._event_set = None
         self._xid_history: dict[int, list[int]] = {}
+        self._xid_totals: dict[int, int] = {}
         try:
             self._event_set = pynvml.nvmlEventSetCreate()
             for h in self._handles:
@@ -218,6 +228,7 @@ class NvmlSource:
                 if hasattr(data.device, "value") else -1
             history = found.setdefault(index, [])
             history.append(int(data.eventData))
+            self._xid_totals[index] = self._xid_totals.get(index, 0) + 1
             del history[:-16]
         return found
 
@@ -255,6 +266,7 @@ class NvmlSource:
                 remapped_rows_failed=int(bool(remap[3])) if remap and len(remap) >= 4 else 0,
                 pcie_replay_errors=int(pcie_replays or 0),
                 nvlink_errors=self._nvlink_errors(h),
+                xid_total=self._xid_totals.get(i, 0),
             ))
         return out
 
@@ -373,6 +385,18 @@ def health_record(host: HostSample, gpus: list[GpuSample], now: float) -> dict[s
 _xids_counted: dict[int, int] = {}
 
 
+def new_xids(seen: dict[int, int], gpus: list[GpuSample]) -> dict[int, list[int]]:
+    """GPU index -> the XID codes it reported since ``seen`` (updated in place). ``xid_events``
+    is the latest 16 codes: a count beyond that reads as the newest ones."""
+    out = {}
+    for gpu in gpus:
+        fresh = gpu.xid_count - seen.get(gpu.index, 0)
+        if fresh > 0:
+            out[gpu.index] = list(gpu.xid_events[-fresh:])
+        seen[gpu.index] = gpu.xid_count
+    return out
+
+
 def export_gauges(host: HostSample, gpus: list[GpuSample]) -> None:
     metrics.NODE_CPU_PERCENT.set(host.cpu_percent)
     metrics.NODE_MEMORY_USED.set(host.memory_used)
@@ -386,10 +410,11 @@ def export_gauges(host: HostSample, gpus: list[GpuSample]) -> None:
         metrics.GPU_SM_CLOCK.labels(label).set(gpu.sm_clock_mhz)
         metrics.GPU_THROTTLED.labels(label).set(1 if gpu.throttle_reasons else 0)
         metrics.GPU_ECC_DBE.labels(label).set(gpu.ecc_volatile_dbe)
-        new_xids = len(gpu.xid_events) - _xids_counted.get(gpu.index, 0)
-        if new_xids > 0:  # xid_events is cumulative: count only what is new
-            metrics.GPU_XID_ERRORS.labels(label).inc(new_xids)
-        _xids_counted[gpu.index] = len(gpu.xid_events)
+        new_xids = gpu.xid_count - _xids_counted.get(gpu.index, 0)
+        # inc(0): the series exists at 0 from the first sample, so that increase(...) > 0 sees the
+        # first XID (a counter that appears at 1 has no increase to show)
+        metrics.GPU_XID_ERRORS.labels(label).inc(max(new_xids, 0))
+        _xids_counted[gpu.index] = gpu.xid_count
         metrics.GPU_HEALTHY.labels(label).set(1 if gpu_condition(gpu)[0] == HEALTHY else 0)
     condition, _ = node_condition(gpus)
     for name in (HEALTHY, DEGRADED, FAILED):

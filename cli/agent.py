@@ -38,7 +38,12 @@ def register(sub) -> None:
     p.add_argument("--etcd-prefix", default=DEFAULT_PREFIX, help=f"cluster key prefix (default {DEFAULT_PREFIX})")
     p.add_argument("--node-id", default=socket.gethostname(), help="node name (default: hostname)")
     p.add_argument("--slots", type=int, default=None,
-                   help="worker slots (default: GPUs found through NVML, else 1)")
+                   help="worker slots (default: one per GPU NVML finds, see --gpus-per-slot; --cpu-slots without GPUs)")
+    p.add_argument("--cpu-slots", type=int, default=1, help="slots on a host without GPUs (default 1)")
+    p.add_argument("--gpus-per-slot", type=int, default=1, help="GPUs per slot (default 1)")
+    p.add_argument("--slot-devices", default="", metavar="MAP",
+                   help="explicit slot -> GPU map, slots separated by ';' (e.g. '0;0;1;1': two slots per GPU, "
+                        "'0,1;2,3': two GPUs per slot)")
     p.add_argument("--lease-ttl", type=int, default=5, help="node lease TTL in seconds (default 5)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="logs, launch files and run dirs (default: $TENAX_HOME/agents/<node>)")
@@ -52,6 +57,9 @@ def register(sub) -> None:
     p.add_argument("--etcd-key", default="", help="its private key")
     p.add_argument("--worker-command", default="",
                    help="worker command line (default: python -m trainer.worker); for tests")
+    p.add_argument("--logs-auth", choices=("token", "off"), default="token",
+                   help="GET /logs needs an API token of role viewer or above, checked in etcd (token, the "
+                        "default), or is open (off: only for a controller running --no-auth)")
     p.add_argument("--fake-gpu-dir", type=Path, default=None, metavar="DIR",
                    help="test hook: read GPU telemetry from DIR/<node-id>.json (a JSON list of GPU samples) "
                         "instead of NVML, to inject XID/ECC errors without a GPU")
@@ -66,7 +74,8 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         http_host=args.http[0], http_port=args.http[1], advertise_host=args.advertise_host,
         telemetry_interval_s=args.telemetry_interval, kill_grace_s=args.kill_grace,
         worker_command=shlex.split(args.worker_command), etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert,
-        etcd_key=args.etcd_key, fake_gpu_dir=args.fake_gpu_dir).validate()
+        etcd_key=args.etcd_key, fake_gpu_dir=args.fake_gpu_dir, logs_auth=args.logs_auth, cpu_slots=args.cpu_slots,
+        gpus_per_slot=args.gpus_per_slot, slot_devices=args.slot_devices).validate()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -85,7 +94,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: AgentSettings) -> int:
-    agent = Agent(settings)
+    try:
+        agent = Agent(settings)
+    except ValueError as exc:  # slot flags this host cannot honour (e.g. more slots than GPUs, no map)
+        print(f"tenax agent: {exc}", file=sys.stderr)
+        return 2
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)

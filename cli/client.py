@@ -112,6 +112,10 @@ class Client:
         assert last is not None
         raise last
 
+    def token(self) -> str | None:
+        """The caller's API token (agents check it on GET /logs), as its channels carry it."""
+        return credentials.client_token(self.args, credentials.local_security_for(self.addresses[0], self._local))
+
     def watch(self, job_id: str, deadline_s: float):
         """Yield JobEvents; on a lost stream, reconnect (any replica) until the deadline."""
         end = time.monotonic() + deadline_s
@@ -158,6 +162,23 @@ def _to_dict(msg: Any) -> dict[str, Any]:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+def _plain(msg: Any) -> dict[str, Any]:
+    """A message as a dict of native values, every field included (MessageToDict writes int64 as
+    strings, which a --json reader would have to parse back)."""
+    out: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        if field.message_type is not None and field.is_repeated:
+            out[field.name] = [_plain(v) for v in value]
+        elif field.message_type is not None:
+            out[field.name] = _plain(value)
+        elif field.is_repeated:
+            out[field.name] = list(value)
+        else:
+            out[field.name] = value
+    return out
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
@@ -189,6 +210,7 @@ def job_record(job: pb.Job) -> dict[str, Any]:
         "recoverable_step": st.recoverable_step,
         "redundancy": st.redundancy,
         "next_failure_cost": st.next_failure_cost,
+        "goodput": _plain(st.goodput),
         "created": st.created,
         "updated": st.updated,
     }
@@ -206,7 +228,46 @@ def node_record(node: pb.NodeInfo) -> dict[str, Any]:
         "condition_reason": node.condition_reason,
         "labels": dict(node.labels),
         "store_address": node.store_address,
+        "slot_devices": list(node.slot_devices),
+        # everything the agent samples (NodeHealth: host, and per GPU name, memory, utilisation,
+        # temperature, power, clocks, throttle reasons, ECC, retired pages, XIDs, remapped rows,
+        # PCIe replays, NVLink errors); {} until the agent's first sample
+        "health": _plain(node.health) if node.HasField("health") else {},
     }
+
+
+GIB = 1024 ** 3
+
+
+def gpu_flags(gpu: dict[str, Any]) -> list[str]:
+    """The health flags of one GPU (its `tenax nodes` line): what is wrong, or [] when nothing. Pure."""
+    flags = []
+    if int(gpu.get("ecc_volatile_dbe", 0) or 0):
+        flags.append(f"ECC-DBE={gpu['ecc_volatile_dbe']}")
+    if gpu.get("xid_events"):
+        flags.append("XID=" + ",".join(str(x) for x in gpu["xid_events"]))
+    if gpu.get("throttle_reasons"):
+        flags.append("THROTTLE=" + ",".join(gpu["throttle_reasons"]))
+    if int(gpu.get("retired_pages", 0) or 0):
+        flags.append(f"RETIRED-PAGES={gpu['retired_pages']}")
+    if int(gpu.get("remapped_rows_pending", 0) or 0):
+        flags.append("REMAP-PENDING")
+    if int(gpu.get("remapped_rows_failed", 0) or 0):
+        flags.append("REMAP-FAILED")
+    if int(gpu.get("pcie_replay_errors", 0) or 0):
+        flags.append(f"PCIE-REPLAYS={gpu['pcie_replay_errors']}")
+    if int(gpu.get("nvlink_errors", 0) or 0):
+        flags.append(f"NVLINK-ERRORS={gpu['nvlink_errors']}")
+    return flags
+
+
+def gpu_line(gpu: dict[str, Any]) -> str:
+    used, total = int(gpu.get("memory_used", 0) or 0) / GIB, int(gpu.get("memory_total", 0) or 0) / GIB
+    flags = gpu_flags(gpu)
+    return (f"  gpu {int(gpu.get('index', 0) or 0):<2} {str(gpu.get('name', '') or '?')[:24]:<24} "
+            f"mem {used:6.1f}/{total:5.1f} GiB  util {float(gpu.get('utilization', 0) or 0):3.0f}%  "
+            f"{float(gpu.get('temperature_c', 0) or 0):3.0f}°C  {float(gpu.get('power_w', 0) or 0):5.0f} W  "
+            f"{' '.join(flags) if flags else 'ok'}")
 
 
 # ------------------------------------------------------------------ commands
@@ -254,6 +315,10 @@ def _wait(client: Client, job_id: str, steps: int, args: argparse.Namespace) -> 
             if not args.json:
                 r = event.recovery
                 print(f"{nl}recovery: {r.cause} (total {r.total_s:.2f} s)", flush=True)
+            continue
+        elif kind == "entry":
+            if not args.json and event.entry.kind not in ("plan", "recovery", "phase"):  # those print above
+                print(f"{nl}event: {_event_line(event_record(event.entry))}", flush=True)
             continue
         if args.json:
             continue
@@ -304,6 +369,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         return 0
     job = client.call("job", "GetJob", pb.GetJobRequest(job_id=args.id))
     r = job_record(job)
+    r["events"] = [event_record(e) for e in _events(client, job.id, limit=args.events)]
     if args.json:
         _print_json(r)
         return 0
@@ -314,12 +380,62 @@ def cmd_job(args: argparse.Namespace) -> int:
           f"generation {r['generation']}  layout dp={lay['dp']} pp={lay['pp']} zero={lay['zero_stage']}")
     if r["redundancy"]:
         print(f"redundancy {r['redundancy']}\nat risk    {r['next_failure_cost']}")
+    g = r["goodput"]
+    if g["wall_s"] > 0:
+        print(f"goodput    ETTR {g['ratio']:.1%} of {g['wall_s']:.1f} s; lost: pending {g['pending_s']:.1f} s, "
+              f"recovery {g['recovery_s']:.1f} s, replayed steps {g['replayed_s']:.1f} s, stalls {g['stall_s']:.1f} s")
     print(f"{'RANK':>4} {'NODE':<24} {'SLOT':>4} {'PID':>8} STATE")
     for w in r["workers"]:
         print(f"{w['rank']:>4} {w['node']:<24} {w['slot']:>4} {w['pid']:>8} {w['state']}")
     for rec in r["recoveries"]:
         print(f"recovery: {json.dumps(rec, sort_keys=True)}")
+    if r["events"]:
+        print(f"events (latest {len(r['events'])}; all: tenax events {r['id']})")
+        for e in r["events"]:
+            print(_event_line(e))
     return 0
+
+
+def event_record(e: pb.JobEventEntry) -> dict[str, Any]:
+    try:
+        data = json.loads(e.data_json) if e.data_json else {}
+    except ValueError:
+        data = {"raw": e.data_json}
+    return {"time": e.time, "kind": e.kind, "step": e.step, "generation": e.generation, "message": e.message,
+            "action": e.action, "data": data}
+
+
+def _events(client: Client, job_id: str, *, limit: int = 0, since: float = 0.0) -> list[pb.JobEventEntry]:
+    return list(client.call("job", "ListJobEvents",
+                            pb.ListJobEventsRequest(job_id=job_id, limit=limit, since_time=since)).events)
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    when = datetime.datetime.fromtimestamp(e["time"]).strftime("%H:%M:%S.%f")[:-3] if e["time"] else "-"
+    step = f"step {e['step']}" if e["step"] else ""
+    action = f"  -> {e['action']}" if e["action"] else ""
+    return f"{when} {e['kind']:<11} {step:<10} {e['message']}{action}"
+
+
+@_command
+def cmd_events(args: argparse.Namespace) -> int:
+    """A job's timeline; --follow prints new events until the job ends."""
+    client = _client(args)
+    since = 0.0
+    first = True
+    while True:
+        found = _events(client, args.id, limit=args.limit if first else 0, since=since)
+        first = False
+        for e in found:
+            r = event_record(e)
+            print(json.dumps(r, sort_keys=True) if args.json else _event_line(r), flush=True)
+            since = max(since, e.time)
+        if not args.follow:
+            return 0
+        phase = pb.JobPhase.Name(client.call("job", "GetJob", pb.GetJobRequest(job_id=args.id)).status.phase)
+        if phase in TERMINAL and not found:
+            return 0
+        time.sleep(1.0)
 
 
 def _print_nodes(nodes: list[pb.NodeInfo], as_json: bool) -> None:
@@ -331,6 +447,8 @@ def _print_nodes(nodes: list[pb.NodeInfo], as_json: bool) -> None:
     for r in records:
         print(f"{r['id']:<24} {r['state']:<10} {r['slots']:>5} {r['used_slots']:>4} {r['condition']:<10} "
               f"{r['condition_reason']}")
+        for gpu in r["health"].get("gpus", []):
+            print(gpu_line(gpu))
 
 
 _NODE_ACTIONS = {"cordon": "CordonNode", "uncordon": "UncordonNode", "drain": "DrainNode"}
@@ -372,29 +490,66 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 @_command
 def cmd_logs(args: argparse.Namespace) -> int:
-    """Logs live on the agents: GET http://<NodeInfo.address>/logs/<job>/<rank>?offset=N."""
+    """Logs live on the agents, one file per worker process (node, slot, generation it started in).
+    Each agent lists its processes of the job at GET /logs/<job> (with the rank each held in every
+    plan generation); the CLI picks the processes asked for and reads /logs/<job>/<log name>."""
     client = _client(args)
     job = client.call("job", "GetJob", pb.GetJobRequest(job_id=args.id))
     nodes = {n.id: n for n in client.call("node", "ListNodes", pb.ListNodesRequest()).nodes}
-    workers = [w for w in job.status.workers if args.rank is None or w.rank == args.rank]
-    if not workers:
-        raise CliError(f"job {args.id} has no worker" + (f" with rank {args.rank}" if args.rank is not None else "")
-                       + " (not scheduled yet?)")
-    offsets = {w.rank: 0 for w in workers}
-    prefix = len(workers) > 1
+    token = client.token()
+    wanted_nodes = {w.node for w in job.status.workers} | ({args.node} if args.node else set())
+    try:  # nodes the job ran on before (a failed worker's node may be in no plan any more)
+        for e in _events(client, job.id, limit=1000):
+            data = event_record(e)["data"]
+            if isinstance(data.get("node"), str):
+                wanted_nodes.add(data["node"])
+            wanted_nodes.update(str(w).split("/")[0] for w in data.get("workers") or [] if isinstance(w, str))
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+    processes: list[tuple[str, dict[str, Any]]] = []
+    legacy: list[str] = []
+    for node_id in sorted(wanted_nodes):
+        node = nodes.get(node_id)
+        if node is None or not node.address:
+            print(f"tenax: node {node_id} is unknown or has no address: its logs are not reachable", file=sys.stderr)
+            continue
+        index = _fetch_index(node.address, job.id, token, args.timeout)
+        if index is None:
+            legacy.append(node_id)
+            continue
+        processes += [(node.address, entry) for entry in index]
+    generation = job.status.generation
+    chosen = select_logs([e for _, e in processes], rank=args.rank, generation=args.generation, node=args.node,
+                         slot=args.slot, every=args.all, current=generation)
+    by_id = {id(e): address for address, e in processes}
+    targets = [(by_id[id(e)], e) for e in chosen]
+    if not targets and legacy and args.rank is not None and args.generation is None and not args.all:
+        # agents without a log index: the worker holding the rank now
+        w = next((w for w in job.status.workers if w.rank == args.rank and w.node in legacy), None)
+        if w is not None:
+            targets = [(nodes[w.node].address, {"node": w.node, "slot": w.slot, "log": str(w.rank), "ranks": {}})]
+    if not targets:
+        what = (f"rank {args.rank}" + (f" in generation {args.generation}" if args.generation is not None else "")
+                if args.rank is not None else f"node {args.node}" + (f" slot {args.slot}" if args.slot is not None
+                                                                     else "") if args.node else "current worker")
+        known = ", ".join(_describe_process(e) for _, e in processes) or "none"
+        raise CliError(f"job {args.id}: no log of a {what} (processes with logs: {known})")
+    offsets = [0] * len(targets)
+    many = len(targets) > 1
+    for _, entry in targets:  # which process is which (stderr for one: stdout stays the log itself)
+        print(f"==> {_describe_process(entry)} <==", file=sys.stdout if many else sys.stderr, flush=True)
     while True:
         got_any = False
-        for w in workers:
-            node = nodes.get(w.node)
-            if node is None or not node.address:
-                raise CliError(f"node {w.node} of rank {w.rank} is unknown or has no address")
-            chunk = _fetch_log(node.address, job.id, w.rank, offsets[w.rank], args.timeout)
+        for i, (address, entry) in enumerate(targets):
+            chunk = _fetch_log(address, job.id, str(entry["log"]), offsets[i], args.timeout, token)
             if chunk:
                 got_any = True
-                offsets[w.rank] += len(chunk)
+                offsets[i] += len(chunk)
                 text = chunk.decode(errors="replace")
-                if prefix:
-                    text = "".join(f"[rank {w.rank}] {line}" for line in text.splitlines(keepends=True))
+                if many:
+                    tag = f"[{entry.get('node')}/{entry.get('slot')} pid {entry.get('pid', '?')}] "
+                    text = "".join(tag + line for line in text.splitlines(keepends=True))
                 sys.stdout.write(text)
                 sys.stdout.flush()
         if not args.follow:
@@ -406,15 +561,87 @@ def cmd_logs(args: argparse.Namespace) -> int:
             time.sleep(1.0)
 
 
-def _fetch_log(address: str, job_id: str, rank: int, offset: int, timeout_s: float) -> bytes:
-    url = f"http://{address}/logs/{urllib.parse.quote(job_id)}/{rank}?offset={offset}"
+def select_logs(entries: list[dict[str, Any]], *, rank: int | None = None, generation: int | None = None,
+                node: str | None = None, slot: int | None = None, every: bool = False,
+                current: int = 0) -> list[dict[str, Any]]:
+    """The worker processes (agents' log index entries) a `tenax logs` asks for, oldest first. Pure.
+
+    ``rank`` (with ``generation``: the process that held it then; without: every process that
+    ever held it), ``node``/``slot``, ``every``; with none of them, the processes of the
+    current generation ``current``."""
+    def ranks(e: dict[str, Any]) -> dict[int, int]:
+        raw = e.get("ranks") if isinstance(e.get("ranks"), dict) else {}
+        return {int(g): int(r) for g, r in raw.items() if str(g).isdigit() and isinstance(r, int)}
+
+    out = []
+    for e in entries:
+        held = ranks(e)
+        if node is not None and e.get("node") != node:
+            continue
+        if slot is not None and e.get("slot") != slot:
+            continue
+        if rank is not None:
+            if generation is not None:
+                if held.get(generation) != rank:
+                    continue
+            elif rank not in held.values():
+                continue
+        elif generation is not None and generation not in held:
+            continue
+        if rank is None and generation is None and node is None and not every and current not in held:
+            continue
+        out.append(e)
+    return sorted(out, key=lambda e: float(e.get("started", 0) or 0))
+
+
+def _describe_process(e: dict[str, Any]) -> str:
+    held = e.get("ranks") if isinstance(e.get("ranks"), dict) else {}
+    ranks = ", ".join(f"rank {r} in generation {g}" for g, r in sorted(held.items(), key=lambda x: int(x[0])))
+    end = ""
+    if e.get("state") not in (None, "STARTING", "RUNNING"):
+        end = f"; {e['state']}" + (f" ({e['signal']})" if e.get("signal") else
+                                    f" (exit code {e['exit_code']})" if e.get("exit_code") else "")
+        if e.get("cause"):
+            end += f": {e['cause']}"
+        elif e.get("last_error"):
+            end += f": {e['last_error']}"
+    return f"{e.get('node')} slot {e.get('slot')} pid {e.get('pid', '?')}: {ranks or 'rank ?'}{end}"
+
+
+def _agent_get(url: str, timeout_s: float, token: str | None):
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    return urllib.request.urlopen(request, timeout=timeout_s)
+
+
+def _fetch_index(address: str, job_id: str, token: str | None, timeout_s: float) -> list[dict[str, Any]] | None:
+    """The agent's log index of the job; None from an agent that has none (older), [] if unreachable."""
+    url = f"http://{address}/logs/{urllib.parse.quote(job_id)}"
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with _agent_get(url, timeout_s, token) as resp:
+            data = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise CliError(f"agent at {address} refused the logs: {exc.read().decode(errors='replace').strip()} "
+                           "(an API token of role viewer or above: --token-file or $TENAX_TOKEN)") from exc
+        return None
+    except ValueError:
+        return None
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"tenax: cannot reach agent at {address}: {exc}", file=sys.stderr)
+        return []
+    return [e for e in data if isinstance(e, dict) and "log" in e] if isinstance(data, list) else None
+
+
+def _fetch_log(address: str, job_id: str, name: str, offset: int, timeout_s: float, token: str | None) -> bytes:
+    url = f"http://{address}/logs/{urllib.parse.quote(job_id)}/{urllib.parse.quote(name)}?offset={offset}"
+    try:
+        with _agent_get(url, timeout_s, token) as resp:
             return resp.read()
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return b""  # no output yet
-        raise CliError(f"agent at {address} answered {exc.code} for {url}") from exc
+        raise CliError(f"agent at {address} answered {exc.code} for {url}: "
+                       f"{exc.read().decode(errors='replace').strip()}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"cannot reach agent at {address}: {exc}") from exc
 
@@ -445,7 +672,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("job", parents=[parent], help="show one job")
     p.add_argument("id")
     p.add_argument("--metrics", action="store_true", help="per-step JSON lines (step, loss, generation, time)")
+    p.add_argument("--events", type=int, default=10, metavar="N",
+                   help="show the latest N events of the timeline (default 10; `tenax events ID` for all)")
     p.set_defaults(func=cmd_job)
+
+    p = sub.add_parser("events", parents=[parent], help="a job's timeline: decisions and changes with their why")
+    p.add_argument("id")
+    p.add_argument("--limit", type=int, default=200, help="the latest N events (default 200)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events until the job ends")
+    p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("nodes", parents=[parent], help="list nodes, or `nodes cordon|uncordon|drain NODE`")
     p.add_argument("action", nargs="?", help="cordon, uncordon or drain")
@@ -463,6 +698,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("logs", parents=[parent], help="print a job's worker logs (from the agents)")
     p.add_argument("id")
-    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--rank", type=int, default=None,
+                   help="the process(es) that held this rank in any plan generation (or in --generation)")
+    p.add_argument("--generation", type=int, default=None, help="with --rank: the rank in this plan generation")
+    p.add_argument("--node", default=None, help="the processes that ran on this node (with --slot: that slot)")
+    p.add_argument("--slot", type=int, default=None)
+    p.add_argument("--all", action="store_true", help="every process the job ever had")
     p.add_argument("--follow", "-f", action="store_true")
     p.set_defaults(func=cmd_logs)

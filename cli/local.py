@@ -1,4 +1,4 @@
-"""`tenax up`, `tenax down`, `tenax demo`: a whole cluster on this host.
+"""`tenax up`, `tenax down`: a whole cluster on this host (`tenax demo` builds on it: cli/demo.py).
 
 ``up`` starts an embedded etcd (unless ``--etcd``), ``--controllers`` controller
 replicas (``tenax controller``, with any ``--controller-arg`` flags, e.g.
@@ -25,7 +25,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,8 +66,11 @@ class LocalClusterSettings:
     """Where the state file, logs, etcd data and agent work dirs live."""
     agents: int = 2
     """Agents to start (node-0 .. node-N-1)."""
-    slots: int = 2
-    """Worker slots per agent."""
+    slots: int | None = None
+    """Worker slots per agent; None: each agent takes its count from NVML (one per GPU), or
+    ``cpu_slots`` on a host without GPUs."""
+    cpu_slots: int = 2
+    """Slots of an agent on a host without GPUs (when ``slots`` is None)."""
     controllers: int = 1
     """Controller replicas (2+ for leader failover)."""
     etcd: str = ""
@@ -85,8 +87,10 @@ class LocalClusterSettings:
     def validate(self) -> "LocalClusterSettings":
         if self.agents < 0 or self.agents > 64:
             raise ValueError(f"--agents must be between 0 and 64, got {self.agents}")
-        if self.slots < 1:
+        if self.slots is not None and self.slots < 1:
             raise ValueError(f"--slots must be >= 1, got {self.slots}")
+        if self.cpu_slots < 1:
+            raise ValueError(f"--cpu-slots must be >= 1, got {self.cpu_slots}")
         if self.controllers < 1 or self.controllers > 5:
             raise ValueError(f"--controllers must be between 1 and 5, got {self.controllers}")
         if self.lease_ttl_s < 2:
@@ -94,6 +98,21 @@ class LocalClusterSettings:
         if self.ready_timeout_s <= 0:
             raise ValueError(f"--timeout must be > 0, got {self.ready_timeout_s}")
         return self
+
+
+def slot_args(settings: LocalClusterSettings) -> list[str]:
+    """The agents' slot flags: ``--slots`` only when asked for; else NVML decides (agent/slots.py)."""
+    if settings.slots is not None:
+        return ["--slots", str(settings.slots)]
+    return ["--cpu-slots", str(settings.cpu_slots)]
+
+
+def agents_line(settings: LocalClusterSettings, agents: list[str]) -> str:
+    if not agents:
+        return "none (--agents 0)"
+    slots = (f"{settings.slots} slots each" if settings.slots is not None
+             else f"slots: one per GPU, {settings.cpu_slots} on a host without GPUs")
+    return f"{', '.join(agents)} ({slots})"
 
 
 class ClusterError(RuntimeError):
@@ -251,7 +270,7 @@ def start_cluster(settings: LocalClusterSettings, *, out=sys.stderr) -> dict[str
         agents = [f"node-{i}" for i in range(settings.agents)]
         for node in agents:
             proc = _spawn([sys.executable, "-m", "cli.main", "agent", "--etcd", etcd_url, "--node-id", node,
-                           "--slots", str(settings.slots), "--lease-ttl", str(settings.lease_ttl_s),
+                           *slot_args(settings), "--lease-ttl", str(settings.lease_ttl_s),
                            "--work-dir", str(state_dir / "agents" / node), *settings.agent_args],
                           logs / f"{node}.log")
             started.append(proc)
@@ -281,7 +300,7 @@ def start_cluster(settings: LocalClusterSettings, *, out=sys.stderr) -> dict[str
                 raise ClusterError(f"nodes not registered after {settings.ready_timeout_s:.0f} s: "
                                    f"{', '.join(sorted(missing))}")
             time.sleep(0.2)
-        print(f"agents      {', '.join(agents)} ({settings.slots} slots each)", file=out)
+        print(f"agents      {agents_line(settings, agents)}", file=out)
         _write_state(state_dir, state)
         return state
     except BaseException:
@@ -315,7 +334,11 @@ def stop_cluster(state: dict[str, Any], grace_s: float = 10.0) -> None:
 def register(sub) -> None:
     up = sub.add_parser("up", help="start a local cluster (etcd, controller, agents) on this host")
     up.add_argument("--agents", type=int, default=2, help="agents to start (default 2)")
-    up.add_argument("--slots", type=int, default=2, help="worker slots per agent (default 2)")
+    up.add_argument("--slots", type=int, default=None,
+                    help="worker slots per agent (default: each agent takes one per GPU NVML finds; "
+                         "--cpu-slots on a host without GPUs; --agent-arg=--gpus-per-slot=N or "
+                         "--agent-arg=--slot-devices=MAP for other maps)")
+    up.add_argument("--cpu-slots", type=int, default=2, help="slots per agent on a host without GPUs (default 2)")
     up.add_argument("--controllers", type=int, default=1, help="controller replicas (default 1)")
     up.add_argument("--etcd", default="", help="use this etcd instead of starting one")
     up.add_argument("--lease-ttl", type=int, default=5, help="node and leader lease TTL, seconds (default 5)")
@@ -335,14 +358,12 @@ def register(sub) -> None:
     down.add_argument("--state-dir", type=Path, default=None)
     down.set_defaults(func=_down)
 
-    demo = sub.add_parser("demo", help="start a local cluster, train the example job, show it, stop")
-    demo.add_argument("--job", type=Path, default=REPO / "examples" / "tiny-gpt.yaml")
-    demo.set_defaults(func=_demo)
 
 
 def _settings(args: argparse.Namespace) -> LocalClusterSettings:
     return LocalClusterSettings(state_dir=args.state_dir or default_state_dir(), agents=args.agents,
-                                slots=args.slots, controllers=args.controllers, etcd=args.etcd,
+                                slots=args.slots, cpu_slots=args.cpu_slots, controllers=args.controllers,
+                                etcd=args.etcd,
                                 lease_ttl_s=args.lease_ttl, ready_timeout_s=args.timeout,
                                 agent_args=args.agent_arg, controller_args=args.controller_arg).validate()
 
@@ -388,39 +409,3 @@ def _tenax(*argv: str, record: dict[str, Any] | None, capture: bool = False,
         env.update(credentials.client_env(record))
     return subprocess.run([sys.executable, "-m", "cli.main", *argv], cwd=REPO, timeout=timeout_s,
                           capture_output=capture, text=True, env=env)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    if not args.job.is_file():
-        print(f"tenax demo: no job file {args.job}", file=sys.stderr)
-        return 1
-    state_dir = Path(tempfile.mkdtemp(prefix="tenax-demo-"))
-    try:
-        state = start_cluster(LocalClusterSettings(state_dir=state_dir, agents=2, slots=2).validate())
-    except (ClusterError, RuntimeError) as exc:
-        print(f"tenax demo: {exc}", file=sys.stderr)
-        return 1
-    controller = state["controller"]
-    try:
-        record = state.get("security")
-        submitted = _tenax("submit", str(args.job), "--wait", "--controller", controller, record=record)
-        jobs = _tenax("jobs", "--json", "--controller", controller, record=record, capture=True, timeout_s=30)
-        job_id = _newest_job_id(jobs.stdout)
-        if job_id:
-            _tenax("job", job_id, "--controller", controller, record=record, timeout_s=30)
-        print(f"logs: {state['logs']}", file=sys.stderr)
-        return submitted.returncode
-    finally:
-        stop_cluster(state)
-
-
-def _newest_job_id(text: str) -> str:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return ""
-    jobs = data.get("jobs", data) if isinstance(data, dict) else data
-    if not isinstance(jobs, list) or not jobs:
-        return ""
-    newest = max(jobs, key=lambda j: (j.get("status", j).get("created", 0) if isinstance(j, dict) else 0))
-    return str(newest.get("id", "")) if isinstance(newest, dict) else ""

@@ -16,15 +16,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import time
 from typing import Any, AsyncIterator
 
 import grpc
 
+from common import events
 from common.etcd import WatchEvent
 from controller import convert
 from controller.auth import owner_name
+from controller.goodput import GoodputTracker
 from controller.handle import ControllerHandle
 from controller.rpc import RpcAbort, checked_job_id, checked_node_id, streaming, unary
 from controller.state import JobView, jobs_from, nodes_from, read_job, step_metrics
@@ -46,8 +49,10 @@ async def job_or_404(handle: ControllerHandle, job_id: str) -> JobView:
 
 # ------------------------------------------------------------------ services
 class JobService(pb_grpc.JobServiceServicer):
-    def __init__(self, handle: ControllerHandle) -> None:
+    def __init__(self, handle: ControllerHandle, goodput: GoodputTracker | None = None) -> None:
         self.c = handle
+        self.goodput = goodput or GoodputTracker(handle)
+        """ETTR per job (controller/goodput.py)."""
 
     @unary
     async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.Job:
@@ -74,7 +79,10 @@ class JobService(pb_grpc.JobServiceServicer):
 
     @unary
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
-        return convert.job_to_proto(await job_or_404(self.c, request.job_id))
+        job = await job_or_404(self.c, request.job_id)
+        msg = convert.job_to_proto(job)
+        msg.status.goodput.CopyFrom(convert.goodput_to_proto(await self.goodput.get(job)))
+        return msg
 
     @unary
     async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
@@ -83,8 +91,15 @@ class JobService(pb_grpc.JobServiceServicer):
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"phases: unknown job phase {unknown[0]}")
         wanted = {convert.phase_name(p) for p in request.phases}
         jobs = sorted(jobs_from(self.c.cache).values(), key=lambda j: (j.status.created, j.id))
-        return pb.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs
-                                         if not wanted or j.status.phase in wanted])
+        out = pb.ListJobsResponse()
+        for j in jobs:
+            if not wanted or j.status.phase in wanted:
+                msg = out.jobs.add()
+                msg.CopyFrom(convert.job_to_proto(j))
+                g = self.goodput.cached(j)  # no etcd read per listed job: what the gauges loop read
+                if g is not None:
+                    msg.status.goodput.CopyFrom(convert.goodput_to_proto(g))
+        return out
 
     @unary
     async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
@@ -110,12 +125,24 @@ class JobService(pb_grpc.JobServiceServicer):
         try:
             job = await job_or_404(self.c, job_id)
             feed = _EventFeed(job_id)
+            timeline = _Timeline(self.c, job_id)
             for event in feed.initial(job):
                 yield event
+            for event in await timeline.poll():
+                yield event
             while not feed.done:
-                ev = await queue.get()
-                for event in feed.on_change(self.c.keys, ev):
-                    yield event
+                try:
+                    ev = await asyncio.wait_for(queue.get(), TIMELINE_POLL_S)
+                except asyncio.TimeoutError:
+                    ev = None
+                if ev is not None:
+                    for event in feed.on_change(self.c.keys, ev):
+                        yield event
+                if timeline.due() or feed.done:
+                    if feed.done:  # the last phase's entry is written just after the status
+                        await asyncio.sleep(TIMELINE_POLL_S / 2)
+                    for event in await timeline.poll():
+                        yield event
         finally:
             self.c.cache.remove_listener(listen)
 
@@ -124,6 +151,51 @@ class JobService(pb_grpc.JobServiceServicer):
         job = await job_or_404(self.c, request.job_id)
         steps = await step_metrics(self.c.etcd, self.c.keys, job.id, request.since_step)
         return pb.GetJobMetricsResponse(steps=[convert.step_to_proto(s) for s in steps])
+
+    @unary
+    async def ListJobEvents(self, request: pb.ListJobEventsRequest, context) -> pb.ListJobEventsResponse:
+        """The job's timeline (common/events.py), oldest first; the newest ``limit`` only."""
+        job_id = checked_job_id(request.job_id)
+        if request.limit < 0 or not math.isfinite(request.since_time):
+            raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, "limit: must be >= 0; since_time: a finite number")
+        found = await events.read_events(self.c.etcd, self.c.keys, job_id, limit=request.limit,
+                                         since_time=request.since_time)
+        if not found:
+            await job_or_404(self.c, job_id)  # no events yet, or no such job
+        return pb.ListJobEventsResponse(events=[convert.event_to_proto(e) for e in found])
+
+
+TIMELINE_POLL_S = 0.5
+"""How often a WatchJob stream looks for new timeline entries (they are not in the mirror)."""
+
+
+class _Timeline:
+    """The job's timeline entries (common/events.py) for a WatchJob stream: each once, in order."""
+
+    def __init__(self, handle: ControllerHandle, job_id: str) -> None:
+        self.c = handle
+        self.job_id = job_id
+        self.since = 0.0
+        self.seen: set[tuple[float, str, str]] = set()
+        self.polled = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() - self.polled >= TIMELINE_POLL_S
+
+    async def poll(self) -> list[pb.JobEvent]:
+        self.polled = time.monotonic()
+        # a little before the newest entry seen: entries are written by several writers, not in time order
+        found = await events.read_events(self.c.etcd, self.c.keys, self.job_id, limit=events.MAX_EVENTS_READ,
+                                         since_time=max(self.since - 30.0, 0.0))
+        out = []
+        for e in found:
+            identity = (e.time, e.kind, events.describe(e))
+            if identity in self.seen:
+                continue
+            self.seen.add(identity)
+            self.since = max(self.since, e.time)
+            out.append(pb.JobEvent(job_id=self.job_id, time=e.time, entry=convert.event_to_proto(e)))
+        return out
 
 
 class _EventFeed:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import contextvars
-import hashlib
 import hmac
 import inspect
 import json
@@ -50,19 +49,19 @@ import grpc
 
 from controller import limits as limits_mod
 from controller.audit import MAX_DETAIL_CHARS, MAX_TARGET_CHARS, AuditLog, AuditRecord, clean_text
+from common import tokens
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from controller.tls import peer_certificate
 from protos.keys import Keys
 
 log = logging.getLogger(__name__)
 
-ROLES = ("viewer", "submitter", "admin")
+ROLES = tokens.ROLES
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
 
-TOKEN_PREFIX = "tnx"
-_TOKEN_RE = re.compile(r"^tnx\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})$")
+TOKEN_PREFIX = tokens.TOKEN_PREFIX  # the format and the hash: common/tokens.py (the agent checks tokens too)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,62}$")
-HASH_ALGORITHM = "sha256-salted"
+HASH_ALGORITHM = tokens.HASH_ALGORITHM
 
 
 class AuthError(ValueError):
@@ -113,6 +112,7 @@ METHOD_RULES: dict[str, MethodRule] = {
     JOB + "ListJobs": MethodRule(role="viewer", mutating=False),
     JOB + "WatchJob": MethodRule(role="viewer", mutating=False),
     JOB + "GetJobMetrics": MethodRule(role="viewer", mutating=False),
+    JOB + "ListJobEvents": MethodRule(role="viewer", mutating=False),
     NODE + "ListNodes": MethodRule(role="viewer", mutating=False),
     NODE + "CordonNode": MethodRule(role="admin", mutating=True),
     NODE + "UncordonNode": MethodRule(role="admin", mutating=True),
@@ -200,8 +200,7 @@ class TokenRecord:
         return Identity(name=self.name, role=self.role, via="token")
 
 
-def _digest(salt_hex: str, secret: str) -> str:
-    return hashlib.sha256(bytes.fromhex(salt_hex) + secret.encode()).hexdigest()
+_digest = tokens.digest
 
 
 def validate_name(name: str) -> str:
@@ -228,10 +227,7 @@ def new_token(name: str, role: str, *, now: float | None = None) -> tuple[str, T
     return f"{TOKEN_PREFIX}.{token_id}.{secret}", record
 
 
-def parse_token(token: str) -> tuple[str, str] | None:
-    """``tnx.<id>.<secret>`` -> (id, secret); None if it does not look like a token. Pure."""
-    match = _TOKEN_RE.match(token.strip()) if isinstance(token, str) else None
-    return (match.group(1), match.group(2)) if match else None
+parse_token = tokens.parse_token
 
 
 def bearer_token(metadata) -> str | None:

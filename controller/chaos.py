@@ -27,6 +27,7 @@ import time
 import grpc
 
 from common.etcd import Etcd
+from controller.auth import owner_name
 from controller.handle import ControllerHandle
 from controller.rpc import RpcAbort, unary
 from controller.state import jobs_from
@@ -102,8 +103,11 @@ class ChaosService(pb_grpc.ChaosServiceServicer):
             node, why = resolve_rank(job.plan, job.id, request.rank)
             if node is None:
                 raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, why)
+            # the root cause a killed worker's recovery record names
+            who = owner_name() or "an operator"
             record = rank_request(action=action, plan=job.plan, job=job.id, rank=request.rank,
-                                  reason="operator chaos", now=now, factor=factor)
+                                  reason=f"chaos: {action} of rank {request.rank} requested by {who}", now=now,
+                                  factor=factor)
         await send(self.c.etcd, self.c.keys, record)
         target = f"job {record.job} rank {record.rank}" if record.job else f"node {record.node}"
         return pb.ChaosResponse(id=record.id, node_id=record.node,

@@ -10,11 +10,13 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from common import events
+from controller.goodput import Goodput
 from controller.recovery_decisions import newest_by_slot, next_failure_cost
 from controller.state import JobView, NodeSummary
 from protos import tenax_pb2 as pb
 from protos.plan import Plan
-from protos.records import StepRecord
+from protos.records import JobEventRecord, StepRecord
 from common.spec import JobSpec
 
 
@@ -113,6 +115,9 @@ def node_to_proto(node: NodeSummary) -> pb.NodeInfo:
         condition_reason=node.reason,
         store_address=str(rec.get("store_address", "")),
     )
+    devices = rec.get("slot_devices")
+    if isinstance(devices, list):
+        msg.slot_devices.extend(str(d) for d in devices)
     labels = rec.get("labels")
     if isinstance(labels, dict):
         msg.labels.update({str(k): str(v) for k, v in labels.items()})
@@ -133,6 +138,16 @@ def step_to_proto(step: StepRecord) -> pb.StepMetrics:
     return pb.StepMetrics(step=step.step, loss=step.loss, generation=step.generation, time=step.time,
                           step_time_s=step.step_time_s, tokens_per_s=step.tokens_per_s,
                           eval_loss=step.eval_loss, eval_perplexity=step.eval_perplexity)
+
+
+def event_to_proto(event: JobEventRecord) -> pb.JobEventEntry:
+    d = events.event_json(event)
+    return pb.JobEventEntry(time=d["time"], kind=d["kind"], step=d["step"], generation=d["generation"],
+                            message=d["message"], action=d["action"], data_json=events.data_json(d["data"]))
+
+
+def goodput_to_proto(g: Goodput) -> pb.Goodput:
+    return pb.Goodput(**g.to_dict())
 
 
 def phase_name(value: int) -> str:

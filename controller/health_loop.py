@@ -57,7 +57,9 @@ from controller.detection import (
     detect_hang,
     per_sample_seconds,
 )
+from common import events
 from common.layout import even_shares
+from controller.events import hang_cause, hang_event, write_events
 from controller.handle import ControllerHandle
 from controller.recovery import Recovery
 from controller.recovery_decisions import failed_slots
@@ -401,14 +403,23 @@ class HealthLoop:
     async def _check_hang(self, job: JobView, ranks, memory: _JobMemory, now: float) -> None:
         decision, reason = hang_decision(job.plan, ranks, now, generation_seen_at=memory.seen_at,
                                          settings=self.settings.hang)
+        progress = {p.rank: p for p in rank_progress(job.plan, ranks, generation_seen_at=memory.seen_at)}
         for rank in decision.hung_ranks:
             if rank in memory.killed:
                 continue
             memory.killed.add(rank)
             metrics.HANGS_DETECTED.labels(job.id).inc()
             log.warning("job %s rank %d declared hung: %s", job.id, rank, reason)
+            p = progress.get(rank)
+            silent = max(now - p.progress_at, 0.0) if p is not None else decision.timeout_s
+            a = job.plan.worker(rank)
+            # the kill's reason becomes the worker's root cause (its agent adds what it sees: SIGSTOP)
             record = chaos.rank_request(action="kill", plan=job.plan, job=job.id, rank=rank,
-                                        reason=f"hung: {reason}"[:500], now=now)
+                                        reason=hang_cause(rank, silent, p.process_stopped if p else None), now=now)
+            await write_events(self.c, job.id, [hang_event(
+                rank=rank, node=a.node, slot=a.slot, silent_s=silent, timeout_s=decision.timeout_s,
+                step=p.step if p is not None else 0, generation=job.plan.generation,
+                stopped=p.process_stopped if p is not None else None, reason=reason, now=now)])
             await chaos.send(self.c.etcd, self.c.keys, record)
             self.actions.append(("kill", f"{job.id}/{rank}", reason))
 
@@ -498,7 +509,11 @@ class HealthLoop:
         """Write this generation's ``straggler`` job event (raises EtcdError; ``memory.event`` is
         updated only once it is written)."""
         key = self.c.keys.job_event(job.id, memory.generation * 10 + STRAGGLER_EVENT_PART)
-        await self.c.etcd.put(key, JobEventRecord(kind="straggler", time=now, data=data).to_json())
+        steps = [int(v.get("step", 0) or 0) for v in (data.get("flagged") or {}).values() if isinstance(v, dict)]
+        record = events.new_event("straggler", events.describe(JobEventRecord(kind="straggler", time=now, data=data)),
+                                  now=now, step=int(data.get("action_step") or max(steps, default=0)),
+                                  action=str(data.get("action", "")), data=data)
+        await self.c.etcd.put(key, record.to_json())
         memory.event = data
 
     # ---------------------------------------------------------------- degraded GPUs

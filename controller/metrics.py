@@ -35,6 +35,13 @@ JOB_RECOVERABLE_AGE = Gauge("tenax_job_recoverable_age_seconds",
                             "Seconds since the latest recoverable snapshot was completed", ["job"],
                             registry=REGISTRY)
 
+JOB_GOODPUT = Gauge("tenax_job_goodput_ratio",
+                    "Effective training time ratio (ETTR): productive step time / wall time since submit",
+                    ["job"], registry=REGISTRY)
+JOB_TIME_LOST = Gauge("tenax_job_time_lost_seconds",
+                      "Wall time since submit that was not productive training, by cause "
+                      "(pending, recovery, replayed, stall)", ["job", "cause"], registry=REGISTRY)
+
 # recoveries and stragglers
 RECOVERIES = Counter("tenax_recoveries_total", "Recoveries by cause", ["cause"], registry=REGISTRY)
 RECOVERY_DURATION = Histogram(
@@ -69,12 +76,12 @@ JOB_LAST_RECOVERY = Gauge("tenax_job_last_recovery_seconds",
 def forget_job(job: str) -> None:
     """Drop a finished job's series so the label set stays bounded."""
     for metric in (JOB_STEP, JOB_LOSS, JOB_TOKENS_PER_SECOND, JOB_GENERATION, JOB_WORKERS, JOB_LAST_PROGRESS,
-                   JOB_RECOVERABLE_STEP_LAG, JOB_RECOVERABLE_AGE, RECOVERY_MTTR):
+                   JOB_RECOVERABLE_STEP_LAG, JOB_RECOVERABLE_AGE, RECOVERY_MTTR, JOB_GOODPUT):
         try:
             metric.remove(job)
         except KeyError:
             pass
-    for metric in (STRAGGLER_SCORE, JOB_PHASE, JOB_RECOVERIES, JOB_LAST_RECOVERY):
+    for metric in (STRAGGLER_SCORE, JOB_PHASE, JOB_RECOVERIES, JOB_LAST_RECOVERY, JOB_TIME_LOST):
         for labels in list(metric._metrics):  # (job, rank|phase|cause) pairs
             if labels[0] == job:
                 metric.remove(*labels)

@@ -61,7 +61,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from controller import metrics
+from controller import events, metrics
 from controller.recovery_decisions import (
     GROWTH_PREPARE_TIMEOUT_S,
     Failure,
@@ -213,12 +213,16 @@ class Recovery:
         nodes = nodes if nodes is not None else self._nodes()
         view = self._view(job, nodes, lost_ranks=failure.lost_ranks, lost_nodes=failure.lost_nodes)
         plan, reason = replan(job.spec, job.plan, view, cause=failure.cause, now=now)
+        # the why: node-lost events, and the root cause (a hang, an exception) over "worker-failed"
+        lost = events.node_lost_events(failure, job.plan, step=job.progress.step, now=now)
         if plan is None:
-            message = f"cannot recover from {failure.description}: {reason}"
-            await self._set_status(job, phase="FAILED", message=message, now=now)
+            message = events.failed_message(failure, reason, job.plan, job.workers)
+            if await self._set_status(job, phase="FAILED", message=message, now=now):
+                await events.write_events(self.c, job.id, lost)
             log.error("job %s FAILED: %s", job.id, message)
             return True, message
-        entry = pending_recovery(cause=failure.cause, old=job.plan, new=plan, at_step=job.progress.step,
+        entry = pending_recovery(cause=events.root_cause(failure, job.plan, job.workers), old=job.plan, new=plan,
+                                 at_step=job.progress.step,
                                  failed_at=failure.failed_at, seen_at=now, planned_at=time.time())
         message = f"recovering from {failure.description}: {reason}"
         lost_nodes = failure.lost_nodes
@@ -229,6 +233,7 @@ class Recovery:
         if ok:
             log.warning("job %s RECOVERING (generation %d): %s", job.id, plan.generation, message)
             await self._apply_cordons(job, plan.generation, cordons, nodes)
+            await events.write_events(self.c, job.id, lost)
             return True, message
         return False, "the plan changed meanwhile (another writer); the next pass re-plans"
 

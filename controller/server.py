@@ -48,6 +48,8 @@ from common.retry import Backoff
 from controller import metrics
 from controller.api import JobService, NodeService
 from controller.chaos import ChaosService
+from controller.events import EventRecorder
+from controller.goodput import GoodputTracker
 from controller.handle import ControllerHandle
 from controller.health_loop import HealthLoop, HealthSettings
 from controller.leader import LeaderElector
@@ -147,6 +149,10 @@ class Controller:
                                         interval_s=settings.reconcile_interval_s)
         """The leader's job loop: scheduling and phases (controller/reconcile.py)."""
         self.cache.add_listener(self._on_change)
+        self.goodput = GoodputTracker(self.handle)
+        """ETTR per job, for the API and the gauges (controller/goodput.py)."""
+        self.events = EventRecorder(self.handle)
+        """Phase, first-plan, growth and drain job events from key changes (controller/events.py)."""
 
     @property
     def is_leader(self) -> bool:
@@ -165,7 +171,7 @@ class Controller:
                 ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
             ])
-        pb_grpc.add_JobServiceServicer_to_server(JobService(self.handle), server)
+        pb_grpc.add_JobServiceServicer_to_server(JobService(self.handle, self.goodput), server)
         pb_grpc.add_NodeServiceServicer_to_server(NodeService(self.handle), server)
         # admin-only fault injection (who may call it: controller/auth.py)
         pb_grpc.add_ChaosServiceServicer_to_server(ChaosService(self.handle), server)
@@ -203,6 +209,7 @@ class Controller:
             asyncio.create_task(self.cache.run(), name="cache"),
             asyncio.create_task(self.elector.run(), name="election"),
             asyncio.create_task(self._gauges_loop(), name="gauges"),
+            asyncio.create_task(self.events.run(), name="events"),
         ]
 
     async def _connect_etcd(self) -> None:
@@ -342,6 +349,7 @@ class Controller:
             await asyncio.sleep(1.0)
             try:
                 self.update_gauges()
+                await self.goodput.refresh(jobs_from(self.cache), time.time())
             except Exception:
                 log.exception("updating gauges failed")
 

@@ -266,6 +266,16 @@ def job_detail() -> dict[str, Any]:
                                 "(rate(tenax_recovery_duration_seconds_bucket[1h])))", "{{phase}}")),
                        unit="s"), 24, 8)
 
+    lay.row("Goodput")
+    lay.add(stat("Goodput (ETTR)", "Productive step time / wall time since submit; the rest is split below.",
+                 f"max(tenax_job_goodput_ratio{{{job}}})", unit="percentunit",
+                 thresholds=[(None, "red"), (0.8, "orange"), (0.95, "green")]), 6, 8)
+    lay.add(timeseries("Time lost by cause", "Wall time since submit that was not productive training: pending "
+                       "(queue, start-up), recovery (MTTR), replayed steps, stalls (hangs before detection, "
+                       "planned switches, overhead between steps).",
+                       targets((f"max by (cause) (tenax_job_time_lost_seconds{{{job}}})", "{{cause}}")),
+                       unit="s"), 18, 8)
+
     lay.row("Snapshots")
     lay.add(timeseries("Recoverable-step lag", "Steps a failure would lose now (current step minus the newest "
                        "snapshot that verifies on a surviving buddy).",

@@ -21,7 +21,8 @@ Layout (``P`` is the cluster prefix, default ``/tenax``)::
     P/jobs/<job>/workers/<rank>           WorkerStatus reported by the agent (pid, state, exit)
     P/jobs/<job>/progress/<rank>          latest progress summary of a rank (throttled by the agent)
     P/jobs/<job>/metrics/<step:012d>      a batch of per-step records starting at <step> (rank 0)
-    P/jobs/<job>/events/<seq:012d>        job events for WatchJob (phase, plan, recovery)
+    P/jobs/<job>/events/<seq:012d>        job events keyed by generation (plan, recovery, straggler)
+    P/jobs/<job>/events/t<time_ns:020d>-<id>  every other job event (common/events.py); readers sort by time
     P/jobs/<job>/telemetry/<node>         per-step rank timings and liveness of the node's ranks (agent, ~1/s)
     P/chaos/<node>/<id>                   a chaos (fault injection) or kill request for that node's agent
     P/owners/<job>                        the identity that submitted the job (written with its spec)
@@ -121,6 +122,10 @@ class Keys:
 
     def job_event(self, job: str, seq: int) -> str:
         return f"{self.prefix}/jobs/{job}/events/{seq:012d}"
+
+    def job_event_at(self, job: str, time_ns: int, suffix: str) -> str:
+        """An event keyed by its time (``suffix`` keeps two writers apart, or makes a rewrite idempotent)."""
+        return f"{self.prefix}/jobs/{job}/events/t{time_ns:020d}-{suffix}"
 
     def job_telemetry(self, job: str) -> str:
         return f"{self.prefix}/jobs/{job}/telemetry/"

@@ -93,7 +93,7 @@ def _convert(value: Any, kind: type, what: str) -> Any:
 
 
 _KINDS = {"float": float, "int": int, "str": str, "bool": bool, "dict": dict, "list": list, "dict[str, Any]": dict,
-          "dict[str, str]": dict, "list[dict[str, Any]]": list, "list[int]": list,
+          "dict[str, str]": dict, "list[dict[str, Any]]": list, "list[int]": list, "list[str]": list,
           "float | None": float, "int | None": int}
 
 
@@ -164,6 +164,9 @@ class NodeRecord(_Record):
     condition_reason: str = ""
     started: float = 0.0
     """Unix seconds when the agent registered."""
+    slot_devices: list[str] = field(default_factory=list)
+    """Slot i -> the CUDA_VISIBLE_DEVICES its workers get ("" = no GPU); [] = slot i is GPU i
+    (agents from before the slot map)."""
 
     def check(self) -> None:
         if not self.id or "/" in self.id:
@@ -250,6 +253,11 @@ class WorkerStatusRecord(_Record):
     generation: int = 0
     """Plan generation the worker was started for (0: unknown)."""
     time: float = 0.0
+    cause: str = ""
+    """Why the agent killed it, when something else was wrong first (the root cause, e.g.
+    ``hang: rank 1 made no progress for 4.1 s, stopped by SIGSTOP; killed``); "" otherwise."""
+    last_error: str = ""
+    """A failed worker: the last exception line of its log ("" if none)."""
 
     def check(self) -> None:
         if self.state not in WORKER_STATES:
@@ -317,12 +325,21 @@ class MetricsBatch:
 
 @dataclass(kw_only=True, frozen=True)
 class JobEventRecord(_Record):
-    """An explicit job event at Keys.job_event(job, seq) (recoveries, notes)."""
+    """One entry of a job's timeline at Keys.job_event(job, seq) or Keys.job_event_at(...)
+    (common/events.py writes them; kinds in common.events.EVENT_KINDS)."""
 
     kind: str
-    """``recovery`` (data mirrors proto Recovery) or ``note``."""
+    """``hang``, ``straggler``, ``node-lost``, ``xid``, ``worker-exit``, ``plan``, ``recovery``
+    (data mirrors proto Recovery), ``growth``, ``drain``, ``phase`` or ``note``."""
     time: float
     data: dict[str, Any] = field(default_factory=dict)
+    """The evidence (scores, timeouts, signal seen, exit code, last exception line ...)."""
+    message: str = ""
+    """One line: what happened and why ("" on older records: common.events.describe renders one)."""
+    step: int = 0
+    """The job's step when it happened (0: unknown)."""
+    action: str = ""
+    """What was done about it ("" = nothing)."""
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -283,7 +283,7 @@ class Recovery(_message.Message):
     def __init__(self, cause: _Optional[str] = ..., generation: _Optional[int] = ..., old_layout: _Optional[_Union[Layout, _Mapping]] = ..., new_layout: _Optional[_Union[Layout, _Mapping]] = ..., at_step: _Optional[int] = ..., detection_s: _Optional[float] = ..., plan_s: _Optional[float] = ..., rebuild_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., total_s: _Optional[float] = ..., steps_lost: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., from_disk: _Optional[bool] = ..., time: _Optional[float] = ..., bytes_local: _Optional[int] = ..., worker_total_s: _Optional[float] = ..., prepare_s: _Optional[float] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("phase", "message", "step", "loss", "tokens_per_s", "generation", "layout", "workers", "recoveries", "recoverable_step", "created", "updated", "eta_s", "redundancy", "next_failure_cost")
+    __slots__ = ("phase", "message", "step", "loss", "tokens_per_s", "generation", "layout", "workers", "recoveries", "recoverable_step", "created", "updated", "eta_s", "redundancy", "next_failure_cost", "goodput")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -299,6 +299,7 @@ class JobStatus(_message.Message):
     ETA_S_FIELD_NUMBER: _ClassVar[int]
     REDUNDANCY_FIELD_NUMBER: _ClassVar[int]
     NEXT_FAILURE_COST_FIELD_NUMBER: _ClassVar[int]
+    GOODPUT_FIELD_NUMBER: _ClassVar[int]
     phase: JobPhase
     message: str
     step: int
@@ -314,7 +315,44 @@ class JobStatus(_message.Message):
     eta_s: float
     redundancy: str
     next_failure_cost: str
-    def __init__(self, phase: _Optional[_Union[JobPhase, str]] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., recoveries: _Optional[_Iterable[_Union[Recovery, _Mapping]]] = ..., recoverable_step: _Optional[int] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., eta_s: _Optional[float] = ..., redundancy: _Optional[str] = ..., next_failure_cost: _Optional[str] = ...) -> None: ...
+    goodput: Goodput
+    def __init__(self, phase: _Optional[_Union[JobPhase, str]] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., recoveries: _Optional[_Iterable[_Union[Recovery, _Mapping]]] = ..., recoverable_step: _Optional[int] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., eta_s: _Optional[float] = ..., redundancy: _Optional[str] = ..., next_failure_cost: _Optional[str] = ..., goodput: _Optional[_Union[Goodput, _Mapping]] = ...) -> None: ...
+
+class Goodput(_message.Message):
+    __slots__ = ("ratio", "wall_s", "productive_s", "pending_s", "recovery_s", "replayed_s", "stall_s")
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    WALL_S_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTIVE_S_FIELD_NUMBER: _ClassVar[int]
+    PENDING_S_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_S_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_S_FIELD_NUMBER: _ClassVar[int]
+    STALL_S_FIELD_NUMBER: _ClassVar[int]
+    ratio: float
+    wall_s: float
+    productive_s: float
+    pending_s: float
+    recovery_s: float
+    replayed_s: float
+    stall_s: float
+    def __init__(self, ratio: _Optional[float] = ..., wall_s: _Optional[float] = ..., productive_s: _Optional[float] = ..., pending_s: _Optional[float] = ..., recovery_s: _Optional[float] = ..., replayed_s: _Optional[float] = ..., stall_s: _Optional[float] = ...) -> None: ...
+
+class JobEventEntry(_message.Message):
+    __slots__ = ("time", "kind", "step", "generation", "message", "action", "data_json")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    DATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    kind: str
+    step: int
+    generation: int
+    message: str
+    action: str
+    data_json: str
+    def __init__(self, time: _Optional[float] = ..., kind: _Optional[str] = ..., step: _Optional[int] = ..., generation: _Optional[int] = ..., message: _Optional[str] = ..., action: _Optional[str] = ..., data_json: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "spec", "status")
@@ -347,23 +385,25 @@ class StepMetrics(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., generation: _Optional[int] = ..., time: _Optional[float] = ..., step_time_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_perplexity: _Optional[float] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "time", "phase", "plan", "recovery", "progress")
+    __slots__ = ("job_id", "time", "phase", "plan", "recovery", "progress", "entry")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     time: float
     phase: JobPhase
     plan: Plan
     recovery: Recovery
     progress: StepMetrics
-    def __init__(self, job_id: _Optional[str] = ..., time: _Optional[float] = ..., phase: _Optional[_Union[JobPhase, str]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., recovery: _Optional[_Union[Recovery, _Mapping]] = ..., progress: _Optional[_Union[StepMetrics, _Mapping]] = ...) -> None: ...
+    entry: JobEventEntry
+    def __init__(self, job_id: _Optional[str] = ..., time: _Optional[float] = ..., phase: _Optional[_Union[JobPhase, str]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., recovery: _Optional[_Union[Recovery, _Mapping]] = ..., progress: _Optional[_Union[StepMetrics, _Mapping]] = ..., entry: _Optional[_Union[JobEventEntry, _Mapping]] = ...) -> None: ...
 
 class GpuHealth(_message.Message):
-    __slots__ = ("index", "name", "utilization", "memory_used", "memory_total", "temperature_c", "power_w", "sm_clock_mhz", "throttle_reasons", "ecc_volatile_dbe", "retired_pages", "xid_events")
+    __slots__ = ("index", "name", "utilization", "memory_used", "memory_total", "temperature_c", "power_w", "sm_clock_mhz", "throttle_reasons", "ecc_volatile_dbe", "retired_pages", "xid_events", "remapped_rows_pending", "remapped_rows_failed", "pcie_replay_errors", "nvlink_errors", "xid_total")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -376,6 +416,11 @@ class GpuHealth(_message.Message):
     ECC_VOLATILE_DBE_FIELD_NUMBER: _ClassVar[int]
     RETIRED_PAGES_FIELD_NUMBER: _ClassVar[int]
     XID_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REMAPPED_ROWS_PENDING_FIELD_NUMBER: _ClassVar[int]
+    REMAPPED_ROWS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    PCIE_REPLAY_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    NVLINK_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    XID_TOTAL_FIELD_NUMBER: _ClassVar[int]
     index: int
     name: str
     utilization: float
@@ -388,7 +433,12 @@ class GpuHealth(_message.Message):
     ecc_volatile_dbe: int
     retired_pages: int
     xid_events: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., utilization: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_total: _Optional[int] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ..., sm_clock_mhz: _Optional[float] = ..., throttle_reasons: _Optional[_Iterable[str]] = ..., ecc_volatile_dbe: _Optional[int] = ..., retired_pages: _Optional[int] = ..., xid_events: _Optional[_Iterable[int]] = ...) -> None: ...
+    remapped_rows_pending: int
+    remapped_rows_failed: int
+    pcie_replay_errors: int
+    nvlink_errors: int
+    xid_total: int
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., utilization: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_total: _Optional[int] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ..., sm_clock_mhz: _Optional[float] = ..., throttle_reasons: _Optional[_Iterable[str]] = ..., ecc_volatile_dbe: _Optional[int] = ..., retired_pages: _Optional[int] = ..., xid_events: _Optional[_Iterable[int]] = ..., remapped_rows_pending: _Optional[int] = ..., remapped_rows_failed: _Optional[int] = ..., pcie_replay_errors: _Optional[int] = ..., nvlink_errors: _Optional[int] = ..., xid_total: _Optional[int] = ...) -> None: ...
 
 class NodeHealth(_message.Message):
     __slots__ = ("cpu_percent", "memory_used", "memory_total", "gpus", "time")
@@ -405,7 +455,7 @@ class NodeHealth(_message.Message):
     def __init__(self, cpu_percent: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_total: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuHealth, _Mapping]]] = ..., time: _Optional[float] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("id", "hostname", "address", "slots", "used_slots", "state", "condition", "condition_reason", "health", "labels", "store_address")
+    __slots__ = ("id", "hostname", "address", "slots", "used_slots", "state", "condition", "condition_reason", "health", "labels", "store_address", "slot_devices")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -424,6 +474,7 @@ class NodeInfo(_message.Message):
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_DEVICES_FIELD_NUMBER: _ClassVar[int]
     id: str
     hostname: str
     address: str
@@ -435,7 +486,8 @@ class NodeInfo(_message.Message):
     health: NodeHealth
     labels: _containers.ScalarMap[str, str]
     store_address: str
-    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., address: _Optional[str] = ..., slots: _Optional[int] = ..., used_slots: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., condition: _Optional[_Union[NodeCondition, str]] = ..., condition_reason: _Optional[str] = ..., health: _Optional[_Union[NodeHealth, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., store_address: _Optional[str] = ...) -> None: ...
+    slot_devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., address: _Optional[str] = ..., slots: _Optional[int] = ..., used_slots: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., condition: _Optional[_Union[NodeCondition, str]] = ..., condition_reason: _Optional[str] = ..., health: _Optional[_Union[NodeHealth, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., store_address: _Optional[str] = ..., slot_devices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)
@@ -486,6 +538,22 @@ class GetJobMetricsResponse(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[StepMetrics]
     def __init__(self, steps: _Optional[_Iterable[_Union[StepMetrics, _Mapping]]] = ...) -> None: ...
+
+class ListJobEventsRequest(_message.Message):
+    __slots__ = ("job_id", "limit", "since_time")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_TIME_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    limit: int
+    since_time: float
+    def __init__(self, job_id: _Optional[str] = ..., limit: _Optional[int] = ..., since_time: _Optional[float] = ...) -> None: ...
+
+class ListJobEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[JobEventEntry]
+    def __init__(self, events: _Optional[_Iterable[_Union[JobEventEntry, _Mapping]]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

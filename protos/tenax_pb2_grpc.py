@@ -64,6 +64,11 @@ class JobServiceStub:
                 request_serializer=protos_dot_tenax__pb2.GetJobMetricsRequest.SerializeToString,
                 response_deserializer=protos_dot_tenax__pb2.GetJobMetricsResponse.FromString,
                 _registered_method=True)
+        self.ListJobEvents = channel.unary_unary(
+                '/tenax.v1.JobService/ListJobEvents',
+                request_serializer=protos_dot_tenax__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_tenax__pb2.ListJobEventsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -105,6 +110,12 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetJobMetrics,
                     request_deserializer=protos_dot_tenax__pb2.GetJobMetricsRequest.FromString,
                     response_serializer=protos_dot_tenax__pb2.GetJobMetricsResponse.SerializeToString,
+            ),
+            'ListJobEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobEvents,
+                    request_deserializer=protos_dot_tenax__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=protos_dot_tenax__pb2.ListJobEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class JobService:
             '/tenax.v1.JobService/GetJobMetrics',
             protos_dot_tenax__pb2.GetJobMetricsRequest.SerializeToString,
             protos_dot_tenax__pb2.GetJobMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tenax.v1.JobService/ListJobEvents',
+            protos_dot_tenax__pb2.ListJobEventsRequest.SerializeToString,
+            protos_dot_tenax__pb2.ListJobEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -175,7 +175,9 @@ def main() -> int:
     except LaunchError as exc:
         print(f"tenax worker rank {rank}: launch error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # where it was when interrupted: the log's last exception line (tenax logs, events)
+        traceback.print_exc()
+        sys.stderr.flush()
         return 130
     except Exception as exc:  # noqa: BLE001 - report any training failure clearly, then exit non-zero
         traceback.print_exc()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cli.local import (LocalClusterSettings, _newest_job_id, _process_key, local_cluster_state,
+from cli.local import (LocalClusterSettings, _process_key, local_cluster_state,
                               stop_processes)
 
 
@@ -55,8 +55,3 @@ def test_stop_processes_terms_then_kills_and_spares_recycled_pids():
                 proc.wait(5)
 
 
-def test_newest_job_id_from_jobs_json():
-    listing = [{"id": "a", "created": 1.0}, {"id": "b", "created": 2.0}]
-    assert _newest_job_id(json.dumps(listing)) == "b"
-    assert _newest_job_id("not json") == ""
-    assert _newest_job_id("[]") == ""

@@ -251,6 +251,10 @@ def test_job_lifecycle_pending_running_succeeded_with_watch_and_metrics(etcd_url
             phases = [pb.JobPhase.Name(ev.phase) for ev in events if ev.WhichOneof("event") == "phase"]
             assert phases == ["PENDING", "RUNNING", "SUCCEEDED"]
             assert "plan" in kinds and [ev.progress.step for ev in events if ev.progress.step] == [1, 2, 3]
+            # the timeline streams too (ListJobEvents' entries, as they are written)
+            entries = [(ev.entry.kind, ev.entry.message) for ev in events if ev.WhichOneof("event") == "entry"]
+            assert entries[0][0] == "plan" and entries[0][1].startswith("plan generation 1: 4 workers"), entries
+            assert ("phase", "PENDING -> RUNNING: placed 4 worker(s) on 2 node(s)") in entries, entries
             nodes = {n.id: n for n in (await api.nodes.ListNodes(pb.ListNodesRequest(), timeout=5)).nodes}
             assert nodes["n1"].used_slots == 0  # slots free again
             for lease in leases:

@@ -57,13 +57,14 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 
 @contextlib.contextmanager
-def local_cluster(tmp_path: Path, *, agents: int = 2, slots: int = 2, controllers: int = 1, etcd: str = "",
+def local_cluster(tmp_path: Path, *, agents: int = 2, slots: int | None = 2, controllers: int = 1, etcd: str = "",
                   controller_args: Sequence[str] = (), agent_args: Sequence[str] = ()):
     """`tenax up --detach`; yields its JSON; always `tenax down` and SIGKILLs survivors.
     ``controller_args``: extra `tenax controller` flags (``--controller-arg``);
     ``agent_args``: extra flags for every agent (``--agent-arg``)."""
     home = tmp_path / "home"
-    args = ["up", "--detach", "--agents", str(agents), "--slots", str(slots), "--controllers", str(controllers),
+    args = ["up", "--detach", "--agents", str(agents), *(["--slots", str(slots)] if slots is not None else []),
+            "--controllers", str(controllers),
             "--lease-ttl", str(TTL_S), "--timeout", "60", "--agent-arg=--kill-grace=2",
             *(f"--agent-arg={a}" for a in agent_args)]
     if etcd:

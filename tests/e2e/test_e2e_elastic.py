@@ -58,6 +58,12 @@ def job_doc(info: dict, job_id: str) -> dict:
     return doc
 
 
+def timeline(info: dict, job_id: str) -> list[dict]:
+    """`tenax events ID --json`: the job's events, oldest first."""
+    out = tenax("events", job_id, "--json", "--controller", info["controller"], home=info["home"], timeout_s=30)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
 def worker_logs(info: dict, tail_chars: int = 3000) -> str:
     """The end of every worker's and agent's log: what a failed assertion shows (a CI run's
     temp dirs are gone by the time anyone reads its output)."""
@@ -231,6 +237,9 @@ def test_kill_an_agent_with_two_workers_changes_the_layout(tmp_path, reference):
         assert {w["node"] for w in doc["workers"]} == {"node-0"}
         assert_survivors_kept_their_pids(pids, pids_by_slot(doc), lost)
         assert rec["detection_s"] < TTL_S + 2, rec  # the lease TTL bounds it
+        lost_event = next(e for e in timeline(info, job_id) if e["kind"] == "node-lost")
+        assert lost_event["data"]["node"] == "node-1", lost_event
+        assert lost_event["data"]["ranks"] == sorted(w["rank"] for w in before["workers"] if w["node"] == "node-1")
         assert_same_curve(job_losses(info, job_id), reference)
 
 
@@ -292,6 +301,11 @@ def test_growth_to_four_workers_then_drain_lose_no_step(tmp_path, long_reference
             assert drain_rec["bytes_moved"] + drain_rec["bytes_local"] > 0, drain_rec
             assert {w["node"] for w in doc["workers"]} == {"node-1"}
             assert_survivors_kept_their_pids(new_pids, pids_by_slot(doc), set())
+            events = timeline(info, job_id)
+            growth = [(e["data"]["state"], e["data"]["joiners"]) for e in events if e["kind"] == "growth"]
+            assert growth[:2] == [("PREPARING", ["node-1/0", "node-1/1"]), ("COMMITTED", ["node-1/0", "node-1/1"])], \
+                growth
+            assert any(e["kind"] == "drain" and e["data"]["node"] == "node-0" for e in events), events
             assert_same_curve(job_losses(info, job_id), long_reference)
 
 

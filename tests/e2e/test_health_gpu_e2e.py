@@ -13,7 +13,8 @@ import pytest
 from protos import tenax_pb2 as pb
 from protos.plan import Plan
 from tests.helpers.health_e2e_helpers import cluster_with_env, get_job
-from tests.e2e.test_e2e_cluster import KEYS, etcd_read, job_file, nodes, submit, wait_job_done, wait_job_step, wait_until
+from tests.e2e.test_e2e_cluster import (KEYS, etcd_read, job_file, nodes, submit, tenax, wait_job_done,
+                                        wait_job_step, wait_until)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -60,3 +61,14 @@ def test_injected_xid_degrades_the_node_and_its_worker_migrates_without_losing_a
         moves = [r for r in status.recoveries if r.generation == plan.generation]
         assert moves and all(r.steps_lost == 0 for r in moves), list(status.recoveries)
         assert status.step == STEPS
+
+        # the why, in the job's timeline: the XID the agent saw, the drain that followed, the move
+        out = tenax("events", job_id, "--json", "--controller", info["controller"], home=info["home"]).stdout
+        timeline = [json.loads(line) for line in out.splitlines() if line.strip()]
+        xid = next(e for e in timeline if e["kind"] == "xid")
+        assert xid["data"]["node"] == victim and xid["data"]["xids"] == [13] and "XID 13" in xid["message"], xid
+        drain = next(e for e in timeline if e["kind"] == "drain")
+        assert drain["data"]["node"] == victim, drain
+        kinds = [e["kind"] for e in timeline]
+        assert kinds.index("xid") < kinds.index("drain") < max(i for i, k in enumerate(kinds) if k == "plan"), kinds
+

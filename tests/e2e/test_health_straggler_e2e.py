@@ -24,6 +24,7 @@ dominates the step; the test polls rarely.
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -31,7 +32,7 @@ import pytest
 from protos.plan import Plan
 from tests.helpers.health_e2e_helpers import (FAST_DETECTION_ARGS, chaos_rpc, cluster_with_env, controller_metrics_address,
                                       job_events, metric_value, metrics_lines, scrape, wait_rarely)
-from tests.e2e.test_e2e_cluster import KEYS, etcd_read, job_file, submit
+from tests.e2e.test_e2e_cluster import KEYS, etcd_read, job_file, submit, tenax
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -80,6 +81,11 @@ def test_slow_rank_is_flagged_shares_rebalanced_and_throughput_recovers(tmp_path
         flagged = event["flagged"][str(SLOW_RANK)]
         at_flag = max((r["step"] for r in lines if r["time"] <= flagged["time"]), default=0)
         assert event["action"] == "rebalance" and event["action_ranks"] == [SLOW_RANK], event
+        # the same event in the job's timeline (`tenax events --json`): it names the rank and its score
+        out = tenax("events", job_id, "--json", "--controller", info["controller"], home=info["home"]).stdout
+        straggler = next(json.loads(line) for line in out.splitlines() if '"straggler"' in line)
+        assert f"rank {SLOW_RANK} (score {flagged['score']})" in straggler["message"], straggler
+        assert straggler["step"] == event["action_step"] and straggler["action"] == "rebalance", straggler
         seq = model["seq_len"]
         shares_by_generation = {g: (next(r["rank_tokens"] for r in lines if r["generation"] == g) // seq,
                                     next(r["rank_tokens"] for r in slow_lines if r["generation"] == g) // seq)

@@ -62,6 +62,9 @@ for phase, seconds in (("detection", 0.05), ("plan", 0.02), ("rebuild", 0.8), ("
     c.RECOVERY_DURATION.labels(phase).observe(seconds)
     c.JOB_LAST_RECOVERY.labels(job, phase).set(seconds)
 c.RECOVERY_MTTR.labels(job).set(1.3)
+c.JOB_GOODPUT.labels(job).set(0.9)
+for cause, seconds in (("pending", 12.0), ("recovery", 1.3), ("replayed", 0.3), ("stall", 4.0)):
+    c.JOB_TIME_LOST.labels(job, cause).set(seconds)
 c.STEPS_LOST.labels(job).inc(0)
 c.STRAGGLERS_FLAGGED.labels(job).inc(0)
 c.HANGS_DETECTED.labels(job).inc(0)

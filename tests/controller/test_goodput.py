@@ -1,0 +1,36 @@
+"""controller/goodput.py: ETTR and the time lost by cause (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.goodput import compute
+from protos.records import StepRecord
+
+
+def steps(*runs: tuple[int, float, float]) -> list[StepRecord]:
+    return [StepRecord(step=s, loss=1.0, time=t, step_time_s=d) for s, t, d in runs]
+
+
+def test_a_clean_run():
+    g = compute(created=0.0, end=12.0, steps=steps((1, 3.0, 1.0), (2, 4.0, 1.0), (3, 5.0, 1.0)), recoveries=[])
+    assert (g.pending_s, g.productive_s, g.replayed_s, g.recovery_s) == (2.0, 3.0, 0.0, 0.0)
+    assert g.stall_s == pytest.approx(7.0) and g.ratio == pytest.approx(0.25)
+
+
+def test_a_recovery_its_replayed_step_and_a_planned_switch():
+    # step 3 ran, then a failure: 2 s of recovery, step 3 ran again; a planned growth stalled 0.5 s
+    runs = steps((1, 2.0, 1.0), (2, 3.0, 1.0), (3, 4.0, 1.0), (3, 7.0, 1.0), (4, 8.0, 1.0))
+    recoveries = [{"cause": "worker-failed", "total_s": 2.0, "switch_at_step": -1},
+                  {"cause": "grow", "total_s": 3.0, "switch_at_step": 10, "worker_total_s": 0.5}]
+    g = compute(created=0.0, end=10.0, steps=runs, recoveries=recoveries)
+    assert g.productive_s == 4.0 and g.replayed_s == 1.0 and g.pending_s == 1.0 and g.recovery_s == 2.0
+    assert g.stall_s == pytest.approx(2.0) and g.ratio == pytest.approx(0.4)
+    assert sum(g.lost().values()) + g.productive_s == pytest.approx(g.wall_s)
+
+
+def test_nothing_ran_yet_is_all_pending_and_the_parts_never_exceed_the_wall():
+    g = compute(created=5.0, end=8.0, steps=[], recoveries=[])
+    assert (g.ratio, g.pending_s, g.wall_s) == (0.0, 3.0, 3.0)
+    g = compute(created=0.0, end=1.0, steps=steps((1, 1.0, 5.0)), recoveries=[{"total_s": 9.0}])
+    assert g.productive_s == 1.0 and g.recovery_s == 0.0 and g.stall_s == 0.0
