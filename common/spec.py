@@ -163,8 +163,9 @@ class ElasticSpec:
     """Fewest workers the job may shrink to before it fails."""
     max_workers: int = 0
     """Most workers the job may grow to; 0 means ``resources.workers``."""
-    snapshot_every: str = "1"
-    """In-memory snapshot interval: ``auto`` or a positive integer (steps)."""
+    snapshot_every: str = "auto"
+    """In-memory snapshot interval: ``auto`` (default: the smallest interval whose snapshots stay
+    hidden, measured in the first steps of every generation) or a positive integer (steps)."""
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     """Disk checkpoint interval (steps); 0 turns disk checkpoints off. Written asynchronously
     (torch.distributed.checkpoint, per rank) under the agent's run directory: they cover what the

@@ -107,7 +107,8 @@ from trainer import comm
 from trainer.abort import AbortWatcher, CommAborted, CommFailed
 from trainer.checkpoints import DiskCheckpoints
 from trainer.copies import Copies, flat_state
-from trainer.decisions import auto_snapshot_interval, idle_survivors, rank_in_plan, snapshot_metadata
+from trainer.decisions import (PROBE_STEPS, auto_snapshot_interval, idle_survivors, probe_snapshot_due, rank_in_plan,
+                               snapshot_metadata)
 from trainer.faults import Fault, FaultInjector
 from trainer.generation import Generation, Interruptions, RecoverableMetrics, StoreUnreachable
 from trainer.growth import prepare_to_join, warm_up_layout_math
@@ -163,6 +164,7 @@ class ElasticWorker:
             self.plans = PlanWatcher(etcd, self.keys.job_plan(launch_plan.job_id), on_plan=self._on_plan,
                                      tls=etcd_tls)
         self.snapshot_every = 1 if settings.snapshot_every == "auto" else int(settings.snapshot_every)
+        """The interval in force; ``auto`` re-derives it in every generation (``_tune_snapshot_interval``)."""
         self.recoveries: list[RecoveryRecord] = []
         self._last_step = -1
         """Newest step this process committed (at_step of a recovery that fails before training)."""
@@ -382,9 +384,9 @@ class ElasticWorker:
                                       flush_timeout_s=self.settings.collective_timeout_s)
             trainer.train_step()
             self._last_step = trainer.step
-            if self.snapshots_on and trainer.step % self.snapshot_every == 0:
+            if self.snapshots_on and self._snapshot_due(gen, trainer.step):
                 self._snapshot_boundary(gen, trainer.step, views, meta, round_moving=trainer.votes > 0)
-            self._tune_snapshot_interval(gen, trainer)
+                self._tune_snapshot_interval(gen, trainer)
         self._running_step = None
         comm.wait(dist.barrier(async_op=True), "final barrier")
         return None
@@ -408,8 +410,11 @@ class ElasticWorker:
             self.snapper.begin(step, views, meta)
             latest = self.snapper.latest  # on the background path (CUDA), the previous step's
             self._checkpoint(gen, latest)
+            posted = time.perf_counter()
             if replicator is not None:
                 replicator.post(latest)
+            # what this snapshot cost the training thread (not the one-off making of the pair groups)
+            gen.boundary_wall_s[step] = self.snapper.stats.last_begin_s + time.perf_counter() - posted
         finally:
             gen.boundary_cpu_s = time.thread_time() - cpu_started
 
@@ -443,11 +448,32 @@ class ElasticWorker:
         return Stopped(cause="switch", noticed=noticed, noticed_time=noticed_time, at_step=trainer.step,
                        planned=planned)
 
+    def _snapshot_due(self, gen: Generation, step: int) -> bool:
+        """After committed ``step``: a snapshot boundary? ``auto``: the probe's boundaries during
+        the first PROBE_STEPS steps of a generation (every rank alike), then every
+        ``snapshot_every``-th step."""
+        offset = step - gen.first_step
+        if self.settings.snapshot_every == "auto" and offset <= PROBE_STEPS:
+            return probe_snapshot_due(offset)
+        return step % self.snapshot_every == 0
+
     def _tune_snapshot_interval(self, gen: Generation, trainer) -> None:
-        """``snapshot_every: auto``: after 3 steps all ranks agree on the smallest hidden interval."""
-        if self.settings.snapshot_every != "auto" or trainer.step != gen.first_step + 3:
+        """``snapshot_every: auto``: at the probe's last boundary every rank derives the interval
+        from its measured times (``auto_snapshot_interval``) and all take the largest. Each
+        generation probes again: a new layout has its own step and copy times."""
+        first = gen.first_step
+        if self.settings.snapshot_every != "auto" or trainer.step != first + PROBE_STEPS:
             return
-        stats = self.snapper.stats
+        stats, times = self.snapper.stats, gen.step_times
+        clean_s = times.get(first + 3, 0.0)  # no copy in flight during it (none after step first+2)
+        overlapped_s = times.get(first + 2, clean_s)  # ran next to the copy of step first+1
+        stall_s = gen.boundary_wall_s.get(first + 1, 0.0)
+        if not stats.last_inline:  # a background copy slowed the step it overlapped by this much
+            stall_s += max(0.0, overlapped_s - clean_s)
         waited = gen.replicator.max_wait_s if gen.replicator is not None else 0.0
-        mine = auto_snapshot_interval(stats.last_copy_s + stats.last_checksum_s, gen.last_step_s or 0.0, waited)
-        self.snapshot_every = max(gather_json(mine, wait=gen.watcher.wait))
+        copy_s = stats.last_copy_s + stats.last_checksum_s
+        mine = auto_snapshot_interval(copy_s, clean_s, waited, stall_s)
+        self.snapshot_every = gen.snapshot_every = max(gather_json(mine, wait=gen.watcher.wait))
+        log.info("rank %d generation %d: snapshot_every auto -> %d (copy %.4f s, step %.4f s, stall %.4f s, "
+                 "replication wait %.4f s; this rank alone: %d)", gen.rank, gen.plan.generation, self.snapshot_every,
+                 copy_s, clean_s, stall_s, waited, mine)

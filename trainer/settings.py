@@ -145,7 +145,7 @@ class ElasticSettings:
     """Backstop of one transfer of state between ranks (seconds)."""
     prepare_wait_s: float = 300.0
     """A worker prepared for a growth waits this long (seconds) for the plan that takes it in, then exits 0."""
-    snapshot_every: str = "1"
+    snapshot_every: str = "auto"
     """Snapshot interval in steps, or ``auto`` (the job spec's ``elastic.snapshot_every``)."""
     checkpoint_every: int = 0
     """Disk checkpoint interval in steps; 0 = none (the job spec's ``elastic.checkpoint_every``)."""

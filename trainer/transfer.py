@@ -461,6 +461,9 @@ def replication_groups(ring: Mapping[int, int], rank: int, *, timeout_s: float =
 class ReplicationSettings:
     timeout_s: float = 60.0
     """Longest one replication wait may take (seconds) with the default wait."""
+    pin_memory: bool = False
+    """Receive replicas into pinned host buffers (CUDA jobs: a restore from a replica is then
+    one fast host-to-device copy)."""
 
 
 RENEGOTIATE = 1
@@ -663,6 +666,14 @@ class BuddyReplicator:
                 log.debug("rank %d: round in flight not received: %r", self.rank, exc)
         return [s for s in (self._spare, self.replica) if s is not None and s.complete]
 
+    def host_bytes(self) -> int:
+        """Host memory this replicator holds (bytes): the ward's replicas (two buffer sets, double
+        buffered) and the filler slab of empty rounds."""
+        slabs = [s.slab for s in (self._spare, self.replica) if s is not None and s.slab is not None]
+        if self._filler is not None:
+            slabs.append(self._filler)
+        return sum(t.numel() for t in slabs)
+
     def close(self) -> None:
         """No more rounds. A send still in flight gives its snapshot back to the snapshotter
         (a torn copy at the buddy fails its checksum there), and so does ``acked``."""
@@ -783,7 +794,7 @@ class BuddyReplicator:
             self._spare = None  # its buffers are about to be overwritten
             slab, tensors = spare.slab, spare.tensors
         else:
-            slab, tensors = allocate_slab(terms.layout)
+            slab, tensors = allocate_slab(terms.layout, pin=self.settings.pin_memory)
         return Snapshot(step=-1, tensors=tensors, slab=slab, metadata=dict(terms.metadata))
 
 
