@@ -48,6 +48,11 @@ class Copies:
             out += [s for s in replicator.replicas() if all(s is not o for o in out)]
         return out
 
+    def held(self) -> list[tuple[str, Snapshot]]:
+        """(role, snapshot) of every complete copy held, not verified (``restore.settle_copies``
+        verifies the ones a recovery uses)."""
+        return [(OWNER, s) for s in self.own()] + [(BUDDY, s) for s in self.replicas]
+
     def offered(self, rank: int) -> tuple[list[tuple[str, Snapshot, list[str]]], list[str]]:
         """((role, snapshot, its tensors that verify) of every copy with a good tensor,
         descriptions of the flat tensors that did not verify). One CRC pass per copy:

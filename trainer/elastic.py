@@ -114,7 +114,7 @@ from trainer.generation import Generation, Interruptions, RecoverableMetrics, St
 from trainer.growth import prepare_to_join, warm_up_layout_math
 from trainer.parallel import ParallelLayout
 from trainer.plan_watch import PlanWatcher
-from trainer.restore import Restored, Resume, recovery_record, transfer_state
+from trainer.restore import Restored, Resume, recovery_record, state_destinations, transfer_state
 from trainer.settings import ElasticSettings
 from trainer.snapshot import Snapshot, Snapshotter, SnapshotSettings
 from trainer.train import Trainer
@@ -160,6 +160,9 @@ class ElasticWorker:
         self.keys = Keys(etcd_prefix)
         self.growth_id = growth_id
         """Set for a worker started for a two-phase growth: it prepares before it joins."""
+        self._running_step: int | None = None
+        """The step being run (None between generations); read by the plan watch thread (set
+        before that thread starts: it may call ``_on_plan`` at once)."""
         if etcd:
             self.plans = PlanWatcher(etcd, self.keys.job_plan(launch_plan.job_id), on_plan=self._on_plan,
                                      tls=etcd_tls)
@@ -169,8 +172,6 @@ class ElasticWorker:
         self._last_step = -1
         """Newest step this process committed (at_step of a recovery that fails before training)."""
         self._current_gen: Generation | None = None
-        self._running_step: int | None = None
-        """The step being run (None between generations); read by the plan watch thread."""
         self._old_rank: dict[int, int] = {}
         """generation -> the rank this worker trained as in it (fault injection addresses old ranks)."""
         threading.Thread(target=warm_up_layout_math, args=(spec.model,), name="warm-up", daemon=True).start()
@@ -269,7 +270,8 @@ class ElasticWorker:
             rebuild_s = time.monotonic() - started
             if resume is not None:
                 if restored is None:
-                    restored = self._transfer(plan.generation, gen.rank, layout, resume, watcher.wait)
+                    restored = self._transfer(plan.generation, gen.rank, layout, resume, watcher.wait,
+                                              into=state_destinations(trainer))
                 else:
                     rebuild_s += restored.rebuild_s
                 self._resume(trainer, restored, resume, rebuild_s)
@@ -341,17 +343,22 @@ class ElasticWorker:
                        trained=gen.trained)
 
     # ------------------------------------------------------------ TRANSFERRING
-    def _transfer(self, generation: int, rank: int, layout, resume: Resume, wait) -> Restored:
-        """TRANSFERRING over the current default group (trainer.restore), after the test hooks."""
+    def _transfer(self, generation: int, rank: int, layout, resume: Resume, wait, into=None) -> Restored:
+        """TRANSFERRING over the current default group (trainer.restore), after the test hooks;
+        ``into``: the trainer's state tensors, to restore in place."""
         started = time.monotonic()
         self.faults.at_transfer(generation, rank, resume.old_generation,
                                 self._old_rank.get(resume.old_generation, -1), self.copies)
         return transfer_state(model_spec=self.spec.model, rank=rank, layout=layout, resume=resume, wait=wait,
                               snapper=self.snapper, copies=self.copies, disk=self.disk, settings=self.settings,
-                              started=started)
+                              started=started, into=into)
 
     def _resume(self, trainer, restored: Restored, resume: Resume, rebuild_s: float) -> None:
-        trainer.import_state({"tensors": restored.tensors, "step": restored.step, "committed_step": restored.step})
+        if restored.in_place:
+            trainer.resume_at(restored.step)
+        else:
+            trainer.import_state({"tensors": restored.tensors, "step": restored.step,
+                                  "committed_step": restored.step})
         self._last_step = restored.step
         record = recovery_record(trainer, restored, resume, rebuild_s)
         self.recoveries.append(record)
