@@ -46,6 +46,10 @@ def _fail(path: str, problem: str) -> None:
     raise SpecError(f"{path}: {problem}")
 
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+"""Values of ``model.activation_checkpointing`` (trainer/checkpointing.py)."""
+
+
 @dataclass(kw_only=True)
 class ModelSpec:
     arch: str = "gpt"
@@ -62,6 +66,9 @@ class ModelSpec:
     """Tokens per sample."""
     dropout: float = 0.1
     """Dropout probability in [0, 1); masks are keyed by (seed, step, sample, layer)."""
+    activation_checkpointing: str = "none"
+    """``none``, ``full`` (recompute each block in backward) or ``selective`` (keep the matrix
+    products' and attention's outputs, recompute the rest): trainer/checkpointing.py."""
 
     def validate(self, path: str) -> None:
         if self.arch not in ARCHS:
@@ -74,6 +81,9 @@ class ModelSpec:
             _fail(f"{path}.heads", f"must divide d_model={self.d_model}, got {self.heads}")
         if not 0.0 <= self.dropout < 1.0:
             _fail(f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            _fail(f"{path}.activation_checkpointing", f"must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, "
+                  f"got {self.activation_checkpointing!r}")
 
 
 @dataclass(kw_only=True)
