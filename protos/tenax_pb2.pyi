@@ -47,7 +47,7 @@ DEGRADED: NodeCondition
 FAILED_CONDITION: NodeCondition
 
 class ModelSpec(_message.Message):
-    __slots__ = ("arch", "layers", "d_model", "heads", "vocab_size", "seq_len", "dropout")
+    __slots__ = ("arch", "layers", "d_model", "heads", "vocab_size", "seq_len", "dropout", "activation_checkpointing")
     ARCH_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class ModelSpec(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     arch: str
     layers: int
     d_model: int
@@ -62,7 +63,8 @@ class ModelSpec(_message.Message):
     vocab_size: int
     seq_len: int
     dropout: float
-    def __init__(self, arch: _Optional[str] = ..., layers: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...
+    activation_checkpointing: str
+    def __init__(self, arch: _Optional[str] = ..., layers: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., dropout: _Optional[float] = ..., activation_checkpointing: _Optional[str] = ...) -> None: ...
 
 class DataSpec(_message.Message):
     __slots__ = ("kind", "path", "dtype", "num_samples")
