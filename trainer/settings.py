@@ -106,6 +106,8 @@ class WorkerSettings:
     """``TENAX_COMPILE``: ``auto`` (CUDA only), ``1`` or ``0``."""
     backend: str = ""
     """``TENAX_BACKEND``: ``gloo`` or ``nccl``; '' = by device."""
+    p2p_staging: str = "auto"
+    """``TENAX_P2P_STAGING``: ``auto`` (gloo with CUDA tensors), ``1`` or ``0``."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
@@ -128,6 +130,7 @@ class WorkerSettings:
             telemetry=_flag(env, launch.TELEMETRY, True),
             compile=_choice(env, launch.COMPILE, ("auto", "0", "1"), "auto"),
             backend=_choice(env, launch.BACKEND, ("gloo", "nccl"), ""),
+            p2p_staging=_choice(env, launch.P2P_STAGING, ("auto", "0", "1"), "auto"),
         )
 
 
