@@ -108,15 +108,20 @@ MAX_AUTO_INTERVAL = 64
 """Longest interval ``auto`` picks (steps): a noisy probe must not leave a job almost
 without in-memory copies."""
 
-PROBE_STEPS = 3
+PROBE_STEPS = 4
 """``auto`` measures the first PROBE_STEPS steps of every generation (its layout's own
-times): a snapshot after the first (its copy overlaps the second step), none after the
-second (the third step runs clean), one after the third; then it decides."""
+times): snapshots after the first (the generation's first replication round carries it)
+and the second (its copy overlaps the third step), none after the third (the fourth
+step runs clean), one after the fourth; then it decides."""
+
+PROBE_OVERLAPPED, PROBE_CLEAN = 3, 4
+"""Offsets (steps into the generation) of the probe's step that overlaps a snapshot copy
+and of its step that does not."""
 
 
 def probe_snapshot_due(offset: int) -> bool:
     """During the probe: is a snapshot due after the step ``offset`` steps into the generation?"""
-    return offset in (1, PROBE_STEPS)
+    return offset in (1, 2, PROBE_STEPS)
 
 
 def auto_snapshot_interval(copy_s: float, step_s: float, replication_wait_s: float = 0.0, stall_s: float = 0.0,

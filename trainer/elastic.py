@@ -107,7 +107,7 @@ from trainer import comm
 from trainer.abort import AbortWatcher, CommAborted, CommFailed
 from trainer.checkpoints import DiskCheckpoints
 from trainer.copies import Copies, flat_state
-from trainer.decisions import (PROBE_STEPS, auto_snapshot_interval, idle_survivors, probe_snapshot_due, rank_in_plan,
+from trainer.decisions import (PROBE_CLEAN, PROBE_OVERLAPPED, PROBE_STEPS, auto_snapshot_interval, idle_survivors, probe_snapshot_due, rank_in_plan,
                                snapshot_metadata)
 from trainer.faults import Fault, FaultInjector
 from trainer.generation import Generation, Interruptions, RecoverableMetrics, StoreUnreachable
@@ -415,11 +415,16 @@ class ElasticWorker:
             if replicator is not None:
                 replicator.complete()  # first: the older step it held pinned is free again for begin()
             self.snapper.begin(step, views, meta)
+            if replicator is not None and not gen.replication_posted:
+                # the generation's first round carries this snapshot, not an older one (or none):
+                # its layout becomes the pair's terms (a round that changes them carries nothing)
+                self.snapper.wait(self.settings.collective_timeout_s)
             latest = self.snapper.latest  # on the background path (CUDA), the previous step's
             self._checkpoint(gen, latest)
             posted = time.perf_counter()
             if replicator is not None:
                 replicator.post(latest)
+                gen.replication_posted = True
             # what this snapshot cost the training thread (not the one-off making of the pair groups)
             gen.boundary_wall_s[step] = self.snapper.stats.last_begin_s + time.perf_counter() - posted
         finally:
@@ -472,9 +477,9 @@ class ElasticWorker:
         if self.settings.snapshot_every != "auto" or trainer.step != first + PROBE_STEPS:
             return
         stats, times = self.snapper.stats, gen.step_times
-        clean_s = times.get(first + 3, 0.0)  # no copy in flight during it (none after step first+2)
-        overlapped_s = times.get(first + 2, clean_s)  # ran next to the copy of step first+1
-        stall_s = gen.boundary_wall_s.get(first + 1, 0.0)
+        clean_s = times.get(first + PROBE_CLEAN, 0.0)  # no copy in flight during it
+        overlapped_s = times.get(first + PROBE_OVERLAPPED, clean_s)  # ran next to the copy of the step before
+        stall_s = gen.boundary_wall_s.get(first + PROBE_OVERLAPPED - 1, 0.0)
         if not stats.last_inline:  # a background copy slowed the step it overlapped by this much
             stall_s += max(0.0, overlapped_s - clean_s)
         waited = gen.replicator.max_wait_s if gen.replicator is not None else 0.0

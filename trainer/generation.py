@@ -50,6 +50,8 @@ class Generation:
         """step -> its step_time (seconds), for ``snapshot_every: auto`` (the probe's steps)."""
         self.boundary_wall_s: dict[int, float] = {}
         """step -> wall time of the snapshot boundary after it (seconds)."""
+        self.replication_posted = False
+        """True once the generation's first replication round was posted."""
         self.snapshot_every: int | None = None
         """The interval ``auto`` picked in this generation (None: not yet, or a fixed one)."""
         self.boundary_cpu_s: float | None = None
@@ -140,6 +142,9 @@ class RecoverableMetrics:
             if held:  # host memory this rank keeps for in-memory copies (own snapshots, replicas)
                 replicas = gen.replicator.host_bytes() if gen.replicator is not None else 0
                 record["snapshot_host_bytes"] = held + replicas
+                latest = self.snapper.latest
+                if latest is not None and latest.nbytes:  # how many copies of this rank's state that is
+                    record["snapshot_host_copies"] = round((held + replicas) / latest.nbytes, 2)
             if gen.boundary_cpu_s is not None:  # the boundary after the previous step
                 record["boundary_cpu_s"], gen.boundary_cpu_s = gen.boundary_cpu_s, None
         self.inner.write(record)

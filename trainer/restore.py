@@ -182,4 +182,12 @@ def recovery_record(trainer, restored: Restored, resume: Resume, rebuild_s: floa
         steps_lost=steps_lost(restored.at_step, restored.step), noticed_time=resume.noticed_time,
         plan_wait_s=resume.plan_wait_s, rebuild_s=rebuild_s, transfer_s=restored.transfer_s,
         total_s=time.monotonic() - resume.noticed, bytes_moved=restored.received, bytes_local=restored.local,
-        from_disk=restored.from_disk, bad_copies=restored.bad_copies, time=time.time())
+        from_disk=restored.from_disk, bad_copies=restored.bad_copies, time=time.time(),
+        verify_s=restored.verify_s, local_s=restored.local_s, network_s=restored.network_s,
+        local_gbps=gbps(restored.local, restored.verify_s + restored.local_s),
+        network_gbps=gbps(restored.received, restored.network_s))
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    """Achieved GB/s (1e9 bytes per second); 0 when nothing moved."""
+    return round(nbytes / seconds / 1e9, 3) if nbytes and seconds > 0 else 0.0

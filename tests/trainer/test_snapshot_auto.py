@@ -36,8 +36,8 @@ def test_auto_interval_keeps_the_average_stall_within_the_budget():
         assert k == 1 or stall_s / (k - 1) > 0.03 * 0.1  # the smallest such interval
 
 
-def test_the_probe_snapshots_after_its_first_and_last_step_only():
-    assert [o for o in range(1, PROBE_STEPS + 1) if probe_snapshot_due(o)] == [1, PROBE_STEPS]
+def test_the_probe_leaves_one_clean_step_after_an_overlapped_one():
+    assert [o for o in range(1, PROBE_STEPS + 1) if probe_snapshot_due(o)] == [1, 2, PROBE_STEPS]
 
 
 def test_a_job_with_auto_recovers_losing_no_more_than_its_steps_at_risk(tmp_path, etcd_url):
