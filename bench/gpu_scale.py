@@ -126,9 +126,12 @@ def run_process(cmd: list[str], env: dict, log_path: Path, timeout_s: float) -> 
             time.sleep(0.05)
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1"}
+def _env(spec) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    if spec.resources.device == "cpu":  # every variant alike: one compute thread per process
+        env["OMP_NUM_THREADS"] = "1"
+    return env
 
 
 def tenax_run(spec, variant: str, out: Path, timeout_s: float) -> tuple[list[dict], int]:
@@ -144,7 +147,7 @@ def tenax_run(spec, variant: str, out: Path, timeout_s: float) -> tuple[list[dic
     launch_file = out / "launch.json"
     launch_file.write_text(json.dumps({"spec": spec.to_dict(), "plan": plan.to_dict()}))
     metrics = out / "metrics.jsonl"
-    env = {**_env(), launch.RANK: "0", launch.LAUNCH_FILE: str(launch_file), launch.METRICS_FILE: str(metrics),
+    env = {**_env(spec), launch.RANK: "0", launch.LAUNCH_FILE: str(launch_file), launch.METRICS_FILE: str(metrics),
            launch.COLLECTIVE_TIMEOUT_S: "600", launch.ELASTIC: "0" if variant == "tenax-plain" else "1",
            launch.SNAPSHOTS: "0" if variant == "tenax-nosnap" else "1"}
     code, rss = run_process([sys.executable, "-m", "trainer.worker"], env, out / "log.txt", timeout_s)
@@ -158,7 +161,7 @@ def loop_run(spec, variant: str, out: Path, timeout_s: float) -> tuple[list[dict
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec.to_dict()))
     code, rss = run_process([sys.executable, str(Path(__file__).resolve()), "--child", variant,
-                             "--child-dir", str(out)], _env(), out / "log.txt", timeout_s)
+                             "--child-dir", str(out)], _env(spec), out / "log.txt", timeout_s)
     if code != 0:
         raise RuntimeError(f"{variant} exited {code}: {(out / 'log.txt').read_text()[-3000:]}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()], rss
