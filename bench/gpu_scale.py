@@ -37,7 +37,11 @@ without it (as the controller would). Reported from the survivor's recovery reco
 split into detection (kill -> exit seen), plan (seen -> plan written), the worker's own
 plan wait, rebuild (rendezvous + model), transfer (verify + local copies + network),
 total (kill -> ready) and the restore rate from local copies (``local_gbps``) and over the
-network (``network_gbps``), steps lost. ``--restore-mb``: on CPU, a model sized so each
+network (``network_gbps``), steps lost, and the host memory each rank's in-memory copies
+hold. Host memory: each rank keeps up to 3 copies of its state for its own snapshots and 2
+for its ward's replica (pinned on CUDA); at 1.35B a dp2 ZeRO-1 rank holds 8.1 GB of state,
+so two ranks may pin ~80 GB: ``--snapshot-buffers 2`` caps the own copies at two
+(TENAX_SNAPSHOT_BUFFERS), ``--kill-layers`` shrinks the model of this part. ``--restore-mb``: on CPU, a model sized so each
 rank's state (params + two moments, fp32) is at least this many MB.
 
 Everything is printed as one JSON document on stdout (progress on stderr); ``--out`` also
@@ -298,7 +302,8 @@ def kill(args, cfg: dict, root: Path) -> dict:
     etcd = start_etcd(root / "etcd", log_path=root / "etcd.log")
     try:
         job = ElasticJob(spec, root / "kill", etcd.url, job="kill",
-                         env={launch.BACKEND: "gloo", launch.COLLECTIVE_TIMEOUT_S: "600", launch.PLAN_WAIT_S: "120"})
+                         env={launch.BACKEND: "gloo", launch.COLLECTIVE_TIMEOUT_S: "600", launch.PLAN_WAIT_S: "120",
+                              launch.SNAPSHOT_BUFFERS: str(args.snapshot_buffers)})
         try:
             job.start(faults=f"rank=1,step={args.kill_step},kind=kill,when=mid")
             dead, code, seen = job.wait_for_death(timeout_s=args.timeout)
@@ -318,6 +323,8 @@ def kill(args, cfg: dict, root: Path) -> dict:
     return {
         "layout": f"{rec['old_layout']} -> {rec['new_layout']}", "state_bytes_restored": state_bytes,
         "snapshot_every_picked": sorted({r["snapshot_every"] for r in lines if "snapshot_every" in r}),
+        "snapshot_host_bytes_per_rank": max((r.get("snapshot_host_bytes", 0) for r in lines), default=0),
+        "snapshot_host_copies_per_rank": max((r.get("snapshot_host_copies", 0) for r in lines), default=0),
         "detection_s": round(seen - killed_at, 4), "plan_s": round(written - seen, 4),
         "worker_plan_wait_s": rec["plan_wait_s"], "rebuild_s": rec["rebuild_s"], "transfer_s": rec["transfer_s"],
         "verify_s": rec.get("verify_s"), "local_copy_s": rec.get("local_s"), "network_s": rec.get("network_s"),
@@ -340,6 +347,10 @@ def main() -> int:
     ap.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS)
     ap.add_argument("--kill-step", type=int, default=None, help="step at which rank 1 dies (default 12; tiny 6)")
     ap.add_argument("--after-kill", type=int, default=4, help="steps run after the kill step")
+    ap.add_argument("--snapshot-buffers", type=int, choices=(2, 3), default=3,
+                    help="kill part: TENAX_SNAPSHOT_BUFFERS (2 caps each rank's own snapshots at two host copies)")
+    ap.add_argument("--kill-layers", type=int, default=0,
+                    help="kill part: fewer layers than the throughput model (host memory: see the docstring)")
     ap.add_argument("--restore-mb", type=int, default=0, help="CPU kill part: per-rank state of at least this many MB")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds one process may run")
     ap.add_argument("--out", default="", help="also write the JSON result here")
@@ -369,7 +380,8 @@ def main() -> int:
         if args.part in ("all", "throughput"):
             result["throughput"] = throughput(args, cfg, root)
         if args.part in ("all", "kill"):
-            result["kill_dp2"] = kill(args, cfg, root)
+            kill_cfg = {**cfg, "layers": args.kill_layers} if args.kill_layers else cfg
+            result["kill_dp2"] = {"model": {**kill_cfg, "params": param_count(kill_cfg)}, **kill(args, kill_cfg, root)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

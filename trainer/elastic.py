@@ -148,8 +148,10 @@ class ElasticWorker:
         me = launch_plan.worker(launch_rank)
         self.node, self.slot = me.node, me.slot  # the launch plan is authoritative for where I run
         self.faults = FaultInjector(faults, run_dir=settings.run_dir)
-        # three buffer sets: the replicator pins the step its buddy holds (trainer.transfer)
-        self.snapper = Snapshotter(SnapshotSettings(buffers=3, fence_timeout_s=settings.collective_timeout_s))
+        # three buffer sets: the replicator pins the step its buddy holds (trainer.transfer);
+        # TENAX_SNAPSHOT_BUFFERS=2 caps host memory (a boundary whose buffer is pinned is skipped)
+        self.snapper = Snapshotter(SnapshotSettings(buffers=settings.worker.snapshot_buffers,
+                                                    fence_timeout_s=settings.collective_timeout_s))
         self.copies = Copies(self.snapper, spec.model)
         self.disk = (DiskCheckpoints(settings.run_dir, spec.model, keep=settings.checkpoint_keep)
                      if settings.run_dir and settings.checkpoint_every else None)

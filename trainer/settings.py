@@ -108,6 +108,8 @@ class WorkerSettings:
     """``TENAX_BACKEND``: ``gloo`` or ``nccl``; '' = by device."""
     p2p_staging: str = "auto"
     """``TENAX_P2P_STAGING``: ``auto`` (gloo with CUDA tensors), ``1`` or ``0``."""
+    snapshot_buffers: int = 3
+    """``TENAX_SNAPSHOT_BUFFERS``: host buffer sets of the own snapshots (copies of the state), 2 or 3."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
@@ -131,6 +133,7 @@ class WorkerSettings:
             compile=_choice(env, launch.COMPILE, ("auto", "0", "1"), "auto"),
             backend=_choice(env, launch.BACKEND, ("gloo", "nccl"), ""),
             p2p_staging=_choice(env, launch.P2P_STAGING, ("auto", "0", "1"), "auto"),
+            snapshot_buffers=int(_choice(env, launch.SNAPSHOT_BUFFERS, ("2", "3"), "3")),
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from common.spec import JobSpec
+from protos import launch
 from tests.helpers.elastic_harness import ElasticJob, tiny_spec
 from trainer.decisions import (MAX_AUTO_INTERVAL, PROBE_STEPS, auto_snapshot_interval, probe_snapshot_due)
 from trainer.settings import ElasticSettings
@@ -40,10 +41,12 @@ def test_the_probe_leaves_one_clean_step_after_an_overlapped_one():
     assert [o for o in range(1, PROBE_STEPS + 1) if probe_snapshot_due(o)] == [1, 2, PROBE_STEPS]
 
 
-def test_a_job_with_auto_recovers_losing_no_more_than_its_steps_at_risk(tmp_path, etcd_url):
+@pytest.mark.parametrize("buffers", ["3", "2"])
+def test_a_job_with_auto_recovers_losing_no_more_than_its_steps_at_risk(tmp_path, etcd_url, buffers):
+    """``buffers``: TENAX_SNAPSHOT_BUFFERS, the cap on the own snapshots' host copies."""
     steps = 12
     spec = tiny_spec(steps=steps, dp=2, pp=1, snapshot_every="auto")
-    job = ElasticJob(spec, tmp_path / "job", etcd_url)
+    job = ElasticJob(spec, tmp_path / "job", etcd_url, env={launch.SNAPSHOT_BUFFERS: buffers})
     try:
         job.start(faults="rank=1,step=8,kind=kill,when=mid")
         dead, code, _ = job.wait_for_death()
@@ -60,6 +63,9 @@ def test_a_job_with_auto_recovers_losing_no_more_than_its_steps_at_risk(tmp_path
     (picked,) = {r["snapshot_every"] for r in first + dead_lines if r["step"] > PROBE_STEPS}
     assert 1 <= picked <= MAX_AUTO_INTERVAL
     assert all(r.get("snapshot_host_bytes", 0) > 0 for r in first if r["step"] > 1)
+    # host copies of the state a rank keeps: its own snapshots plus the replica (double buffered)
+    copies = max(r["snapshot_host_copies"] for r in first + dead_lines if "snapshot_host_copies" in r)
+    assert copies <= int(buffers) + 2 + 0.2, copies
     # what the job status says is at risk: the step minus the newest step every rank's copy covers
     by_step: dict[int, list[int]] = {}
     for r in first + dead_lines:
