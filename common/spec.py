@@ -72,6 +72,10 @@ def _fail(path: str, problem: str) -> None:
     raise SpecError(f"{path}: {problem}")
 
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+"""Values of ``model.activation_checkpointing`` (trainer/checkpointing.py)."""
+
+
 @dataclass(kw_only=True)
 class ModelSpec:
     preset: str = ""
@@ -94,6 +98,9 @@ class ModelSpec:
     """Tokens per sample (at most 2^20)."""
     dropout: float = 0.1
     """Dropout probability in [0, 1); masks are keyed by (seed, step, sample, layer)."""
+    activation_checkpointing: str = "none"
+    """``none``, ``full`` (recompute each block in backward) or ``selective`` (keep the matrix
+    products' and attention's outputs, recompute the rest): trainer/checkpointing.py."""
     rope_base: float = 10000.0
     """Rotary embedding base (theta, llama), in (0, 1e12]."""
     norm_eps: float = 1e-5
@@ -154,6 +161,10 @@ class ModelSpec:
             for name, default in (("kv_heads", 0), ("ffn_dim", 0), ("tie_embeddings", False), ("init_from", "")):
                 if getattr(self, name) != default:
                     _fail(f"{path}.{name}", "only for arch 'llama' (arch is 'gpt')")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            _fail(f"{path}.activation_checkpointing", f"must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, "
+                  f"got {self.activation_checkpointing!r}")
+
 
 @dataclass(kw_only=True)
 class DataSpec:
@@ -256,8 +267,9 @@ class ElasticSpec:
     """Fewest workers the job may shrink to before it fails."""
     max_workers: int = 0
     """Most workers the job may grow to; 0 means ``resources.workers``."""
-    snapshot_every: str = "1"
-    """In-memory snapshot interval: ``auto`` or a positive integer (steps)."""
+    snapshot_every: str = "auto"
+    """In-memory snapshot interval: ``auto`` (default: the smallest interval whose snapshots stay
+    hidden, measured in the first steps of every generation) or a positive integer (steps)."""
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     """Disk checkpoint interval (steps); 0 turns disk checkpoints off. Written asynchronously
     (torch.distributed.checkpoint, per rank) under the agent's run directory: they cover what the

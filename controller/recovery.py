@@ -65,6 +65,7 @@ from controller import events, metrics
 from controller.recovery_decisions import (
     GROWTH_PREPARE_TIMEOUT_S,
     Failure,
+    fail_before_first_step,
     all_ranks_on_generation,
     cause_label,
     close_superseded,
@@ -190,6 +191,11 @@ class Recovery:
         async with self._lock:
             failure = find_failure(job.plan, job.workers, live, job.progress_ranks, now)
             if failure is not None:
+                fatal = fail_before_first_step(job.plan, failure, step=job.progress.step)
+                if fatal is not None:
+                    await self._set_status(job, phase="FAILED", message=fatal, now=now)
+                    log.error("job %s FAILED: %s", job.id, fatal)
+                    return True
                 # written or not (a lost race re-plans next pass), the phase rules must not run on it
                 await self._recover(job, failure, now, nodes=nodes)
                 return True

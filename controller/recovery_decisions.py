@@ -153,6 +153,24 @@ def find_failure(plan: Plan, workers: Mapping[int, WorkerStatusRecord], live_nod
                    failed_at=min(times), description="; ".join(parts))
 
 
+def fail_before_first_step(plan: Plan, failure: Failure, *, step: int,
+                           errors: Mapping[int, str] | None = None) -> str | None:
+    """The FAILED message for a failure before the job's first step completed, or None (recover).
+
+    Before the first step there is nothing to recover: no snapshot exists yet, and what
+    failed is the launch or the first step itself (a bad setting, an unsupported backend
+    such as CUDA point-to-point over gloo, out of memory), which a re-plan repeats; its
+    message would then hide the cause. So the job fails at once, naming the root cause: each
+    lost rank's exit code or signal (``failure.description``) and, where the control side
+    has it, the worker's last exception line (``errors``: rank -> line). ``step``: the
+    newest step any rank reported (0: none)."""
+    if step > 0 or plan.generation != 1:
+        return None
+    lines = [f"rank {rank}: {errors[rank]}" for rank in sorted(failure.lost_ranks) if errors and errors.get(rank)]
+    cause = f"{failure.description}" + (f" — {'; '.join(lines)}" if lines else "")
+    return f"failed before the first step completed (not recovered: there is no state to recover yet): {cause}"
+
+
 def all_ranks_on_generation(plan: Plan, progress: Mapping[int, ProgressRecord],
                             workers: Mapping[int, WorkerStatusRecord]) -> bool:
     """Every rank of ``plan`` has done a step at its generation (or already exited 0 for it)."""

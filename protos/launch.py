@@ -87,11 +87,23 @@ BACKEND = "TENAX_BACKEND"
 """Force the collective backend, ``gloo`` or ``nccl``. Default: NCCL on CUDA, gloo on CPU
 (``gloo`` with CUDA tensors runs several ranks on one GPU)."""
 
+P2P_STAGING = "TENAX_P2P_STAGING"
+"""Stage the pipeline's point-to-point sends through (pinned) host buffers: ``auto`` (default:
+when the backend is gloo and the tensors live on CUDA: gloo has no CUDA send/recv), ``1``
+always (CPU tests exercise the same path), ``0`` never."""
+
+SNAPSHOT_BUFFERS = "TENAX_SNAPSHOT_BUFFERS"
+"""Host buffer sets for a worker's own snapshots, ``2`` or ``3`` (default ``3``: the third keeps
+the step its buddy holds while two alternate). ``2`` caps host memory at two copies of the
+rank's state for its own snapshots (plus two for the replica it keeps); a boundary whose
+only free buffer holds that step is then skipped (fewer snapshots, never a wait)."""
+
 FAULT = "TENAX_FAULT"
 """Fault injection (test infrastructure): ``;``-separated faults such as
 ``rank=3,step=4,kind=kill,when=mid`` (grammar: trainer/faults.py). Default: none."""
 
 ALL = (JOB_ID, RANK, LAUNCH_FILE, METRICS_FILE, RUN_DIR, ETCD, ETCD_PREFIX, NODE_ID, GROWTH_ID,
        ETCD_CA, ETCD_CERT, ETCD_KEY, STORE_TIMEOUT_S, COLLECTIVE_TIMEOUT_S, PLAN_WAIT_S, PREPARE_WAIT_S,
-       HEARTBEAT_S, ELASTIC, SNAPSHOTS, TELEMETRY, COMPILE, BACKEND, FAULT)
+       HEARTBEAT_S, ELASTIC, SNAPSHOTS, TELEMETRY, COMPILE, BACKEND, P2P_STAGING, SNAPSHOT_BUFFERS,
+       FAULT)
 """Every name of the contract."""

@@ -33,6 +33,11 @@ Fields (times in seconds; ``*_s`` are durations measured on this worker):
                      detection before "noticed" is the control side's to add)
     bytes_moved      bytes this worker received over the network (plus read from disk)
     bytes_local      bytes it copied from copies it held itself (own snapshot, buddy replica)
+    verify_s         checksumming the copies of the resume step it held (GPU fold64 for CUDA jobs)
+    local_s          copying bytes_local into place (one copy per contiguous run, synchronised)
+    local_gbps       bytes_local / (verify_s + local_s) / 1e9: the restore from local copies
+    network_s        the all-to-all that brought bytes_moved (packing and unpacking included)
+    network_gbps     bytes_moved / network_s / 1e9
     from_disk        true if the state came from the disk checkpoint
     bad_copies       descriptions of copies that failed their checksum (never used)
     time             unix time the record was written
@@ -68,6 +73,11 @@ class RecoveryRecord:
     bytes_local: int = 0
     bad_copies: list[str] = field(default_factory=list)
     time: float = 0.0
+    verify_s: float = 0.0
+    local_s: float = 0.0
+    local_gbps: float = 0.0
+    network_s: float = 0.0
+    network_gbps: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": RECOVERY_EVENT, **asdict(self)}

@@ -47,7 +47,7 @@ DEGRADED: NodeCondition
 FAILED_CONDITION: NodeCondition
 
 class ModelSpec(_message.Message):
-    __slots__ = ("arch", "layers", "d_model", "heads", "vocab_size", "seq_len", "dropout", "preset", "kv_heads", "ffn_dim", "rope_base", "norm_eps", "tie_embeddings", "init_from")
+    __slots__ = ("arch", "layers", "d_model", "heads", "vocab_size", "seq_len", "dropout", "preset", "kv_heads", "ffn_dim", "rope_base", "norm_eps", "tie_embeddings", "init_from", "activation_checkpointing")
     ARCH_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class ModelSpec(_message.Message):
     NORM_EPS_FIELD_NUMBER: _ClassVar[int]
     TIE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     INIT_FROM_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     arch: str
     layers: int
     d_model: int
@@ -76,7 +77,8 @@ class ModelSpec(_message.Message):
     norm_eps: float
     tie_embeddings: bool
     init_from: str
-    def __init__(self, arch: _Optional[str] = ..., layers: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., dropout: _Optional[float] = ..., preset: _Optional[str] = ..., kv_heads: _Optional[int] = ..., ffn_dim: _Optional[int] = ..., rope_base: _Optional[float] = ..., norm_eps: _Optional[float] = ..., tie_embeddings: _Optional[bool] = ..., init_from: _Optional[str] = ...) -> None: ...
+    activation_checkpointing: str
+    def __init__(self, arch: _Optional[str] = ..., layers: _Optional[int] = ..., d_model: _Optional[int] = ..., heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., dropout: _Optional[float] = ..., preset: _Optional[str] = ..., kv_heads: _Optional[int] = ..., ffn_dim: _Optional[int] = ..., rope_base: _Optional[float] = ..., norm_eps: _Optional[float] = ..., tie_embeddings: _Optional[bool] = ..., init_from: _Optional[str] = ..., activation_checkpointing: _Optional[str] = ...) -> None: ...
 
 class DataSpec(_message.Message):
     __slots__ = ("kind", "path", "dtype", "num_samples", "eval_path", "eval_every", "eval_batches")

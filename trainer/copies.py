@@ -25,8 +25,9 @@ class Copies:
     snapshots (every buffer of the Snapshotter) and the buddy replicas it keeps for its
     wards. Replicas are taken from the replicators of the last two generations when
     asked, so a round that arrived but was never finished (the generation ended
-    first) counts too. Only complete snapshots are offered, and of those only the
-    tensors that verify right then: checksums decide, at use."""
+    first) counts too. Only complete snapshots are held out, and a recovery uses only
+    the tensors that verify right then (trainer.restore.settle_copies): checksums
+    decide, at use."""
 
     def __init__(self, snapper: Snapshotter, model_spec) -> None:
         self.snapper, self.model_spec = snapper, model_spec
@@ -48,20 +49,10 @@ class Copies:
             out += [s for s in replicator.replicas() if all(s is not o for o in out)]
         return out
 
-    def offered(self, rank: int) -> tuple[list[tuple[str, Snapshot, list[str]]], list[str]]:
-        """((role, snapshot, its tensors that verify) of every copy with a good tensor,
-        descriptions of the flat tensors that did not verify). One CRC pass per copy:
-        the slices cut out of a verified tensor need no checksum of their own."""
-        out, bad = [], []
-        for role, snaps in ((OWNER, self.own()), (BUDDY, self.replicas)):
-            for snap in snaps:
-                rotten = set(snap.verify())
-                bad += [f"{role} snapshot {kind} of step {snap.step} (generation {snap.metadata.get('generation')}, "
-                        f"rank {snap.metadata.get('rank')}) held on rank {rank}" for kind in sorted(rotten)]
-                good = [kind for kind in snap.tensors if kind not in rotten]
-                if good:
-                    out.append((role, snap, good))
-        return out, bad
+    def held(self) -> list[tuple[str, Snapshot]]:
+        """(role, snapshot) of every complete copy held, not verified (``restore.settle_copies``
+        verifies the ones a recovery uses)."""
+        return [(OWNER, s) for s in self.own()] + [(BUDDY, s) for s in self.replicas]
 
     def pieces(self, rank: int, role: str, snap: Snapshot, kinds: Sequence[str]) -> list[Copy]:
         """The per-parameter slices of a verified copy, as ``rank`` (views, no copy)."""

@@ -107,13 +107,14 @@ from trainer import comm
 from trainer.abort import AbortWatcher, CommAborted, CommFailed
 from trainer.checkpoints import DiskCheckpoints
 from trainer.copies import Copies, flat_state
-from trainer.decisions import auto_snapshot_interval, idle_survivors, rank_in_plan, snapshot_metadata
+from trainer.decisions import (PROBE_CLEAN, PROBE_OVERLAPPED, PROBE_STEPS, auto_snapshot_interval, idle_survivors, probe_snapshot_due, rank_in_plan,
+                               snapshot_metadata)
 from trainer.faults import Fault, FaultInjector
 from trainer.generation import Generation, Interruptions, RecoverableMetrics, StoreUnreachable
 from trainer.growth import prepare_to_join, warm_up_layout_math
 from trainer.parallel import ParallelLayout
 from trainer.plan_watch import PlanWatcher
-from trainer.restore import Restored, Resume, recovery_record, transfer_state
+from trainer.restore import Restored, Resume, recovery_record, state_destinations, transfer_state
 from trainer.settings import ElasticSettings
 from trainer.snapshot import Snapshot, Snapshotter, SnapshotSettings
 from trainer.train import Trainer
@@ -147,8 +148,10 @@ class ElasticWorker:
         me = launch_plan.worker(launch_rank)
         self.node, self.slot = me.node, me.slot  # the launch plan is authoritative for where I run
         self.faults = FaultInjector(faults, run_dir=settings.run_dir)
-        # three buffer sets: the replicator pins the step its buddy holds (trainer.transfer)
-        self.snapper = Snapshotter(SnapshotSettings(buffers=3, fence_timeout_s=settings.collective_timeout_s))
+        # three buffer sets: the replicator pins the step its buddy holds (trainer.transfer);
+        # TENAX_SNAPSHOT_BUFFERS=2 caps host memory (a boundary whose buffer is pinned is skipped)
+        self.snapper = Snapshotter(SnapshotSettings(buffers=settings.worker.snapshot_buffers,
+                                                    fence_timeout_s=settings.collective_timeout_s))
         self.copies = Copies(self.snapper, spec.model)
         self.disk = (DiskCheckpoints(settings.run_dir, spec.model, keep=settings.checkpoint_keep)
                      if settings.run_dir and settings.checkpoint_every else None)
@@ -159,16 +162,18 @@ class ElasticWorker:
         self.keys = Keys(etcd_prefix)
         self.growth_id = growth_id
         """Set for a worker started for a two-phase growth: it prepares before it joins."""
+        self._running_step: int | None = None
+        """The step being run (None between generations); read by the plan watch thread (set
+        before that thread starts: it may call ``_on_plan`` at once)."""
         if etcd:
             self.plans = PlanWatcher(etcd, self.keys.job_plan(launch_plan.job_id), on_plan=self._on_plan,
                                      tls=etcd_tls)
         self.snapshot_every = 1 if settings.snapshot_every == "auto" else int(settings.snapshot_every)
+        """The interval in force; ``auto`` re-derives it in every generation (``_tune_snapshot_interval``)."""
         self.recoveries: list[RecoveryRecord] = []
         self._last_step = -1
         """Newest step this process committed (at_step of a recovery that fails before training)."""
         self._current_gen: Generation | None = None
-        self._running_step: int | None = None
-        """The step being run (None between generations); read by the plan watch thread."""
         self._old_rank: dict[int, int] = {}
         """generation -> the rank this worker trained as in it (fault injection addresses old ranks)."""
         threading.Thread(target=warm_up_layout_math, args=(spec.model,), name="warm-up", daemon=True).start()
@@ -267,7 +272,8 @@ class ElasticWorker:
             rebuild_s = time.monotonic() - started
             if resume is not None:
                 if restored is None:
-                    restored = self._transfer(plan.generation, gen.rank, layout, resume, watcher.wait)
+                    restored = self._transfer(plan.generation, gen.rank, layout, resume, watcher.wait,
+                                              into=state_destinations(trainer))
                 else:
                     rebuild_s += restored.rebuild_s
                 self._resume(trainer, restored, resume, rebuild_s)
@@ -339,17 +345,22 @@ class ElasticWorker:
                        trained=gen.trained)
 
     # ------------------------------------------------------------ TRANSFERRING
-    def _transfer(self, generation: int, rank: int, layout, resume: Resume, wait) -> Restored:
-        """TRANSFERRING over the current default group (trainer.restore), after the test hooks."""
+    def _transfer(self, generation: int, rank: int, layout, resume: Resume, wait, into=None) -> Restored:
+        """TRANSFERRING over the current default group (trainer.restore), after the test hooks;
+        ``into``: the trainer's state tensors, to restore in place."""
         started = time.monotonic()
         self.faults.at_transfer(generation, rank, resume.old_generation,
                                 self._old_rank.get(resume.old_generation, -1), self.copies)
         return transfer_state(model_spec=self.spec.model, rank=rank, layout=layout, resume=resume, wait=wait,
                               snapper=self.snapper, copies=self.copies, disk=self.disk, settings=self.settings,
-                              started=started)
+                              started=started, into=into)
 
     def _resume(self, trainer, restored: Restored, resume: Resume, rebuild_s: float) -> None:
-        trainer.import_state({"tensors": restored.tensors, "step": restored.step, "committed_step": restored.step})
+        if restored.in_place:
+            trainer.resume_at(restored.step)
+        else:
+            trainer.import_state({"tensors": restored.tensors, "step": restored.step,
+                                  "committed_step": restored.step})
         self._last_step = restored.step
         record = recovery_record(trainer, restored, resume, rebuild_s)
         self.recoveries.append(record)
@@ -382,9 +393,9 @@ class ElasticWorker:
                                       flush_timeout_s=self.settings.collective_timeout_s)
             trainer.train_step()
             self._last_step = trainer.step
-            if self.snapshots_on and trainer.step % self.snapshot_every == 0:
+            if self.snapshots_on and self._snapshot_due(gen, trainer.step):
                 self._snapshot_boundary(gen, trainer.step, views, meta, round_moving=trainer.votes > 0)
-            self._tune_snapshot_interval(gen, trainer)
+                self._tune_snapshot_interval(gen, trainer)
         self._running_step = None
         comm.wait(dist.barrier(async_op=True), "final barrier")
         return None
@@ -406,10 +417,18 @@ class ElasticWorker:
             if replicator is not None:
                 replicator.complete()  # first: the older step it held pinned is free again for begin()
             self.snapper.begin(step, views, meta)
+            if replicator is not None and not gen.replication_posted:
+                # the generation's first round carries this snapshot, not an older one (or none):
+                # its layout becomes the pair's terms (a round that changes them carries nothing)
+                self.snapper.wait(self.settings.collective_timeout_s)
             latest = self.snapper.latest  # on the background path (CUDA), the previous step's
             self._checkpoint(gen, latest)
+            posted = time.perf_counter()
             if replicator is not None:
                 replicator.post(latest)
+                gen.replication_posted = True
+            # what this snapshot cost the training thread (not the one-off making of the pair groups)
+            gen.boundary_wall_s[step] = self.snapper.stats.last_begin_s + time.perf_counter() - posted
         finally:
             gen.boundary_cpu_s = time.thread_time() - cpu_started
 
@@ -443,11 +462,32 @@ class ElasticWorker:
         return Stopped(cause="switch", noticed=noticed, noticed_time=noticed_time, at_step=trainer.step,
                        planned=planned)
 
+    def _snapshot_due(self, gen: Generation, step: int) -> bool:
+        """After committed ``step``: a snapshot boundary? ``auto``: the probe's boundaries during
+        the first PROBE_STEPS steps of a generation (every rank alike), then every
+        ``snapshot_every``-th step."""
+        offset = step - gen.first_step
+        if self.settings.snapshot_every == "auto" and offset <= PROBE_STEPS:
+            return probe_snapshot_due(offset)
+        return step % self.snapshot_every == 0
+
     def _tune_snapshot_interval(self, gen: Generation, trainer) -> None:
-        """``snapshot_every: auto``: after 3 steps all ranks agree on the smallest hidden interval."""
-        if self.settings.snapshot_every != "auto" or trainer.step != gen.first_step + 3:
+        """``snapshot_every: auto``: at the probe's last boundary every rank derives the interval
+        from its measured times (``auto_snapshot_interval``) and all take the largest. Each
+        generation probes again: a new layout has its own step and copy times."""
+        first = gen.first_step
+        if self.settings.snapshot_every != "auto" or trainer.step != first + PROBE_STEPS:
             return
-        stats = self.snapper.stats
+        stats, times = self.snapper.stats, gen.step_times
+        clean_s = times.get(first + PROBE_CLEAN, 0.0)  # no copy in flight during it
+        overlapped_s = times.get(first + PROBE_OVERLAPPED, clean_s)  # ran next to the copy of the step before
+        stall_s = gen.boundary_wall_s.get(first + PROBE_OVERLAPPED - 1, 0.0)
+        if not stats.last_inline:  # a background copy slowed the step it overlapped by this much
+            stall_s += max(0.0, overlapped_s - clean_s)
         waited = gen.replicator.max_wait_s if gen.replicator is not None else 0.0
-        mine = auto_snapshot_interval(stats.last_copy_s + stats.last_checksum_s, gen.last_step_s or 0.0, waited)
-        self.snapshot_every = max(gather_json(mine, wait=gen.watcher.wait))
+        copy_s = stats.last_copy_s + stats.last_checksum_s
+        mine = auto_snapshot_interval(copy_s, clean_s, waited, stall_s)
+        self.snapshot_every = gen.snapshot_every = max(gather_json(mine, wait=gen.watcher.wait))
+        log.info("rank %d generation %d: snapshot_every auto -> %d (copy %.4f s, step %.4f s, stall %.4f s, "
+                 "replication wait %.4f s; this rank alone: %d)", gen.rank, gen.plan.generation, self.snapshot_every,
+                 copy_s, clean_s, stall_s, waited, mine)

@@ -46,6 +46,14 @@ class Generation:
         """Step of the last snapshot handed to the disk writer."""
         self.first_step = 0
         self.last_step_s: float | None = None
+        self.step_times: dict[int, float] = {}
+        """step -> its step_time (seconds), for ``snapshot_every: auto`` (the probe's steps)."""
+        self.boundary_wall_s: dict[int, float] = {}
+        """step -> wall time of the snapshot boundary after it (seconds)."""
+        self.replication_posted = False
+        """True once the generation's first replication round was posted."""
+        self.snapshot_every: int | None = None
+        """The interval ``auto`` picked in this generation (None: not yet, or a fixed one)."""
         self.boundary_cpu_s: float | None = None
         """CPU time of the training thread in the last snapshot boundary (seconds), for the
         next step line (``boundary_cpu_s``)."""
@@ -91,7 +99,8 @@ class Generation:
         if self.replicator is None and self.replicating:
             self.replicator = BuddyReplicator.for_ring(
                 self.ring, self.rank, wait=self.watcher.wait, wait_event=self.watcher.wait_for,
-                settings=ReplicationSettings(timeout_s=self.settings.collective_timeout_s))
+                settings=ReplicationSettings(timeout_s=self.settings.collective_timeout_s,
+                                             pin_memory=self.device.type == "cuda" and torch.cuda.is_available()))
         return self.replicator
 
     def close(self) -> None:
@@ -125,6 +134,17 @@ class RecoverableMetrics:
                 latest = self.snapper.latest
                 record["recoverable_step"] = latest.step if latest is not None else 0
             gen.last_step_s = record.get("step_time")
+            if gen.last_step_s is not None and len(gen.step_times) < 16:  # the probe needs the first few
+                gen.step_times[int(record["step"])] = float(gen.last_step_s)
+            if gen.snapshot_every is not None:
+                record["snapshot_every"] = gen.snapshot_every
+            held = self.snapper.host_bytes()
+            if held:  # host memory this rank keeps for in-memory copies (own snapshots, replicas)
+                replicas = gen.replicator.host_bytes() if gen.replicator is not None else 0
+                record["snapshot_host_bytes"] = held + replicas
+                latest = self.snapper.latest
+                if latest is not None and latest.nbytes:  # how many copies of this rank's state that is
+                    record["snapshot_host_copies"] = round((held + replicas) / latest.nbytes, 2)
             if gen.boundary_cpu_s is not None:  # the boundary after the previous step
                 record["boundary_cpu_s"], gen.boundary_cpu_s = gen.boundary_cpu_s, None
         self.inner.write(record)

@@ -8,6 +8,15 @@ With P == 1 it degenerates to plain gradient accumulation (F0 B0 F1 B1 ...).
 Activations go forward and gradients backward with asynchronous sends (kept
 alive until the end of the step) and blocking receives, so a slow peer shows up
 as pipeline wait, never as a deadlock.
+
+Host staging (``stage_through_host``): gloo has no CUDA send/recv, so when the
+backend is gloo and the tensors live on a GPU (several ranks of a pipeline on
+one GPU), a send first copies the tensor into a pinned host buffer (a
+non-blocking copy on the current stream, then that stream is synchronised:
+gloo reads the host bytes at once) and a receive lands in a pinned host buffer
+that one non-blocking copy moves to the GPU (the caching host allocator keeps
+the buffer until that copy is done). On CPU the same path runs with plain host
+buffers, which is how CI exercises it.
 """
 
 from __future__ import annotations
@@ -51,16 +60,37 @@ class PipelineStageRunner:
     """
 
     def __init__(self, *, prev_rank: int | None, next_rank: int | None, hidden_shape: Callable[[int], tuple],
-                 device: torch.device, sync: Callable[[], None] = lambda: None):
+                 device: torch.device, sync: Callable[[], None] = lambda: None, stage_through_host: bool = False):
         self.prev_rank, self.next_rank = prev_rank, next_rank
         self.hidden_shape, self.device, self.sync = hidden_shape, device, sync
+        self.stage_through_host = stage_through_host
+        """Point-to-point through host buffers (see the module docstring)."""
+        self._pin = stage_through_host and device.type == "cuda" and torch.cuda.is_available()
+
+    def _host_buffer(self, shape) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.float32, pin_memory=self._pin)
 
     def _recv(self, shape, src: int, times: StageTimes) -> torch.Tensor:
-        buf = torch.empty(shape, device=self.device, dtype=torch.float32)
         start = time.perf_counter()
-        comm.wait(dist.irecv(buf, src=src), "pipeline receive")
+        if not self.stage_through_host:
+            buf = torch.empty(shape, device=self.device, dtype=torch.float32)
+            comm.wait(dist.irecv(buf, src=src), "pipeline receive")
+        else:
+            host = self._host_buffer(shape)
+            comm.wait(dist.irecv(host, src=src), "pipeline receive")
+            buf = host if self.device.type == "cpu" else host.to(self.device, non_blocking=self._pin)
         times.pipeline_wait += time.perf_counter() - start
         return buf
+
+    def _send(self, tensor: torch.Tensor, dst: int) -> tuple[object, torch.Tensor]:
+        """Post a send of ``tensor`` (fp32, contiguous); (work, what must stay alive until it is sent)."""
+        if not self.stage_through_host:
+            return dist.isend(tensor, dst=dst), tensor
+        host = self._host_buffer(tensor.shape)
+        host.copy_(tensor, non_blocking=self._pin)
+        if self._pin:  # gloo reads the host bytes as soon as the send is posted
+            torch.cuda.current_stream(self.device).synchronize()
+        return dist.isend(host, dst=dst), host
 
     def run(self, num_micro: int, pp: int, stage: int, *, first_input: Callable[[int], torch.Tensor],
             forward_fn: Callable[[int, torch.Tensor], torch.Tensor], times: StageTimes) -> torch.Tensor:
@@ -81,8 +111,7 @@ class PipelineStageRunner:
                 if self.next_rank is None:
                     loss_sum += out.detach()
                 else:
-                    sent = out.detach().float().contiguous()
-                    pending.append((dist.isend(sent, dst=self.next_rank), sent))
+                    pending.append(self._send(out.detach().float().contiguous(), self.next_rank))
                 saved[i] = (x, out)
             else:
                 x, out = saved.pop(i)
@@ -93,8 +122,7 @@ class PipelineStageRunner:
                 times.backward += time.perf_counter() - start
                 times.compute_cpu += time.thread_time() - cpu
                 if self.prev_rank is not None:
-                    sent = x.grad.float().contiguous()
-                    pending.append((dist.isend(sent, dst=self.prev_rank), sent))
+                    pending.append(self._send(x.grad.float().contiguous(), self.prev_rank))
         start = time.perf_counter()
         comm.wait([work for work, _ in pending], "pipeline send")
         times.pipeline_wait += time.perf_counter() - start

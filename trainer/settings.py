@@ -106,6 +106,10 @@ class WorkerSettings:
     """``TENAX_COMPILE``: ``auto`` (CUDA only), ``1`` or ``0``."""
     backend: str = ""
     """``TENAX_BACKEND``: ``gloo`` or ``nccl``; '' = by device."""
+    p2p_staging: str = "auto"
+    """``TENAX_P2P_STAGING``: ``auto`` (gloo with CUDA tensors), ``1`` or ``0``."""
+    snapshot_buffers: int = 3
+    """``TENAX_SNAPSHOT_BUFFERS``: host buffer sets of the own snapshots (copies of the state), 2 or 3."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
@@ -128,6 +132,8 @@ class WorkerSettings:
             telemetry=_flag(env, launch.TELEMETRY, True),
             compile=_choice(env, launch.COMPILE, ("auto", "0", "1"), "auto"),
             backend=_choice(env, launch.BACKEND, ("gloo", "nccl"), ""),
+            p2p_staging=_choice(env, launch.P2P_STAGING, ("auto", "0", "1"), "auto"),
+            snapshot_buffers=int(_choice(env, launch.SNAPSHOT_BUFFERS, ("2", "3"), "3")),
         )
 
 
@@ -145,7 +151,7 @@ class ElasticSettings:
     """Backstop of one transfer of state between ranks (seconds)."""
     prepare_wait_s: float = 300.0
     """A worker prepared for a growth waits this long (seconds) for the plan that takes it in, then exits 0."""
-    snapshot_every: str = "1"
+    snapshot_every: str = "auto"
     """Snapshot interval in steps, or ``auto`` (the job spec's ``elastic.snapshot_every``)."""
     checkpoint_every: int = 0
     """Disk checkpoint interval in steps; 0 = none (the job spec's ``elastic.checkpoint_every``)."""

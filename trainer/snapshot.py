@@ -464,6 +464,11 @@ class SnapshotStats:
     last_fence_wait_s: float = 0.0
     """How long the last fence() blocked training (seconds): the stall snapshots cost."""
     last_bytes: int = 0
+    last_inline: bool = False
+    """The last begin() copied on the calling thread (nothing overlapped the next step)."""
+    last_begin_s: float = 0.0
+    """Wall time the last begin() took on the calling thread (seconds): all of an inline
+    snapshot; the launch of a background one."""
 
 
 class Snapshotter:
@@ -492,6 +497,11 @@ class Snapshotter:
         """The last complete snapshot; stays valid while the next one is written."""
         return None if self._latest is None else self._buffers[self._latest]
 
+    def host_bytes(self) -> int:
+        """Host memory the snapshot buffers hold (bytes): up to ``settings.buffers`` copies of the
+        state (each a slab: header and tensors)."""
+        return sum(s.slab.numel() if s.slab is not None else s.nbytes for s in self._buffers if s is not None)
+
     def complete_snapshots(self) -> list[Snapshot]:
         """Every complete snapshot held: ``latest`` and the older buffers while they are still
         intact (a recovery may need an older step: the one every rank has)."""
@@ -506,6 +516,13 @@ class Snapshotter:
         started); False if skipped — the previous copy is still running or the other buffer
         is being read — or if an inline copy failed. Call right after the step's update."""
         self._raise_pending()
+        started = time.perf_counter()
+        try:
+            return self._begin(step, state, metadata)
+        finally:
+            self.stats.last_begin_s = time.perf_counter() - started
+
+    def _begin(self, step: int, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None) -> bool:
         if self.busy:
             self.stats.skipped += 1
             return False
@@ -518,7 +535,8 @@ class Snapshotter:
         self._copied.clear()
         self._done.clear()
         sources = {name: t.detach() for name, t in state.items()}
-        if self._inline(sources):
+        self.stats.last_inline = self._inline(sources)
+        if self.stats.last_inline:
             self._complete(snap, sources)  # on this thread: errors surface at the next call, as on the others
             return snap.complete
         if any(t.is_cuda for t in sources.values()):

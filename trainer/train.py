@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer import comm
+from trainer.checkpointing import apply_activation_checkpointing
 from trainer.data import StepSampler, TokenFile, build_dataset
 from trainer.dropout import DropoutContext
 from trainer.model import build_stage, init_parameters
@@ -98,6 +99,14 @@ def backend_for(device: torch.device, forced: str | None = None) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def stages_p2p_through_host(mode: str, device: torch.device) -> bool:
+    """Pipeline sends through host buffers? ``1``/``0`` force it; ``auto``: gloo with CUDA tensors
+    (gloo has no CUDA send/recv: several pipeline ranks on one GPU)."""
+    if mode in ("0", "1"):
+        return mode == "1"
+    return device.type == "cuda" and dist.is_initialized() and dist.get_backend() == "gloo"
+
+
 def init_process_group(*, store, rank: int, world_size: int, device: torch.device, timeout_s: float,
                        backend: str | None = None) -> None:
     """Join the default group of a layout over ``store`` (already prefixed per generation);
@@ -140,12 +149,14 @@ class Trainer:
         self.optimizer = self.apply_zero()        # 5. optimizer state on this rank's range only
         self.reducer = self.apply_zero2_grads()   # 6. zero 2: gradients reduced to their owners in buckets
         self.autocast = self.apply_autocast()     # 7. bf16 autocast on CUDA (fp32 master/state)
-        self.apply_compile()                      # 8. last: compile the blocks as they will run
+        apply_activation_checkpointing(self.stage, spec.model.activation_checkpointing)  # 8. before compiling
+        self.apply_compile()                      # 9. last: compile the blocks as they will run
         self.runner = PipelineStageRunner(
             prev_rank=None if self.is_first else layout.rank_of(self.dp_rank, self.pp_rank - 1),
             next_rank=None if self.is_last else layout.rank_of(self.dp_rank, self.pp_rank + 1),
             hidden_shape=self._hidden_shape,
             device=device,
+            stage_through_host=stages_p2p_through_host(self.settings.p2p_staging, device),
         )
         self.step = 0  # steps completed (committed)
         self.telemetry = StepTelemetry(device_type=device.type, rank=rank, write=self.metrics.write,
@@ -336,6 +347,8 @@ class Trainer:
             "state_bytes_held": self.state_bytes_held(), "peak_memory_bytes": peak_memory_bytes(self.device),
             "time": time.time(),
         }
+        if self.runner.stage_through_host:
+            record["p2p_staging"] = True
         record.update(self.telemetry.fields(forward_s=times.forward, backward_s=times.backward))
         record.update(evaluation)
         if self.device.type == "cpu" and "compute_time" in record:
@@ -470,6 +483,11 @@ class Trainer:
         """Load owned state exported (or resharded) for this rank, then re-gather the stage's params."""
         self.optimizer.import_state(state)
         self.step = int(state["committed_step"])
+        self._gather_params()
+
+    def resume_at(self, step: int) -> None:
+        """The owned state was restored in place (into ``state_views()``): resume after ``step``."""
+        self.optimizer.steps_taken = self.step = int(step)
         self._gather_params()
 
     def train(self, steps: int) -> list[dict]:

@@ -143,6 +143,12 @@ class TransferReport:
     bad_copies: list[str] = field(default_factory=list)
     """Copies excluded: failed their checksum at home or on arrival."""
     seconds: float = 0.0
+    local_s: float = 0.0
+    """Seconds spent copying ``bytes_local`` into place (coalesced runs, device synchronised)."""
+    local_runs: int = 0
+    """Copies the local pieces took after coalescing (one per contiguous run)."""
+    network_s: float = 0.0
+    """Seconds of packing, the all-to-all and unpacking (``bytes_received``)."""
 
 
 # ------------------------------------------------------------ copies on hand
@@ -353,20 +359,73 @@ def _execute(transfers: Sequence[Transfer], copies: Sequence[Copy], dest: Mappin
     index = _CopyIndex(copies)
     outgoing: dict[int, list[tuple[Transfer, torch.Tensor]]] = defaultdict(list)
     incoming: dict[int, list[tuple[Transfer, torch.Tensor]]] = defaultdict(list)
+    local: list[tuple[torch.Tensor, torch.Tensor]] = []
     for t in transfers:  # the same order on every rank: segments line up without any header
         if t.src == rank and t.dst == rank:
-            _dest_view(dest, t).copy_(index.find(t))
+            local.append((index.find(t), _dest_view(dest, t)))
             report.bytes_local += _nbytes(t, dest)
         elif t.src == rank:
             outgoing[t.dst].append((t, index.find(t)))
         elif t.dst == rank:
             incoming[t.src].append((t, _dest_view(dest, t)))
     report.transfers += sum(1 for t in transfers if t.dst == rank)
+    started = time.perf_counter()
+    report.local_runs += copy_runs(local)
+    report.local_s += time.perf_counter() - started
+    started = time.perf_counter()
     send, send_sizes = _pack(outgoing, world, settings, report)
     recv_sizes = [8 + sum(v.numel() * v.element_size() for _, v in incoming[src]) if src in incoming else 0
                   for src in range(world)]
     received = _all_to_all(send, send_sizes, recv_sizes, group, wait, settings)
-    return _unpack(received, recv_sizes, incoming, report)
+    failed = _unpack(received, recv_sizes, incoming, report)
+    report.network_s += time.perf_counter() - started
+    return failed
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int, torch.dtype]:
+    return str(t.device), t.untyped_storage().data_ptr(), t.dtype
+
+
+def coalesce(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(source, destination) pairs of flat views merged into as few pairs as possible: a pair
+    that continues the previous one in both its source's and its destination's storage
+    becomes part of it. The slices of a flat snapshot (three per parameter) that land in a
+    flat state in the same order become one copy per contiguous slab."""
+    ordered = sorted(pairs, key=lambda p: (_storage_key(p[1])[:2], p[1].storage_offset()))
+    runs: list[list] = []  # [source, destination, first source offset, first destination offset, numel]
+    for src, dst in ordered:
+        if src.numel() == 0:
+            continue
+        if runs:
+            last = runs[-1]
+            s0, d0, so, do, n = last
+            if (_storage_key(src) == _storage_key(s0) and _storage_key(dst) == _storage_key(d0)
+                    and src.storage_offset() == so + n and dst.storage_offset() == do + n):
+                last[4] = n + src.numel()
+                continue
+        runs.append([src, dst, src.storage_offset(), dst.storage_offset(), src.numel()])
+    out = []
+    for src, dst, so, do, n in runs:
+        if n != src.numel():  # merged: one view over the whole run of each storage
+            src = src.new_empty(0).set_(src.untyped_storage(), so, (n,), (1,))
+            dst = dst.new_empty(0).set_(dst.untyped_storage(), do, (n,), (1,))
+        out.append((src, dst))
+    return out
+
+
+def copy_runs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Copy every (source, destination) pair, coalesced (``coalesce``): one copy per contiguous
+    run, non-blocking between pinned host memory and a GPU, the device synchronised once at
+    the end. Returns the number of copies made."""
+    runs = coalesce([(s.reshape(-1), d.reshape(-1)) for s, d in pairs])
+    on_gpu = False
+    for src, dst in runs:
+        cross = src.device != dst.device
+        on_gpu = on_gpu or src.is_cuda or dst.is_cuda
+        dst.copy_(src, non_blocking=cross and (src.is_pinned() or dst.is_pinned()))
+    if on_gpu:
+        torch.cuda.synchronize()
+    return len(runs)
 
 
 def _pack(outgoing: Mapping[int, list[tuple[Transfer, torch.Tensor]]], world: int, settings: TransferSettings,
@@ -461,6 +520,9 @@ def replication_groups(ring: Mapping[int, int], rank: int, *, timeout_s: float =
 class ReplicationSettings:
     timeout_s: float = 60.0
     """Longest one replication wait may take (seconds) with the default wait."""
+    pin_memory: bool = False
+    """Receive replicas into pinned host buffers (CUDA jobs: a restore from a replica is then
+    one fast host-to-device copy)."""
 
 
 RENEGOTIATE = 1
@@ -663,6 +725,14 @@ class BuddyReplicator:
                 log.debug("rank %d: round in flight not received: %r", self.rank, exc)
         return [s for s in (self._spare, self.replica) if s is not None and s.complete]
 
+    def host_bytes(self) -> int:
+        """Host memory this replicator holds (bytes): the ward's replicas (two buffer sets, double
+        buffered) and the filler slab of empty rounds."""
+        slabs = [s.slab for s in (self._spare, self.replica) if s is not None and s.slab is not None]
+        if self._filler is not None:
+            slabs.append(self._filler)
+        return sum(t.numel() for t in slabs)
+
     def close(self) -> None:
         """No more rounds. A send still in flight gives its snapshot back to the snapshotter
         (a torn copy at the buddy fails its checksum there), and so does ``acked``."""
@@ -783,7 +853,7 @@ class BuddyReplicator:
             self._spare = None  # its buffers are about to be overwritten
             slab, tensors = spare.slab, spare.tensors
         else:
-            slab, tensors = allocate_slab(terms.layout)
+            slab, tensors = allocate_slab(terms.layout, pin=self.settings.pin_memory)
         return Snapshot(step=-1, tensors=tensors, slab=slab, metadata=dict(terms.metadata))
 
 

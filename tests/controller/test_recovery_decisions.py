@@ -19,6 +19,7 @@ from controller.recovery_decisions import (
     cause_label,
     close_superseded,
     complete_recovery,
+    fail_before_first_step,
     failed_slots,
     find_failure,
     free_slots_for,
@@ -69,6 +70,25 @@ def test_a_killed_worker_is_a_failure_timed_by_its_exit_record():
     failure = find_failure(plan, workers, {"n0", "n1"}, now=13.0)
     assert failure.cause == "worker-failed" and failure.lost_ranks == {1} and failure.failed_at == 12.5
     assert "rank 1 on n0 failed (signal SIGKILL)" == failure.description
+
+
+def test_a_failure_before_the_first_step_fails_the_job_with_its_cause_instead_of_recovering():
+    import dataclasses
+
+    plan = first_plan()
+    workers = running(plan)
+    workers[2] = rec(2, "n1", 0, "EXITED", time=12.5, exit_code=1)
+    failure = find_failure(plan, workers, {"n0", "n1"}, now=13.0)
+    message = fail_before_first_step(plan, failure, step=0)
+    assert message is not None and "before the first step" in message and "rank 2 on n1" in message
+    assert "exit code 1" in message
+    # the worker's exception line, when the control side has it, is the root cause shown
+    line = "RuntimeError: Tensors must be CPU and dense (gloo send)"
+    assert line in fail_before_first_step(plan, failure, step=0, errors={2: line, 0: "unrelated"})
+    assert "unrelated" not in fail_before_first_step(plan, failure, step=0, errors={2: line, 0: "unrelated"})
+    # once a step completed there is state to recover: a re-plan
+    assert fail_before_first_step(plan, failure, step=1) is None
+    assert fail_before_first_step(dataclasses.replace(plan, generation=2), failure, step=0) is None
 
 
 def test_a_lost_node_is_timed_by_its_ranks_last_heartbeat():

@@ -40,6 +40,10 @@ def test_defaults_without_any_variable():
     assert (s.store_timeout_s, s.collective_timeout_s, s.plan_wait_s, s.prepare_wait_s, s.heartbeat_s) == (
         30.0, 60.0, 60.0, 300.0, 1.0)
     assert (s.elastic, s.snapshots, s.telemetry, s.compile, s.backend) == (True, True, True, "auto", "")
+    assert (s.p2p_staging, s.snapshot_buffers) == ("auto", 3)
+    assert WorkerSettings.from_env({launch.SNAPSHOT_BUFFERS: "2"}).snapshot_buffers == 2
+    with pytest.raises(ValueError, match=launch.SNAPSHOT_BUFFERS):
+        WorkerSettings.from_env({launch.SNAPSHOT_BUFFERS: "1"})
 
 
 def test_values_are_parsed_and_empty_means_unset():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from tests.helpers.dist_harness import Workers
 from common.layout import buddy_ring
 from trainer.transfer import recoverable_step
@@ -103,3 +105,22 @@ def test_a_big_round_moves_in_the_background_and_a_late_peer_holds_nobody(tmp_pa
         assert r["complete_s"] < 0.2  # done in the background: finishing it waits for nothing
         assert r["replica_step"] == 2 and r["replica_exact"] and r["replica_verifies"]
         assert r["threads_left"] == 0  # the round's waiter thread ended with it
+
+
+def test_local_pieces_are_copied_as_one_run_per_contiguous_slab():
+    from trainer.transfer import coalesce, copy_runs
+
+    src = torch.arange(100, dtype=torch.float32)
+    dst = torch.zeros(100)
+    # the slices of ten "parameters", listed out of flat order (names sort differently)
+    cuts = [(0, 7), (7, 20), (20, 21), (21, 50), (50, 64), (64, 80), (80, 99), (99, 100)]
+    pairs = [(src[a:b], dst[a:b]) for a, b in reversed(cuts)]
+    assert len(coalesce(pairs)) == 1
+    assert copy_runs(pairs) == 1 and torch.equal(dst, src)
+    # a gap in the source (another snapshot's piece in between) splits the run
+    other = torch.full((10,), -1.0)
+    dst2 = torch.zeros(30)
+    runs = coalesce([(src[0:10], dst2[0:10]), (other, dst2[10:20]), (src[20:30], dst2[20:30])])
+    assert len(runs) == 3
+    copy_runs([(src[0:10], dst2[0:10]), (other, dst2[10:20]), (src[20:30], dst2[20:30])])
+    assert torch.equal(dst2, torch.cat([src[0:10], other, src[20:30]]))
