@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import grpc
-import yaml
 from google.protobuf import json_format
 
 from cli import credentials
 from cli.env import CONTROLLER, controller_from_env
 from cli.local import local_cluster_state
-from common.spec import JobSpec
+from common.spec import JobSpec, load_spec_text
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 
@@ -211,11 +210,12 @@ def node_record(node: pb.NodeInfo) -> dict[str, Any]:
 @_command
 def cmd_submit(args: argparse.Namespace) -> int:
     try:
-        data = yaml.safe_load(Path(args.file).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        text = Path(args.file).read_text()
+    except OSError as exc:
         raise CliError(f"cannot read job file {args.file}: {exc}") from exc
     try:
-        spec = JobSpec.from_dict(data)  # same check as the server: fail before any network call
+        # the same check as the server: fail before any network call
+        spec = JobSpec.from_dict(load_spec_text(text, args.file))
     except ValueError as exc:
         raise CliError(f"invalid job spec in {args.file}: {exc}") from exc
     msg = json_format.ParseDict(spec.to_dict(), pb.JobSpec())

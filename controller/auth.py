@@ -86,6 +86,15 @@ def current_identity() -> Identity | None:
     return _current.get()
 
 
+_job_limit: contextvars.ContextVar[int | None] = contextvars.ContextVar("tenax_job_limit", default=None)
+
+
+def active_jobs_limit() -> int | None:
+    """The caller's active-jobs limit while a SubmitJob is handled (the handler enforces it
+    atomically: controller/api.py); None when no limit applies."""
+    return _job_limit.get()
+
+
 def owner_name() -> str:
     """The name to record as a new job's owner ('' when the server runs without authentication)."""
     identity = _current.get()
@@ -336,6 +345,9 @@ class AuthSettings:
         return self
 
 
+CREDENTIALS_UNCHECKABLE = "credentials cannot be checked right now (etcd unavailable); retry"
+"""Why a call is refused while the token store cannot be read: answered UNAVAILABLE."""
+
 OPEN_IDENTITY = Identity(name="anonymous", role="admin", via="open")
 
 OwnerLookup = Callable[[str, Any], Awaitable[str | None]]
@@ -482,14 +494,19 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         if not allowed:  # not audited: auditing a flood would write the flood into etcd
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"too many calls; retry in {wait_s:.2f} s")
-        code, detail = "OK", ""
+        code, detail, created = "OK", "", ""
         try:
             await self._admit(method, rule, identity, why, request)
             token = _current.set(identity)
+            limit_token = _job_limit.set(self.limits.max_active_jobs_per_user
+                                         if self.active_jobs_of is not None else None)
             try:
                 result = await call()
             finally:
+                _job_limit.reset(limit_token)
                 _current.reset(token)
+            if method == JOB + "SubmitJob" and getattr(result, "id", ""):
+                created = result.id  # the audit names the job the call created, not just its spec
             code, detail = _code_name(context.code()), clean_text(context.details() or "", MAX_DETAIL_CHARS)
             return result
         except _Refused as refused:
@@ -503,7 +520,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             raise
         finally:
             if rule.mutating and self.audit is not None:
-                await self._audit(method, identity, request, context, code, detail)
+                await self._audit(method, identity, request, context, code, detail, created)
 
     async def _authenticate(self, context) -> tuple[Identity | None, str]:
         if not self.settings.enabled:
@@ -514,7 +531,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                 identity = await self.tokens.authenticate(token)
             except (EtcdError, EtcdUnavailable) as exc:
                 log.warning("token store unreadable: %s", exc)
-                return None, "credentials cannot be checked right now (etcd unavailable); retry"
+                return None, CREDENTIALS_UNCHECKABLE
             return (identity, "") if identity else (None, "invalid or revoked token")
         if self.settings.accept_certificates:
             identity, why = identity_from_certificate(context.auth_context() or {})
@@ -526,6 +543,10 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
     async def _admit(self, method: str, rule: MethodRule, identity: Identity | None, why: str, request) -> None:
         """Raise _Refused unless the call may go ahead."""
+        if identity is None and why == CREDENTIALS_UNCHECKABLE:
+            # UNAVAILABLE, not UNAUTHENTICATED: the credentials may well be good, and clients
+            # retry and fail over on UNAVAILABLE but give up on UNAUTHENTICATED.
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, why)
         if identity is None:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, why)
         if isinstance(request, MalformedRequest):
@@ -555,11 +576,14 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             raise _Refused(grpc.StatusCode.UNAVAILABLE, f"cannot check permissions right now, retry: {exc}")
 
     async def _audit(self, method: str, identity: Identity | None, request, context, code: str,
-                     detail: str) -> None:
+                     detail: str, created: str = "") -> None:
+        target = target_of(request) if request is not None else ""
+        if created:  # SubmitJob: the id of the job it made (which starts with the spec's name)
+            target = clean_text(created, MAX_TARGET_CHARS)
         await self.audit.record(AuditRecord(
             time=self.clock(), identity=identity.name if identity else "", role=identity.role if identity else "",
             via=identity.via if identity else "none", method=clean_text(method, MAX_TARGET_CHARS),
-            target=target_of(request) if request is not None else "", code=code,
+            target=target, code=code,
             detail=clean_text(detail, MAX_DETAIL_CHARS), peer=clean_text(context.peer() or "", MAX_TARGET_CHARS)))
 
 

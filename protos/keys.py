@@ -25,7 +25,11 @@ Layout (``P`` is the cluster prefix, default ``/tenax``)::
     P/jobs/<job>/telemetry/<node>         per-step rank timings and liveness of the node's ranks (agent, ~1/s)
     P/chaos/<node>/<id>                   a chaos (fault injection) or kill request for that node's agent
     P/owners/<job>                        the identity that submitted the job (written with its spec)
-    P/auth/tokens/<token_id>              an API token: name, role, salt and hash (never the token itself)
+    P/auth/tokens/<token_id>              an API token: name, role, salt, hash, expiry (never the token itself)
+    P/auth/quota/<identity>               the job id of the identity's latest submit: every submit rewrites it in
+                                          the txn that creates the job, so two racing submits cannot both pass
+                                          the active-jobs limit
+    P/requests/<identity>/<request_id>    the job a SubmitJob request id created (a retry returns that job)
     P/audit/<time_ns:020d>-<rand>         one audit record per mutating call (bounded retention)
 """
 
@@ -147,6 +151,15 @@ class Keys:
 
     def token(self, token_id: str) -> str:
         return f"{self.prefix}/auth/tokens/{token_id}"
+
+    def user_quota(self, identity: str) -> str:
+        return f"{self.prefix}/auth/quota/{identity}"
+
+    def submit_requests(self) -> str:
+        return f"{self.prefix}/requests/"
+
+    def submit_request(self, identity: str, request_id: str) -> str:
+        return f"{self.prefix}/requests/{identity}/{request_id}"
 
     def audit(self) -> str:
         return f"{self.prefix}/audit/"

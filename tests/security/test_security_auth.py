@@ -193,7 +193,7 @@ def test_roles_and_ownership_over_grpc(api):
         grpc.StatusCode.NOT_FOUND  # allowed; the node just does not exist
     audited = [(r.identity, r.method.rsplit("/", 1)[-1], r.target, r.code) for r in reversed(api.audit())]
     assert audited == [
-        ("sam", "SubmitJob", "sams", "OK"),
+        ("sam", "SubmitJob", job.id, "OK"),  # the job it created, not the spec
         ("vera", "SubmitJob", "tiny", "PERMISSION_DENIED"),
         ("vera", "CancelJob", job.id, "PERMISSION_DENIED"),
         ("olga", "CancelJob", job.id, "PERMISSION_DENIED"),
@@ -206,14 +206,14 @@ def test_roles_and_ownership_over_grpc(api):
 
 def test_audit_is_readable_by_admins_only_over_grpc(api):
     sam = _jobs(api, "sam")
-    sam.SubmitJob(pb.SubmitJobRequest(spec=tiny_spec("one")), timeout=CALL_TIMEOUT_S)
+    job = sam.SubmitJob(pb.SubmitJobRequest(spec=tiny_spec("one")), timeout=CALL_TIMEOUT_S)
     viewer_audit = pb_grpc.AuditServiceStub(api.channel(token=api.tokens["vera"]))
     assert rpc_code(lambda: viewer_audit.ListAudit(pb.ListAuditRequest(), timeout=CALL_TIMEOUT_S)) == \
         grpc.StatusCode.PERMISSION_DENIED
     admin_audit = pb_grpc.AuditServiceStub(api.channel(token=api.tokens["ada"]))
     records = admin_audit.ListAudit(pb.ListAuditRequest(limit=10), timeout=CALL_TIMEOUT_S).records
     assert [(r.identity, r.role, r.via, r.target, r.code) for r in records] == [
-        ("sam", "submitter", "token", "one", "OK")]
+        ("sam", "submitter", "token", job.id, "OK")]
 
 
 def test_certificate_identity_and_token_precedence(etcd_url, tmp_path):
