@@ -132,6 +132,18 @@ class Client:
         raise CliError(f"gave up waiting for job {job_id} after {deadline_s:.0f} s")
 
 
+def list_all_jobs(client: Client, max_pages: int = 10_000) -> list:
+    """Every job, one ListJobs page at a time (a reply stays far below gRPC's message limit)."""
+    jobs, token = [], ""
+    for _page in range(max_pages):
+        reply = client.call("job", "ListJobs", pb.ListJobsRequest(page_token=token))
+        jobs.extend(reply.jobs)
+        token = reply.next_page_token
+        if not token:
+            break
+    return jobs
+
+
 def _client(args: argparse.Namespace) -> Client:
     return Client(controller_addresses(args), args.timeout, args)
 
@@ -276,7 +288,7 @@ def _wait(client: Client, job_id: str, steps: int, args: argparse.Namespace) -> 
 
 @_command
 def cmd_jobs(args: argparse.Namespace) -> int:
-    jobs = _client(args).call("job", "ListJobs", pb.ListJobsRequest()).jobs
+    jobs = list_all_jobs(_client(args))
     if args.json:
         _print_json([job_record(j) for j in jobs])
         return 0

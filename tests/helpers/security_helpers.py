@@ -225,18 +225,22 @@ def start_secured_api(etcd_url: str, state_dir: Path, settings: SecuritySettings
                       pki=pki, shutdown=shutdown)
 
 
-def start_real_controller(etcd_url: str, state_dir: Path, settings: SecuritySettings | None = None) -> SecuredApi:
-    """The real controller (controller/server.py) with ``settings``, leading, on loopback."""
+def start_real_controller(etcd_url: str, state_dir: Path, settings: SecuritySettings | None = None,
+                          **controller: Any) -> SecuredApi:
+    """The real controller (controller/server.py) with ``settings``, leading, on loopback;
+    ``controller`` overrides ControllerSettings fields (say ``retention=RetentionSettings(...)``)."""
     from controller.server import Controller, ControllerSettings
 
     pki = ensure_dev_pki(state_dir, clients={"admin": "admin", "carol": "submitter", "norole": "",
                                              "viewer-cert": "viewer"})
     settings = settings or SecuritySettings(tls=pki.server_tls(mutual=False))
     thread = ServerThread()
+    overrides = controller
 
     async def start():
-        controller = Controller(ControllerSettings(etcd=etcd_url, lease_ttl_s=2, reconcile_interval_s=0.1,
-                                                   metrics_port=-1, security=settings))
+        controller = Controller(ControllerSettings(**{
+            "etcd": etcd_url, "lease_ttl_s": 2, "reconcile_interval_s": 0.1, "metrics_port": -1,
+            "security": settings, **overrides}))
         await controller.start()
         deadline = time.monotonic() + 20
         while not (controller.is_leader and controller.cache.synced.is_set()):

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cli.main import main as tenax
 from common.spec import SPEC_UPPER_BOUNDS, JobSpec, SpecError
 from controller.limits import Limits
+from controller.retention import RetentionSettings
 from controller.security import SecuritySettings
 from controller.tls import ensure_dev_pki
 from protos import tenax_pb2 as pb
@@ -212,3 +213,77 @@ def test_deeply_nested_job_file_is_a_clear_error(tmp_path, capsys):
     shallow.write_text("name: deep\nmodel: " + "[" * 40 + "1" + "]" * 40 + "\n")  # parses, still refused
     assert tenax(["submit", str(shallow), "--controller", "127.0.0.1:1"]) != 0
     assert "nested too deeply" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ finding 11: retention and paging
+def _wait_for(predicate, what: str, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_finished_jobs_expire_after_their_retention(etcd_url, tmp_path):
+    pki = ensure_dev_pki(tmp_path)
+    api = start_real_controller(etcd_url, tmp_path, SecuritySettings(tls=pki.server_tls()),
+                                retention=RetentionSettings(finished_job_retention_s=1.0, sweep_interval_s=0.2))
+    try:
+        sam = _jobs(api, "sam")
+        done = sam.SubmitJob(pb.SubmitJobRequest(spec=tiny_spec("done"), request_id="r-done"), timeout=CALL_TIMEOUT_S)
+        kept = sam.SubmitJob(pb.SubmitJobRequest(spec=tiny_spec("kept")), timeout=CALL_TIMEOUT_S)
+        sam.CancelJob(pb.CancelJobRequest(job_id=done.id), timeout=CALL_TIMEOUT_S)
+        _wait_for(lambda: _job_ids(api) == {kept.id}, "the cancelled job was never deleted")
+        assert api.run(api.etcd.get(api.keys.job_owner(done.id))) is None
+        assert api.etcd_keys(api.keys.submit_requests()) == []
+        assert [j.id for j in sam.ListJobs(pb.ListJobsRequest(), timeout=CALL_TIMEOUT_S).jobs] == [kept.id]
+        time.sleep(1.5)  # an active job is never deleted, however old
+        assert _job_ids(api) == {kept.id}
+    finally:
+        api.stop()
+
+
+def test_list_jobs_pages(etcd_url, tmp_path):
+    api = _api(etcd_url, tmp_path)
+    try:
+        sam = _jobs(api, "sam")
+        submitted = [sam.SubmitJob(pb.SubmitJobRequest(spec=tiny_spec(f"p{i}")), timeout=CALL_TIMEOUT_S).id
+                     for i in range(7)]
+        pages, token = [], ""
+        while True:
+            reply = sam.ListJobs(pb.ListJobsRequest(page_size=3, page_token=token), timeout=CALL_TIMEOUT_S)
+            pages.append([j.id for j in reply.jobs])
+            token = reply.next_page_token
+            if not token:
+                break
+        assert [len(p) for p in pages] == [3, 3, 1]
+        assert [i for p in pages for i in p] == submitted  # oldest first, nothing twice, nothing lost
+        with pytest.raises(grpc.RpcError) as err:
+            sam.ListJobs(pb.ListJobsRequest(page_token="garbage"), timeout=CALL_TIMEOUT_S)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in err.value.details()
+        assert len(sam.ListJobs(pb.ListJobsRequest(), timeout=CALL_TIMEOUT_S).jobs) == 7  # default page holds all
+    finally:
+        api.stop()
+
+
+# ------------------------------------------------------------------ finding 5: a job that can never be placed
+def test_unplaceable_job_says_why_then_fails(etcd_url, tmp_path):
+    pki = ensure_dev_pki(tmp_path)
+    api = start_real_controller(etcd_url, tmp_path, SecuritySettings(tls=pki.server_tls()),
+                                retention=RetentionSettings(unplaceable_fail_after_s=2.0))
+    try:
+        node = NodeRecord(id="small", slots=2, store_address="127.0.0.1:1")
+        api.run(api.etcd.put(api.keys.node(node.id), node.to_json()))
+        sam = _jobs(api, "sam")
+        spec = tiny_spec("huge")
+        spec.resources.workers = spec.parallelism.dp = 4
+        spec.global_batch_size = 4
+        job = sam.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=CALL_TIMEOUT_S)
+
+        def status():
+            return sam.GetJob(pb.GetJobRequest(job_id=job.id), timeout=CALL_TIMEOUT_S).status
+
+        _wait_for(lambda: "waiting for 4 free slots, more than the 2 the cluster has" in status().message, "no reason given")
+        _wait_for(lambda: status().phase == pb.FAILED, "the unplaceable job never failed")
+        assert "cannot be placed" in status().message
+    finally:
+        api.stop()
