@@ -520,7 +520,11 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             raise
         finally:
             if rule.mutating and self.audit is not None:
-                await self._audit(method, identity, request, context, code, detail, created)
+                if identity is None:  # no valid credentials: counted per source, never one record each
+                    await self.audit.refused(source=clean_text(_peer_host(context.peer() or ""), MAX_TARGET_CHARS),
+                                             method=clean_text(method, MAX_TARGET_CHARS), code=code)
+                else:
+                    await self._audit(method, identity, request, context, code, detail, created)
 
     async def _authenticate(self, context) -> tuple[Identity | None, str]:
         if not self.settings.enabled:

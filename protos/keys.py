@@ -31,6 +31,9 @@ Layout (``P`` is the cluster prefix, default ``/tenax``)::
                                           the active-jobs limit
     P/requests/<identity>/<request_id>    the job a SubmitJob request id created (a retry returns that job)
     P/audit/<time_ns:020d>-<rand>         one audit record per mutating call (bounded retention)
+    P/audit-refused/<time_ns:020d>-<rand> refused calls without valid credentials, counted per source, method
+                                          and result over a window (own retention: a flood of them never
+                                          evicts the records of authenticated callers)
 """
 
 from __future__ import annotations
@@ -167,6 +170,12 @@ class Keys:
     def audit_record(self, time_ns: int, suffix: str) -> str:
         """Keys sort by time, so the oldest records come first in a range read."""
         return f"{self.prefix}/audit/{time_ns:020d}-{suffix}"
+
+    def audit_refused(self) -> str:
+        return f"{self.prefix}/audit-refused/"
+
+    def audit_refused_record(self, time_ns: int, suffix: str) -> str:
+        return f"{self.prefix}/audit-refused/{time_ns:020d}-{suffix}"
 
     # parsing --------------------------------------------------------------
     def parse_job_key(self, key: str) -> tuple[str, str] | None:

@@ -482,7 +482,7 @@ class NodeRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ...) -> None: ...
 
 class AuditRecord(_message.Message):
-    __slots__ = ("time", "identity", "role", "via", "method", "target", "code", "detail", "peer")
+    __slots__ = ("time", "identity", "role", "via", "method", "target", "code", "detail", "peer", "count")
     TIME_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -492,6 +492,7 @@ class AuditRecord(_message.Message):
     CODE_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
     time: float
     identity: str
     role: str
@@ -501,7 +502,8 @@ class AuditRecord(_message.Message):
     code: str
     detail: str
     peer: str
-    def __init__(self, time: _Optional[float] = ..., identity: _Optional[str] = ..., role: _Optional[str] = ..., via: _Optional[str] = ..., method: _Optional[str] = ..., target: _Optional[str] = ..., code: _Optional[str] = ..., detail: _Optional[str] = ..., peer: _Optional[str] = ...) -> None: ...
+    count: int
+    def __init__(self, time: _Optional[float] = ..., identity: _Optional[str] = ..., role: _Optional[str] = ..., via: _Optional[str] = ..., method: _Optional[str] = ..., target: _Optional[str] = ..., code: _Optional[str] = ..., detail: _Optional[str] = ..., peer: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class ListAuditRequest(_message.Message):
     __slots__ = ("limit",)
