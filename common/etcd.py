@@ -290,8 +290,10 @@ class Etcd:
         )
         return bool(ok)
 
-    async def put_many_guarded(self, guards: dict[str, int], puts: dict[str, str]) -> bool:
-        """Write all ``puts`` in one transaction if every guard key has its revision (0: absent)."""
+    async def put_many_guarded(self, guards: dict[str, int], puts: dict[str, str],
+                               deletes: tuple[str, ...] = ()) -> bool:
+        """Write all ``puts`` and delete ``deletes`` in one transaction if every guard key has its
+        revision (0: absent)."""
         tx = self._client.transactions
         compare = [tx.version(k.encode()) == 0 if rev == 0 else tx.mod(k.encode()) == rev
                    for k, rev in guards.items()]
@@ -299,7 +301,8 @@ class Etcd:
             f"txn guarded by {', '.join(guards)}",
             self._client.transaction(
                 compare=compare,
-                success=[tx.put(k.encode(), v.encode()) for k, v in puts.items()],
+                success=[tx.put(k.encode(), v.encode()) for k, v in puts.items()]
+                + [tx.delete(k.encode()) for k in deletes],
                 failure=[],
             ),
         )

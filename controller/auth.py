@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import dataclasses
 import hashlib
 import hmac
 import inspect
 import json
 import logging
+import math
+import os
 import re
 import secrets
 import time
@@ -186,6 +189,11 @@ class TokenRecord:
     created: float
     """Unix seconds."""
     algorithm: str = HASH_ALGORITHM
+    expires: float = 0.0
+    """Unix seconds after which the token is refused (and deleted); 0: never."""
+
+    def expired(self, now: float) -> bool:
+        return bool(self.expires) and now >= self.expires
 
     def matches(self, secret: str) -> bool:
         return hmac.compare_digest(_digest(self.salt, secret), self.digest)
@@ -201,7 +209,8 @@ class TokenRecord:
         except (json.JSONDecodeError, TypeError) as exc:
             raise ValueError(f"malformed token record: {exc}") from exc
         if record.algorithm != HASH_ALGORITHM or record.role not in ROLES or not all(
-                isinstance(v, str) for v in (record.token_id, record.name, record.salt, record.digest)):
+                isinstance(v, str) for v in (record.token_id, record.name, record.salt, record.digest)) or \
+                not isinstance(record.expires, (int, float)) or isinstance(record.expires, bool):
             raise ValueError("token record has an unknown algorithm, role or field type")
         return record
 
@@ -253,28 +262,69 @@ def bearer_token(metadata) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+TOKEN_AUDIT_METHOD = "tokens/"
+"""Audit method of token management: ``tokens/create``, ``tokens/revoke``, ``tokens/expire``."""
+SYSTEM_IDENTITY = Identity(name="tenax-controller", role="system", via="system")
+"""Who expires tokens (any controller replica; the guarded delete lets exactly one record it)."""
+
+
+def operator_identity() -> Identity:
+    """Who runs ``tenax tokens`` on this machine: the OS user at the host. Token management needs
+    etcd credentials, not an API token, so that is the identity the audit can name."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = f"uid{os.getuid()}"
+    return Identity(name=clean_text(f"{user}@{socket.gethostname()}", MAX_TARGET_CHARS), role="operator", via="etcd")
+
+
 class TokenStore:
     """Token records in etcd, cached in memory.
 
     The whole set is re-read at most every ``cache_ttl_s`` seconds (one range
     read), so checking a token costs no etcd round trip and a bogus token costs
-    nothing at all; a revoked token stops working within ``cache_ttl_s``.
+    nothing at all; a revoked token stops working within ``cache_ttl_s``. An
+    expired token stops working at once; the next refresh deletes it and audits that.
+
+    Every change is audited in the transaction that makes it (create, expire) or just
+    before it (revoke), under the audit log's keys, naming who did it.
     """
 
     def __init__(self, etcd: Etcd, keys: Keys, *, cache_ttl_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         if not cache_ttl_s >= 0:
             raise ValueError(f"cache_ttl_s: must be >= 0, got {cache_ttl_s}")
         self.etcd = etcd
         self.keys = keys
         self.cache_ttl_s = cache_ttl_s
         self.clock = clock
+        self.wall_clock = wall_clock
         self._records: dict[str, TokenRecord] = {}
         self._loaded_at: float | None = None
 
-    async def create(self, name: str, role: str) -> tuple[str, TokenRecord]:
-        token, record = new_token(name, role)
-        if not await self.etcd.create(self.keys.token(record.token_id), record.to_json()):
+    def _audit_entry(self, operator: Identity, verb: str, record: TokenRecord, detail: str = "") -> tuple[str, str]:
+        now = self.wall_clock()
+        entry = AuditRecord(time=now, identity=operator.name, role=operator.role, via=operator.via,
+                            method=TOKEN_AUDIT_METHOD + verb,
+                            target=clean_text(f"{record.name} ({record.role}) {record.token_id}", MAX_TARGET_CHARS),
+                            code="OK", detail=clean_text(detail, MAX_DETAIL_CHARS))
+        return self.keys.audit_record(int(now * 1e9), secrets.token_hex(4)), entry.to_json()
+
+    async def create(self, name: str, role: str, *, operator: Identity, expires_in_s: float = 0.0
+                     ) -> tuple[str, TokenRecord]:
+        """A new token, stored with its audit record in one transaction. ``expires_in_s`` 0: never."""
+        if not (expires_in_s >= 0 and math.isfinite(expires_in_s)):
+            raise AuthError(f"expires_in_s: must be >= 0 seconds, got {expires_in_s}")
+        token, record = new_token(name, role, now=self.wall_clock())
+        if expires_in_s:
+            record = dataclasses.replace(record, expires=record.created + expires_in_s)
+        key = self.keys.token(record.token_id)
+        audit_key, audit_value = self._audit_entry(
+            operator, "create", record, f"expires {_when(record.expires)}" if record.expires else "never expires")
+        if not await self.etcd.put_many_guarded({key: 0}, {key: record.to_json(), audit_key: audit_value}):
             raise EtcdError("token id collision; try again")  # 64 random bits: practically never
         self._loaded_at = None
         return token, record
@@ -283,38 +333,61 @@ class TokenStore:
         await self._refresh(force=True)
         return sorted(self._records.values(), key=lambda r: (r.name, r.created))
 
-    async def revoke(self, token_id_or_name: str) -> int:
-        """Delete the token with that id, or every token with that name; return how many."""
+    async def revoke(self, token_id_or_name: str, *, operator: Identity) -> int:
+        """Delete the token with that id, or every token with that name; return how many. Audited."""
         gone = 0
         for record in await self.list():
             if token_id_or_name in (record.token_id, record.name):
-                gone += int(await self.etcd.delete(self.keys.token(record.token_id)))
+                key = self.keys.token(record.token_id)
+                kv = await self.etcd.get(key)
+                if kv is None:
+                    continue
+                audit_key, audit_value = self._audit_entry(operator, "revoke", record)
+                gone += int(await self.etcd.put_many_guarded({key: kv.mod_revision}, {audit_key: audit_value},
+                                                             deletes=(key,)))
         self._loaded_at = None
         return gone
 
     async def authenticate(self, token: str) -> Identity | None:
-        """The identity of a valid token; None if unknown or wrong. Raises EtcdError if the store cannot be read."""
+        """The identity of a valid token; None if unknown, wrong or expired. Raises EtcdError if the
+        store cannot be read."""
         parsed = parse_token(token)
         if parsed is None:
             return None
         await self._refresh()
         record = self._records.get(parsed[0])
-        return record.identity() if record is not None and record.matches(parsed[1]) else None
+        if record is None or record.expired(self.wall_clock()):
+            return None
+        return record.identity() if record.matches(parsed[1]) else None
 
     async def _refresh(self, *, force: bool = False) -> None:
         now = self.clock()
         if not force and self._loaded_at is not None and now - self._loaded_at < self.cache_ttl_s:
             return
         records = {}
+        expired = []
         for kv in await self.etcd.get_prefix(self.keys.tokens()):
             try:
                 record = TokenRecord.from_json(kv.value)
             except ValueError as exc:
                 log.warning("skipping malformed token record %s: %s", kv.key, exc)
                 continue
+            if record.expired(self.wall_clock()):
+                expired.append((kv, record))
+                continue
             records[record.token_id] = record
         self._records = records
         self._loaded_at = now
+        for kv, record in expired:
+            audit_key, audit_value = self._audit_entry(SYSTEM_IDENTITY, "expire", record,
+                                                       f"expired {_when(record.expires)}")
+            if await self.etcd.put_many_guarded({kv.key: kv.mod_revision}, {audit_key: audit_value},
+                                                deletes=(kv.key,)):
+                log.info("token %s of %s (%s) expired and was deleted", record.token_id, record.name, record.role)
+
+
+def _when(unix_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
 
 
 def identity_from_certificate(auth_context: dict) -> tuple[Identity | None, str]:

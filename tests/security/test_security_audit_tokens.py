@@ -51,3 +51,39 @@ def test_anonymous_flood_cannot_evict_authenticated_audit_records(etcd_url, tmp_
         assert all(r.peer.startswith("ipv4:127.0.0.1") for r in refused)
     finally:
         api.stop()
+
+
+def test_token_create_revoke_and_expiry_are_audited(etcd_url, tmp_path, capsys, monkeypatch):
+    from cli.main import main as tenax
+    from controller import auth
+
+    monkeypatch.delenv("TENAX_TOKEN", raising=False)
+    pki = ensure_dev_pki(tmp_path)
+    api = start_real_controller(etcd_url, tmp_path, SecuritySettings(tls=pki.server_tls(), token_cache_s=0.0))
+    try:
+        operator = auth.operator_identity().name
+        base = ["tokens", "--etcd", etcd_url]
+        assert tenax(base + ["create", "ann", "--role", "admin", "--out", str(tmp_path / "ann.token")]) == 0
+        assert tenax(base + ["revoke", "ann"]) == 0
+        assert tenax(base + ["create", "tmp", "--role", "viewer", "--expires-in", "2s",
+                             "--out", str(tmp_path / "tmp.token")]) == 0
+        capsys.readouterr()
+        short_lived = (tmp_path / "tmp.token").read_text().strip()
+        viewer = pb_grpc.JobServiceStub(api.channel(token=short_lived))
+        assert viewer.ListJobs(pb.ListJobsRequest(), timeout=CALL_TIMEOUT_S) is not None
+        time.sleep(2.2)
+        assert rpc_code(lambda: viewer.ListJobs(pb.ListJobsRequest(), timeout=CALL_TIMEOUT_S)) == \
+            grpc.StatusCode.UNAUTHENTICATED
+        assert api.etcd_keys(api.keys.tokens()) == []  # the expired token is gone from etcd too
+        admin = pb_grpc.AuditServiceStub(api.channel(token=api.make_token("ada", "admin")))
+        records = admin.ListAudit(pb.ListAuditRequest(limit=100), timeout=CALL_TIMEOUT_S).records
+        tokens = [(r.method, r.identity, r.via, r.target.split(" ")[0]) for r in reversed(records)
+                  if r.method.startswith("tokens/")]
+        assert tokens == [("tokens/create", operator, "etcd", "ann"), ("tokens/revoke", operator, "etcd", "ann"),
+                          ("tokens/create", operator, "etcd", "tmp"),
+                          ("tokens/expire", "tenax-controller", "system", "tmp"),
+                          ("tokens/create", operator, "etcd", "ada")]
+        with pytest.raises(SystemExit):
+            tenax(base + ["create", "x", "--role", "viewer", "--expires-in", "soon"])
+    finally:
+        api.stop()
