@@ -84,6 +84,9 @@ class AgentSettings:
     """Client certificate for etcd (PEM), when etcd asks for one."""
     etcd_key: str = ""
     """Its private key (PEM)."""
+    data_roots: list[Path] = field(default_factory=list)
+    """The only directories a job's ``data.path`` may name (agent/data_roots.py); empty: no token
+    files at all (synthetic data only)."""
     fake_gpu_dir: Path | None = None
     """Test hook: read GPU telemetry from ``<dir>/<node id>.json`` (a JSON list of GpuSample fields)
     instead of NVML, so tests and game days can inject XID/ECC errors; None: NVML."""
@@ -111,6 +114,9 @@ class AgentSettings:
         for name in ("http_port", "store_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be a port (0-65535), got {getattr(self, name)}")
+        for root in self.data_roots:
+            if not Path(root).is_dir():
+                raise ValueError(f"--data-root must be an existing directory, got {str(root)!r}")
         if not self.advertise_host:
             wildcard = self.http_host in ("0.0.0.0", "::", "")
             self.advertise_host = socket.gethostname() if wildcard else self.http_host
@@ -156,7 +162,8 @@ class Agent:
                                      kill_grace_s=s.kill_grace_s, progress_interval_s=s.progress_interval_s,
                                      extra_env={name: value for name, value in (
                                          ("TENAX_ETCD_CA", s.etcd_ca), ("TENAX_ETCD_CERT", s.etcd_cert),
-                                         ("TENAX_ETCD_KEY", s.etcd_key)) if value})
+                                         ("TENAX_ETCD_KEY", s.etcd_key)) if value},
+                                     data_roots=s.data_roots)
         self.registration = Registration(etcd=self.etcd, keys=self.keys, node_id=s.node_id, ttl_s=s.lease_ttl_s,
                                          node_info=self.node_info)
         http = AgentHttp(log_path=self.supervisor.log_path, healthy=lambda: self.registration.registered.is_set())
@@ -164,7 +171,8 @@ class Agent:
         try:
             port = await http.start(s.http_host, s.http_port)
             self.address = f"{s.advertise_host}:{port}"
-            bind = "0.0.0.0" if s.http_host in ("0.0.0.0", "") else s.http_host
+            # the store (no authentication of its own) listens only where it is advertised
+            bind = s.advertise_host if s.http_host in ("0.0.0.0", "::", "") else s.http_host
             store_port = await asyncio.to_thread(store.start, bind, s.store_port)
             self.store_address = f"{s.advertise_host}:{store_port}"
             await self._connect()

@@ -52,6 +52,9 @@ def register(sub) -> None:
     p.add_argument("--etcd-key", default="", help="its private key")
     p.add_argument("--worker-command", default="",
                    help="worker command line (default: python -m trainer.worker); for tests")
+    p.add_argument("--data-root", type=Path, action="append", default=[], metavar="DIR",
+                   help="a directory jobs may read token files from (data.path); repeatable. Paths resolve "
+                        "inside a root only (no '..', no symlink out); without any, jobs get synthetic data only")
     p.add_argument("--fake-gpu-dir", type=Path, default=None, metavar="DIR",
                    help="test hook: read GPU telemetry from DIR/<node-id>.json (a JSON list of GPU samples) "
                         "instead of NVML, to inject XID/ECC errors without a GPU")
@@ -66,7 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         http_host=args.http[0], http_port=args.http[1], advertise_host=args.advertise_host,
         telemetry_interval_s=args.telemetry_interval, kill_grace_s=args.kill_grace,
         worker_command=shlex.split(args.worker_command), etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert,
-        etcd_key=args.etcd_key, fake_gpu_dir=args.fake_gpu_dir).validate()
+        etcd_key=args.etcd_key, data_roots=list(args.data_root), fake_gpu_dir=args.fake_gpu_dir).validate()
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,0 +1,101 @@
+"""Issue #18 findings 3 and 4 (and the fuzzing of absurd-but-valid specs) against a real cluster:
+`tenax up` with real etcd, controller, agents and trainer workers.
+
+* The agents' rendezvous store listens on the address it is advertised at (loopback under
+  `tenax up`), like every other listener, not on every interface.
+* ``data.path`` is read only under the agent's ``--data-root``: absolute paths outside it,
+  ``..`` and symlinks out of it are refused before any worker starts, and nothing of the
+  file's contents reaches a log or a job status.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.e2e.test_e2e_cluster import job_file, job_json, local_cluster, submit, tenax
+from trainer.data import write_token_file
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+SECRET = "da" * 64  # read as uint16 tokens: 24932 each, the value the old error message quoted
+
+
+def _wait_phase(info: dict, job_id: str, phases: set[str], timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = job_json(info, job_id)
+        if job["phase"] in phases:
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} stuck in {job['phase']}: {job['message']}"
+        time.sleep(0.5)
+
+
+def _listeners(port: int) -> set[str]:
+    return {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+            and c.laddr.port == port}
+
+
+def _job(tmp_path: Path, name: str, **data) -> Path:
+    folder = tmp_path / f"job-{name}"
+    folder.mkdir()
+    return job_file(folder, name=name, steps=3,
+                    global_batch_size=4, micro_batch_size=2,
+                    model={"arch": "gpt", "layers": 2, "d_model": 16, "heads": 2, "vocab_size": 256, "seq_len": 8,
+                           "dropout": 0.0},
+                    parallelism={"dp": 1, "pp": 1, "zero_stage": 0}, elastic={"min_workers": 1},
+                    resources={"workers": 1, "device": "cpu"}, data={"kind": "tokens", "dtype": "uint16", **data})
+
+
+def test_store_binds_loopback_and_data_paths_stay_under_data_roots(tmp_path):
+    root = tmp_path / "data-root"
+    root.mkdir()
+    write_token_file(list(b"hello tenax, a small corpus for a tiny model. " * 20), root / "corpus.bin")
+    secret = tmp_path / "secret.bin"  # outside the root, like /etc/shadow
+    secret.write_text(SECRET)
+    (root / "link.bin").symlink_to(secret)
+    with local_cluster(tmp_path, agents=1, slots=2, agent_args=[f"--data-root={root}"]) as info:
+        nodes = json.loads(tenax("nodes", "--json", "--controller", info["controller"], home=info["home"]).stdout)
+        for node in nodes:  # finding 3: the store listens where it is advertised, nowhere else
+            host, _, port = node["store_address"].rpartition(":")
+            assert host == "127.0.0.1" and _listeners(int(port)) == {"127.0.0.1"}, node
+
+        ok = submit(info, _job(tmp_path, "inside", path="corpus.bin"))  # relative: under the root
+        refused = {name: submit(info, _job(tmp_path, name, path=path)) for name, path in (
+            ("absolute", str(secret)), ("dotdot", "../secret.bin"), ("symlink", "link.bin"))}
+        assert _wait_phase(info, ok, {"SUCCEEDED", "FAILED"})["phase"] == "SUCCEEDED"
+        for name, job_id in refused.items():
+            job = _wait_phase(info, job_id, {"FAILED"})
+            assert "exit code 127" in job["message"], (name, job)  # refused by the agent: never started
+        work = info["home"]
+        leaked = [p for p in work.rglob("*") if p.is_file() and p.stat().st_size < 10 << 20
+                  and not p.is_symlink() and p != secret and (b"24932" in p.read_bytes() or SECRET.encode()
+                                                               in p.read_bytes())]
+        assert leaked == [], f"secret contents leaked into {leaked}"
+        for job_id in refused.values():
+            logs = list(work.rglob(f"jobs/{job_id}/rank-*.log"))
+            assert logs == [], f"a worker started for a refused data.path: {logs}"
+        statuses = tenax("jobs", "--json", "--controller", info["controller"], home=info["home"]).stdout
+        assert "24932" not in statuses and SECRET not in statuses
+
+
+def test_resolve_data_path_refuses_every_way_out(tmp_path):
+    from agent.data_roots import DataPathRefused, resolve_data_path
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "ok.bin").write_bytes(b"\0\0")
+    (tmp_path / "outside.bin").write_bytes(b"\0\0")
+    (root / "out-link").symlink_to(tmp_path)
+    assert resolve_data_path("sub/ok.bin", [root]) == (root / "sub" / "ok.bin").resolve()
+    assert resolve_data_path(str(root / "sub" / "ok.bin"), [tmp_path / "elsewhere", root]).name == "ok.bin"
+    for path in (str(tmp_path / "outside.bin"), "../outside.bin", "sub/../../outside.bin", "out-link/outside.bin",
+                 "/etc/shadow", "sub", "missing.bin", "a\0b"):
+        with pytest.raises(DataPathRefused, match=r"^data\.path: "):
+            resolve_data_path(path, [root])
+    with pytest.raises(DataPathRefused, match="without --data-root"):
+        resolve_data_path("sub/ok.bin", [])
