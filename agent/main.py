@@ -156,6 +156,7 @@ class Agent:
         metrics.AGENT_INFO.labels(s.node_id).set(1)
         metrics.AGENT_SLOTS.set(self.slots)
         s.work_dir.mkdir(parents=True, exist_ok=True)
+        s.work_dir.chmod(0o700)  # job logs and launch files are not for other users of the host
         self.etcd = Etcd(s.etcd, tls=s.etcd_tls())
         self.supervisor = Supervisor(etcd=self.etcd, keys=self.keys, node_id=s.node_id, work_dir=s.work_dir,
                                      etcd_endpoints=s.etcd, worker_command=s.worker_command or None,

@@ -343,6 +343,7 @@ class Supervisor:
         job_dir = self._job_dir(plan.job_id)
         run_dir = job_dir / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
+        job_dir.chmod(0o700)  # logs, launch files (the spec) and run dir: the agent's user only
         launch_file = job_dir / f"launch-g{plan.generation}-rank-{a.rank}.json"
         launch_file.write_text(json.dumps({"spec": spec or {}, "plan": plan.to_dict()}, sort_keys=True))
         log_path, metrics_path = self._worker_files(plan.job_id, a, plan.generation)

@@ -79,6 +79,11 @@ def test_store_binds_loopback_and_data_paths_stay_under_data_roots(tmp_path):
         for job_id in refused.values():
             logs = list(work.rglob(f"jobs/{job_id}/rank-*.log"))
             assert logs == [], f"a worker started for a refused data.path: {logs}"
+        # finding 11: etcd's data, the cluster's logs and the job logs are their owner's only
+        private = [work / "local" / "etcd-data", work / "local" / "logs", work / "local", *work.rglob("agents/*"),
+                   *(p for p in work.rglob("jobs/*") if p.is_dir())]
+        assert len(private) >= 4 and {p: oct(p.stat().st_mode & 0o777) for p in private if p.stat().st_mode & 0o077} \
+            == {}
         statuses = tenax("jobs", "--json", "--controller", info["controller"], home=info["home"]).stdout
         assert "24932" not in statuses and SECRET not in statuses
 
