@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import secrets
 import sys
 import time
 import urllib.error
@@ -232,7 +233,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise CliError(f"invalid job spec in {args.file}: {exc}") from exc
     msg = json_format.ParseDict(spec.to_dict(), pb.JobSpec())
     client = _client(args)
-    job = client.call("job", "SubmitJob", pb.SubmitJobRequest(spec=msg))
+    # One request id for every attempt: a retry on another replica after UNAVAILABLE gets the
+    # job the first attempt may already have made, never a second one.
+    job = client.call("job", "SubmitJob", pb.SubmitJobRequest(spec=msg, request_id=secrets.token_hex(16)))
     if args.json and not args.wait:
         _print_json(job_record(job))
         return 0

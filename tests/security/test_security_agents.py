@@ -104,3 +104,78 @@ def test_resolve_data_path_refuses_every_way_out(tmp_path):
             resolve_data_path(path, [root])
     with pytest.raises(DataPathRefused, match="without --data-root"):
         resolve_data_path("sub/ok.bin", [])
+
+
+def _absurd_but_valid_specs() -> dict[str, dict]:
+    """Specs at the upper bounds of common/spec.py (SPEC_UPPER_BOUNDS), each valid, each cheap in
+    memory: they must not hurt the controller, the agents, or the jobs that come after them."""
+    from common.spec import SPEC_UPPER_BOUNDS as B
+
+    tiny = {"arch": "gpt", "layers": 1, "d_model": 4, "heads": 1, "vocab_size": 2, "seq_len": 1, "dropout": 0.0}
+
+    def spec(name, *, model=None, workers=1, pp=1, **top):
+        return {"name": name, "steps": 2, "global_batch_size": workers // pp, "micro_batch_size": 1,
+                "model": {**tiny, **(model or {})}, "parallelism": {"dp": workers // pp, "pp": pp, "zero_stage": 0},
+                "elastic": {"min_workers": 1}, "resources": {"workers": workers, "device": "cpu"}, **top}
+
+    return {
+        "deepest-pipeline": spec("deepest-pipeline", model={"layers": B["model.layers"]}, workers=4, pp=4),
+        "more-workers-than-slots": spec("more-workers-than-slots", workers=B["resources.workers"], pp=4,
+                                        model={"layers": 4}),
+        "largest-vocab": spec("largest-vocab", model={"vocab_size": B["model.vocab_size"]}),
+        "largest-seed": spec("largest-seed", seed=B["seed"]),
+        "forever": spec("forever", steps=B["steps"], elastic={"min_workers": 1, "checkpoint_every": B["steps"],
+                                                                "snapshot_every": str(B["steps"])}),
+    }
+
+
+def test_absurd_but_valid_specs_do_not_hurt_a_cluster_with_agents(tmp_path):
+    import grpc
+    from google.protobuf import json_format
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from cli.local import controller_channel
+    from protos import tenax_pb2 as pb
+    from protos import tenax_pb2_grpc as pb_grpc
+
+    with local_cluster(tmp_path, agents=2, slots=2,
+                       controller_args=["--unplaceable-fail-after-s=5"]) as info:
+        with controller_channel(info["controller"], info["security"]) as channel:
+            jobs = pb_grpc.JobServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            ids = {}
+            for name, data in _absurd_but_valid_specs().items():
+                request = pb.SubmitJobRequest(spec=json_format.ParseDict(data, pb.JobSpec()))
+                ids[name] = jobs.SubmitJob(request, timeout=30).id
+            slowest, deadline = 0.0, time.monotonic() + 150
+            while True:
+                t0 = time.monotonic()
+                health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                slowest = max(slowest, time.monotonic() - t0)
+                phases = {n: job_json(info, i) for n, i in ids.items()}
+                if phases["forever"]["phase"] == "RUNNING" and all(
+                        j["phase"] in ("SUCCEEDED", "FAILED") for n, j in phases.items() if n != "forever"):
+                    break
+                assert time.monotonic() < deadline, {n: (j["phase"], j["message"]) for n, j in phases.items()}
+                time.sleep(0.5)
+            assert slowest < 2.0, f"the controller answered a health check after {slowest:.1f} s"
+            unplaceable = phases["more-workers-than-slots"]
+            assert unplaceable["phase"] == "FAILED" and "cannot be placed" in unplaceable["message"]
+            assert phases["deepest-pipeline"]["phase"] == "SUCCEEDED", phases["deepest-pipeline"]
+            jobs.CancelJob(pb.CancelJobRequest(job_id=ids["forever"]), timeout=30)
+            assert _wait_phase(info, ids["forever"], {"CANCELLED"})["phase"] == "CANCELLED"
+            nodes = pb_grpc.NodeServiceStub(channel).ListNodes(pb.ListNodesRequest(), timeout=30).nodes
+            assert len(nodes) == 2 and all(n.state == pb.READY for n in nodes)
+            after = submit(info, _job(tmp_path, "after", path="x"))  # no data root: refused, promptly
+            assert _wait_phase(info, after, {"FAILED"})["phase"] == "FAILED"
+            assert rpc_ok(lambda: jobs.ListJobs(pb.ListJobsRequest(), timeout=30))
+
+
+def rpc_ok(call) -> bool:
+    import grpc
+
+    try:
+        call()
+    except grpc.RpcError:
+        return False
+    return True
