@@ -179,3 +179,39 @@ def rpc_ok(call) -> bool:
     except grpc.RpcError:
         return False
     return True
+
+
+def test_an_unplaceable_pending_job_does_not_stop_other_jobs_growing(tmp_path):
+    """Finding 5: while a job needing more workers than the cluster has slots waited, no job
+    could grow (growth yields to PENDING jobs); now only a job the cluster could hold does that."""
+    from google.protobuf import json_format
+
+    from cli.local import controller_channel
+    from protos import tenax_pb2 as pb
+    from protos import tenax_pb2_grpc as pb_grpc
+
+    tiny = {"arch": "gpt", "layers": 2, "d_model": 16, "heads": 2, "vocab_size": 256, "seq_len": 8, "dropout": 0.0}
+    unplaceable = {"name": "too-big", "steps": 5, "global_batch_size": 8, "micro_batch_size": 1, "model": tiny,
+                   "parallelism": {"dp": 8, "pp": 1}, "resources": {"workers": 8, "device": "cpu"}}
+    elastic = {"name": "grows", "steps": 100_000, "global_batch_size": 4, "micro_batch_size": 1, "model": tiny,
+               "parallelism": {"dp": 2, "pp": 1}, "resources": {"workers": 2, "device": "cpu"},
+               "elastic": {"min_workers": 1, "max_workers": 4, "snapshot_every": "1"}}
+    with local_cluster(tmp_path, agents=2, slots=2) as info:
+        with controller_channel(info["controller"], info["security"]) as channel:
+            jobs = pb_grpc.JobServiceStub(channel)
+
+            def submit_spec(data):
+                return jobs.SubmitJob(pb.SubmitJobRequest(spec=json_format.ParseDict(data, pb.JobSpec())),
+                                      timeout=30).id
+
+            waiting = submit_spec(unplaceable)
+            grows = submit_spec(elastic)
+            deadline = time.monotonic() + 150
+            while len(job_json(info, grows)["workers"]) < 4 or job_json(info, grows)["generation"] < 2:
+                assert time.monotonic() < deadline, (job_json(info, grows), job_json(info, waiting))
+                time.sleep(1.0)
+            pending = job_json(info, waiting)
+            assert pending["phase"] == "PENDING" and "more than the 4 the cluster has" in pending["message"]
+            for job_id in (grows, waiting):
+                jobs.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=30)
+            _wait_phase(info, grows, {"CANCELLED"})
