@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import dataclasses
+import getpass
 import hashlib
 import hmac
 import inspect
@@ -45,6 +46,7 @@ import math
 import os
 import re
 import secrets
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, NamedTuple
@@ -271,9 +273,6 @@ SYSTEM_IDENTITY = Identity(name="tenax-controller", role="system", via="system")
 def operator_identity() -> Identity:
     """Who runs ``tenax tokens`` on this machine: the OS user at the host. Token management needs
     etcd credentials, not an API token, so that is the identity the audit can name."""
-    import getpass
-    import socket
-
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (some containers)
