@@ -60,7 +60,6 @@ SPEC_UPPER_BOUNDS: dict[str, float] = {
     "optimizer.grad_clip": 1e6,
     "parallelism.dp": 1_024,
     "parallelism.pp": 64,
-    "parallelism.zero_stage": 2,
     "elastic.min_workers": 4_096,
     "elastic.max_workers": 4_096,
     "elastic.checkpoint_every": 1_000_000_000,
@@ -70,6 +69,8 @@ SPEC_UPPER_BOUNDS: dict[str, float] = {
     "global_batch_size": 1 << 20,
     "micro_batch_size": 65_536,
 }
+BOUNDED_BY_CHOICES = ("parallelism.zero_stage",)
+"""Numeric fields whose validation admits a fixed set of values (0, 1 or 2), so no upper bound."""
 MAX_SNAPSHOT_EVERY = 1_000_000_000
 """Largest numeric ``elastic.snapshot_every`` (steps)."""
 MAX_PARAMETERS = 200e9
