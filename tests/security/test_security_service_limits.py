@@ -287,3 +287,43 @@ def test_unplaceable_job_says_why_then_fails(etcd_url, tmp_path):
         assert "cannot be placed" in status().message
     finally:
         api.stop()
+
+
+# ------------------------------------------------------------------ finding 1: a failover retry of the CLI
+def test_cli_submit_retried_on_another_replica_creates_one_job(etcd_url, tmp_path, capsys, monkeypatch):
+    """The first replica writes the job and then answers UNAVAILABLE (as the frozen controller
+    of finding 1 did); the CLI fails over to the next replica with the same request, which must
+    hand back the job already made instead of a second one."""
+    from concurrent import futures
+
+    from controller.security import write_secret
+    from controller.tls import server_credentials
+
+    monkeypatch.delenv("TENAX_TOKEN", raising=False)
+    monkeypatch.setenv("TENAX_HOME", str(tmp_path / "no-local-cluster"))
+    api = _api(etcd_url, tmp_path)
+    token_file = tmp_path / "sam.token"
+    write_secret(token_file, api.make_token("sam", "submitter"))
+    real = pb_grpc.JobServiceStub(api.channel(token=api.tokens["sam"]))
+    forwarded: list[str] = []
+
+    class WritesThenFails(pb_grpc.JobServiceServicer):
+        def SubmitJob(self, request, context):
+            forwarded.append(real.SubmitJob(request, timeout=CALL_TIMEOUT_S).id)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "lost the leader lease")
+
+    flaky = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_JobServiceServicer_to_server(WritesThenFails(), flaky)
+    port = flaky.add_secure_port("127.0.0.1:0", server_credentials(api.pki.server_tls()))
+    flaky.start()
+    try:
+        job = tmp_path / "job.yaml"
+        job.write_text("name: once\nsteps: 2\nglobal_batch_size: 2\nmicro_batch_size: 1\n")
+        assert tenax(["submit", str(job), "--controller", f"127.0.0.1:{port},{api.address}",
+                      "--ca-file", api.pki.ca_file, "--token-file", str(token_file)]) == 0
+        out = capsys.readouterr().out
+        assert len(forwarded) == 1 and f"job {forwarded[0]} submitted" in out
+        assert _job_ids(api) == set(forwarded)
+    finally:
+        flaky.stop(None)
+        api.stop()
