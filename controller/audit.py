@@ -211,6 +211,9 @@ class AuditLog:
         self.written += 1
         if self.written % self.settings.trim_every == 0:
             await self.trim()
+        start = self._window_start
+        if start is not None and self.clock() - start >= self.settings.refused_window_s:
+            await self.flush_refused()  # a window that ended while no refused call came to close it
 
     async def trim(self) -> int:
         """Apply retention now; return how many records went. Never raises."""

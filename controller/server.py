@@ -238,6 +238,11 @@ class Controller:
         metrics.CONTROLLER_IS_LEADER.set(0)
         if self._server:
             await self._server.stop(grace=1.0)
+        if self.security is not None:  # refused calls counted since the last window: written, not lost
+            try:
+                await asyncio.wait_for(self.security.audit.flush_refused(), 5.0)
+            except asyncio.TimeoutError:
+                log.error("counted refused calls not written to the audit log in time (etcd slow or down)")
         if self._metrics_http:
             # shutdown() blocks until the HTTP thread's loop notices; keep it off the event loop.
             try:
