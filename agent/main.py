@@ -96,6 +96,9 @@ class AgentSettings:
     logs_auth: str = "token"
     """``token``: GET /logs needs an API token (role viewer or above) checked in etcd; ``off``: open
     (a cluster whose controller runs without authentication)."""
+    data_roots: list[Path] = field(default_factory=list)
+    """The only directories a job's ``data.path`` may name (agent/data_roots.py); empty: no token
+    files at all (synthetic data only)."""
     fake_gpu_dir: Path | None = None
     """Test hook: read GPU telemetry from ``<dir>/<node id>.json`` (a JSON list of GpuSample fields)
     instead of NVML, so tests and game days can inject XID/ECC errors; None: NVML."""
@@ -128,6 +131,9 @@ class AgentSettings:
         for name in ("http_port", "store_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be a port (0-65535), got {getattr(self, name)}")
+        for root in self.data_roots:
+            if not Path(root).is_dir():
+                raise ValueError(f"--data-root must be an existing directory, got {str(root)!r}")
         if not self.advertise_host:
             wildcard = self.http_host in ("0.0.0.0", "::", "")
             self.advertise_host = socket.gethostname() if wildcard else self.http_host
@@ -172,6 +178,7 @@ class Agent:
         metrics.AGENT_INFO.labels(s.node_id).set(1)
         metrics.AGENT_SLOTS.set(self.slots)
         s.work_dir.mkdir(parents=True, exist_ok=True)
+        s.work_dir.chmod(0o700)  # job logs and launch files are not for other users of the host
         self.etcd = Etcd(s.etcd, tls=s.etcd_tls())
         self.supervisor = Supervisor(etcd=self.etcd, keys=self.keys, node_id=s.node_id, work_dir=s.work_dir,
                                      etcd_endpoints=s.etcd, worker_command=s.worker_command or None,
@@ -179,7 +186,8 @@ class Agent:
                                      slot_devices=self.slot_devices,
                                      extra_env={name: value for name, value in (
                                          (launch.ETCD_CA, s.etcd_ca), (launch.ETCD_CERT, s.etcd_cert),
-                                         (launch.ETCD_KEY, s.etcd_key)) if value})
+                                         (launch.ETCD_KEY, s.etcd_key)) if value},
+                                     data_roots=s.data_roots)
         self.registration = Registration(etcd=self.etcd, keys=self.keys, node_id=s.node_id, ttl_s=s.lease_ttl_s,
                                          node_info=self.node_info)
         http = AgentHttp(log_path=self.supervisor.log_path, healthy=lambda: self.registration.registered.is_set(),
@@ -189,7 +197,8 @@ class Agent:
         try:
             port = await http.start(s.http_host, s.http_port)
             self.address = f"{s.advertise_host}:{port}"
-            bind = "0.0.0.0" if s.http_host in ("0.0.0.0", "") else s.http_host
+            # the store (no authentication of its own) listens only where it is advertised
+            bind = s.advertise_host if s.http_host in ("0.0.0.0", "::", "") else s.http_host
             store_port = await asyncio.to_thread(store.start, bind, s.store_port)
             self.store_address = f"{s.advertise_host}:{store_port}"
             await self._connect()

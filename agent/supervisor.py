@@ -53,9 +53,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from agent import metrics
+from agent.data_roots import spec_with_checked_data_path
 from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, growth_actions, plan_actions
 from agent.progress import ProgressRelay
 from agent.slots import visible_devices
@@ -147,7 +148,8 @@ class Supervisor:
     def __init__(self, *, etcd: Etcd, keys: Keys, node_id: str, work_dir: Path, etcd_endpoints: str,
                  worker_command: list[str] | None = None, kill_grace_s: float = 5.0,
                  progress_interval_s: float = 1.0, extra_env: dict[str, str] | None = None,
-                 retire_grace_s: float = 30.0, slot_devices: list[str] | None = None) -> None:
+                 retire_grace_s: float = 30.0, slot_devices: list[str] | None = None,
+                 data_roots: Sequence[Path] = ()) -> None:
         self.etcd = etcd
         self.keys = keys
         self.node_id = node_id
@@ -159,6 +161,8 @@ class Supervisor:
         self.extra_env = dict(extra_env or {})
         self.slot_devices = list(slot_devices) if slot_devices is not None else []
         """Slot i -> CUDA_VISIBLE_DEVICES of its workers (agent/slots.py); [] = slot i is GPU i."""
+        self.data_roots = tuple(Path(r) for r in data_roots)
+        """The only directories a job's data.path may name (agent/data_roots.py)."""
         self.workers: dict[tuple[str, int], Worker] = {}
         """(job, rank in the worker's current generation) -> worker."""
         self.retired: dict[tuple[str, int], Worker] = {}
@@ -388,9 +392,11 @@ class Supervisor:
 
     async def _start(self, plan: Plan, a: WorkerAssignment, spec: dict[str, Any] | None, *,
                      growth_id: str = "") -> None:
+        spec = spec_with_checked_data_path(spec, self.data_roots)  # DataPathRefused: reported, never started
         job_dir = self._job_dir(plan.job_id)
         run_dir = job_dir / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
+        job_dir.chmod(0o700)  # logs, launch files (the spec) and run dir: the agent's user only
         launch_file = job_dir / f"launch-g{plan.generation}-rank-{a.rank}.json"
         launch_file.write_text(json.dumps({"spec": spec or {}, "plan": plan.to_dict()}, sort_keys=True))
         log_path, metrics_path = self._worker_files(plan.job_id, a, plan.generation)

@@ -60,6 +60,9 @@ def register(sub) -> None:
     p.add_argument("--logs-auth", choices=("token", "off"), default="token",
                    help="GET /logs needs an API token of role viewer or above, checked in etcd (token, the "
                         "default), or is open (off: only for a controller running --no-auth)")
+    p.add_argument("--data-root", type=Path, action="append", default=[], metavar="DIR",
+                   help="a directory jobs may read token files from (data.path); repeatable. Paths resolve "
+                        "inside a root only (no '..', no symlink out); without any, jobs get synthetic data only")
     p.add_argument("--fake-gpu-dir", type=Path, default=None, metavar="DIR",
                    help="test hook: read GPU telemetry from DIR/<node-id>.json (a JSON list of GPU samples) "
                         "instead of NVML, to inject XID/ECC errors without a GPU")
@@ -75,7 +78,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         telemetry_interval_s=args.telemetry_interval, kill_grace_s=args.kill_grace,
         worker_command=shlex.split(args.worker_command), etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert,
         etcd_key=args.etcd_key, fake_gpu_dir=args.fake_gpu_dir, logs_auth=args.logs_auth, cpu_slots=args.cpu_slots,
-        gpus_per_slot=args.gpus_per_slot, slot_devices=args.slot_devices).validate()
+        gpus_per_slot=args.gpus_per_slot, slot_devices=args.slot_devices, data_roots=list(args.data_root)).validate()
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import secrets
 import sys
 import time
 import urllib.error
@@ -24,13 +25,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import grpc
-import yaml
 from google.protobuf import json_format
 
 from cli import credentials
 from cli.env import CONTROLLER, controller_from_env
 from cli.local import local_cluster_state
-from common.spec import JobSpec
+from common.spec import JobSpec, load_spec_text
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 
@@ -135,6 +135,18 @@ class Client:
                     channel.close()
             time.sleep(0.5)
         raise CliError(f"gave up waiting for job {job_id} after {deadline_s:.0f} s")
+
+
+def list_all_jobs(client: Client, max_pages: int = 10_000) -> list:
+    """Every job, one ListJobs page at a time (a reply stays far below gRPC's message limit)."""
+    jobs, token = [], ""
+    for _page in range(max_pages):
+        reply = client.call("job", "ListJobs", pb.ListJobsRequest(page_token=token))
+        jobs.extend(reply.jobs)
+        token = reply.next_page_token
+        if not token:
+            break
+    return jobs
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -274,16 +286,19 @@ def gpu_line(gpu: dict[str, Any]) -> str:
 @_command
 def cmd_submit(args: argparse.Namespace) -> int:
     try:
-        data = yaml.safe_load(Path(args.file).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        text = Path(args.file).read_text()
+    except OSError as exc:
         raise CliError(f"cannot read job file {args.file}: {exc}") from exc
     try:
-        spec = JobSpec.from_dict(data)  # same check as the server: fail before any network call
+        # the same check as the server: fail before any network call
+        spec = JobSpec.from_dict(load_spec_text(text, args.file))
     except ValueError as exc:
         raise CliError(f"invalid job spec in {args.file}: {exc}") from exc
     msg = json_format.ParseDict(spec.to_dict(), pb.JobSpec())
     client = _client(args)
-    job = client.call("job", "SubmitJob", pb.SubmitJobRequest(spec=msg))
+    # One request id for every attempt: a retry on another replica after UNAVAILABLE gets the
+    # job the first attempt may already have made, never a second one.
+    job = client.call("job", "SubmitJob", pb.SubmitJobRequest(spec=msg, request_id=secrets.token_hex(16)))
     if args.json and not args.wait:
         _print_json(job_record(job))
         return 0
@@ -343,7 +358,7 @@ def _wait(client: Client, job_id: str, steps: int, args: argparse.Namespace) -> 
 
 @_command
 def cmd_jobs(args: argparse.Namespace) -> int:
-    jobs = _client(args).call("job", "ListJobs", pb.ListJobsRequest()).jobs
+    jobs = list_all_jobs(_client(args))
     if args.json:
         _print_json([job_record(j) for j in jobs])
         return 0

@@ -20,6 +20,7 @@ from controller.detection import HangSettings, StragglerSettings
 from controller.health_loop import HealthSettings
 from controller.quarantine import QuarantineSettings
 from controller.recovery import RecoverySettings
+from controller.retention import RetentionSettings
 from controller.security import SecuritySettings
 from controller.server import ControllerSettings, serve
 from controller.tls import TlsSettings
@@ -43,6 +44,8 @@ _QUARANTINE_FLAGS = {"quarantine.base_cooldown_s": "--quarantine-base-s",
                      "quarantine.window_s": "--quarantine-window-s",
                      "quarantine.slot_cordon_failures": "--slot-cordon-failures",
                      "quarantine.node_cordon_failures": "--node-cordon-failures"}
+_RETENTION_FLAGS = {"retention.finished_job_retention_s": "--finished-job-retention-s",
+                    "retention.unplaceable_fail_after_s": "--unplaceable-fail-after-s"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,6 +66,7 @@ def add_controller_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"etcd key prefix (default {DEFAULT_PREFIX})")
     _add_security_args(parser)
     _add_health_args(parser)
+    _add_retention_args(parser)
     recovery = parser.add_argument_group("recovery")
     recovery.add_argument("--growth-prepare-s", type=float, default=RecoverySettings().growth_prepare_s,
                           help="longest a two-phase growth waits for its new workers to be ready before it is "
@@ -85,6 +89,17 @@ def add_controller_args(parser: argparse.ArgumentParser) -> None:
     recovery.add_argument("--node-cordon-failures", type=int, default=q.node_cordon_failures,
                           help="failures on one node within the window that cordon the node "
                                "(default %(default)s)")
+
+
+def _add_retention_args(parser: argparse.ArgumentParser) -> None:
+    defaults = RetentionSettings()
+    group = parser.add_argument_group("job retention")
+    group.add_argument("--finished-job-retention-s", type=float, default=defaults.finished_job_retention_s,
+                       help="delete a finished job (and its metrics and logs index) this many seconds after it "
+                            "ended (default %(default)s: 7 days)")
+    group.add_argument("--unplaceable-fail-after-s", type=float, default=defaults.unplaceable_fail_after_s,
+                       help="fail a PENDING job that needs more workers than the cluster has slots after this "
+                            "many seconds (default %(default)s)")
 
 
 def _add_security_args(parser: argparse.ArgumentParser) -> None:
@@ -176,7 +191,10 @@ def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
         security=security_settings_from_args(args), etcd_tls=etcd_tls_from_args(args),
         health=health_settings_from_args(args),
         recovery=_flags_named(_RECOVERY_FLAGS, lambda: RecoverySettings(
-            growth_prepare_s=args.growth_prepare_s, quarantine=quarantine_settings_from_args(args))))
+            growth_prepare_s=args.growth_prepare_s, quarantine=quarantine_settings_from_args(args))),
+        retention=_flags_named(_RETENTION_FLAGS, lambda: RetentionSettings(
+            finished_job_retention_s=args.finished_job_retention_s,
+            unplaceable_fail_after_s=args.unplaceable_fail_after_s).validate()))
     _flags_named(_SERVER_FLAGS, settings.validate)
     return settings
 

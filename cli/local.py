@@ -239,6 +239,8 @@ def start_cluster(settings: LocalClusterSettings, *, out=sys.stderr) -> dict[str
         raise ClusterError(f"a local cluster already runs from {state_dir} (run `tenax down` first)")
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    for private in (state_dir, logs):  # etcd's data, the dev PKI, the admin token, every log
+        private.chmod(0o700)
     pids: dict[str, dict[str, Any]] = {}
     state: dict[str, Any] = {"state_dir": str(state_dir), "pids": pids, "logs": str(logs)}
     started: list[subprocess.Popen] = []

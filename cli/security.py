@@ -6,6 +6,9 @@
   commands that write to etcd directly (whoever can write etcd already owns the
   cluster), which also solves the first-admin-token problem. ``create`` shows
   the token once (or writes it to ``--out`` with mode 0600); etcd keeps a hash.
+  Every create and revoke writes an audit record, in the same etcd transaction,
+  naming the operator (OS user@host, via etcd); ``--expires-in`` gives a token an
+  expiry, after which the controller refuses it, deletes it and audits that.
 * ``tenax certs dev DIR`` makes (or reuses) a development CA and certificates;
   ``tenax certs client DIR NAME --role R`` issues one more client certificate.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import time
 
@@ -52,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     create.add_argument("name")
     create.add_argument("--role", required=True, choices=auth.ROLES)
     create.add_argument("--out", default="", help="write the token to this file (0600) instead of stdout")
+    create.add_argument("--expires-in", type=duration_s, default=0.0, metavar="DURATION",
+                        help="the token stops working after this long: seconds, or a number with s, m, h or d "
+                             "(e.g. 90d); default: never")
     listing = verbs.add_parser("list", help="list tokens (names, roles; never secrets)")
     listing.add_argument("--json", action="store_true")
     revoke = verbs.add_parser("revoke", help="revoke a token by id, or every token of a name")
@@ -113,6 +120,21 @@ def audit_line(record: tenax_pb2.AuditRecord) -> str:
 
 
 # ------------------------------------------------------------------ tokens
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``30d`` -> seconds (argparse type; > 0)."""
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _UNITS_S else (text, "s")
+    try:
+        value = float(number) * _UNITS_S[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (say 3600, 90m, 12h or 30d)") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
+    return value
+
+
 def run_tokens(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(asyncio.wait_for(_tokens(args), 30))
@@ -126,7 +148,8 @@ async def _tokens(args: argparse.Namespace) -> int:
     async with Etcd(args.etcd, tls=etcd_tls) as etcd:
         store = auth.TokenStore(etcd, Keys(args.prefix), cache_ttl_s=0)
         if args.verb == "create":
-            token, record = await store.create(args.name, args.role)
+            token, record = await store.create(args.name, args.role, operator=auth.operator_identity(),
+                                               expires_in_s=args.expires_in)
             if args.out:
                 security.write_secret(args.out, token)
                 print(f"token {record.token_id} for {record.name} ({record.role}) written to {args.out}")
@@ -137,12 +160,14 @@ async def _tokens(args: argparse.Namespace) -> int:
             return 0
         if args.verb == "list":
             for record in await store.list():
-                row = {"id": record.token_id, "name": record.name, "role": record.role, "created": record.created}
+                row = {"id": record.token_id, "name": record.name, "role": record.role, "created": record.created,
+                       "expires": record.expires}
+                expires = time.strftime('%Y-%m-%d %H:%M', time.gmtime(record.expires)) if record.expires else "never"
                 print(json.dumps(row, sort_keys=True) if args.json else
                       f"{record.token_id}  {record.name:<24} {record.role:<10} "
-                      f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(record.created))}")
+                      f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(record.created))}  expires {expires}")
             return 0
-        gone = await store.revoke(args.id_or_name)
+        gone = await store.revoke(args.id_or_name, operator=auth.operator_identity())
         print(f"revoked {gone} token(s)")
         return 0 if gone else 1
 

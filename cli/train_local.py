@@ -22,7 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from common.layout import even_shares, new_plan, partition_for_spec
-from common.spec import JobSpec, SpecError
+from common.spec import JobSpec, SpecError, load_spec_text
 from protos import launch
 from protos.plan import PlanError
 
@@ -54,11 +54,9 @@ def build_job(args):
 
     raw = {}
     if args.config:
-        import yaml
-
         try:
-            raw = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            raw = load_spec_text(Path(args.config).read_text(), args.config) or {}
+        except (OSError, SpecError) as exc:
             raise UsageError(f"--config: cannot read {args.config}: {exc}") from exc
         if not isinstance(raw, dict):
             raise UsageError(f"--config: {args.config} must hold a mapping")

@@ -118,6 +118,7 @@ def start_etcd(data_dir: str | Path, *, client_port: int | None = None, peer_por
     binary = find_etcd_binary()
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)  # the cluster's whole state, tokens' hashes included: its owner's only
     log_path = Path(log_path) if log_path else data_dir.parent / f"{data_dir.name}.log"
     last_error: Exception | None = None
     for _attempt in range(3):  # free_port() can race with another process

@@ -290,6 +290,24 @@ class Etcd:
         )
         return bool(ok)
 
+    async def put_many_guarded(self, guards: dict[str, int], puts: dict[str, str],
+                               deletes: tuple[str, ...] = ()) -> bool:
+        """Write all ``puts`` and delete ``deletes`` in one transaction if every guard key has its
+        revision (0: absent)."""
+        tx = self._client.transactions
+        compare = [tx.version(k.encode()) == 0 if rev == 0 else tx.mod(k.encode()) == rev
+                   for k, rev in guards.items()]
+        ok, _ = await self._call(
+            f"txn guarded by {', '.join(guards)}",
+            self._client.transaction(
+                compare=compare,
+                success=[tx.put(k.encode(), v.encode()) for k, v in puts.items()]
+                + [tx.delete(k.encode()) for k in deletes],
+                failure=[],
+            ),
+        )
+        return bool(ok)
+
     # ------------------------------------------------------------------ leases
     async def grant_lease(self, ttl_s: int) -> int:
         lease = await self._call("lease grant", self._client.lease(int(ttl_s)))

@@ -12,6 +12,7 @@ it does not change the balance.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from fractions import Fraction
@@ -48,9 +49,14 @@ def balance_layers(
     """Contiguous split of the layers into ``pp`` non-empty stages minimising the
     most expensive stage; returns the pp+1 boundaries (stage s owns [p[s], p[s+1])).
 
-    Exact dynamic programme, O(pp * layers^2): layer counts are small. Ties go to
-    the split that puts layers earlier, so the result is deterministic.
+    Exact dynamic programme over O(pp * layers^2) candidate cuts, vectorised per stage
+    (numpy) so that the largest spec allowed (common/spec.py SPEC_UPPER_BOUNDS: 256
+    layers, 64 stages) takes milliseconds: the controller runs this on submit and on
+    every re-plan. Ties go to the split that puts layers earlier, so the result is
+    deterministic.
     """
+    import numpy as np  # here: only plan-making callers pay for the import
+
     n = len(layer_costs)
     if pp < 1:
         raise ValueError(f"pp must be >= 1, got {pp}")
@@ -59,37 +65,50 @@ def balance_layers(
     prefix = [0.0]
     for c in layer_costs:
         prefix.append(prefix[-1] + float(c))
+    pre = np.array(prefix, dtype=np.float64)
 
-    def stage_cost(stage: int, lo: int, hi: int) -> float:
-        cost = prefix[hi] - prefix[lo]
-        if stage == 0:
-            cost += first_extra
-        if stage == pp - 1:
-            cost += last_extra
-        return cost
-
-    # best[s][i]: (max stage cost, sum of squared stage costs) of placing the
-    # first i layers on stages 0..s-1. The squared sum breaks ties towards even
-    # stages when one stage (say a huge head) dominates the maximum anyway.
-    inf = (float("inf"), float("inf"))
-    best = [[inf] * (n + 1) for _ in range(pp + 1)]
-    cut = [[0] * (n + 1) for _ in range(pp + 1)]
-    best[0][0] = (0.0, 0.0)
+    # best_max[i], best_sq[i]: (max stage cost, sum of squared stage costs) of placing the
+    # first i layers on the stages so far, compared lexicographically. The squared sum
+    # breaks ties towards even stages when one stage (say a huge head) dominates the
+    # maximum anyway.
+    inf = float("inf")
+    best_max = np.full(n + 1, inf)
+    best_sq = np.full(n + 1, inf)
+    best_max[0] = best_sq[0] = 0.0
+    cuts = []
     for s in range(1, pp + 1):
-        for i in range(s, n - (pp - s) + 1):
-            for j in range(s - 1, i):
-                cost = stage_cost(s - 1, j, i)
-                value = (max(best[s - 1][j][0], cost), best[s - 1][j][1] + cost * cost)
-                if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
+        lo_i, hi_i = s, n - (pp - s)  # the stage ends at layer i in [lo_i, hi_i]
+        ii = np.arange(lo_i, hi_i + 1)
+        jj = np.arange(s - 1, hi_i)  # and starts at layer j < i
+        cost = pre[ii][None, :] - pre[jj][:, None]
+        if s == 1:
+            cost = cost + first_extra
+        if s == pp:
+            cost = cost + last_extra
+        valid = jj[:, None] < ii[None, :]
+        value_max = np.where(valid, np.maximum(best_max[jj][:, None], cost), inf)
+        value_sq = np.where(valid, best_sq[jj][:, None] + cost * cost, inf)
+        lowest = value_max.min(axis=0)
+        pick = np.where(value_max == lowest[None, :], value_sq, inf).argmin(axis=0)  # first j on ties
+        new_max = np.full(n + 1, inf)
+        new_sq = np.full(n + 1, inf)
+        cut = np.zeros(n + 1, dtype=np.int64)
+        cols = np.arange(len(ii))
+        new_max[ii] = value_max[pick, cols]
+        new_sq[ii] = value_sq[pick, cols]
+        cut[ii] = jj[pick]
+        best_max, best_sq = new_max, new_sq
+        cuts.append(cut)
     bounds = [n]
     for s in range(pp, 0, -1):
-        bounds.append(cut[s][bounds[-1]])
+        bounds.append(int(cuts[s - 1][bounds[-1]]))
     return tuple(reversed(bounds))
 
 
+@functools.lru_cache(maxsize=1024)
 def partition_for_model(*, layers: int, d_model: int, seq_len: int, vocab_size: int, pp: int) -> tuple[int, ...]:
-    """Cost-balanced boundaries for a GPT with these dimensions (see ModelSpec)."""
+    """Cost-balanced boundaries for a GPT with these dimensions (see ModelSpec); remembered,
+    so the controller's reconcile loop never recomputes a partition it has made before."""
     return balance_layers(
         [block_cost(d_model, seq_len)] * layers,
         pp,

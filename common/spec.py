@@ -68,6 +68,99 @@ class SpecError(ValueError):
     """A job spec is invalid. The message names the field (dotted path)."""
 
 
+# ------------------------------------------------------------ upper bounds
+# Every numeric field has a ceiling, checked at submit (``JobSpec.validate``), chosen so
+# that a valid spec cannot hurt the service: the controller's plan math
+# (common/layout.py balances pp stages over the layers, O(pp * layers^2)) stays in the
+# milliseconds, an etcd record stays small, and nothing overflows int64 on the wire.
+# A field added to a spec section gets its bound here too (tests/security/test_security_spec_bounds.py
+# checks that every numeric field has one).
+SPEC_UPPER_BOUNDS: dict[str, float] = {
+    "model.layers": 256,
+    "model.d_model": 65_536,
+    "model.heads": 1_024,
+    "model.vocab_size": 1 << 20,
+    "model.seq_len": 131_072,
+    "model.dropout": 1.0,
+    "data.num_samples": 1 << 40,
+    "optimizer.lr": 10.0,
+    "optimizer.min_lr": 10.0,
+    "optimizer.warmup_steps": 1_000_000_000,
+    "optimizer.weight_decay": 10.0,
+    "optimizer.beta1": 1.0,
+    "optimizer.beta2": 1.0,
+    "optimizer.eps": 1.0,
+    "optimizer.grad_clip": 1e6,
+    "parallelism.dp": 1_024,
+    "parallelism.pp": 64,
+    "elastic.min_workers": 4_096,
+    "elastic.max_workers": 4_096,
+    "elastic.checkpoint_every": 1_000_000_000,
+    "resources.workers": 4_096,
+    "seed": (1 << 63) - 1,
+    "steps": 1_000_000_000,
+    "global_batch_size": 1 << 20,
+    "micro_batch_size": 65_536,
+}
+BOUNDED_BY_CHOICES = ("parallelism.zero_stage",)
+"""Numeric fields whose validation admits a fixed set of values (0, 1 or 2), so no upper bound."""
+MAX_SNAPSHOT_EVERY = 1_000_000_000
+"""Largest numeric ``elastic.snapshot_every`` (steps)."""
+MAX_PARAMETERS = 200e9
+"""Largest model (parameters, estimated as layers*12*d_model^2 + vocab*d_model): no host holds more."""
+MAX_SPEC_NESTING = 32
+"""Deepest nesting a job file may have (levels); a spec needs 3."""
+
+
+def _check_upper_bounds(spec: "JobSpec") -> None:
+    for dotted, bound in SPEC_UPPER_BOUNDS.items():
+        value: Any = spec
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if value > bound:
+            shown = f"{bound:g}" if isinstance(bound, float) else f"{bound}"
+            _fail(dotted, f"must be <= {shown}, got {_short(value)}")
+    snap = spec.elastic.snapshot_every
+    if snap.isdigit() and int(snap) > MAX_SNAPSHOT_EVERY:
+        _fail("elastic.snapshot_every", f"must be <= {MAX_SNAPSHOT_EVERY}, got {_short(snap)}")
+    m = spec.model
+    params = m.layers * 12.0 * m.d_model * m.d_model + float(m.vocab_size) * m.d_model
+    if params > MAX_PARAMETERS:
+        _fail("model", f"about {params:.3g} parameters (layers*12*d_model^2 + vocab_size*d_model); "
+                       f"at most {MAX_PARAMETERS:.3g}")
+
+
+def _depth(data: Any, limit: int) -> int:
+    """Nesting depth of plain data, counting no further than ``limit + 1`` (iterative: no recursion)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return depth
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def load_spec_text(text: str, source: str = "job file") -> Any:
+    """Parse a YAML job file into plain data; SpecError (never a traceback) if it is not YAML
+    or nested absurdly deep (a recursive parse of such a file used to end in RecursionError)."""
+    import yaml  # here, not at the top: the controller imports this module and never reads YAML
+
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError(f"spec: {source} is nested too deeply (at most {MAX_SPEC_NESTING} levels)") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec: {source} is not valid YAML: {_short(exc)}") from None
+    if _depth(data, MAX_SPEC_NESTING) > MAX_SPEC_NESTING:
+        raise SpecError(f"spec: {source} is nested too deeply (at most {MAX_SPEC_NESTING} levels)")
+    return data
+
+
 def _fail(path: str, problem: str) -> None:
     raise SpecError(f"{path}: {problem}")
 
@@ -341,6 +434,7 @@ class JobSpec:
     # ------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ``SpecError`` naming the first bad field; return None if valid."""
+        _check_upper_bounds(self)  # first: the checks below may do arithmetic on the values
         if not isinstance(self.name, str) or len(self.name) > MAX_NAME_LEN or not _NAME_RE.match(self.name):
             _fail(
                 "name",

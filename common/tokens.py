@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import re
+import time
 from typing import Any
 
 from common.etcd import Etcd
@@ -39,10 +40,13 @@ def role_at_least(role: str, least: str) -> bool:
     return role in ROLES and ROLES.index(role) >= ROLES.index(least)
 
 
-def record_matches(data: Any, secret: str) -> tuple[str, str] | None:
-    """(name, role) if the stored token record ``data`` (a dict) is well formed and ``secret``
-    matches its hash; None otherwise. Pure."""
+def record_matches(data: Any, secret: str, *, now: float) -> tuple[str, str] | None:
+    """(name, role) if the stored token record ``data`` (a dict) is well formed, not expired at
+    ``now`` (unix seconds) and ``secret`` matches its hash; None otherwise. Pure."""
     if not isinstance(data, dict) or data.get("algorithm", HASH_ALGORITHM) != HASH_ALGORITHM:
+        return None
+    expires = data.get("expires", 0.0)
+    if not isinstance(expires, (int, float)) or isinstance(expires, bool) or (expires and now >= expires):
         return None
     salt, want, name, role = (data.get(k) for k in ("salt", "digest", "name", "role"))
     if not all(isinstance(v, str) for v in (salt, want, name, role)) or role not in ROLES:
@@ -75,5 +79,5 @@ async def verify(etcd: Etcd, keys: Keys, token: str, *, least_role: str = "viewe
         data = json.loads(kv.value)
     except ValueError:
         return None
-    found = record_matches(data, parsed[1])
+    found = record_matches(data, parsed[1], now=time.time())
     return found if found is not None and role_at_least(found[1], least_role) else None

@@ -14,6 +14,7 @@ ids -> NOT_FOUND, etcd down -> UNAVAILABLE (retry).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -26,10 +27,14 @@ import grpc
 from common import events
 from common.etcd import WatchEvent
 from controller import convert
-from controller.auth import owner_name
+from common.layout import partition_for_spec
+from common.spec import JobSpec
+from controller.auth import active_jobs_limit, owner_name
 from controller.goodput import GoodputTracker
+from controller.limits import jobs_per_user_problem
+from controller.security import active_jobs_lookup
 from controller.handle import ControllerHandle
-from controller.rpc import RpcAbort, checked_job_id, checked_node_id, streaming, unary
+from controller.rpc import RpcAbort, checked_job_id, checked_node_id, checked_request_id, streaming, unary
 from controller.state import JobView, jobs_from, nodes_from, read_job, step_metrics
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
@@ -38,6 +43,80 @@ from protos.plan import Plan
 from protos.records import TERMINAL_PHASES, CancelRecord, CordonRecord, JobStatusRecord, ProgressRecord
 
 log = logging.getLogger("tenax.controller")
+
+
+ANONYMOUS_SUBMITTER = "-"
+"""Whose request ids a server without authentication keeps (a name no identity can have)."""
+DEFAULT_PAGE_SIZE = 500
+"""Jobs per ListJobs reply when the caller does not say: ~1 KiB each, far below gRPC's 4 MiB."""
+MAX_PAGE_SIZE = 1000
+"""Most jobs per ListJobs reply."""
+PLAN_MATH_DEADLINE_S = 5.0
+"""Longest the layer partition of a submitted spec may take (seconds, off the event loop)."""
+
+
+def list_page_size(requested: int) -> int:
+    """Jobs per ListJobs reply for a requested ``page_size``. Pure."""
+    return DEFAULT_PAGE_SIZE if requested <= 0 else min(requested, MAX_PAGE_SIZE)
+
+
+def job_order(job: JobView) -> tuple[float, str]:
+    """ListJobs order: oldest first, ties by id."""
+    return (job.status.created, job.id)
+
+
+def page_token(job: JobView) -> str:
+    """The token for the page after ``job``: its place in the order (opaque to clients)."""
+    return f"{job.status.created!r}/{job.id}"
+
+
+def parse_page_token(token: str) -> tuple[float, str] | None:
+    """None for the first page; RpcAbort(INVALID_ARGUMENT) for a token no server made."""
+    if not token:
+        return None
+    created, sep, job_id = token.partition("/")
+    try:
+        value = float(created)
+    except ValueError:
+        value = float("nan")
+    if not sep or value != value or not job_id:
+        raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"page_token: not a token from this server: {token[:80]!r}")
+    return (value, job_id)
+
+
+async def plan_math_in_time(spec: JobSpec) -> None:
+    """Compute (and remember, common/layout.py) the spec's layer partition in a thread, with a
+    deadline: CPU-heavy plan math never runs on the event loop that answers health checks
+    and keeps the leader's lease. The spec's upper bounds keep it to milliseconds."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(partition_for_spec, spec.model, spec.parallelism.pp),
+                               PLAN_MATH_DEADLINE_S)
+    except TimeoutError:
+        raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"model: planning {spec.model.layers} layers over pp={spec.parallelism.pp} stages "
+                       f"takes over {PLAN_MATH_DEADLINE_S:g} s; use fewer layers or stages") from None
+
+
+class UserLocks:
+    """One asyncio lock per submitter, so one replica's submits by a user never race each other
+    (the etcd transaction catches races between replicas); a lock lives while it is in use."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str):
+        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users <= 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
 
 
 async def job_or_404(handle: ControllerHandle, job_id: str) -> JobView:
@@ -53,29 +132,60 @@ class JobService(pb_grpc.JobServiceServicer):
         self.c = handle
         self.goodput = goodput or GoodputTracker(handle)
         """ETTR per job (controller/goodput.py)."""
+        self._submit_locks = UserLocks()
 
     @unary
     async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.Job:
         spec = convert.spec_from_proto(request.spec)  # SpecError -> INVALID_ARGUMENT, nothing written
+        request_id = checked_request_id(request.request_id)
         k = self.c.keys
-        now = time.time()
-        status = JobStatusRecord(phase="PENDING", message="submitted", created=now, updated=now)
         owner = owner_name()  # '' when the server runs without authentication
-        for _attempt in range(5):
-            job_id = f"{spec.name[:70]}-{secrets.token_hex(3)}"
-            puts = {k.job_spec(job_id): json.dumps(spec.to_dict(), sort_keys=True),
-                    k.job_status(job_id): status.to_json()}
-            if owner:  # lets a submitter cancel its own jobs (controller/auth.py)
-                puts[k.job_owner(job_id)] = owner
-            if await self.c.etcd.put_many_if(k.job_spec(job_id), 0, puts):
-                break
-        else:
-            raise RpcAbort(grpc.StatusCode.ABORTED, "could not allocate a unique job id, retry")
+        request_key = k.submit_request(owner or ANONYMOUS_SUBMITTER, request_id) if request_id else ""
+        if request_key and (job := await self._job_of_request(request_key)) is not None:
+            return convert.job_to_proto(job)  # a retry: the job its first attempt made
+        await plan_math_in_time(spec)
+        limit = active_jobs_limit() if owner else None
+        async with self._submit_locks.hold(owner):
+            for _attempt in range(5):
+                now = time.time()
+                status = JobStatusRecord(phase="PENDING", message="submitted", created=now, updated=now)
+                job_id = f"{spec.name[:70]}-{secrets.token_hex(3)}"
+                guards = {k.job_spec(job_id): 0}
+                puts = {k.job_spec(job_id): json.dumps(spec.to_dict(), sort_keys=True),
+                        k.job_status(job_id): status.to_json()}
+                if owner:  # lets a submitter cancel its own jobs (controller/auth.py)
+                    puts[k.job_owner(job_id)] = owner
+                if limit is not None:
+                    # Count and create in one transaction: the quota key's revision is read
+                    # before counting and rewritten by the create, so a racing submit (another
+                    # replica) makes this txn fail and count again.
+                    quota = await self.c.etcd.get(k.user_quota(owner))
+                    guards[k.user_quota(owner)] = quota.mod_revision if quota else 0
+                    active = await active_jobs_lookup(self.c.etcd, k)(owner)
+                    problem = jobs_per_user_problem(active, limit)
+                    if problem:
+                        raise RpcAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
+                    puts[k.user_quota(owner)] = job_id
+                if request_key:
+                    guards[request_key] = 0
+                    puts[request_key] = job_id
+                if await self.c.etcd.put_many_guarded(guards, puts):
+                    break
+                if request_key and (job := await self._job_of_request(request_key)) is not None:
+                    return convert.job_to_proto(job)  # a concurrent retry won
+            else:
+                raise RpcAbort(grpc.StatusCode.ABORTED, "could not allocate a unique job id, retry")
         kv = await self.c.etcd.get(k.job_status(job_id))
         if kv:
             await self.c.cache.wait_for_revision(kv.mod_revision)
         log.info("job %s submitted (%d workers)", job_id, spec.resources.workers)
         return convert.job_to_proto(JobView(id=job_id, spec=spec, status=status))
+
+    async def _job_of_request(self, request_key: str) -> JobView | None:
+        kv = await self.c.etcd.get(request_key)
+        if kv is None:
+            return None
+        return await read_job(self.c.etcd, self.c.keys, kv.value, self.c.cache.warn_malformed)
 
     @unary
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
@@ -90,15 +200,20 @@ class JobService(pb_grpc.JobServiceServicer):
         if unknown:  # found by tests/security/test_security_fuzz.py: was INTERNAL
             raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT, f"phases: unknown job phase {unknown[0]}")
         wanted = {convert.phase_name(p) for p in request.phases}
-        jobs = sorted(jobs_from(self.c.cache).values(), key=lambda j: (j.status.created, j.id))
-        out = pb.ListJobsResponse()
-        for j in jobs:
-            if not wanted or j.status.phase in wanted:
-                msg = out.jobs.add()
-                msg.CopyFrom(convert.job_to_proto(j))
-                g = self.goodput.cached(j)  # no etcd read per listed job: what the gauges loop read
-                if g is not None:
-                    msg.status.goodput.CopyFrom(convert.goodput_to_proto(g))
+        size = list_page_size(request.page_size)
+        after = parse_page_token(request.page_token)
+        jobs = sorted((j for j in jobs_from(self.c.cache).values() if not wanted or j.status.phase in wanted),
+                      key=job_order)
+        page = [j for j in jobs if after is None or job_order(j) > after][:size + 1]
+        more = len(page) > size
+        page = page[:size]
+        out = pb.ListJobsResponse(next_page_token=page_token(page[-1]) if more else "")
+        for j in page:
+            msg = out.jobs.add()
+            msg.CopyFrom(convert.job_to_proto(j))
+            g = self.goodput.cached(j)  # no etcd read per listed job: what the gauges loop read
+            if g is not None:
+                msg.status.goodput.CopyFrom(convert.goodput_to_proto(g))
         return out
 
     @unary

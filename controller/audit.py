@@ -45,8 +45,20 @@ class AuditSettings:
     """Oldest record kept (seconds)."""
     trim_every: int = 64
     """Writes between two trims (calls); 1 trims on every write."""
+    refused_window_s: float = 60.0
+    """Refused calls without valid credentials are counted over this window (seconds) and then
+    written as one record per (source, method, result), under their own key prefix."""
+    max_refused_records: int = 2_000
+    """Most aggregated refused-call records kept (count); they never count against ``max_records``."""
+    max_refused_sources: int = 200
+    """Distinct (source, method, result) counted in one window; the rest count as '(other sources)'."""
 
     def validate(self) -> "AuditSettings":
+        for name in ("max_refused_records", "max_refused_sources"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"audit.{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.refused_window_s > 0:
+            raise ValueError(f"audit.refused_window_s: must be > 0 seconds, got {self.refused_window_s}")
         if self.max_records < 1:
             raise ValueError(f"audit.max_records: must be >= 1, got {self.max_records}")
         if not self.max_age_s > 0:
@@ -68,6 +80,8 @@ class AuditRecord:
     code: str
     detail: str = ""
     peer: str = ""
+    count: int = 1
+    """Calls this record stands for (> 1 only for aggregated refused calls)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
@@ -89,7 +103,10 @@ class AuditRecord:
             if not isinstance(value, str):
                 raise ValueError(f"audit record field {name} is not a string")
             fields[name] = value
-        return cls(time=float(data["time"]), **fields)
+        count = data.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError("audit record field count is not a positive integer")
+        return cls(time=float(data["time"]), count=count, **fields)
 
     def to_proto(self) -> tenax_pb2.AuditRecord:
         return tenax_pb2.AuditRecord(**asdict(self))
@@ -142,6 +159,45 @@ class AuditLog:
         """Records written since start."""
         self.failed = 0
         """Records that could not be written (etcd down); each was logged at ERROR instead."""
+        self._refused: dict[tuple[str, str, str], int] = {}
+        self._window_start: float | None = None
+
+    async def refused(self, *, source: str, method: str, code: str) -> None:
+        """Count one refused call without valid credentials; written aggregated (see AuditSettings).
+        Never raises."""
+        now = self.clock()
+        if self._window_start is None:
+            self._window_start = now
+        key = (source, method, code)
+        if key not in self._refused and len(self._refused) >= self.settings.max_refused_sources:
+            key = ("(other sources)", method, code)
+        self._refused[key] = self._refused.get(key, 0) + 1
+        if now - self._window_start >= self.settings.refused_window_s:
+            await self.flush_refused()
+
+    async def flush_refused(self) -> int:
+        """Write the counted refused calls now (one record per source, method and result); never raises."""
+        pending, self._refused = self._refused, {}
+        start, self._window_start = self._window_start, None
+        if not pending or start is None:
+            return 0
+        now = self.clock()
+        written = 0
+        for (source, method, code), count in sorted(pending.items()):
+            record = AuditRecord(
+                time=now, identity="", role="", via="none", method=method, target="", code=code, peer=source,
+                count=count, detail=f"{count} call(s) without valid credentials refused in {now - start:.0f} s "
+                                    f"(counted, not stored one by one)")
+            key = self.keys.audit_refused_record(int(now * 1e9), secrets.token_hex(4))
+            try:
+                await self.etcd.put(key, record.to_json())
+                written += 1
+            except (EtcdError, EtcdUnavailable) as exc:
+                self.failed += 1
+                log.error("audit record not stored (%s): %s", exc, record.to_json())
+        await self._trim(self.keys.audit_refused(), AuditSettings(
+            max_records=self.settings.max_refused_records, max_age_s=self.settings.max_age_s))
+        return written
 
     async def record(self, record: AuditRecord) -> None:
         """Store one record; never raises (see module docstring)."""
@@ -155,13 +211,18 @@ class AuditLog:
         self.written += 1
         if self.written % self.settings.trim_every == 0:
             await self.trim()
+        start = self._window_start
+        if start is not None and self.clock() - start >= self.settings.refused_window_s:
+            await self.flush_refused()  # a window that ended while no refused call came to close it
 
     async def trim(self) -> int:
         """Apply retention now; return how many records went. Never raises."""
-        prefix = self.keys.audit()
+        return await self._trim(self.keys.audit(), self.settings)
+
+    async def _trim(self, prefix: str, settings: AuditSettings) -> int:
         try:
             keys = await self.etcd.keys_prefix(prefix)
-            keep = first_key_to_keep(keys, self.clock(), self.settings)
+            keep = first_key_to_keep(keys, self.clock(), settings)
             if keep == (keys[0] if keys else None):
                 return 0
             return await self.etcd.delete_range(prefix, keep or prefix_end(prefix))
@@ -170,8 +231,14 @@ class AuditLog:
             return 0
 
     async def newest(self, limit: int) -> list[AuditRecord]:
-        """Up to ``limit`` records, newest first; malformed ones are logged and skipped. Raises EtcdError."""
-        prefix = self.keys.audit()
+        """Up to ``limit`` records, newest first, the aggregated refused calls (counted so far
+        included) among them; malformed ones are logged and skipped. Raises EtcdError."""
+        await self.flush_refused()
+        records = await self._newest(self.keys.audit(), limit) + await self._newest(self.keys.audit_refused(), limit)
+        records.sort(key=lambda r: r.time, reverse=True)
+        return records[:limit]
+
+    async def _newest(self, prefix: str, limit: int) -> list[AuditRecord]:
         keys = await self.etcd.keys_prefix(prefix)
         if not keys:
             return []
@@ -182,7 +249,7 @@ class AuditLog:
                 records.append(AuditRecord.from_json(kv.value))
             except ValueError as exc:
                 log.warning("skipping malformed audit record %s: %s", kv.key, exc)
-        return records[:limit]
+        return records
 
 
 def list_limit(requested: int) -> int:

@@ -35,12 +35,17 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import dataclasses
+import getpass
 import hmac
 import inspect
 import json
 import logging
+import math
+import os
 import re
 import secrets
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, NamedTuple
@@ -83,6 +88,15 @@ _current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("tena
 def current_identity() -> Identity | None:
     """The caller of the RPC being handled (set by SecurityInterceptor); None outside a guarded call."""
     return _current.get()
+
+
+_job_limit: contextvars.ContextVar[int | None] = contextvars.ContextVar("tenax_job_limit", default=None)
+
+
+def active_jobs_limit() -> int | None:
+    """The caller's active-jobs limit while a SubmitJob is handled (the handler enforces it
+    atomically: controller/api.py); None when no limit applies."""
+    return _job_limit.get()
 
 
 def owner_name() -> str:
@@ -177,6 +191,11 @@ class TokenRecord:
     created: float
     """Unix seconds."""
     algorithm: str = HASH_ALGORITHM
+    expires: float = 0.0
+    """Unix seconds after which the token is refused (and deleted); 0: never."""
+
+    def expired(self, now: float) -> bool:
+        return bool(self.expires) and now >= self.expires
 
     def matches(self, secret: str) -> bool:
         return hmac.compare_digest(_digest(self.salt, secret), self.digest)
@@ -192,7 +211,8 @@ class TokenRecord:
         except (json.JSONDecodeError, TypeError) as exc:
             raise ValueError(f"malformed token record: {exc}") from exc
         if record.algorithm != HASH_ALGORITHM or record.role not in ROLES or not all(
-                isinstance(v, str) for v in (record.token_id, record.name, record.salt, record.digest)):
+                isinstance(v, str) for v in (record.token_id, record.name, record.salt, record.digest)) or \
+                not isinstance(record.expires, (int, float)) or isinstance(record.expires, bool):
             raise ValueError("token record has an unknown algorithm, role or field type")
         return record
 
@@ -240,28 +260,66 @@ def bearer_token(metadata) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+TOKEN_AUDIT_METHOD = "tokens/"
+"""Audit method of token management: ``tokens/create``, ``tokens/revoke``, ``tokens/expire``."""
+SYSTEM_IDENTITY = Identity(name="tenax-controller", role="system", via="system")
+"""Who expires tokens (any controller replica; the guarded delete lets exactly one record it)."""
+
+
+def operator_identity() -> Identity:
+    """Who runs ``tenax tokens`` on this machine: the OS user at the host. Token management needs
+    etcd credentials, not an API token, so that is the identity the audit can name."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = f"uid{os.getuid()}"
+    return Identity(name=clean_text(f"{user}@{socket.gethostname()}", MAX_TARGET_CHARS), role="operator", via="etcd")
+
+
 class TokenStore:
     """Token records in etcd, cached in memory.
 
     The whole set is re-read at most every ``cache_ttl_s`` seconds (one range
     read), so checking a token costs no etcd round trip and a bogus token costs
-    nothing at all; a revoked token stops working within ``cache_ttl_s``.
+    nothing at all; a revoked token stops working within ``cache_ttl_s``. An
+    expired token stops working at once; the next refresh deletes it and audits that.
+
+    Every change is audited in the transaction that makes it (create, expire) or just
+    before it (revoke), under the audit log's keys, naming who did it.
     """
 
     def __init__(self, etcd: Etcd, keys: Keys, *, cache_ttl_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         if not cache_ttl_s >= 0:
             raise ValueError(f"cache_ttl_s: must be >= 0, got {cache_ttl_s}")
         self.etcd = etcd
         self.keys = keys
         self.cache_ttl_s = cache_ttl_s
         self.clock = clock
+        self.wall_clock = wall_clock
         self._records: dict[str, TokenRecord] = {}
         self._loaded_at: float | None = None
 
-    async def create(self, name: str, role: str) -> tuple[str, TokenRecord]:
-        token, record = new_token(name, role)
-        if not await self.etcd.create(self.keys.token(record.token_id), record.to_json()):
+    def _audit_entry(self, operator: Identity, verb: str, record: TokenRecord, detail: str = "") -> tuple[str, str]:
+        now = self.wall_clock()
+        entry = AuditRecord(time=now, identity=operator.name, role=operator.role, via=operator.via,
+                            method=TOKEN_AUDIT_METHOD + verb,
+                            target=clean_text(f"{record.name} ({record.role}) {record.token_id}", MAX_TARGET_CHARS),
+                            code="OK", detail=clean_text(detail, MAX_DETAIL_CHARS))
+        return self.keys.audit_record(int(now * 1e9), secrets.token_hex(4)), entry.to_json()
+
+    async def create(self, name: str, role: str, *, operator: Identity, expires_in_s: float = 0.0
+                     ) -> tuple[str, TokenRecord]:
+        """A new token, stored with its audit record in one transaction. ``expires_in_s`` 0: never."""
+        if not (expires_in_s >= 0 and math.isfinite(expires_in_s)):
+            raise AuthError(f"expires_in_s: must be >= 0 seconds, got {expires_in_s}")
+        token, record = new_token(name, role, now=self.wall_clock())
+        if expires_in_s:
+            record = dataclasses.replace(record, expires=record.created + expires_in_s)
+        key = self.keys.token(record.token_id)
+        audit_key, audit_value = self._audit_entry(
+            operator, "create", record, f"expires {_when(record.expires)}" if record.expires else "never expires")
+        if not await self.etcd.put_many_guarded({key: 0}, {key: record.to_json(), audit_key: audit_value}):
             raise EtcdError("token id collision; try again")  # 64 random bits: practically never
         self._loaded_at = None
         return token, record
@@ -270,38 +328,61 @@ class TokenStore:
         await self._refresh(force=True)
         return sorted(self._records.values(), key=lambda r: (r.name, r.created))
 
-    async def revoke(self, token_id_or_name: str) -> int:
-        """Delete the token with that id, or every token with that name; return how many."""
+    async def revoke(self, token_id_or_name: str, *, operator: Identity) -> int:
+        """Delete the token with that id, or every token with that name; return how many. Audited."""
         gone = 0
         for record in await self.list():
             if token_id_or_name in (record.token_id, record.name):
-                gone += int(await self.etcd.delete(self.keys.token(record.token_id)))
+                key = self.keys.token(record.token_id)
+                kv = await self.etcd.get(key)
+                if kv is None:
+                    continue
+                audit_key, audit_value = self._audit_entry(operator, "revoke", record)
+                gone += int(await self.etcd.put_many_guarded({key: kv.mod_revision}, {audit_key: audit_value},
+                                                             deletes=(key,)))
         self._loaded_at = None
         return gone
 
     async def authenticate(self, token: str) -> Identity | None:
-        """The identity of a valid token; None if unknown or wrong. Raises EtcdError if the store cannot be read."""
+        """The identity of a valid token; None if unknown, wrong or expired. Raises EtcdError if the
+        store cannot be read."""
         parsed = parse_token(token)
         if parsed is None:
             return None
         await self._refresh()
         record = self._records.get(parsed[0])
-        return record.identity() if record is not None and record.matches(parsed[1]) else None
+        if record is None or record.expired(self.wall_clock()):
+            return None
+        return record.identity() if record.matches(parsed[1]) else None
 
     async def _refresh(self, *, force: bool = False) -> None:
         now = self.clock()
         if not force and self._loaded_at is not None and now - self._loaded_at < self.cache_ttl_s:
             return
         records = {}
+        expired = []
         for kv in await self.etcd.get_prefix(self.keys.tokens()):
             try:
                 record = TokenRecord.from_json(kv.value)
             except ValueError as exc:
                 log.warning("skipping malformed token record %s: %s", kv.key, exc)
                 continue
+            if record.expired(self.wall_clock()):
+                expired.append((kv, record))
+                continue
             records[record.token_id] = record
         self._records = records
         self._loaded_at = now
+        for kv, record in expired:
+            audit_key, audit_value = self._audit_entry(SYSTEM_IDENTITY, "expire", record,
+                                                       f"expired {_when(record.expires)}")
+            if await self.etcd.put_many_guarded({kv.key: kv.mod_revision}, {audit_key: audit_value},
+                                                deletes=(kv.key,)):
+                log.info("token %s of %s (%s) expired and was deleted", record.token_id, record.name, record.role)
+
+
+def _when(unix_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
 
 
 def identity_from_certificate(auth_context: dict) -> tuple[Identity | None, str]:
@@ -331,6 +412,9 @@ class AuthSettings:
             raise ValueError("auth: accept tokens, certificates or both (or disable auth explicitly)")
         return self
 
+
+CREDENTIALS_UNCHECKABLE = "credentials cannot be checked right now (etcd unavailable); retry"
+"""Why a call is refused while the token store cannot be read: answered UNAVAILABLE."""
 
 OPEN_IDENTITY = Identity(name="anonymous", role="admin", via="open")
 
@@ -478,14 +562,19 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         if not allowed:  # not audited: auditing a flood would write the flood into etcd
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"too many calls; retry in {wait_s:.2f} s")
-        code, detail = "OK", ""
+        code, detail, created = "OK", "", ""
         try:
             await self._admit(method, rule, identity, why, request)
             token = _current.set(identity)
+            limit_token = _job_limit.set(self.limits.max_active_jobs_per_user
+                                         if self.active_jobs_of is not None else None)
             try:
                 result = await call()
             finally:
+                _job_limit.reset(limit_token)
                 _current.reset(token)
+            if method == JOB + "SubmitJob" and getattr(result, "id", ""):
+                created = result.id  # the audit names the job the call created, not just its spec
             code, detail = _code_name(context.code()), clean_text(context.details() or "", MAX_DETAIL_CHARS)
             return result
         except _Refused as refused:
@@ -499,7 +588,11 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             raise
         finally:
             if rule.mutating and self.audit is not None:
-                await self._audit(method, identity, request, context, code, detail)
+                if identity is None:  # no valid credentials: counted per source, never one record each
+                    await self.audit.refused(source=clean_text(_peer_host(context.peer() or ""), MAX_TARGET_CHARS),
+                                             method=clean_text(method, MAX_TARGET_CHARS), code=code)
+                else:
+                    await self._audit(method, identity, request, context, code, detail, created)
 
     async def _authenticate(self, context) -> tuple[Identity | None, str]:
         if not self.settings.enabled:
@@ -510,7 +603,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                 identity = await self.tokens.authenticate(token)
             except (EtcdError, EtcdUnavailable) as exc:
                 log.warning("token store unreadable: %s", exc)
-                return None, "credentials cannot be checked right now (etcd unavailable); retry"
+                return None, CREDENTIALS_UNCHECKABLE
             return (identity, "") if identity else (None, "invalid or revoked token")
         if self.settings.accept_certificates:
             identity, why = identity_from_certificate(context.auth_context() or {})
@@ -522,6 +615,10 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
     async def _admit(self, method: str, rule: MethodRule, identity: Identity | None, why: str, request) -> None:
         """Raise _Refused unless the call may go ahead."""
+        if identity is None and why == CREDENTIALS_UNCHECKABLE:
+            # UNAVAILABLE, not UNAUTHENTICATED: the credentials may well be good, and clients
+            # retry and fail over on UNAVAILABLE but give up on UNAUTHENTICATED.
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, why)
         if identity is None:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, why)
         if isinstance(request, MalformedRequest):
@@ -551,11 +648,14 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             raise _Refused(grpc.StatusCode.UNAVAILABLE, f"cannot check permissions right now, retry: {exc}")
 
     async def _audit(self, method: str, identity: Identity | None, request, context, code: str,
-                     detail: str) -> None:
+                     detail: str, created: str = "") -> None:
+        target = target_of(request) if request is not None else ""
+        if created:  # SubmitJob: the id of the job it made (which starts with the spec's name)
+            target = clean_text(created, MAX_TARGET_CHARS)
         await self.audit.record(AuditRecord(
             time=self.clock(), identity=identity.name if identity else "", role=identity.role if identity else "",
             via=identity.via if identity else "none", method=clean_text(method, MAX_TARGET_CHARS),
-            target=target_of(request) if request is not None else "", code=code,
+            target=target, code=code,
             detail=clean_text(detail, MAX_DETAIL_CHARS), peer=clean_text(context.peer() or "", MAX_TARGET_CHARS)))
 
 

@@ -22,6 +22,7 @@ from controller import metrics
 from controller.decisions import JobState, NodeView, build_plan, job_phase, schedule
 from controller.handle import ControllerHandle
 from controller.recovery import Recovery
+from controller.retention import RetentionSettings, RetentionSweeper, unplaceable_decision, unplaceable_reason
 from controller.state import JobView, jobs_from, nodes_from
 from protos.records import TERMINAL_PHASES, JobStatusRecord
 
@@ -30,8 +31,11 @@ log = logging.getLogger("tenax.controller")
 
 class JobReconciler:
     def __init__(self, handle: ControllerHandle, recovery: Recovery, wakeup: asyncio.Event, *,
-                 interval_s: float) -> None:
+                 interval_s: float, retention: RetentionSettings | None = None) -> None:
         self.c = handle
+        self.retention = (retention or RetentionSettings()).validate()
+        self.sweeper = RetentionSweeper(handle, self.retention)
+        """Deletes finished jobs after their retention (controller/retention.py)."""
         self.recovery = recovery
         self.wakeup = wakeup
         """Set (through ``handle.wake``) when something changed that a pass should see now."""
@@ -64,12 +68,17 @@ class JobReconciler:
     async def reconcile_once(self) -> None:
         now = time.time()
         jobs = jobs_from(self.c.cache)
+        await self.sweeper.maybe_sweep(jobs.values(), now)
         if not any(job.active for job in jobs.values()):
             return  # idle: no node view to build (it matters at thousands of nodes)
         nodes = nodes_from(self.c.cache, jobs)
         live = frozenset(n.id for n in nodes.values() if n.registered)
         used = {n.id: set(n.used) for n in nodes.values()}
-        waiting = any(j.status.phase == "PENDING" for j in jobs.values())
+        cluster_slots = sum(int(n.record.get("slots", 0) or 0) for n in nodes.values() if n.registered)
+        # Only a job the cluster could hold holds back growth: one that needs more slots than
+        # exist would otherwise stop every other job from growing for as long as it waits.
+        waiting = any(j.status.phase == "PENDING" and unplaceable_reason(_world(j), cluster_slots) is None
+                      for j in jobs.values())
         for job in sorted(jobs.values(), key=lambda j: (j.status.created, j.id)):
             if not job.active:
                 continue
@@ -82,7 +91,15 @@ class JobReconciler:
                              workers=job.workers, live_nodes=live, progress=job.progress_ranks)
             phase, reason = job_phase(state, now)
             if phase == "PENDING":
-                await self._schedule(job, nodes, used, now)
+                never = unplaceable_decision(_world(job), cluster_slots, job.status.created, now,
+                                             self.retention.unplaceable_fail_after_s)
+                if never is None:
+                    await self._schedule(job, nodes, used, now)
+                elif never[0] == "FAILED":
+                    await self._set_phase(job, "FAILED", never[1], now)
+                elif job.status.message != never[1]:
+                    await self._write_status(job, JobStatusRecord(**{**job.status.to_dict(), "message": never[1],
+                                                                      "updated": now}))
             elif phase != job.status.phase:
                 await self._set_phase(job, phase, reason, now)
 
@@ -123,3 +140,7 @@ class JobReconciler:
         key = self.c.keys.job_status(job.id)
         revision = self.c.cache.data.get(key, ("", 0))[1]
         return await self.c.etcd.put_if_revision(key, status.to_json(), revision)
+
+
+def _world(job: JobView) -> int:
+    return job.spec.parallelism.dp * job.spec.parallelism.pp

@@ -110,6 +110,17 @@ def checked_job_id(value: str) -> str:
     return value
 
 
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def checked_request_id(value: str) -> str:
+    """``value`` ('' or a well-formed SubmitJob request id); else RpcAbort(INVALID_ARGUMENT)."""
+    if value and not _REQUEST_ID_RE.match(value):
+        raise RpcAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"request_id: must be 1-64 letters, digits, '_' or '-', got {value[:64]!r}")
+    return value
+
+
 def checked_node_id(value: str) -> str:
     """``value`` if it is a well-formed node id; else RpcAbort(INVALID_ARGUMENT)."""
     if not _NODE_ID_RE.match(value):

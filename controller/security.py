@@ -153,7 +153,7 @@ def bootstrap_local(state_dir: str | Path, etcd_url: str, *, prefix: str = "/ten
             existing = auth.read_token_file(str(token_file)) if token_file.is_file() else None
             if existing and await store.authenticate(existing):
                 return
-            token, _ = await store.create(LOCAL_ADMIN, "admin")
+            token, _ = await store.create(LOCAL_ADMIN, "admin", operator=auth.operator_identity())
             write_secret(token_file, token)
 
     asyncio.run(asyncio.wait_for(ensure_token(), timeout_s))

@@ -55,6 +55,7 @@ from controller.health_loop import HealthLoop, HealthSettings
 from controller.leader import LeaderElector
 from controller.reconcile import JobReconciler
 from controller.recovery import Recovery, RecoverySettings
+from controller.retention import RetentionSettings
 from controller.security import SecuritySettings, ServerSecurity
 from controller.state import ClusterCache, jobs_from, nodes_from
 from protos import tenax_pb2 as pb
@@ -99,6 +100,8 @@ class ControllerSettings:
     """The leader's hang, straggler and degraded-GPU detection (controller/health_loop.py)."""
     recovery: RecoverySettings = field(default_factory=RecoverySettings)
     """Plan generations g+1 (controller/recovery.py)."""
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    """When finished jobs are deleted and unplaceable ones fail (controller/retention.py)."""
 
     def validate(self) -> None:
         """Raises ValueError naming the field (``lease_ttl_s: ...``)."""
@@ -115,6 +118,7 @@ class ControllerSettings:
             Keys(self.prefix)
         except ValueError as exc:
             raise ValueError(f"prefix: {exc}") from None
+        self.retention.validate()
         if not self.id:
             self.id = f"{socket.gethostname()}-{os.getpid()}"
 
@@ -146,7 +150,7 @@ class Controller:
         self.recovery = Recovery(self.handle, settings.recovery)
         """Plan generations g+1: failures, growth, drains, rebalances (controller/recovery.py)."""
         self.reconciler = JobReconciler(self.handle, self.recovery, self._wake,
-                                        interval_s=settings.reconcile_interval_s)
+                                        interval_s=settings.reconcile_interval_s, retention=settings.retention)
         """The leader's job loop: scheduling and phases (controller/reconcile.py)."""
         self.cache.add_listener(self._on_change)
         self.goodput = GoodputTracker(self.handle)
@@ -241,6 +245,11 @@ class Controller:
         metrics.CONTROLLER_IS_LEADER.set(0)
         if self._server:
             await self._server.stop(grace=1.0)
+        if self.security is not None:  # refused calls counted since the last window: written, not lost
+            try:
+                await asyncio.wait_for(self.security.audit.flush_refused(), 5.0)
+            except asyncio.TimeoutError:
+                log.error("counted refused calls not written to the audit log in time (etcd slow or down)")
         if self._metrics_http:
             # shutdown() blocks until the HTTP thread's loop notices; keep it off the event loop.
             try:

@@ -26,8 +26,15 @@ Layout (``P`` is the cluster prefix, default ``/tenax``)::
     P/jobs/<job>/telemetry/<node>         per-step rank timings and liveness of the node's ranks (agent, ~1/s)
     P/chaos/<node>/<id>                   a chaos (fault injection) or kill request for that node's agent
     P/owners/<job>                        the identity that submitted the job (written with its spec)
-    P/auth/tokens/<token_id>              an API token: name, role, salt and hash (never the token itself)
+    P/auth/tokens/<token_id>              an API token: name, role, salt, hash, expiry (never the token itself)
+    P/auth/quota/<identity>               the job id of the identity's latest submit: every submit rewrites it in
+                                          the txn that creates the job, so two racing submits cannot both pass
+                                          the active-jobs limit
+    P/requests/<identity>/<request_id>    the job a SubmitJob request id created (a retry returns that job)
     P/audit/<time_ns:020d>-<rand>         one audit record per mutating call (bounded retention)
+    P/audit-refused/<time_ns:020d>-<rand> refused calls without valid credentials, counted per source, method
+                                          and result over a window (own retention: a flood of them never
+                                          evicts the records of authenticated callers)
 """
 
 from __future__ import annotations
@@ -153,12 +160,27 @@ class Keys:
     def token(self, token_id: str) -> str:
         return f"{self.prefix}/auth/tokens/{token_id}"
 
+    def user_quota(self, identity: str) -> str:
+        return f"{self.prefix}/auth/quota/{identity}"
+
+    def submit_requests(self) -> str:
+        return f"{self.prefix}/requests/"
+
+    def submit_request(self, identity: str, request_id: str) -> str:
+        return f"{self.prefix}/requests/{identity}/{request_id}"
+
     def audit(self) -> str:
         return f"{self.prefix}/audit/"
 
     def audit_record(self, time_ns: int, suffix: str) -> str:
         """Keys sort by time, so the oldest records come first in a range read."""
         return f"{self.prefix}/audit/{time_ns:020d}-{suffix}"
+
+    def audit_refused(self) -> str:
+        return f"{self.prefix}/audit-refused/"
+
+    def audit_refused_record(self, time_ns: int, suffix: str) -> str:
+        return f"{self.prefix}/audit-refused/{time_ns:020d}-{suffix}"
 
     # parsing --------------------------------------------------------------
     def parse_job_key(self, key: str) -> tuple[str, str] | None:

@@ -104,7 +104,9 @@ class TokenFile:
         start = index * self.seq_len
         window = self._tokens[start : start + self.seq_len + 1].to(torch.int64)
         if int(window.max()) >= self.vocab_size:
-            raise ValueError(f"token {int(window.max())} in {self.path} is >= model.vocab_size={self.vocab_size}")
+            # never the token's value: the message reaches every viewer through `tenax logs`
+            raise ValueError(f"data.path: {self.path} holds a token >= model.vocab_size={self.vocab_size} "
+                             f"(the file was not made for this vocabulary)")
         return window
 
 

@@ -159,7 +159,7 @@ class SecuredApi:
         return self.thread.call(coro, timeout_s)
 
     def make_token(self, name: str, role: str) -> str:
-        token, _ = self.run(self.security.tokens.create(name, role))
+        token, _ = self.run(self.security.tokens.create(name, role, operator=auth.operator_identity()))
         self.tokens[name] = token
         return token
 
@@ -172,8 +172,17 @@ class SecuredApi:
         channel = sync_channel(self.address, settings)
         return grpc.intercept_channel(channel, auth.TokenClientInterceptor(token)) if token else channel
 
-    def audit(self) -> list:
-        return self.run(self.security.audit.newest(100_000))
+    def audit(self, *, token_changes: bool = False) -> list:
+        """Audit records, newest first; those of token management (``make_token``'s own) only if asked."""
+        # a call is audited just after its reply went out: wait until the log stops growing
+        records, deadline = self.run(self.security.audit.newest(100_000)), time.monotonic() + 3
+        while time.monotonic() < deadline:
+            time.sleep(0.15)
+            again = self.run(self.security.audit.newest(100_000))
+            if len(again) == len(records):
+                break
+            records = again
+        return [r for r in records if token_changes or not r.method.startswith(auth.TOKEN_AUDIT_METHOD)]
 
     def etcd_keys(self, prefix: str | None = None) -> list[str]:
         return self.run(self.etcd.keys_prefix(prefix or self.keys.prefix + "/"))
@@ -225,18 +234,22 @@ def start_secured_api(etcd_url: str, state_dir: Path, settings: SecuritySettings
                       pki=pki, shutdown=shutdown)
 
 
-def start_real_controller(etcd_url: str, state_dir: Path, settings: SecuritySettings | None = None) -> SecuredApi:
-    """The real controller (controller/server.py) with ``settings``, leading, on loopback."""
+def start_real_controller(etcd_url: str, state_dir: Path, settings: SecuritySettings | None = None,
+                          **controller: Any) -> SecuredApi:
+    """The real controller (controller/server.py) with ``settings``, leading, on loopback;
+    ``controller`` overrides ControllerSettings fields (say ``retention=RetentionSettings(...)``)."""
     from controller.server import Controller, ControllerSettings
 
     pki = ensure_dev_pki(state_dir, clients={"admin": "admin", "carol": "submitter", "norole": "",
                                              "viewer-cert": "viewer"})
     settings = settings or SecuritySettings(tls=pki.server_tls(mutual=False))
     thread = ServerThread()
+    overrides = controller
 
     async def start():
-        controller = Controller(ControllerSettings(etcd=etcd_url, lease_ttl_s=2, reconcile_interval_s=0.1,
-                                                   metrics_port=-1, security=settings))
+        controller = Controller(ControllerSettings(**{
+            "etcd": etcd_url, "lease_ttl_s": 2, "reconcile_interval_s": 0.1, "metrics_port": -1,
+            "security": settings, **overrides}))
         await controller.start()
         deadline = time.monotonic() + 20
         while not (controller.is_leader and controller.cache.synced.is_set()):

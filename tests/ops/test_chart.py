@@ -173,6 +173,7 @@ def test_only_known_kinds_are_rendered():
         ("apps/v1", "Deployment"), ("apps/v1", "DaemonSet"), ("apps/v1", "StatefulSet"),
         ("policy/v1", "PodDisruptionBudget"),
         ("rbac.authorization.k8s.io/v1", "ClusterRole"), ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+        ("networking.k8s.io/v1", "NetworkPolicy"),
     }
     for value_set in VALUE_SETS:
         kinds = {(d["apiVersion"], d["kind"]) for d in rendered(value_set)}
@@ -355,12 +356,12 @@ def test_agents_get_etcd_endpoints_and_node_name():
     args = agent["args"]
     assert args[0] == "agent"
     etcd_svc = one([s for s in find(docs, "Service", "etcd") if s["spec"].get("clusterIP") != "None"], "Service")
-    assert flag(args, "--etcd") == f"http://{etcd_svc['metadata']['name']}.{NAMESPACE}.svc:2379"
+    assert flag(args, "--etcd") == f"https://{etcd_svc['metadata']['name']}.{NAMESPACE}.svc:2379"
     assert flag(args, "--node-id") == "$(NODE_NAME)"
     assert env_of(agent)["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert flag(args, "--advertise-host") == "$(POD_IP)"
     assert env_of(agent)["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-    assert flag(args, "--http") == "0.0.0.0:9101"
+    assert flag(args, "--http") == "$(POD_IP):9101"  # the advertised address, not every interface
     assert flag(args, "--work-dir") == "/var/lib/tenax"
     assert flag(args, "--lease-ttl") == "5"
     assert "--slots" not in args  # NVML counts the GPUs
@@ -393,7 +394,8 @@ def test_external_etcd_with_tls():
     volumes = one(existing, "DaemonSet", "agent")["spec"]["template"]["spec"]["volumes"]
     assert next(v for v in volumes if v["name"] == "etcd-tls")["secret"]["secretName"] == "etcd-client"
     # No TLS flags at all when TLS is off.
-    assert "--etcd-ca" not in container(one(rendered("defaults"), "DaemonSet", "agent"), "agent")["args"]
+    plain = render("--set", "etcd.bundled.tls.enabled=false")
+    assert "--etcd-ca" not in container(one(plain, "DaemonSet", "agent"), "agent")["args"]
 
 
 def test_agent_can_be_disabled():
@@ -434,7 +436,7 @@ def test_bundled_etcd_statefulset():
     members = initial.split("=", 1)[1].split(",")
     name = sts["metadata"]["name"]
     assert members == [
-        f"{name}-{i}=http://{name}-{i}.{peer['metadata']['name']}.{NAMESPACE}.svc:2380" for i in range(3)
+        f"{name}-{i}=https://{name}-{i}.{peer['metadata']['name']}.{NAMESPACE}.svc:2380" for i in range(3)
     ]
     claim = sts["spec"]["volumeClaimTemplates"][0]
     assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
@@ -613,3 +615,62 @@ def test_notes_explain_the_first_job(tmp_path):
     assert f"port-forward svc/{RELEASE}-tenax-controller 50051:50051" in notes
     assert "tenax submit job.yaml --controller 127.0.0.1:50051" in notes
     assert f"{RELEASE}-tenax-controller.{NAMESPACE}.svc:50051" in notes
+
+
+# ------------------------------------------------------------------ issue #18 finding 10
+def test_bundled_etcd_uses_tls_with_client_certificates_on_its_pod_address():
+    """By default nobody without the chart's etcd client certificate can talk to etcd (before:
+    plaintext on 0.0.0.0, and any pod could mint an admin token)."""
+    docs = rendered("defaults")
+    sts = one(docs, "StatefulSet", "etcd")
+    command = container(sts, "etcd")["command"]
+    flags = dict(a.split("=", 1) for a in command if a.startswith("--") and "=" in a)
+    assert flags["--client-cert-auth"] == "true" and flags["--peer-client-cert-auth"] == "true"
+    for url_flag in ("--listen-client-urls", "--listen-peer-urls"):
+        urls = flags[url_flag].split(",")
+        assert all(u.startswith("https://") and "0.0.0.0" not in u for u in urls), (url_flag, urls)
+    assert "0.0.0.0" not in flags["--listen-metrics-urls"]
+    tls_volume = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    server = one([d for d in find(docs, "Secret") if d["metadata"]["name"] == tls_volume["secret"]["secretName"]],
+                 "Secret")
+    assert set(server["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    for kind, component in (("Deployment", "controller"), ("DaemonSet", "agent")):
+        workload = one(docs, kind, component)
+        args = container(workload, component)["args"]
+        assert flag(args, "--etcd").startswith("https://")
+        client_volume = next(v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == "etcd-tls")
+        client = one([d for d in find(docs, "Secret")
+                      if d["metadata"]["name"] == client_volume["secret"]["secretName"]], "Secret")
+        assert client["data"]["ca.crt"] == server["data"]["ca.crt"]  # one CA signs members and clients
+        assert client["data"]["tls.crt"] != server["data"]["tls.crt"]
+    assert flag(container(one(docs, "DaemonSet", "agent"), "agent")["args"], "--http").startswith("$(POD_IP):")
+
+
+def test_network_policies_admit_only_the_controller_and_agents():
+    docs = rendered("defaults")
+    labels = {c: {"app.kubernetes.io/name": "tenax", "app.kubernetes.io/instance": RELEASE,
+                  "app.kubernetes.io/component": c} for c in ("controller", "agent", "etcd")}
+    policies = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: p
+                for p in find(docs, "NetworkPolicy")}
+    assert set(policies) == {"etcd", "agent"}
+
+    def rules(component):
+        return {r["ports"][0]["port"] if r.get("ports") else "any":
+                [f["podSelector"]["matchLabels"] for f in r.get("from", [])]
+                for r in policies[component]["spec"]["ingress"]}
+
+    assert policies["etcd"]["spec"]["policyTypes"] == ["Ingress"]
+    assert rules("etcd") == {2379: [labels["controller"], labels["agent"]], 2380: [labels["etcd"]], 2381: []}
+    assert rules("agent") == {9101: [labels["controller"]], "any": [labels["agent"]]}
+    prometheus = {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}
+    extra = render("--set-json", f"networkPolicy.agentHttpFrom=[{json.dumps(prometheus)}]")
+    agent_policy = next(p for p in find(extra, "NetworkPolicy") if "agent" in p["metadata"]["name"])
+    assert agent_policy["spec"]["ingress"][0]["from"][1] == prometheus
+    assert not find(render("--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def test_schema_refuses_root_workers():
+    """The agent's user is its workers' user: the schema refuses root."""
+    for bad in ("agent.podSecurityContext.runAsUser=0", "agent.podSecurityContext.runAsNonRoot=false"):
+        proc = template("--set", bad)
+        assert proc.returncode != 0 and "podSecurityContext" in proc.stderr, (bad, proc.stderr)

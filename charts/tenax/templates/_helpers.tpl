@@ -67,14 +67,37 @@ with commas.
 */}}
 {{- define "tenax.etcdEndpoints" -}}
 {{- if .Values.etcd.bundled.enabled -}}
-{{- printf "http://%s.%s.svc:%d" (include "tenax.etcdName" .) .Release.Namespace (int .Values.etcd.bundled.clientPort) -}}
+{{- printf "%s://%s.%s.svc:%d" (include "tenax.etcdScheme" .) (include "tenax.etcdName" .) .Release.Namespace (int .Values.etcd.bundled.clientPort) -}}
 {{- else -}}
 {{- join "," .Values.etcd.external.endpoints -}}
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when the bundled etcd serves TLS and asks clients for certificates (the default). */}}
+{{- define "tenax.etcdBundledTLS" -}}
+{{- if and .Values.etcd.bundled.enabled .Values.etcd.bundled.tls.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{- define "tenax.etcdScheme" -}}
+{{- if include "tenax.etcdBundledTLS" . -}}https{{- else -}}http{{- end -}}
+{{- end -}}
+
+{{/* "true" when the controller and agents talk to etcd with TLS client certificates. */}}
+{{- define "tenax.etcdClientTLS" -}}
+{{- if or (include "tenax.etcdBundledTLS" .) .Values.etcd.tls.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The bundled etcd's own certificate (server and peer) and the client certificate it accepts. */}}
+{{- define "tenax.etcdServerTLSSecretName" -}}
+{{- printf "%s-server-tls" (include "tenax.etcdName" .) -}}
+{{- end -}}
+
 {{- define "tenax.etcdTLSSecretName" -}}
+{{- if include "tenax.etcdBundledTLS" . -}}
+{{- printf "%s-client-tls" (include "tenax.etcdName" .) -}}
+{{- else -}}
 {{- .Values.etcd.tls.existingSecret | default (printf "%s-tls" (include "tenax.etcdName" .)) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "tenax.etcdTLSDir" -}}/etc/tenax/etcd-tls{{- end -}}
@@ -86,7 +109,7 @@ fragment). The TLS flag names are those of controller/security.py.
 {{- define "tenax.etcdArgs" -}}
 - --etcd
 - {{ include "tenax.etcdEndpoints" . | quote }}
-{{- if .Values.etcd.tls.enabled }}
+{{- if include "tenax.etcdClientTLS" . }}
 - --etcd-ca
 - {{ include "tenax.etcdTLSDir" . }}/ca.crt
 - --etcd-cert
@@ -97,7 +120,7 @@ fragment). The TLS flag names are those of controller/security.py.
 {{- end -}}
 
 {{- define "tenax.etcdTLSVolume" -}}
-{{- if .Values.etcd.tls.enabled }}
+{{- if include "tenax.etcdClientTLS" . }}
 - name: etcd-tls
   secret:
     secretName: {{ include "tenax.etcdTLSSecretName" . }}
@@ -107,7 +130,7 @@ fragment). The TLS flag names are those of controller/security.py.
 {{- end -}}
 
 {{- define "tenax.etcdTLSVolumeMount" -}}
-{{- if .Values.etcd.tls.enabled }}
+{{- if include "tenax.etcdClientTLS" . }}
 - name: etcd-tls
   mountPath: {{ include "tenax.etcdTLSDir" . }}
   readOnly: true
