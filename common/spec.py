@@ -75,6 +75,8 @@ class SpecError(ValueError):
 # milliseconds, an etcd record stays small, and nothing overflows int64 on the wire.
 # A field added to a spec section gets its bound here too (tests/security/test_security_spec_bounds.py
 # checks that every numeric field has one).
+MAX_CHECKPOINT_KEEP = 1_000
+"""Most disk checkpoints a worker keeps (each is a full copy of its state on the host's disk)."""
 SPEC_UPPER_BOUNDS: dict[str, float] = {
     "model.layers": 256,
     "model.d_model": 65_536,
@@ -96,6 +98,13 @@ SPEC_UPPER_BOUNDS: dict[str, float] = {
     "elastic.min_workers": 4_096,
     "elastic.max_workers": 4_096,
     "elastic.checkpoint_every": 1_000_000_000,
+    "elastic.checkpoint_keep": MAX_CHECKPOINT_KEEP,
+    "model.kv_heads": MAX_HEADS,
+    "model.ffn_dim": MAX_WIDTH,
+    "model.rope_base": MAX_ROPE_BASE,
+    "model.norm_eps": 1.0,
+    "data.eval_every": MAX_EVAL_EVERY,
+    "data.eval_batches": MAX_EVAL_BATCHES,
     "resources.workers": 4_096,
     "seed": (1 << 63) - 1,
     "steps": 1_000_000_000,
