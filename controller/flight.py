@@ -100,13 +100,12 @@ def _group_of(entry: Mapping[str, Any]) -> str:
     return str(pg[0]) if isinstance(pg, (list, tuple)) and pg else ""
 
 
-def _pending(dump: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The newest recorder entry not retired (the collective the rank waits in), if any."""
+def _pending(dump: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Recorder entries not retired, newest first. gloo retires an entry only once its work is
+    waited on, so a collective every member reached may still show here: ``analyse`` keeps
+    only those some member has not reached."""
     entries = [e for e in dump.get("entries") or [] if isinstance(e, dict)]
-    for e in reversed(entries):
-        if not e.get("retired", True) and e.get("state") != "completed":
-            return e
-    return None
+    return [e for e in reversed(entries) if not e.get("retired", True) and e.get("state") != "completed"]
 
 
 def analyse(dumps: Mapping[int, Mapping[str, Any]], missing: list[int], *, hung: list[int] | None = None
@@ -121,14 +120,19 @@ def analyse(dumps: Mapping[int, Mapping[str, Any]], missing: list[int], *, hung:
         stack = extra.get("python_stack") if isinstance(extra.get("python_stack"), list) else []
         own = [f for f in stack if isinstance(f, str) and "/torch/" not in f and "/threading.py" not in f]
         top = str(waiting.get("caller") or waiting.get("where") or (own[-1] if own else stack[-1] if stack else ""))
-        entry = _pending(dump)
-        if entry is not None:
+        blocked = None
+        for entry in _pending(dump):
             group = _group_of(entry)
             members = _group_ranks(dump, group)
             seq = int(entry.get("collective_seq_id", -1))
-            behind = [m for m in members if m != rank and (m in silent or (m in dumps and _last_seq(dumps[m], group) < seq))]
-            waits.append(Wait(rank=rank, op=str(entry.get("profiling_name", "?")), group=group, group_ranks=members,
-                              seq=seq, waiting_for=behind, stack_top=top))
+            behind = [m for m in members
+                      if m != rank and (m in silent or (m in dumps and _last_seq(dumps[m], group) < seq))]
+            if behind:
+                blocked = Wait(rank=rank, op=str(entry.get("profiling_name", "?")), group=group, group_ranks=members,
+                               seq=seq, waiting_for=behind, stack_top=top)
+                break
+        if blocked is not None:
+            waits.append(blocked)
         elif waiting.get("what"):
             peer = waiting.get("peer", -1)
             peer = peer if isinstance(peer, int) else -1

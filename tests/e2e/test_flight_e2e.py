@@ -40,11 +40,17 @@ def test_hang_event_names_the_stopped_rank_and_the_collective_from_flight_record
         # the waiting ranks: each names what it waits in, and who for
         waits = {w["rank"]: w for w in finding["waits"]}
         assert set(waits) == {0, 2, 3}, finding
-        recorded = [w for w in waits.values() if w["source"] == "flight-recorder"]
-        assert recorded, f"no rank waits in a collective the recorder saw: {finding}"
-        for w in recorded:
-            assert w["op"].startswith("gloo:") and w["seq"] > 0 and 1 in w["group_ranks"], w
-        assert any(1 in w["waiting_for"] for w in waits.values()), finding
+        print("waits:", finding["waits"])
+        for w in waits.values():
+            if w["source"] == "flight-recorder":  # a collective the recorder saw, on a group with a rank behind
+                assert w["op"].startswith("gloo:") and w["seq"] > 0, w
+                assert w["waiting_for"] and set(w["waiting_for"]) <= set(w["group_ranks"]) - {w["rank"]}, w
+            else:  # gloo records no point-to-point ops in torch 2.13: the worker's own stack says what it waits in
+                assert w["source"] == "worker-stack" and w["op"], w
+        # the other data-parallel replica runs on until its gradient collective with rank 1: the
+        # recorder names that collective, its group and sequence number
+        assert any(w["source"] == "flight-recorder" and w["waiting_for"] == [1] and 1 in w["group_ranks"]
+                   for w in waits.values()), finding
 
         out = tenax("diagnose", job_id, "--etcd", info["etcd"], "--out", str(tmp_path / "fr"), home=info["home"])
         print(out.stdout)
