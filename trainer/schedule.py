@@ -58,7 +58,7 @@ class PipelineStageRunner:
     def _recv(self, shape, src: int, times: StageTimes) -> torch.Tensor:
         buf = torch.empty(shape, device=self.device, dtype=torch.float32)
         start = time.perf_counter()
-        comm.wait(dist.irecv(buf, src=src), "pipeline receive")
+        comm.wait(dist.irecv(buf, src=src), "pipeline receive", peer=src)
         times.pipeline_wait += time.perf_counter() - start
         return buf
 

@@ -93,3 +93,27 @@ def test_recorder_size_comes_from_the_launch_variable(monkeypatch):
     assert trainer_flight.enable({"TENAX_FLIGHT_RECORDER_ENTRIES": "0"}) == 0
     with pytest.raises(ValueError, match="TENAX_FLIGHT_RECORDER_ENTRIES"):
         trainer_flight.buffer_entries({"TENAX_FLIGHT_RECORDER_ENTRIES": "-3"})
+
+
+def test_step_lines_carry_per_kind_and_per_peer_communication_times(tmp_path):
+    from controller.attribution import window_from_steps
+
+    metrics = tmp_path / "m.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "cli.main", "train-local", "--nproc", "2", "--dp", "1", "--pp", "2",
+                    "--steps", "3", "--metrics", str(metrics), "--config", str(REPO / "examples/tiny-gpt.yaml")],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=80)
+    lines: dict[int, list[dict]] = {}
+    for raw in metrics.read_text().splitlines():
+        record = json.loads(raw)
+        if "step_time" in record:
+            lines.setdefault(record["rank"], []).append(record)
+    assert sorted(lines) == [0, 1] and all(len(v) == 3 for v in lines.values())
+    for rank, records in lines.items():
+        peer = 1 - rank
+        for record in records:
+            comm = record["comm"]
+            assert comm["kind"]["pipeline receive"] > 0 and f"pipeline receive|{peer}" in comm["peer"], comm
+            assert comm["kind"]["pipeline send"] >= 0, comm
+    window = window_from_steps(lines)
+    assert set(window[0].receive_wait_s) == {1} and set(window[1].receive_wait_s) == {0}
