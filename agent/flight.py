@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent import metrics
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from protos import flight
 from protos.chaos import ChaosRecord
@@ -85,3 +86,27 @@ async def answer(etcd: Etcd, keys: Keys, node_id: str, supervisor, record: Chaos
         log.warning("could not publish flight dumps of job %s: %r", record.job, exc)
         return f"flight dumps of ranks {sorted(dumps)} not published: {exc!r}"
     return f"flight dumps of job {record.job}: ranks {sorted(dumps)}, missing {missing}"
+
+
+# ------------------------------------------------------------------ per-kind communication times
+_comm_kinds: dict[tuple[str, str], set[str]] = {}
+"""(job, rank) -> the kinds exported for it (so that a finished job's series can be removed)."""
+
+
+def export_comm(job: str, rank: int, comm: Any) -> None:
+    """``tenax_rank_comm_seconds{job,rank,kind}`` from a step line's ``comm`` (trainer/comm.py)."""
+    kinds = comm.get("kind") if isinstance(comm, dict) else None
+    if not isinstance(kinds, dict):
+        return
+    for kind, seconds in kinds.items():
+        if isinstance(kind, str) and isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            metrics.RANK_COMM_SECONDS.labels(job, str(rank), kind).set(seconds)
+            _comm_kinds.setdefault((job, str(rank)), set()).add(kind)
+
+
+def forget_comm(job: str, rank: int) -> None:
+    for kind in _comm_kinds.pop((job, str(rank)), set()):
+        try:
+            metrics.RANK_COMM_SECONDS.remove(job, str(rank), kind)
+        except KeyError:
+            pass

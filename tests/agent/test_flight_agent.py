@@ -66,3 +66,16 @@ def test_agent_keeps_only_the_newest_dump_directories(tmp_path):
     agent_flight.prune(tmp_path)
     left = sorted(p.name for p in flight.flight_dir(tmp_path).iterdir())
     assert left == [f"{i:015d}-x" for i in range(3, flight.KEEP_DUMPS + 3)]
+
+
+def test_step_line_communication_times_become_per_kind_gauges_and_go_with_the_job():
+    from agent import metrics
+
+    agent_flight.export_comm("job-m", 2, {"kind": {"gradient all-reduce": 0.25, "pipeline receive": 0.5},
+                                          "peer": {"pipeline receive|1": 0.5}})
+    gauge = metrics.RANK_COMM_SECONDS
+    assert gauge.labels("job-m", "2", "pipeline receive")._value.get() == 0.5
+    assert gauge.labels("job-m", "2", "gradient all-reduce")._value.get() == 0.25
+    agent_flight.forget_comm("job-m", 2)
+    metrics_text = __import__("prometheus_client").generate_latest(metrics.REGISTRY).decode()
+    assert 'job="job-m"' not in metrics_text
