@@ -6,11 +6,12 @@ that waits long for one peer while that peer's compute is normal points at the l
 them (or the peer's sending side), not at any rank's compute; a peer whose compute is itself
 slow explains its neighbours' waits. ``attribute(window, settings) -> (attribution, reason)``.
 
-Limitation: waits are compared across all edges of the window, but in 1F1B a stage's
-receive waits depend on its position (the first stage waits longest for gradients); the
-comparison should be per (sender stage, receiver stage) across data-parallel replicas. A
-4-stage CPU run with one sender delayed by 30 ms per micro-batch was not singled out on the
-2-core test host (bubbles of ~1 s dominate); the controller does not act on this yet.
+In 1F1B a stage's receive waits depend on its place (the first stage waits longest for
+gradients), so with the layout (``stage_of``) a wait is compared with the same stage pair's
+waits in the other data-parallel replicas (needs dp >= 3 for a robust comparison). Without
+it, all edges are compared: a 4-stage dp1 CPU run with one sender delayed by 30 ms per
+micro-batch was not singled out on the 2-core test host (bubbles of ~1 s dominate). The
+controller does not act on this yet.
 """
 
 from __future__ import annotations
@@ -70,11 +71,27 @@ def _outliers(values: Mapping[Any, float], settings: AttributionSettings, *, min
     return {k for k, v in values.items() if (v - median) / spread > settings.z and v - median >= min_excess_s}
 
 
-def attribute(window: Mapping[int, RankComm], settings: AttributionSettings) -> tuple[Attribution, str]:
-    """Which slowness is compute and which is communication. Pure."""
-    slow_compute = _outliers({r: c.compute_s for r, c in window.items()}, settings)
+def _grouped_outliers(values: Mapping[Any, float], group_of, settings: AttributionSettings, *,
+                      min_excess_s: float = 0.0) -> set:
+    groups: dict[Any, dict[Any, float]] = {}
+    for key, value in values.items():
+        groups.setdefault(group_of(key), {})[key] = value
+    return set().union(*(_outliers(g, settings, min_excess_s=min_excess_s) for g in groups.values()))
+
+
+def attribute(window: Mapping[int, RankComm], settings: AttributionSettings,
+              stage_of: Mapping[int, int] | None = None) -> tuple[Attribution, str]:
+    """Which slowness is compute and which is communication. Pure.
+
+    With ``stage_of`` (rank -> pipeline stage), a rank's compute is compared with the ranks of
+    its stage and a wait with the same (sender stage, receiver stage) wait of the other
+    data-parallel replicas (a stage's waits depend on its place in the pipeline); without it,
+    everything with everything."""
+    stage = (lambda r: stage_of.get(r, -1)) if stage_of is not None else (lambda r: 0)
+    slow_compute = _grouped_outliers({r: c.compute_s for r, c in window.items()}, stage, settings)
     edges = {(peer, rank): wait for rank, c in window.items() for peer, wait in c.receive_wait_s.items()}
-    slow_edges = _outliers(edges, settings, min_excess_s=settings.min_excess_s)
+    slow_edges = _grouped_outliers(edges, lambda e: (stage(e[0]), stage(e[1])), settings,
+                                   min_excess_s=settings.min_excess_s)
     # a sender that itself waits on a slow link sends late because of it: the delay propagated
     # down the pipeline, and only the upstream-most slow links are named
     waiting = {receiver for _, receiver in slow_edges}

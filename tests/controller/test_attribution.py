@@ -60,3 +60,18 @@ def test_settings_are_validated():
         AttributionSettings(z=0)
     with pytest.raises(ValueError, match="min_excess_s"):
         AttributionSettings(min_excess_s=-1)
+
+
+def test_with_the_layout_a_wait_is_compared_with_the_same_stage_pair_of_other_replicas():
+    # pp2 x dp4: stage 0 = ranks 0..3 wait ~1 s for gradients (1F1B bubble), stage 1 = ranks 4..7
+    # wait ~0.1 s for activations; replica 2's link 2->6 is slow (0.5 s), within what stage 0 waits
+    window = {}
+    for d in range(4):
+        first, last = d, d + 4
+        window[first] = RankComm(compute_s=0.2 + 0.001 * d, receive_wait_s={last: 1.0 + 0.01 * d})
+        window[last] = RankComm(compute_s=0.2 + 0.001 * d, receive_wait_s={first: 0.5 if d == 2 else 0.1 + 0.001 * d})
+    stage_of = {r: 0 if r < 4 else 1 for r in range(8)}
+    decision, reason = attribute(window, S, stage_of)
+    assert decision.links == ((2, 6),) and decision.compute_ranks == (), reason
+    # without the layout the structural bubble of stage 0 hides it
+    assert attribute(window, S)[0].links != ((2, 6),)
