@@ -29,10 +29,11 @@ from typing import Callable
 
 import psutil
 
+from agent import flight
 from agent.rank_health import RankHealthPublisher
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff
-from protos.chaos import ChaosRecord
+from protos.chaos import FLIGHT_DUMP, ChaosRecord
 from protos.keys import Keys
 
 log = logging.getLogger("agent.chaos")
@@ -104,6 +105,7 @@ class ChaosExecutor:
         self.done: list[tuple[ChaosRecord, str]] = []
         """(request, outcome) of every request handled (tests and logs)."""
         self._handled: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     async def run(self) -> None:
         backoff = Backoff(0.1, 2.0)
@@ -139,7 +141,14 @@ class ChaosExecutor:
         if record.id in self._handled:
             return "duplicate"
         self._handled.add(record.id)
-        if record.action == "kill-node":
+        if record.action == FLIGHT_DUMP:
+            # in the background: the dumps take up to a deadline, and kills must not queue behind it
+            await self._delete(key)
+            task = asyncio.create_task(flight.answer(self.etcd, self.keys, self.node_id, self.supervisor, record))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            outcome = "flight dump requested"
+        elif record.action == "kill-node":
             # Delete first: the crash ends this process, and a restarted agent must not repeat it.
             await self._delete(key)
             outcome = self._kill_node(record)

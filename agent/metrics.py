@@ -46,3 +46,6 @@ RANK_COMPUTE_SECONDS = Gauge("tenax_rank_compute_seconds", "Forward+backward com
                              "last step", ["job", "rank"], registry=REGISTRY)
 RANK_COLLECTIVE_SECONDS = Gauge("tenax_rank_collective_seconds", "Time in collectives in a local rank's last step",
                                 ["job", "rank"], registry=REGISTRY)
+RANK_COMM_SECONDS = Gauge("tenax_rank_comm_seconds", "Wall time a local rank waited in each kind of communication "
+                          "(gradient all-reduce, pipeline receive...) in its last step", ["job", "rank", "kind"],
+                          registry=REGISTRY)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from agent import metrics
+from agent import flight, metrics
 from agent.decisions import should_publish
 from agent.retrylog import FailureLog
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
@@ -241,6 +241,7 @@ class ProgressRelay:
             metrics.RANK_COMPUTE_SECONDS.labels(*labels).set(rec["compute_s"])
         if isinstance(rec["collective_s"], (int, float)):
             metrics.RANK_COLLECTIVE_SECONDS.labels(*labels).set(rec["collective_s"])
+        flight.export_comm(self.job, rank, raw.get("comm"))  # per-kind communication times (issue #20)
         if relay_steps and rec["loss"] is not None:
             self._batch.append(StepRecord(step=rec["step"], loss=rec["loss"], generation=rec["generation"],
                                           time=rec["time"], step_time_s=rec["step_time_s"],

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from agent import metrics
+from agent import flight, metrics
 from agent.data_roots import spec_with_checked_data_path
 from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, growth_actions, plan_actions
 from agent.progress import ProgressRelay
@@ -328,6 +328,7 @@ class Supervisor:
                         gauge.remove(job, str(w.rank))
                     except KeyError:
                         pass
+                flight.forget_comm(job, w.rank)
         for table in (self.retired, self.preparing):
             for key, w in list(table.items()):
                 if key[0] == job and not w.alive:

@@ -24,11 +24,11 @@ import argparse
 import logging
 import sys
 
-from cli import agent, chaos, client, controller, data, demo, export, local, security, train_local
+from cli import agent, chaos, client, controller, data, demo, diagnose, export, local, security, train_local
 
 # Each module's `register` adds its subcommands; each subcommand sets `func`
 # (args -> exit code). Order is the order of `tenax --help`.
-_PARTS = (controller, client, local, demo, agent, train_local, security, chaos, export, data)
+_PARTS = (controller, client, local, demo, agent, train_local, security, chaos, export, data, diagnose)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller import chaos, metrics
+from controller import chaos, flight, metrics
 from controller.detection import (
     HangDecision,
     HangSettings,
@@ -403,6 +403,14 @@ class HealthLoop:
     async def _check_hang(self, job: JobView, ranks, memory: _JobMemory, now: float) -> None:
         decision, reason = hang_decision(job.plan, ranks, now, generation_seen_at=memory.seen_at,
                                          settings=self.settings.hang)
+        # Flight Recorder dumps from every rank before the kill; the finding goes into the hang
+        # event's evidence and the kill reason (controller/flight.py)
+        new_hung = [r for r in decision.hung_ranks if r not in memory.killed]
+        if new_hung:
+            finding, why = await flight.diagnose_hang(self.c, job.id, job.plan, new_hung, now)
+            log.warning("job %s hang diagnosis: %s", job.id, why)
+            await flight.write_hang_event(self.c, job.id, job.plan, new_hung, reason, finding, time.time())
+            reason = f"{reason}; {finding.summary}"
         progress = {p.rank: p for p in rank_progress(job.plan, ranks, generation_seen_at=memory.seen_at)}
         for rank in decision.hung_ranks:
             if rank in memory.killed:

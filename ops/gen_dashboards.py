@@ -296,6 +296,13 @@ def job_detail() -> dict[str, Any]:
                        "spend the most here.",
                        targets((f"max by (rank) (tenax_rank_collective_seconds{{{job}}})", "rank {{rank}}")),
                        unit="s"), 12, 8)
+    lay.add(timeseries("Communication vs compute by rank",
+                       "Per rank: compute time next to the time waited in each kind of communication "
+                       "(trainer/comm.py). A rank whose compute is normal but whose pipeline receives are slow "
+                       "waits for a link or a peer, not for itself.",
+                       [target(f"max by (rank) (tenax_rank_compute_seconds{{{job}}})", "rank {{rank}} compute", "A"),
+                        target(f"max by (rank, kind) (tenax_rank_comm_seconds{{{job}}})",
+                               "rank {{rank}} {{kind}}", "B")], unit="s"), 24, 8)
     lay.add(timeseries("Step time by rank", "", targets(
         (f"max by (rank) (tenax_rank_step_seconds{{{job}}})", "rank {{rank}}")), unit="s"), 12, 8)
     lay.add(timeseries("Last step by rank", "A rank that stops advancing is hung (or blocked behind one).",

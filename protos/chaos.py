@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass
 
 RANK_ACTIONS = ("kill", "hang", "slow")
 NODE_ACTIONS = ("kill-node",)
+FLIGHT_DUMP = "flight-dump"
+INTERNAL_ACTIONS = (FLIGHT_DUMP,)
+"""Written by the controller only (controller/flight.py asks for dumps with it); not offered to operators."""
 ACTIONS = RANK_ACTIONS + NODE_ACTIONS
 MAX_SLOW_FACTOR = 100.0
 """Largest slowdown accepted (dimensionless): beyond it a rank is hung, not slow."""
@@ -54,6 +57,8 @@ class ChaosRecord:
                             "factor": float(record.factor), "time": float(record.time)})
         except (TypeError, ValueError) as exc:
             raise ValueError(f"chaos request is malformed: {exc}") from exc
+        if record.action in INTERNAL_ACTIONS:
+            return record
         problem = validate_action(record.action, job=record.job, rank=record.rank, factor=record.factor,
                                   node=record.node)
         if problem:

@@ -140,6 +140,13 @@ class Keys:
     def job_telemetry_node(self, job: str, node: str) -> str:
         return f"{self.prefix}/jobs/{job}/telemetry/{node}"
 
+    def job_flights(self, job: str) -> str:
+        """Flight Recorder dumps taken on hang decisions (protos/flight.py)."""
+        return f"{self.prefix}/jobs/{job}/flight/"
+
+    def job_flight(self, job: str, generation: int, node: str) -> str:
+        return f"{self.prefix}/jobs/{job}/flight/{generation:012d}/{node}"
+
     # chaos and kill requests (controller/chaos.py -> agent/chaos.py) -------
     def chaos(self, node: str) -> str:
         return f"{self.prefix}/chaos/{node}/"

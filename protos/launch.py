@@ -70,6 +70,11 @@ Default 300."""
 HEARTBEAT_S = "TENAX_HEARTBEAT_S"
 """Seconds between heartbeat lines while a step runs. Default 1."""
 
+FLIGHT_RECORDER_ENTRIES = "TENAX_FLIGHT_RECORDER_ENTRIES"
+"""PyTorch Flight Recorder ring size (entries per process, an integer >= 0; 0 = off). Default
+protos.flight.DEFAULT_BUFFER_ENTRIES. The worker passes it on as ``TORCH_FR_BUFFER_SIZE``
+before its first process group (trainer/flight.py)."""
+
 # ------------------------------------------------------------ switches (benchmarks, tests)
 ELASTIC = "TENAX_ELASTIC"
 """``0``: the plain single-generation trainer (a failure ends the worker). Default ``1``."""
@@ -105,5 +110,5 @@ FAULT = "TENAX_FAULT"
 ALL = (JOB_ID, RANK, LAUNCH_FILE, METRICS_FILE, RUN_DIR, ETCD, ETCD_PREFIX, NODE_ID, GROWTH_ID,
        ETCD_CA, ETCD_CERT, ETCD_KEY, STORE_TIMEOUT_S, COLLECTIVE_TIMEOUT_S, PLAN_WAIT_S, PREPARE_WAIT_S,
        HEARTBEAT_S, ELASTIC, SNAPSHOTS, TELEMETRY, COMPILE, BACKEND, P2P_STAGING, SNAPSHOT_BUFFERS,
-       FAULT)
+       FAULT, FLIGHT_RECORDER_ENTRIES)
 """Every name of the contract."""

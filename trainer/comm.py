@@ -10,6 +10,7 @@ timeout. Call sites issue every operation with ``async_op=True`` (or
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Sequence
 
 Waiter = Callable[[Any, str], None]
@@ -24,9 +25,34 @@ def set_waiter(waiter: Waiter | None) -> None:
     _waiter = waiter
 
 
-def wait(work: Any | Sequence[Any], what: str) -> None:
-    if _waiter is not None:
-        _waiter(work, what)
-        return
-    for w in work if isinstance(work, (list, tuple)) else [work]:
-        w.wait()
+def wait(work: Any | Sequence[Any], what: str, *, peer: int | None = None) -> None:
+    """Wait for ``work``; the wall time is added to this step's communication times under
+    ``what`` (and ``peer``, the global rank of a point-to-point operation's other end)."""
+    start = time.perf_counter()
+    try:
+        if _waiter is not None:
+            _waiter(work, what)
+            return
+        for w in work if isinstance(work, (list, tuple)) else [work]:
+            w.wait()
+    finally:
+        elapsed = time.perf_counter() - start
+        _kind_s[what] = _kind_s.get(what, 0.0) + elapsed
+        if peer is not None:
+            key = f"{what}|{peer}"
+            _peer_s[key] = _peer_s.get(key, 0.0) + elapsed
+
+
+# Wall seconds waited per kind (the ``what`` of ``wait``) and per ``kind|peer`` since the last
+# ``drain``: the per-step communication times of the step line (issue #20). Wall time, not
+# device time: on gloo the wait is the time the collective took to complete for this rank.
+_kind_s: dict[str, float] = {}
+_peer_s: dict[str, float] = {}
+
+
+def drain() -> dict[str, dict[str, float]]:
+    """``{"kind": {what: s}, "peer": {"what|peer": s}}`` since the last call; resets them."""
+    out = {"kind": dict(_kind_s), "peer": dict(_peer_s)}
+    _kind_s.clear()
+    _peer_s.clear()
+    return out

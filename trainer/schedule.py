@@ -74,10 +74,10 @@ class PipelineStageRunner:
         start = time.perf_counter()
         if not self.stage_through_host:
             buf = torch.empty(shape, device=self.device, dtype=torch.float32)
-            comm.wait(dist.irecv(buf, src=src), "pipeline receive")
+            comm.wait(dist.irecv(buf, src=src), "pipeline receive", peer=src)
         else:
             host = self._host_buffer(shape)
-            comm.wait(dist.irecv(host, src=src), "pipeline receive")
+            comm.wait(dist.irecv(host, src=src), "pipeline receive", peer=src)
             buf = host if self.device.type == "cpu" else host.to(self.device, non_blocking=self._pin)
         times.pipeline_wait += time.perf_counter() - start
         return buf

@@ -350,6 +350,7 @@ class Trainer:
         if self.runner.stage_through_host:
             record["p2p_staging"] = True
         record.update(self.telemetry.fields(forward_s=times.forward, backward_s=times.backward))
+        record["comm"] = comm.drain()  # per-kind and per-peer wait seconds of this step (issue #20)
         record.update(evaluation)
         if self.device.type == "cpu" and "compute_time" in record:
             # CPU: the time the OS ran the compute, plus the chaos slowdown; a host busy with

@@ -112,6 +112,12 @@ def connect_store(address: str, prefix: str, timeout_s: float):
 def run() -> int:
     settings = load_settings()
     spec, plan, rank, layout = load_launch(settings)
+    # Flight Recorder on before the first process group, dumps on the agent's request (trainer/flight.py)
+    from trainer import flight
+    try:
+        flight.start(settings.run_dir, rank)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from exc
     if not settings.elastic:
         return run_plain(spec, plan, rank, layout, settings)
     return run_elastic(spec, plan, rank, settings)

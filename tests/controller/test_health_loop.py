@@ -305,7 +305,13 @@ def test_loop_kills_a_stopped_rank_through_its_agent_once():
     before = metrics.HANGS_DETECTED.labels(JOB)._value.get()
     asyncio.run(loop.tick(10.0))  # first pass: the generation is first seen now (progress floor)
     asyncio.run(loop.tick(100.0))
-    requests = {k: json.loads(v) for k, v in c.etcd.puts.items() if k.startswith(KEYS.prefix + "/chaos/")}
+    chaos_puts = {k: json.loads(v) for k, v in c.etcd.puts.items() if k.startswith(KEYS.prefix + "/chaos/")}
+    # before the kill: a Flight Recorder dump request to every node of the plan (controller/flight.py)
+    dumps = [r for r in chaos_puts.values() if r["action"] == "flight-dump"]
+    assert sorted(r["node"] for r in dumps) == sorted({w.node for w in plan.workers})
+    [hang_event] = [json.loads(v) for k, v in c.etcd.puts.items() if k.startswith(KEYS.job_events(JOB))]
+    assert hang_event["kind"] == "hang" and hang_event["data"]["ranks"] == [1]
+    requests = {k: r for k, r in chaos_puts.items() if r["action"] != "flight-dump"}
     assert len(requests) == 1
     [(key, record)] = requests.items()
     assert key.startswith(KEYS.chaos(plan.worker(1).node))
@@ -313,7 +319,8 @@ def test_loop_kills_a_stopped_rank_through_its_agent_once():
     assert record["reason"] == "hang: rank 1 made no progress for 20.0 s, stopped by SIGSTOP"
     assert metrics.HANGS_DETECTED.labels(JOB)._value.get() == before + 1
     asyncio.run(loop.tick(101.0))
-    assert len([k for k in c.etcd.puts if k.startswith(KEYS.prefix + "/chaos/")]) == 1, "killed twice"
+    assert len([k for k, v in c.etcd.puts.items() if k.startswith(KEYS.prefix + "/chaos/")
+                and json.loads(v)["action"] == "kill"]) == 1, "killed twice"
 
 
 def test_loop_drains_a_degraded_node_that_runs_workers_once():
