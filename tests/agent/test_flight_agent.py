@@ -8,6 +8,7 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed  # noqa: F401 - a worker has torch loaded; the first import alone takes seconds
 
 from agent import flight as agent_flight
 from protos import flight
