@@ -93,6 +93,24 @@ def test_hang_decision_startup_ranks_get_the_startup_timeout_not_k_times_median(
     assert decision.hung_ranks == (), reason
 
 
+def test_hang_decision_a_stopped_rank_of_a_new_generation_is_judged_with_the_floor_not_the_startup_timeout():
+    # soak (issue #16): a survivor SIGSTOPped just before a re-plan never joins the new
+    # generation's rendezvous; with the startup timeout the others waited 300 s for it
+    plan = plan_for(spec())
+    settings = HangSettings(k=5, floor_s=4, startup_timeout_s=300)
+    ranks = {r: entry(progress_at=0.0, heartbeat_at=9.5, phase="collective") for r in (0, 1, 2)}
+    ranks[3] = entry(progress_at=0.0, heartbeat_at=0.0, stopped=True)
+    early, reason = hang_decision(plan, ranks, 3.0, generation_seen_at=0.0, settings=settings)
+    assert early.hung_ranks == (), reason  # within the floor: a SIGSTOP/SIGCONT blip is no hang
+    decision, reason = hang_decision(plan, ranks, 4.5, generation_seen_at=0.0, settings=settings)
+    assert decision.hung_ranks == (3,), reason
+    assert "stopped" in reason
+    running = dict(ranks)
+    running[3] = entry(progress_at=0.0, heartbeat_at=4.4)  # the same rank, not stopped: still starting up
+    healthy, reason = hang_decision(plan, running, 4.5, generation_seen_at=0.0, settings=settings)
+    assert healthy.hung_ranks == (), reason
+
+
 def test_hang_decision_picks_the_stopped_rank_among_stalled_ones():
     plan = plan_for(spec())
     settings = HangSettings(k=5, floor_s=4, startup_timeout_s=60)
