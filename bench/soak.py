@@ -591,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     def stop(signum, _frame):  # a SIGTERM (e.g. `timeout`) still stops everything started
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not break the cleanup
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)

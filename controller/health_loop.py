@@ -71,6 +71,12 @@ log = logging.getLogger("tenax.controller.health")
 
 BAD_CONDITIONS = ("DEGRADED", "FAILED")
 
+HANG_CHECKED_PHASES = ("RUNNING", "RECOVERING")
+"""Job phases in which hung ranks are looked for. RECOVERING too: a rank that hangs (or was
+SIGSTOPped) while the others re-plan never joins the new generation's rendezvous, and the
+recovery would wait for it forever; its starting ranks get the startup timeout (stopped
+ones the floor, ``hang_decision``)."""
+
 STRAGGLER_EVENT_PART = 5
 """The straggler event of plan generation g sits at ``Keys.job_event(job, g * 10 + 5)``: job
 events sort by generation, and controller/recovery.py writes parts 0 (plan) and 1 (recovery)."""
@@ -400,7 +406,7 @@ class HealthLoop:
         memory = self._memory(job, now)
         raw = list(self.c.cache.prefixed(self.c.keys.job_telemetry(job.id)).values())
         ranks = telemetry_ranks(raw)
-        if job.status.phase == "RUNNING":
+        if job.status.phase in HANG_CHECKED_PHASES:
             await self._check_hang(job, ranks, memory, now)
         await self._check_stragglers(job, ranks, nodes, memory, now)
 

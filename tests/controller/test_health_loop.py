@@ -334,6 +334,29 @@ def test_loop_kills_a_stopped_rank_through_its_agent_once():
     assert len([k for k in c.etcd.puts if k.startswith(KEYS.prefix + "/chaos/")]) == 1, "killed twice"
 
 
+def test_loop_kills_a_stopped_rank_while_the_job_recovers():
+    # soak (issue #16): rank 1 was SIGSTOPped, then another worker died; plan 2 keeps rank 1,
+    # whose rendezvous never forms while the job stays RECOVERING
+    s = spec()
+    c, plan = controller_with_job(s)
+    g2 = plan.__class__.from_dict({**plan.to_dict(), "generation": 2})
+    c.put(KEYS.job_plan(JOB), g2.to_json())
+    c.put(KEYS.job_status(JOB), JobStatusRecord(phase="RECOVERING", generation=2).to_json())
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings(hang=HangSettings(floor_s=4, startup_timeout_s=300)))
+    ranks = {r: entry(generation=2, step=10, progress_at=0.0, heartbeat_at=0.0, steps=steps_of(1, 10, 0.1))
+             for r in range(4)}
+    ranks[1] = {**ranks[1], "stopped": True}
+    publish(c, g2, ranks)
+    asyncio.run(loop.tick(10.0))  # the generation is first seen now
+    asyncio.run(loop.tick(13.0))
+    chaos_puts = lambda: [json.loads(v) for k, v in c.etcd.puts.items() if k.startswith(KEYS.prefix + "/chaos/")]
+    assert chaos_puts() == [], "killed within the floor"
+    asyncio.run(loop.tick(14.5))
+    [record] = chaos_puts()
+    assert (record["action"], record["rank"], record["generation"]) == ("kill", 1, 2)
+    assert "stopped by a signal" in record["reason"]
+
+
 def test_loop_drains_a_degraded_node_that_runs_workers_once():
     s = spec()
     c, plan = controller_with_job(s, conditions={"n1": "DEGRADED"})
