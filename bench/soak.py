@@ -528,8 +528,10 @@ def build_report(soak: Soak, job_id: str, job: pb.Job | None, phase: str, steps:
         stalls.setdefault(fault["kind"], []).append(fault["stall_s"])
     recoveries = list(job.status.recoveries) if job is not None else []
     by_cause: dict[str, int] = {}
+    totals: dict[str, list[float]] = {}
     for r in recoveries:
         by_cause[r.cause] = by_cause.get(r.cause, 0) + 1
+        totals.setdefault(r.cause, []).append(r.total_s)
     final_workers = len(job.status.workers) if job is not None else 0
     if job is not None and job.status.layout.dp:
         final_workers = job.status.layout.dp * job.status.layout.pp
@@ -541,8 +543,8 @@ def build_report(soak: Soak, job_id: str, job: pb.Job | None, phase: str, steps:
         "faults_injected": len(injected),
         "faults_by_kind": {k: len(v) for k, v in sorted(stalls.items())},
         "recoveries": len(recoveries), "recoveries_by_cause": by_cause,
-        "recovery_total_s": {"p50": _r(percentile([r.total_s for r in recoveries], 0.5)),
-                             "max": _r(max((r.total_s for r in recoveries), default=float("nan")))},
+        "recovery_total_s_by_cause": {c: {"p50": _r(percentile(v, 0.5)), "max": _r(max(v)), "n": len(v)}
+                                      for c, v in sorted(totals.items())},
         "stall_s_by_kind": {k: {"p50": _r(percentile(v, 0.5)), "max": _r(max(v)), "n": len(v)}
                             for k, v in sorted(stalls.items())},
         "steps_lost": sum(r.steps_lost for r in recoveries),
@@ -564,6 +566,8 @@ def print_table(report: dict[str, Any], out=sys.stderr) -> None:
     print(f"  {'fault kind':<16} {'n':>3} {'stall p50 s':>12} {'stall max s':>12}", file=out)
     for kind, row in report["stall_s_by_kind"].items():
         print(f"  {kind:<16} {row['n']:>3} {row['p50']:>12} {row['max']:>12}", file=out)
+    for cause, row in report["recovery_total_s_by_cause"].items():
+        print(f"  recovery {cause:<40.40} n={row['n']:<3} total p50 {row['p50']} s, max {row['max']} s", file=out)
     losses = report.get("losses", {})
     print(f"  losses equal to the uninterrupted run (rtol {RTOL}): {losses.get('equal')} "
           f"(missing {losses.get('n_missing')}, mismatched {losses.get('n_mismatched')})", file=out)

@@ -349,7 +349,9 @@ class ElasticWorker:
                               started=started)
 
     def _resume(self, trainer, restored: Restored, resume: Resume, rebuild_s: float) -> None:
-        trainer.import_state({"tensors": restored.tensors, "step": restored.step, "committed_step": restored.step})
+        if restored.tensors is not None:  # None: no copy at all, the fresh trainer's initial state (step 0)
+            trainer.import_state({"tensors": restored.tensors, "step": restored.step,
+                                  "committed_step": restored.step})
         self._last_step = restored.step
         record = recovery_record(trainer, restored, resume, rebuild_s)
         self.recoveries.append(record)
