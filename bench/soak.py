@@ -17,8 +17,8 @@ every ``--interval`` seconds, injects one fault drawn (seeded) from:
 Victims are found from the process tree (not the control plane, which may be
 down). Then it waits for the job to end and prints a report (JSON on the last
 line of stdout, a table on stderr): faults injected per kind, recoveries, the
-stall per fault kind (p50/max: the time training made no progress after the
-fault, minus one median step), steps lost, the final size, whether the job
+MTTR per fault kind (p50/max: from the fault until the job went past the newest
+step it had made before it, less one median step; 0: training never stopped), steps lost, the final size, whether the job
 succeeded, and whether every step's loss equals an uninterrupted single-process
 run of the same spec (rtol 1e-4). Everything it started is killed at the end
 (process groups). Every wait is bounded; the bounds come from measured step times.
@@ -65,6 +65,10 @@ DONE = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 FAST_DETECTION_ARGS = ("--hang-floor-s=4", "--hang-k=5", "--health-interval-s=0.3")
 """Controller flags for hang detection within a soak's time (the 10 s default floor is for real clusters)."""
+SOAK_QUARANTINE_ARGS = ("--quarantine-base-s=3", "--quarantine-max-s=12", "--quarantine-window-s=60",
+                        "--slot-cordon-failures=1000", "--node-cordon-failures=1000")
+"""The soak's faults are injected, not the slots' fault: short cool-downs (so the job can grow
+back to its full size between faults) and no cordons (six slots take dozens of faults)."""
 
 
 @dataclass(kw_only=True)
@@ -132,25 +136,25 @@ def fault_schedule(seed: int, count: int, kinds: tuple[str, ...]) -> list[tuple[
     return out
 
 
-def step_completions(records: list[dict]) -> list[float]:
-    """Sorted unix times at which some step finished (any rank, any generation)."""
-    return sorted(r["time"] for r in records)
+def progress_times(records: list[dict]) -> list[tuple[float, int]]:
+    """(unix time, step) at which the job first went past every step before it: the times it
+    made new progress (a step re-run after a recovery is not new)."""
+    out: list[tuple[float, int]] = []
+    best = 0
+    for r in sorted(records, key=lambda r: r["time"]):
+        if int(r["step"]) > best:
+            best = int(r["step"])
+            out.append((float(r["time"]), best))
+    return out
 
 
-def stall_after(fault_time: float, completions: list[float], until: float, step_s: float) -> float:
-    """How long training made no progress after a fault at ``fault_time``: the longest gap between
-    step completions in [fault_time, until] (the first gap starts at the fault), less one step."""
-    last, worst = fault_time, 0.0
-    for t in completions:
-        if t <= fault_time:
-            continue
-        if t > until:
-            break
-        worst = max(worst, t - last)
-        last = t
-    if last < until:  # no completion until the window's end: stalled for all of it
-        worst = max(worst, until - last)
-    return max(0.0, worst - step_s)
+def time_to_progress(fault_time: float, progress: list[tuple[float, int]], end: float, step_s: float) -> float:
+    """MTTR of one fault: from the fault until the job went past the newest step it had made
+    before it, less one step time (the step in flight); 0 if training never stopped. With no
+    progress after the fault: until ``end``."""
+    before = max((step for t, step in progress if t <= fault_time), default=0)
+    after = next((t for t, step in progress if t > fault_time and step > before), end)
+    return max(0.0, after - fault_time - step_s)
 
 
 def loss_check(observed: dict[int, list[float]], reference: dict[int, float], steps: int,
@@ -207,7 +211,8 @@ class Soak:
         cluster = LocalClusterSettings(
             state_dir=self.state_dir, agents=s.agents, slots=s.slots, controllers=s.controllers,
             lease_ttl_s=s.lease_ttl_s, ready_timeout_s=120,
-            agent_args=["--kill-grace=2"], controller_args=list(FAST_DETECTION_ARGS)).validate()
+            agent_args=["--kill-grace=2"],
+            controller_args=[*FAST_DETECTION_ARGS, *SOAK_QUARANTINE_ARGS]).validate()
         with open(os.devnull, "w") as quiet:
             self.state = start_cluster(cluster, out=quiet)
         for name, entry in self.state["pids"].items():
@@ -483,15 +488,15 @@ def run(settings: SoakSettings, out=sys.stderr) -> dict[str, Any]:
         report = build_report(soak, job_id, job, phase, steps, step_s, injected, settings)
         report["duration_s"] = round(time.monotonic() - t_start, 1)
         report["state_dir"] = str(state_dir)
-        ref_dir = state_dir / "reference"
-        reference = reference_losses(soak_spec(steps), ref_dir, timeout_s=max(120, steps * step_s * 4))
-        observed: dict[int, list[float]] = {}
-        for r in step_records(metric_lines(state_dir, job_id)):
-            observed.setdefault(int(r["step"]), []).append(float(r["loss"]))
-        report["losses"] = loss_check(observed, reference, steps)
-        return report
     finally:
         soak.stop()
+    # after the cluster is gone (its cores go to the reference run); the metrics files stay
+    reference = reference_losses(soak_spec(steps), state_dir / "reference", timeout_s=max(120, steps * step_s * 4))
+    observed: dict[int, list[float]] = {}
+    for r in step_records(metric_lines(state_dir, job_id)):
+        observed.setdefault(int(r["step"]), []).append(float(r["loss"]))
+    report["losses"] = loss_check(observed, reference, steps)
+    return report
 
 
 def _retry_inject(soak: Soak, kind: str, restart_after: float, rng: random.Random, tries: int):
@@ -519,13 +524,12 @@ def _wait_phase(soak: Soak, job_id: str, phases: tuple[str, ...], timeout_s: flo
 
 def build_report(soak: Soak, job_id: str, job: pb.Job | None, phase: str, steps: int, step_s: float,
                  injected: list[dict[str, Any]], settings: SoakSettings) -> dict[str, Any]:
-    completions = step_completions(step_records(metric_lines(soak.state_dir, job_id)))
-    end = completions[-1] if completions else time.time()
+    progress = progress_times(step_records(metric_lines(soak.state_dir, job_id)))
+    end = progress[-1][0] if progress else time.time()
     stalls: dict[str, list[float]] = {}
-    for i, fault in enumerate(injected):
-        until = injected[i + 1]["time"] if i + 1 < len(injected) else end
-        fault["stall_s"] = round(stall_after(fault["time"], completions, until, step_s), 3)
-        stalls.setdefault(fault["kind"], []).append(fault["stall_s"])
+    for fault in injected:
+        fault["mttr_s"] = round(time_to_progress(fault["time"], progress, end, step_s), 3)
+        stalls.setdefault(fault["kind"], []).append(fault["mttr_s"])
     recoveries = list(job.status.recoveries) if job is not None else []
     by_cause: dict[str, int] = {}
     totals: dict[str, list[float]] = {}
@@ -545,7 +549,7 @@ def build_report(soak: Soak, job_id: str, job: pb.Job | None, phase: str, steps:
         "recoveries": len(recoveries), "recoveries_by_cause": by_cause,
         "recovery_total_s_by_cause": {c: {"p50": _r(percentile(v, 0.5)), "max": _r(max(v)), "n": len(v)}
                                       for c, v in sorted(totals.items())},
-        "stall_s_by_kind": {k: {"p50": _r(percentile(v, 0.5)), "max": _r(max(v)), "n": len(v)}
+        "mttr_s_by_kind": {k: {"p50": _r(percentile(v, 0.5)), "max": _r(max(v)), "n": len(v)}
                             for k, v in sorted(stalls.items())},
         "steps_lost": sum(r.steps_lost for r in recoveries),
         "final_size": final_workers, "full_size": 4,
@@ -563,8 +567,8 @@ def print_table(report: dict[str, Any], out=sys.stderr) -> None:
     print(f"  faults injected {report['faults_injected']}, recoveries {report['recoveries']} "
           f"{report['recoveries_by_cause']}, steps lost {report['steps_lost']}, final size "
           f"{report['final_size']}/{report['full_size']}, {report.get('duration_s', '?')} s", file=out)
-    print(f"  {'fault kind':<16} {'n':>3} {'stall p50 s':>12} {'stall max s':>12}", file=out)
-    for kind, row in report["stall_s_by_kind"].items():
+    print(f"  {'fault kind':<16} {'n':>3} {'MTTR p50 s':>12} {'MTTR max s':>12}", file=out)
+    for kind, row in report["mttr_s_by_kind"].items():
         print(f"  {kind:<16} {row['n']:>3} {row['p50']:>12} {row['max']:>12}", file=out)
     for cause, row in report["recovery_total_s_by_cause"].items():
         print(f"  recovery {cause:<40.40} n={row['n']:<3} total p50 {row['p50']} s, max {row['max']} s", file=out)

@@ -33,12 +33,15 @@ def test_fault_schedule_is_a_function_of_the_seed_and_draws_every_kind():
         assert low <= delay <= high, (kind, delay)
 
 
-def test_stall_after_is_the_longest_gap_after_the_fault_less_one_step():
-    completions = [1.0, 2.0, 3.0, 9.0, 10.0, 11.0]
-    assert soak.stall_after(3.5, completions, until=11.0, step_s=1.0) == pytest.approx(4.5)  # 3.5 -> 9.0
-    assert soak.stall_after(0.5, [1.0, 2.0, 3.0], until=3.0, step_s=1.0) == 0.0  # training never stopped
-    # nothing completed after the fault: stalled until the window's end
-    assert soak.stall_after(3.5, [1.0, 2.0, 3.0], until=8.0, step_s=1.0) == pytest.approx(3.5)
+def test_mttr_is_the_time_until_the_job_goes_past_where_it_was():
+    records = [{"step": 1, "time": 1.0}, {"step": 2, "time": 2.0}, {"step": 3, "time": 3.0},
+               {"step": 3, "time": 9.0},  # step 3 re-run after a recovery: no new progress
+               {"step": 4, "time": 10.0}, {"step": 5, "time": 11.0}]
+    progress = soak.progress_times(records)
+    assert progress == [(1.0, 1), (2.0, 2), (3.0, 3), (10.0, 4), (11.0, 5)]
+    assert soak.time_to_progress(3.5, progress, end=11.0, step_s=1.0) == pytest.approx(5.5)  # 3.5 -> 10.0
+    assert soak.time_to_progress(1.5, progress, end=11.0, step_s=1.0) == 0.0  # training went on
+    assert soak.time_to_progress(11.5, progress, end=20.0, step_s=1.0) == pytest.approx(7.5)  # none after
 
 
 def test_loss_check_needs_every_step_and_every_record_equal():
