@@ -442,7 +442,7 @@ def run(settings: SoakSettings, out=sys.stderr) -> dict[str, Any]:
         if not settings.steps:
             # the faults take faults x interval; recoveries and restarts stand still for some of it
             busy_s = settings.faults * settings.interval_s * 1.5 + 20
-            steps = max(200, int(busy_s / step_s))
+            steps = max(100, int(busy_s / step_s))
             soak.call("CancelJob", pb.CancelJobRequest(job_id=job_id))
             _wait_phase(soak, job_id, DONE, 60)
             job_id = soak.submit(soak_spec(steps))
