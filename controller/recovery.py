@@ -129,6 +129,8 @@ class Recovery:
         settings = settings or RecoverySettings()
         self.prepare_timeout_s = settings.growth_prepare_s
         self.capacity_wait_s = settings.capacity_wait_s
+        self._short_since: dict[tuple[str, int], float] = {}
+        """(job, plan generation) -> when a failure of it first found too few workers (seconds)."""
         """Longest a growth waits for its new workers to be ready before it is abandoned (seconds)."""
         self.quarantine = settings.quarantine
         """When a slot where a worker failed may be used again; when a slot or node is cordoned."""
@@ -228,7 +230,11 @@ class Recovery:
                 # its new workers hold slots this recovery needs; the failure supersedes the growth
                 await self._abandon_growth(job, job.growth, f"superseded by {failure.description}", now)
                 return True, f"growth abandoned for the recovery from {failure.description}"
-            wait, why = wait_for_capacity(failed_at=failure.failed_at, now=now, wait_s=self.capacity_wait_s)
+            # the first pass that found no layout: a failure's own time can be "now" on every pass
+            for key in [k for k in self._short_since if k[0] == job.id and k[1] != job.plan.generation]:
+                del self._short_since[key]
+            since = self._short_since.setdefault((job.id, job.plan.generation), min(failure.failed_at, now))
+            wait, why = wait_for_capacity(failed_at=since, now=now, wait_s=self.capacity_wait_s)
             if wait:
                 message = f"waiting for workers to recover from {failure.description} ({reason}); {why}"
                 if job.status.message != message:
