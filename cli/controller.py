@@ -37,7 +37,7 @@ _HEALTH_FLAGS = {"interval_s": "--health-interval-s"}
 _HANG_FLAGS = {"k": "--hang-k", "floor_s": "--hang-floor-s", "startup_timeout_s": "--hang-startup-s"}
 _STRAGGLER_FLAGS = {"window_steps": "--straggler-window", "min_window_s": "--straggler-window-s",
                     "z_threshold": "--straggler-z"}
-_RECOVERY_FLAGS = {"growth_prepare_s": "--growth-prepare-s"}
+_RECOVERY_FLAGS = {"growth_prepare_s": "--growth-prepare-s", "capacity_wait_s": "--capacity-wait-s"}
 _QUARANTINE_FLAGS = {"quarantine.base_cooldown_s": "--quarantine-base-s",
                      "quarantine.max_cooldown_s": "--quarantine-max-s",
                      "quarantine.healthy_reset_s": "--quarantine-reset-s",
@@ -71,6 +71,9 @@ def add_controller_args(parser: argparse.ArgumentParser) -> None:
     recovery.add_argument("--growth-prepare-s", type=float, default=RecoverySettings().growth_prepare_s,
                           help="longest a two-phase growth waits for its new workers to be ready before it is "
                                "abandoned, seconds (default %(default)s)")
+    recovery.add_argument("--capacity-wait-s", type=float, default=RecoverySettings().capacity_wait_s,
+                          help="longest a job whose failure leaves too few workers for any layout waits for "
+                               "workers to come back before it is FAILED, seconds (default %(default)s)")
     q = QuarantineSettings()
     recovery.add_argument("--quarantine-base-s", type=float, default=q.base_cooldown_s,
                           help="a slot where a worker failed stays out of the job this long after its first "
@@ -191,7 +194,8 @@ def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
         security=security_settings_from_args(args), etcd_tls=etcd_tls_from_args(args),
         health=health_settings_from_args(args),
         recovery=_flags_named(_RECOVERY_FLAGS, lambda: RecoverySettings(
-            growth_prepare_s=args.growth_prepare_s, quarantine=quarantine_settings_from_args(args))),
+            growth_prepare_s=args.growth_prepare_s, capacity_wait_s=args.capacity_wait_s,
+            quarantine=quarantine_settings_from_args(args))),
         retention=_flags_named(_RETENTION_FLAGS, lambda: RetentionSettings(
             finished_job_retention_s=args.finished_job_retention_s,
             unplaceable_fail_after_s=args.unplaceable_fail_after_s).validate()))

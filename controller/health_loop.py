@@ -35,6 +35,7 @@ timeouts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -71,6 +72,12 @@ from protos.records import JobEventRecord
 log = logging.getLogger("tenax.controller.health")
 
 BAD_CONDITIONS = ("DEGRADED", "FAILED")
+
+HANG_CHECKED_PHASES = ("RUNNING", "RECOVERING")
+"""Job phases in which hung ranks are looked for. RECOVERING too: a rank that hangs (or was
+SIGSTOPped) while the others re-plan never joins the new generation's rendezvous, and the
+recovery would wait for it forever; its starting ranks get the startup timeout (stopped
+ones the floor, ``hang_decision``)."""
 
 STRAGGLER_EVENT_PART = 5
 """The straggler event of plan generation g sits at ``Keys.job_event(job, g * 10 + 5)``: job
@@ -208,20 +215,26 @@ def hang_decision(plan: Plan, ranks: Mapping[int, Mapping[str, Any]], now: float
     A rank that has not finished a step of this generation yet (process start,
     rendezvous, state transfer, warm-up) is judged with the startup timeout,
     never with k x the median of the ranks that already stepped: the first step
-    of a CPU worker alone can take longer than that.
+    of a CPU worker alone can take longer than that. A starting rank whose
+    process the kernel shows stopped (SIGSTOP) is not starting up: it is judged
+    with the floor, or the rendezvous of the generation waits for it for the
+    whole startup timeout (a survivor stopped while the others re-planned).
     """
     progress = rank_progress(plan, ranks, generation_seen_at=generation_seen_at)
     stepped = {r for r, e in ranks.items() if stepped_in_generation(e, plan.generation)}
     running = [p for p in progress if p.rank in stepped]
-    starting = [p for p in progress if p.rank not in stepped]
+    starting = [p for p in progress if p.rank not in stepped and not p.process_stopped]
+    stopped_starting = [p for p in progress if p.rank not in stepped and p.process_stopped]
+    floor_only = dataclasses.replace(settings, startup_timeout_s=settings.floor_s)
     hung: list[int] = []
     stalled: list[int] = []
     reasons = []
     timeout = 0.0
-    for group, times in ((running, recent_step_times(ranks, plan.generation)), (starting, [])):
+    for group, times, judged in ((running, recent_step_times(ranks, plan.generation), settings),
+                                 (starting, [], settings), (stopped_starting, [], floor_only)):
         if not group:
             continue
-        decision, reason = detect_hang(group, times, now, settings)
+        decision, reason = detect_hang(group, times, now, judged)
         hung += decision.hung_ranks
         stalled += decision.stalled_ranks
         timeout = max(timeout, decision.timeout_s)
@@ -395,7 +408,7 @@ class HealthLoop:
         memory = self._memory(job, now)
         raw = list(self.c.cache.prefixed(self.c.keys.job_telemetry(job.id)).values())
         ranks = telemetry_ranks(raw)
-        if job.status.phase == "RUNNING":
+        if job.status.phase in HANG_CHECKED_PHASES:
             await self._check_hang(job, ranks, memory, now)
         await self._check_stragglers(job, ranks, nodes, memory, now)
 

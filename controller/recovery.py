@@ -63,6 +63,7 @@ from typing import Any, Iterable, Sequence
 
 from controller import events, metrics
 from controller.recovery_decisions import (
+    CAPACITY_WAIT_S,
     GROWTH_PREPARE_TIMEOUT_S,
     Failure,
     fail_before_first_step,
@@ -72,6 +73,7 @@ from controller.recovery_decisions import (
     commit_plan,
     complete_recovery,
     end_growth,
+    wait_for_capacity,
     find_failure,
     free_slots_for,
     growth_decision,
@@ -106,9 +108,16 @@ class RecoverySettings:
     """Cool-downs of slots where a worker failed, and when a slot or node is cordoned
     (``tenax controller --quarantine-*``, ``--slot-cordon-failures``, ``--node-cordon-failures``)."""
 
+    capacity_wait_s: float = CAPACITY_WAIT_S
+    """Longest a job whose failure leaves too few workers for any layout waits, RECOVERING and
+    saying so, for workers to come back (a lost node's agent restarting, a growth's new workers
+    stopping, a slot's cool-down ending) before it is FAILED (seconds, >= 0)."""
+
     def __post_init__(self) -> None:
         if not (math.isfinite(self.growth_prepare_s) and self.growth_prepare_s > 0):
             raise ValueError(f"growth_prepare_s: must be > 0 seconds, got {self.growth_prepare_s}")
+        if not (math.isfinite(self.capacity_wait_s) and self.capacity_wait_s >= 0):
+            raise ValueError(f"capacity_wait_s: must be >= 0 seconds, got {self.capacity_wait_s}")
 
 
 class Recovery:
@@ -120,6 +129,9 @@ class Recovery:
         """One plan write at a time (the reconcile pass and requests from other tasks)."""
         settings = settings or RecoverySettings()
         self.prepare_timeout_s = settings.growth_prepare_s
+        self.capacity_wait_s = settings.capacity_wait_s
+        self._short_since: dict[tuple[str, int], float] = {}
+        """(job, plan generation) -> when a failure of it first found too few workers (seconds)."""
         """Longest a growth waits for its new workers to be ready before it is abandoned (seconds)."""
         self.quarantine = settings.quarantine
         """When a slot where a worker failed may be used again; when a slot or node is cordoned."""
@@ -222,6 +234,21 @@ class Recovery:
         # the why: node-lost events, and the root cause (a hang, an exception) over "worker-failed"
         lost = events.node_lost_events(failure, job.plan, step=job.progress.step, now=now)
         if plan is None:
+            if job.growth is not None and job.growth.state == "PREPARING":
+                # its new workers hold slots this recovery needs; the failure supersedes the growth
+                await self._abandon_growth(job, job.growth, f"superseded by {failure.description}", now)
+                return True, f"growth abandoned for the recovery from {failure.description}"
+            # the first pass that found no layout: a failure's own time can be "now" on every pass
+            for key in [k for k in self._short_since if k[0] == job.id and k[1] != job.plan.generation]:
+                del self._short_since[key]
+            since = self._short_since.setdefault((job.id, job.plan.generation), min(failure.failed_at, now))
+            wait, why = wait_for_capacity(failed_at=since, now=now, wait_s=self.capacity_wait_s)
+            if wait:
+                message = f"waiting for workers to recover from {failure.description} ({reason}); {why}"
+                if job.status.message != message:
+                    await self._set_status(job, phase="RECOVERING", message=message, now=now)
+                    log.warning("job %s: %s", job.id, message)
+                return False, message
             message = events.failed_message(failure, reason, job.plan, job.workers)
             if await self._set_status(job, phase="FAILED", message=message, now=now):
                 await events.write_events(self.c, job.id, lost)

@@ -47,6 +47,8 @@ GROWTH_RETRY_S = 30.0
 """After an abandoned growth, the next attempt on the same plan generation waits this long,
 doubled for every further attempt (capped at GROWTH_RETRY_MAX_S)."""
 GROWTH_RETRY_MAX_S = 300.0
+CAPACITY_WAIT_S = 60.0
+"""Default longest wait of a failed job for workers to come back before it is FAILED (seconds)."""
 
 CAUSE_LABELS = ("worker-failed", "node-lost", "hang", "grow", "drain", "rebalance", "migrate", "manual")
 """Bounded values of the ``cause`` metric label; anything else is counted as ``manual``."""
@@ -318,6 +320,16 @@ def commit_plan(growth: GrowthRecord, *, at_step: int, now: float) -> Plan:
                            "reason": f"{tentative.reason} at step {at_step}",
                            "extra": {**tentative.extra, "planned_at": now, "growth_id": growth.id,
                                      "prepare_s": max(now - growth.started, 0.0)}})
+
+
+def wait_for_capacity(*, failed_at: float, now: float, wait_s: float) -> tuple[bool, str]:
+    """Whether a failure that leaves too few workers for any layout should wait for workers to
+    come back (True) or fail the job (False), and why. Pure. A node lost for seconds (an agent
+    restarted) must not end a job that its in-memory copies or its disk checkpoints can resume."""
+    left = failed_at + wait_s - now
+    if left > 0:
+        return True, f"the job fails if none come back by {wait_s:.0f} s after the failure"
+    return False, f"no workers came back within {wait_s:.0f} s"
 
 
 def end_growth(growth: GrowthRecord, *, state: str, reason: str, now: float) -> GrowthRecord:

@@ -358,7 +358,7 @@ class ElasticWorker:
     def _resume(self, trainer, restored: Restored, resume: Resume, rebuild_s: float) -> None:
         if restored.in_place:
             trainer.resume_at(restored.step)
-        else:
+        elif restored.tensors is not None:  # None: no copy at all, the fresh trainer's initial state (step 0)
             trainer.import_state({"tensors": restored.tensors, "step": restored.step,
                                   "committed_step": restored.step})
         self._last_step = restored.step

@@ -147,7 +147,7 @@ def transfer_state(*, model_spec, rank: int, layout, resume: Resume, wait, snapp
     if restored.tensors is None and not restored.in_place:  # on every rank alike (see above)
         restored.step, restored.tensors, restored.received = load_from_disk(disk, mine, wait,
                                                                             settings.transfer_timeout_s)
-        restored.local, restored.from_disk = 0, True
+        restored.local, restored.from_disk = 0, restored.tensors is not None
     restored.transfer_s = time.monotonic() - started
     return restored
 
@@ -160,15 +160,20 @@ def state_destinations(trainer) -> dict[str, tuple[int, torch.Tensor]]:
     return {key: (slices[key.split("/", 1)[1]][0], view) for key, view in opt.state_views().items()}
 
 
-def load_from_disk(disk: DiskCheckpoints | None, mine, wait, timeout_s: float) -> tuple[int, dict[str, torch.Tensor], int]:
+def load_from_disk(disk: DiskCheckpoints | None, mine, wait,
+                   timeout_s: float) -> tuple[int, dict[str, torch.Tensor] | None, int]:
     """(step, my needed tensors, bytes read) of the newest disk checkpoint every participant can
-    load its part from (collective); Unrecoverable if there is none."""
+    load its part from (collective). With none: (0, None, 0), the initial state, which every
+    rank builds itself (a pure function of the seed, DESIGN principle 4): the job starts over
+    instead of failing (every copy can be gone before the first checkpoint, e.g. three of four
+    ranks lost within seconds)."""
     if disk is not None and not disk.flush(timeout_s):
         log.warning("a disk checkpoint is still being written after %.0f s; reading what is on disk", timeout_s)
     steps = disk.steps_covering(mine) if disk is not None else []
     step = common_disk_step(gather_json(steps, wait=wait))
     if step is None:
-        raise Unrecoverable("no in-memory copy and no disk checkpoint covers the new layout")
+        log.warning("no in-memory copy and no disk checkpoint covers the new layout: starting over from step 0")
+        return 0, None, 0
     tensors, read = disk.load(step, mine) if mine else ({}, 0)
     return step, tensors, read
 

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common.etcd import Etcd
 from controller.server import LEADER_SERVICE, Controller, ControllerSettings
+from controller.recovery import RecoverySettings
 from protos import tenax_pb2 as pb
 from protos import tenax_pb2_grpc as pb_grpc
 from protos.keys import Keys
@@ -263,10 +264,11 @@ def test_job_lifecycle_pending_running_succeeded_with_watch_and_metrics(etcd_url
 
 
 def test_worker_failure_fails_a_job_that_cannot_shrink_and_cancel_cancels(etcd_url):
-    """min_workers = workers: no smaller plan exists, so the failure fails the job (elastic
-    recovery of a job that can shrink: tests/controller/test_recovery_controller.py)."""
+    """min_workers = workers: no smaller plan exists, so the failure fails the job once no worker
+    came back within capacity_wait_s (elastic recovery of a job that can shrink:
+    tests/controller/test_recovery_controller.py)."""
     async def main():
-        async with running(etcd_url) as api:
+        async with running(etcd_url, recovery=RecoverySettings(capacity_wait_s=1.0)) as api:
             lease = await add_node(api.etcd, "n1", 4, ttl_s=30)
             a = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=good_spec(**{"elastic.min_workers": 2})),
                                          timeout=5)
@@ -291,7 +293,7 @@ def test_worker_failure_fails_a_job_that_cannot_shrink_and_cancel_cancels(etcd_u
 
 def test_nodes_cordon_drain_uncordon_and_lost_node_not_ready(etcd_url):
     async def main():
-        async with running(etcd_url) as api:
+        async with running(etcd_url, recovery=RecoverySettings(capacity_wait_s=0.0)) as api:  # the job fails at once
             lease_a = await add_node(api.etcd, "a", 2, ttl_s=30)
             lease_b = await add_node(api.etcd, "b", 2, ttl_s=2)
             keeper_b = asyncio.create_task(keep(api.etcd, lease_b, 60))

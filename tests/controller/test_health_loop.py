@@ -93,6 +93,24 @@ def test_hang_decision_startup_ranks_get_the_startup_timeout_not_k_times_median(
     assert decision.hung_ranks == (), reason
 
 
+def test_hang_decision_a_stopped_rank_of_a_new_generation_is_judged_with_the_floor_not_the_startup_timeout():
+    # soak (issue #16): a survivor SIGSTOPped just before a re-plan never joins the new
+    # generation's rendezvous; with the startup timeout the others waited 300 s for it
+    plan = plan_for(spec())
+    settings = HangSettings(k=5, floor_s=4, startup_timeout_s=300)
+    ranks = {r: entry(progress_at=0.0, heartbeat_at=9.5, phase="collective") for r in (0, 1, 2)}
+    ranks[3] = entry(progress_at=0.0, heartbeat_at=0.0, stopped=True)
+    early, reason = hang_decision(plan, ranks, 3.0, generation_seen_at=0.0, settings=settings)
+    assert early.hung_ranks == (), reason  # within the floor: a SIGSTOP/SIGCONT blip is no hang
+    decision, reason = hang_decision(plan, ranks, 4.5, generation_seen_at=0.0, settings=settings)
+    assert decision.hung_ranks == (3,), reason
+    assert "stopped" in reason
+    running = dict(ranks)
+    running[3] = entry(progress_at=0.0, heartbeat_at=4.4)  # the same rank, not stopped: still starting up
+    healthy, reason = hang_decision(plan, running, 4.5, generation_seen_at=0.0, settings=settings)
+    assert healthy.hung_ranks == (), reason
+
+
 def test_hang_decision_picks_the_stopped_rank_among_stalled_ones():
     plan = plan_for(spec())
     settings = HangSettings(k=5, floor_s=4, startup_timeout_s=60)
@@ -321,6 +339,29 @@ def test_loop_kills_a_stopped_rank_through_its_agent_once():
     asyncio.run(loop.tick(101.0))
     assert len([k for k, v in c.etcd.puts.items() if k.startswith(KEYS.prefix + "/chaos/")
                 and json.loads(v)["action"] == "kill"]) == 1, "killed twice"
+
+
+def test_loop_kills_a_stopped_rank_while_the_job_recovers():
+    # soak (issue #16): rank 1 was SIGSTOPped, then another worker died; plan 2 keeps rank 1,
+    # whose rendezvous never forms while the job stays RECOVERING
+    s = spec()
+    c, plan = controller_with_job(s)
+    g2 = plan.__class__.from_dict({**plan.to_dict(), "generation": 2})
+    c.put(KEYS.job_plan(JOB), g2.to_json())
+    c.put(KEYS.job_status(JOB), JobStatusRecord(phase="RECOVERING", generation=2).to_json())
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings(hang=HangSettings(floor_s=4, startup_timeout_s=300)))
+    ranks = {r: entry(generation=2, step=10, progress_at=0.0, heartbeat_at=0.0, steps=steps_of(1, 10, 0.1))
+             for r in range(4)}
+    ranks[1] = {**ranks[1], "stopped": True}
+    publish(c, g2, ranks)
+    asyncio.run(loop.tick(10.0))  # the generation is first seen now
+    asyncio.run(loop.tick(13.0))
+    chaos_puts = lambda: [json.loads(v) for k, v in c.etcd.puts.items() if k.startswith(KEYS.prefix + "/chaos/")]
+    assert chaos_puts() == [], "killed within the floor"
+    asyncio.run(loop.tick(14.5))
+    [record] = chaos_puts()
+    assert (record["action"], record["rank"], record["generation"]) == ("kill", 1, 2)
+    assert "stopped by a signal" in record["reason"]
 
 
 def test_loop_drains_a_degraded_node_that_runs_workers_once():

@@ -268,3 +268,34 @@ async def _recoveries_complete(api, job_id: str, count: int) -> bool:
     status = await status_of(api, job_id)
     return len(status.recoveries) == count and all(r.get("complete") for r in status.recoveries) \
         and status.phase == "RUNNING"
+
+
+def test_a_failure_that_leaves_no_worker_waits_for_workers_instead_of_failing(etcd_url):
+    """Soak (issue #16): every node of the plan lost within seconds (agents restarted under the
+    same ids 4-10 s later) FAILED the job at once ("only 0 workers available"). It waits,
+    RECOVERING and saying so, and re-plans when workers come back."""
+    async def main():
+        async with running(etcd_url) as api:
+            leases = [await add_node(api.etcd, n, 2, ttl_s=30) for n in ("n1", "n2")]
+            spec = good_spec(**{"parallelism.pp": 2, "resources.workers": 4, "elastic.min_workers": 1})
+            job = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=5)
+            await wait_until(lambda: _in_phase(api, job.id, pb.RUNNING), 5)
+            g1 = await plan_of(api, job.id)
+            await report_running(api, g1, step=5)
+            for lease in leases:
+                await api.etcd.revoke_lease(lease)
+
+            async def waiting():
+                status = await status_of(api, job.id)
+                return status if status.phase == "RECOVERING" and "waiting for workers" in status.message else None
+
+            status = await wait_until(waiting, 10)
+            assert "only 0 workers available" in status.message, status.message
+            await asyncio.sleep(1.0)  # several reconcile passes: still waiting, not FAILED
+            assert (await status_of(api, job.id)).phase == "RECOVERING"
+            assert (await plan_of(api, job.id)).generation == 1
+            back = await add_node(api.etcd, "n3", 2, ttl_s=30)
+            g2 = await wait_until(lambda: generation_is(api, job.id, 2), 10)
+            assert {a.node for a in g2.workers} == {"n3"} and len(g2.workers) == 2
+            await api.etcd.revoke_lease(back)
+    run_async(main(), 60)

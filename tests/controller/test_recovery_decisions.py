@@ -422,3 +422,12 @@ def test_a_growth_is_timed_by_the_survivors_stall_not_by_the_joiners_wait_for_th
     done = complete_recovery(entry, [survivor, joiner], [3.0])
     assert (done["rebuild_s"], done["worker_total_s"], done["bytes_moved"]) == (0.05, 0.3, 64)
     assert complete_recovery(entry, [joiner], [3.0])["worker_total_s"] == 2.2  # only joiners: theirs
+
+
+def test_wait_for_capacity_waits_a_bounded_time_after_the_failure():
+    from controller.recovery_decisions import wait_for_capacity
+
+    assert wait_for_capacity(failed_at=100.0, now=130.0, wait_s=60.0)[0] is True
+    wait, why = wait_for_capacity(failed_at=100.0, now=160.5, wait_s=60.0)
+    assert wait is False and "60 s" in why
+    assert wait_for_capacity(failed_at=100.0, now=100.0, wait_s=0.0)[0] is False  # 0: fail at once

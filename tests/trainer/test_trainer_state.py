@@ -44,3 +44,21 @@ def test_exported_state_resumes_the_same_run(world_of_one):
     resumed = Trainer(spec, layout, 0, device=cpu)
     resumed.import_state(state)
     assert [r["loss"] for r in resumed.train(5)] == reference[3:]
+
+
+@pytest.mark.timeout(60)
+def test_no_copy_and_no_checkpoint_starts_over_from_the_initial_state(world_of_one, tmp_path):
+    # soak (issue #16): three of four ranks lost within seconds, before the first disk
+    # checkpoint; the job FAILED ("no in-memory copy and no disk checkpoint covers the new
+    # layout") although step 0 is a pure function of the seed
+    from trainer.checkpoints import DiskCheckpoints
+    from trainer.restore import load_from_disk
+
+    assert load_from_disk(None, {"params": [(0, 4)]}, None, 5.0) == (0, None, 0)
+    disk = DiskCheckpoints.__new__(DiskCheckpoints)  # an empty checkpoint dir: nothing covers
+    disk.flush = lambda timeout_s: True
+    disk.steps_covering = lambda mine: []
+    assert load_from_disk(disk, {"params": [(0, 4)]}, None, 5.0) == (0, None, 0)
+    disk.steps_covering = lambda mine: [100, 200]
+    disk.load = lambda step, mine: ({"params": "loaded"}, 16)
+    assert load_from_disk(disk, {"params": [(0, 4)]}, None, 5.0) == (200, {"params": "loaded"}, 16)

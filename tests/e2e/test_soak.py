@@ -1,0 +1,76 @@
+"""The soak (issue #16): one job through a seeded random mix of faults on a local cluster.
+
+The short version runs in CI: >= 15 faults of every kind (worker kill -9, worker
+SIGSTOP, agent kill -9 + restart under the same node id, controller kill -9 +
+restart on its address, etcd kill -9 + restart on its data); the job must
+SUCCEED at its full size, every step's loss must equal an uninterrupted run of
+the same spec (rtol 1e-4), and no more steps may be lost than faults were
+injected. ``bench/soak.py`` is the same run with more faults. The report math
+(pure) is tested on its own first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from bench import soak
+
+FAULTS = int(os.environ.get("TENAX_SOAK_FAULTS", "15"))
+"""Faults of the CI soak (more: ``TENAX_SOAK_FAULTS=100``)."""
+
+
+# ------------------------------------------------------------------ report math (pure)
+def test_fault_schedule_is_a_function_of_the_seed_and_draws_every_kind():
+    a = soak.fault_schedule(3, 40, soak.KINDS)
+    assert a == soak.fault_schedule(3, 40, soak.KINDS)
+    assert a != soak.fault_schedule(4, 40, soak.KINDS)
+    assert {kind for kind, _ in a} == set(soak.KINDS)
+    for kind, delay in a:
+        low, high = soak.RESTART_DELAY_S.get(kind, (0.0, 0.0))
+        assert low <= delay <= high, (kind, delay)
+
+
+def test_mttr_is_the_time_until_the_job_goes_past_where_it_was():
+    records = [{"step": 1, "time": 1.0}, {"step": 2, "time": 2.0}, {"step": 3, "time": 3.0},
+               {"step": 3, "time": 9.0},  # step 3 re-run after a recovery: no new progress
+               {"step": 4, "time": 10.0}, {"step": 5, "time": 11.0}]
+    progress = soak.progress_times(records)
+    assert progress == [(1.0, 1), (2.0, 2), (3.0, 3), (10.0, 4), (11.0, 5)]
+    assert soak.time_to_progress(3.5, progress, end=11.0, step_s=1.0) == pytest.approx(5.5)  # 3.5 -> 10.0
+    assert soak.time_to_progress(1.5, progress, end=11.0, step_s=1.0) == 0.0  # training went on
+    assert soak.time_to_progress(11.5, progress, end=20.0, step_s=1.0) == pytest.approx(7.5)  # none after
+
+
+def test_loss_check_needs_every_step_and_every_record_equal():
+    ref = {1: 4.0, 2: 3.0, 3: 2.0}
+    assert soak.loss_check({1: [4.0], 2: [3.0, 3.0000001], 3: [2.0]}, ref, 3)["equal"]
+    missing = soak.loss_check({1: [4.0], 3: [2.0]}, ref, 3)
+    assert not missing["equal"] and missing["missing_steps"] == [2]
+    bad = soak.loss_check({1: [4.0], 2: [3.0, 3.1], 3: [2.0]}, ref, 3)
+    assert not bad["equal"] and bad["mismatches"] == [{"step": 2, "loss": 3.1, "reference": 3.0}]
+
+
+def test_percentile_and_settings_validation():
+    assert soak.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert math.isnan(soak.percentile([], 0.5))
+    with pytest.raises(ValueError, match="--kinds"):
+        soak.SoakSettings(kinds=("meteor",)).validate()
+    with pytest.raises(ValueError, match="4 slots"):
+        soak.SoakSettings(agents=1, slots=2).validate()
+
+
+# ------------------------------------------------------------------ the soak
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_soak_random_faults_job_succeeds_with_the_same_losses(tmp_path):
+    settings = soak.SoakSettings(faults=FAULTS, seed=16, interval_s=4.0, state_dir=tmp_path / "cluster")
+    report = soak.run(settings)
+    soak.print_table(report)
+    assert report["faults_injected"] >= min(FAULTS, 15), report
+    assert report["succeeded"], (report["phase"], report["message"], report["state_dir"])
+    assert report["losses"]["equal"], report["losses"]
+    assert report["steps_lost"] <= report["faults_injected"], report
+    assert report["final_size"] == report["full_size"], report
