@@ -53,7 +53,7 @@ import yaml  # noqa: E402
 from cli import credentials  # noqa: E402
 from cli.local import LocalClusterSettings, _spawn, controller_channel, start_cluster, stop_processes  # noqa: E402
 from common.embedded_etcd import start_etcd  # noqa: E402
-from common.spec import JobSpec  # noqa: E402
+
 from protos import tenax_pb2 as pb  # noqa: E402
 from protos import tenax_pb2_grpc as pb_grpc  # noqa: E402
 

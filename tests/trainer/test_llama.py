@@ -295,7 +295,7 @@ def test_every_layout_trains_the_same_llama(tmp_path, tie):
 def _example(name: str) -> dict:
     import yaml
 
-    from tests.trainer_helpers import REPO
+    from tests.helpers.trainer_helpers import REPO
 
     return yaml.safe_load((REPO / "examples" / name).read_text())
 
@@ -308,7 +308,7 @@ def test_llama_examples_are_valid_jobs():
 
 @pytest.mark.timeout(300)
 def test_llama_text_example_learns_the_readme(tmp_path):
-    from tests.trainer_helpers import REPO
+    from tests.helpers.trainer_helpers import REPO
     from trainer import data
 
     raw = _example("llama-text.yaml")

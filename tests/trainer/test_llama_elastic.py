@@ -104,7 +104,7 @@ def test_export_refuses_a_job_without_checkpoints(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_a_bad_init_from_checkpoint_stops_the_start_with_a_message_naming_it(tmp_path, etcd_url):
-    from tests.test_llama import save_hf_llama
+    from tests.trainer.test_llama import save_hf_llama
 
     save_hf_llama(tmp_path / "hf", tie=False)  # 3 layers; the job wants 4
     model = {**LLAMA, "tie_embeddings": False, "kv_heads": 2, "init_from": str(tmp_path / "hf")}
