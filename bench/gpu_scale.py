@@ -86,14 +86,16 @@ def model_config(*, tiny: bool, restore_mb: int = 0) -> dict:
     return {"layers": 24, "d_model": 2048, "heads": 16, "vocab_size": 32768, "seq_len": 2048, "micro": 4, "batch": 8}
 
 
-def job_spec(cfg: dict, *, device: str, steps: int, dp: int = 1, zero: int = 0, snapshot_every: str = "auto"):
+def job_spec(cfg: dict, *, device: str, steps: int, dp: int = 1, zero: int = 0, snapshot_every: str = "auto",
+             activation_checkpointing: str = "none"):
     from common.spec import JobSpec
 
     return JobSpec.from_dict({
         "name": "gpu-scale", "seed": 5, "steps": steps, "global_batch_size": cfg["batch"],
         "micro_batch_size": cfg["micro"],
         "model": {"arch": "gpt", "layers": cfg["layers"], "d_model": cfg["d_model"], "heads": cfg["heads"],
-                  "vocab_size": cfg["vocab_size"], "seq_len": cfg["seq_len"], "dropout": 0.0},
+                  "vocab_size": cfg["vocab_size"], "seq_len": cfg["seq_len"], "dropout": 0.0,
+                  "activation_checkpointing": activation_checkpointing},
         "data": {"kind": "synthetic", "num_samples": 1 << 16},
         "optimizer": {"lr": 3e-4, "warmup_steps": 2},
         "parallelism": {"dp": dp, "pp": 1, "zero_stage": zero},
@@ -298,7 +300,7 @@ def kill(args, cfg: dict, root: Path) -> dict:
     from tests.helpers.elastic_harness import ElasticJob
 
     spec = job_spec(cfg, device=args.device, steps=args.kill_step + args.after_kill, dp=2, zero=1,
-                    snapshot_every="auto")
+                    snapshot_every="auto", activation_checkpointing=args.kill_activation_checkpointing)
     etcd = start_etcd(root / "etcd", log_path=root / "etcd.log")
     try:
         job = ElasticJob(spec, root / "kill", etcd.url, job="kill",
@@ -316,7 +318,11 @@ def kill(args, cfg: dict, root: Path) -> dict:
     survivor = next(w for w in codes if w != dead)
     if code != -9 or codes[survivor] != 0:
         raise RuntimeError(f"kill part failed: dead={dead} code={code} codes={codes}\n{job.logs()[-5000:]}")
-    killed_at = float(next(job.run_dir.glob("killed-*")).read_text())
+    marks = list(job.run_dir.glob("killed-*"))
+    if not marks:  # SIGKILLed, but not by the fault hook: the host's OOM killer, most likely
+        raise RuntimeError(f"rank {dead} died of SIGKILL before its planned kill (host memory? try "
+                           f"--snapshot-buffers 2)\n{job.logs()[-3000:]}")
+    killed_at = float(marks[0].read_text())
     (rec,) = job.recoveries(*survivor)
     lines = [r for r in job.steps(*survivor) if r["generation"] == 1]
     state_bytes = rec["bytes_local"] + rec["bytes_moved"]
@@ -351,6 +357,8 @@ def main() -> int:
                     help="kill part: TENAX_SNAPSHOT_BUFFERS (2 caps each rank's own snapshots at two host copies)")
     ap.add_argument("--kill-layers", type=int, default=0,
                     help="kill part: fewer layers than the throughput model (host memory: see the docstring)")
+    ap.add_argument("--kill-activation-checkpointing", choices=("none", "full", "selective"), default="none",
+                    help="kill part: model.activation_checkpointing; 'full' fits the two 1.35B ranks on one 80 GB GPU")
     ap.add_argument("--restore-mb", type=int, default=0, help="CPU kill part: per-rank state of at least this many MB")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds one process may run")
     ap.add_argument("--out", default="", help="also write the JSON result here")

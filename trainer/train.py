@@ -89,14 +89,20 @@ def pick_device(spec) -> torch.device:
     return torch.device("cpu")
 
 
+CUDA_BACKEND = "cpu:gloo,cuda:nccl"
+"""The default group of a CUDA job: one backend per device type."""
+
+
 def backend_for(device: torch.device, forced: str | None = None) -> str:
     """NCCL on CUDA, gloo on CPU. ``forced`` (``TENAX_BACKEND``; None: from the environment,
     '' = by device) ``gloo`` forces gloo with CUDA tensors: several ranks on one GPU (benchmarks
     on a single-GPU machine; NCCL refuses a duplicate GPU)."""
     forced = WorkerSettings.from_env().backend if forced is None else forced
-    if forced:
-        return forced
-    return "nccl" if device.type == "cuda" else "gloo"
+    if forced == "gloo" or device.type != "cuda":
+        return "gloo"
+    # NCCL carries the CUDA tensors; gloo the few small CPU collectives of the elastic runtime
+    # (JSON gathers of inventories and measured times): a pure NCCL group refuses CPU tensors.
+    return CUDA_BACKEND
 
 
 def stages_p2p_through_host(mode: str, device: torch.device) -> bool:

@@ -130,6 +130,8 @@ def test_backend_override_names_a_bad_value(monkeypatch):
     from trainer.train import backend_for
 
     assert backend_for(torch.device("cpu")) == "gloo"
+    # CUDA: NCCL for the tensors, and gloo for the runtime's CPU gathers (a pure NCCL group refuses them)
+    assert backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
     monkeypatch.setenv("TENAX_BACKEND", "gloo")
     assert backend_for(torch.device("cuda", 0)) == "gloo"
     monkeypatch.setenv("TENAX_BACKEND", "mpi")
