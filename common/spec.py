@@ -24,12 +24,15 @@ MAX_PATH_LEN = 4096
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 
 ARCHS = ("gpt", "llama")
-MAX_LAYERS = 1024
+MAX_LAYERS = 256
+"""Most transformer blocks: the plan math (layer partition) stays bounded (issue 18)."""
+MAX_D_MODEL = 65_536
+"""Widest hidden size (features)."""
 MAX_WIDTH = 1 << 17
-"""Upper bound of d_model and ffn_dim (features)."""
+"""Widest MLP inner size, ``ffn_dim`` (features)."""
 MAX_HEADS = 1024
-MAX_VOCAB = 1 << 24
-MAX_SEQ_LEN = 1 << 20
+MAX_VOCAB = 1 << 20
+MAX_SEQ_LEN = 131_072
 MAX_ROPE_BASE = 1e12
 MAX_EVAL_EVERY = 10_000_000
 MAX_EVAL_BATCHES = 10_000
@@ -78,11 +81,11 @@ class SpecError(ValueError):
 MAX_CHECKPOINT_KEEP = 1_000
 """Most disk checkpoints a worker keeps (each is a full copy of its state on the host's disk)."""
 SPEC_UPPER_BOUNDS: dict[str, float] = {
-    "model.layers": 256,
-    "model.d_model": 65_536,
-    "model.heads": 1_024,
-    "model.vocab_size": 1 << 20,
-    "model.seq_len": 131_072,
+    "model.layers": MAX_LAYERS,
+    "model.d_model": MAX_D_MODEL,
+    "model.heads": MAX_HEADS,
+    "model.vocab_size": MAX_VOCAB,
+    "model.seq_len": MAX_SEQ_LEN,
     "model.dropout": 1.0,
     "data.num_samples": 1 << 40,
     "optimizer.lr": 10.0,
@@ -235,7 +238,7 @@ class ModelSpec:
             _fail(f"{path}.preset", f"unknown preset {_short(self.preset)!r}; known: {', '.join(MODEL_PRESETS)}")
         if self.arch not in ARCHS:
             _fail(f"{path}.arch", f"unknown architecture {self.arch!r}; known: {', '.join(ARCHS)}")
-        for name, most in (("layers", MAX_LAYERS), ("d_model", MAX_WIDTH), ("heads", MAX_HEADS),
+        for name, most in (("layers", MAX_LAYERS), ("d_model", MAX_D_MODEL), ("heads", MAX_HEADS),
                            ("seq_len", MAX_SEQ_LEN)):
             _positive(f"{path}.{name}", getattr(self, name))
             _at_most(f"{path}.{name}", getattr(self, name), most)

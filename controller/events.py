@@ -68,15 +68,18 @@ def hang_cause(rank: int, silent_s: float, stopped: bool | None) -> str:
 
 
 def hang_event(*, rank: int, node: str, slot: int, silent_s: float, timeout_s: float, step: int,
-               generation: int, stopped: bool | None, reason: str, now: float) -> JobEventRecord:
-    """The ``hang`` event of a rank the health loop declared hung (it then asks for a kill). Pure."""
+               generation: int, stopped: bool | None, reason: str, now: float,
+               evidence: Mapping[str, Any] | None = None) -> JobEventRecord:
+    """The ``hang`` event of a rank the health loop declared hung (it then asks for a kill).
+    ``evidence``: what else was gathered before the kill (``flight_recorder``: the analysis of
+    the ranks' Flight Recorder dumps, controller/flight.py). Pure."""
     seen = "; its process is stopped by a signal (SIGSTOP)" if stopped else ""
     return events.new_event(
         "hang", f"rank {rank} on {node} made no progress for {silent_s:.1f} s (timeout {timeout_s:.1f} s){seen}",
         now=now, step=step, action=f"kill rank {rank} (SIGKILL through its agent); the exit starts a recovery",
-        data={"rank": rank, "node": node, "slot": slot, "generation": generation, "silent_s": round(silent_s, 3),
-              "timeout_s": round(timeout_s, 3), "last_step": step, "process_stopped": stopped,
-              "decision": reason[:500]})
+        data={"rank": rank, "ranks": [rank], "node": node, "slot": slot, "generation": generation,
+              "silent_s": round(silent_s, 3), "timeout_s": round(timeout_s, 3), "last_step": step,
+              "process_stopped": stopped, "decision": reason[:500], "evidence": dict(evidence or {})})
 
 
 def node_lost_events(failure: Failure, plan: Plan, *, step: int, now: float) -> list[JobEventRecord]:

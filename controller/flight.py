@@ -227,23 +227,3 @@ async def diagnose_hang(c: ControllerHandle, job: str, plan: Plan, hung: list[in
         log.exception("flight recorder collection failed")
         return Finding(summary=f"flight recorder: collection failed: {exc!r}"), f"collection failed: {exc!r}"
     return analyse(dumps, missing, hung=hung)
-
-
-HANG_EVENT_PART = 6
-"""The hang event of plan generation g sits at ``Keys.job_event(job, g * 10 + 6)`` (health_loop.py
-uses part 5 for stragglers, controller/recovery.py parts 0 and 1)."""
-
-
-async def write_hang_event(c: ControllerHandle, job: str, plan: Plan, hung: list[int], reason: str,
-                           finding: Finding, now: float) -> None:
-    """A ``hang`` job event whose ``evidence`` is the flight recorder finding."""
-    from protos.records import JobEventRecord
-
-    data = {"generation": plan.generation, "ranks": sorted(hung), "reason": reason,
-            "message": f"ranks {sorted(hung)} hung: {reason}; {finding.summary}"[:2000],
-            "evidence": {"flight_recorder": finding.to_dict()}}
-    try:
-        await c.etcd.put(c.keys.job_event(job, plan.generation * 10 + HANG_EVENT_PART),
-                         JobEventRecord(kind="hang", time=now, data=data).to_json())
-    except (EtcdError, EtcdUnavailable) as exc:
-        log.warning("hang event of job %s not written: %r", job, exc)

@@ -419,10 +419,11 @@ class HealthLoop:
         # Flight Recorder dumps from every rank before the kill; the finding goes into the hang
         # event's evidence and the kill reason (controller/flight.py)
         new_hung = [r for r in decision.hung_ranks if r not in memory.killed]
+        evidence: dict = {}
         if new_hung:
             finding, why = await flight.diagnose_hang(self.c, job.id, job.plan, new_hung, now)
             log.warning("job %s hang diagnosis: %s", job.id, why)
-            await flight.write_hang_event(self.c, job.id, job.plan, new_hung, reason, finding, time.time())
+            evidence = {"flight_recorder": finding.to_dict()}
             reason = f"{reason}; {finding.summary}"
         progress = {p.rank: p for p in rank_progress(job.plan, ranks, generation_seen_at=memory.seen_at)}
         for rank in decision.hung_ranks:
@@ -440,7 +441,7 @@ class HealthLoop:
             await write_events(self.c, job.id, [hang_event(
                 rank=rank, node=a.node, slot=a.slot, silent_s=silent, timeout_s=decision.timeout_s,
                 step=p.step if p is not None else 0, generation=job.plan.generation,
-                stopped=p.process_stopped if p is not None else None, reason=reason, now=now)])
+                stopped=p.process_stopped if p is not None else None, reason=reason, now=now, evidence=evidence)])
             await chaos.send(self.c.etcd, self.c.keys, record)
             self.actions.append(("kill", f"{job.id}/{rank}", reason))
 

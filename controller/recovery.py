@@ -67,6 +67,7 @@ from controller.recovery_decisions import (
     GROWTH_PREPARE_TIMEOUT_S,
     Failure,
     fail_before_first_step,
+    plan_records,
     all_ranks_on_generation,
     cause_label,
     close_superseded,
@@ -203,7 +204,9 @@ class Recovery:
         async with self._lock:
             failure = find_failure(job.plan, job.workers, live, job.progress_ranks, now)
             if failure is not None:
-                fatal = fail_before_first_step(job.plan, failure, step=job.progress.step)
+                records = plan_records(job.plan, job.workers)
+                errors = {rank: rec.cause or rec.last_error for rank, rec in records.items() if rec.failed}
+                fatal = fail_before_first_step(job.plan, failure, step=job.progress.step, errors=errors)
                 if fatal is not None:
                     await self._set_status(job, phase="FAILED", message=fatal, now=now)
                     log.error("job %s FAILED: %s", job.id, fatal)

@@ -168,8 +168,9 @@ def fail_before_first_step(plan: Plan, failure: Failure, *, step: int,
     newest step any rank reported (0: none)."""
     if step > 0 or plan.generation != 1:
         return None
-    lines = [f"rank {rank}: {errors[rank]}" for rank in sorted(failure.lost_ranks) if errors and errors.get(rank)]
-    cause = f"{failure.description}" + (f" — {'; '.join(lines)}" if lines else "")
+    lines = [f"rank {rank} last error: {errors[rank]}" for rank in sorted(failure.lost_ranks)
+             if errors and errors.get(rank)]
+    cause = "; ".join([failure.description, *lines])
     return f"failed before the first step completed (not recovered: there is no state to recover yet): {cause}"
 
 

@@ -275,6 +275,10 @@ def test_worker_failure_fails_a_job_that_cannot_shrink_and_cancel_cancels(etcd_u
             b = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=good_spec()), timeout=5)
             await wait_until(lambda: _in_phase(api, a.id, pb.RUNNING), 5)
             await wait_until(lambda: _in_phase(api, b.id, pb.RUNNING), 5)
+            # a step first: a failure before any step fails the job without a re-plan (another rule)
+            await api.etcd.put(KEYS.job_progress_rank(a.id, 0), ProgressRecord(
+                step=1, time=time.time(), loss=5.0, generation=1).to_json())
+            await wait_until(lambda: _with_step(api, a.id, 1), 5)
             await api.etcd.put(KEYS.job_worker(a.id, 1), WorkerStatusRecord(
                 rank=1, node="n1", slot=1, state="FAILED", exit_code=None, signal="SIGKILL", generation=1).to_json())
             failed = await wait_until(lambda: _in_phase(api, a.id, pb.FAILED), 5)

@@ -74,6 +74,7 @@ for rank in range(4):
     a.RANK_STEP_SECONDS.labels(job, str(rank)).set(0.3)
     a.RANK_COMPUTE_SECONDS.labels(job, str(rank)).set(0.29 if rank == 3 else 0.2)
     a.RANK_COLLECTIVE_SECONDS.labels(job, str(rank)).set(0.01 if rank == 3 else 0.1)
+    a.RANK_COMM_SECONDS.labels(job, str(rank), "gradient all-reduce").set(0.01 if rank == 3 else 0.1)
 
 a.AGENT_INFO.labels("node-a").set(1)
 a.AGENT_SLOTS.set(2)

@@ -78,10 +78,10 @@ def test_preset_sets_published_shapes_and_given_fields_win():
     ({"kv_heads": 2}, "model.kv_heads: only for arch 'llama'"),
     ({"init_from": "/x"}, "model.init_from: only for arch 'llama'"),
     ({"arch": "llama", "rope_base": 0}, "model.rope_base: must be in (0, 1e+12]"),
-    ({"arch": "llama", "norm_eps": 1.5}, "model.norm_eps: must be in (0, 1)"),
-    ({"arch": "llama", "ffn_dim": 1 << 20}, "model.ffn_dim: must be in [0, 131072]"),
-    ({"arch": "llama", "layers": 4096}, "model.layers: must be <= 1024"),
-    ({"arch": "llama", "vocab_size": 1 << 25}, "model.vocab_size: must be <= 16777216"),
+    ({"arch": "llama", "norm_eps": 1.5}, "model.norm_eps: must be <= 1"),
+    ({"arch": "llama", "ffn_dim": 1 << 20}, "model.ffn_dim: must be <= 131072"),
+    ({"arch": "llama", "layers": 4096}, "model.layers: must be <= 256"),
+    ({"arch": "llama", "vocab_size": 1 << 25}, "model.vocab_size: must be <= 1048576"),
 ])
 def test_bad_llama_fields_are_refused_by_name(model, message):
     with pytest.raises(SpecError, match=None) as err:

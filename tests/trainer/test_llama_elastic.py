@@ -115,5 +115,5 @@ def test_a_bad_init_from_checkpoint_stops_the_start_with_a_message_naming_it(tmp
         _, code, _ = job.wait_for_death(timeout_s=60)
     finally:
         job.close()
-    assert code == 1
+    assert code == 2  # refused at launch, before any rendezvous (trainer/worker.py load_launch)
     assert "model.init_from: " in job.logs() and "num_hidden_layers is 3 but model.layers is 4" in job.logs()
