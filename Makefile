@@ -35,7 +35,8 @@ demo: install
 # The import layering (.importlinter) first: a broken contract fails fast, before the long suite.
 test: install
 	$(VENV)/bin/lint-imports --no-cache --no-logo
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not soak"
+	$(PY) -m pytest -q -p no:cacheprovider -m soak
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/tenax.proto

@@ -64,6 +64,7 @@ def test_percentile_and_settings_validation():
 
 # ------------------------------------------------------------------ the soak
 @pytest.mark.e2e
+@pytest.mark.soak
 @pytest.mark.timeout(900)
 def test_soak_random_faults_job_succeeds_with_the_same_losses(tmp_path):
     settings = soak.SoakSettings(faults=FAULTS, seed=16, interval_s=4.0, state_dir=tmp_path / "cluster")
