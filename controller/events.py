@@ -79,7 +79,7 @@ def hang_event(*, rank: int, node: str, slot: int, silent_s: float, timeout_s: f
         now=now, step=step, action=f"kill rank {rank} (SIGKILL through its agent); the exit starts a recovery",
         data={"rank": rank, "ranks": [rank], "node": node, "slot": slot, "generation": generation,
               "silent_s": round(silent_s, 3), "timeout_s": round(timeout_s, 3), "last_step": step,
-              "process_stopped": stopped, "decision": reason[:500], "evidence": dict(evidence or {})})
+              "process_stopped": stopped, "decision": reason[:2000], "evidence": dict(evidence or {})})
 
 
 def node_lost_events(failure: Failure, plan: Plan, *, step: int, now: float) -> list[JobEventRecord]:

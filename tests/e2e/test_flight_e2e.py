@@ -31,7 +31,8 @@ def test_hang_event_names_the_stopped_rank_and_the_collective_from_flight_record
         assert events, "no hang event"
         event = events[0]
         finding = event["evidence"]["flight_recorder"]
-        print("hang event:", event["message"])
+        print("hang event:", event["decision"])
+        assert "flight recorder" in event["decision"], event  # the finding is in the decision too
         assert event["ranks"] == [1]
         assert finding["behind"] == [1], finding
         assert finding["silent"] == [1], finding  # a stopped process cannot dump itself
