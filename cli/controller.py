@@ -36,7 +36,7 @@ _SERVER_FLAGS = {"lease_ttl_s": "--lease-ttl", "metrics_port": "--metrics-port",
 _HEALTH_FLAGS = {"interval_s": "--health-interval-s"}
 _HANG_FLAGS = {"k": "--hang-k", "floor_s": "--hang-floor-s", "startup_timeout_s": "--hang-startup-s"}
 _STRAGGLER_FLAGS = {"window_steps": "--straggler-window", "min_window_s": "--straggler-window-s",
-                    "z_threshold": "--straggler-z"}
+                    "z_threshold": "--straggler-z", "min_slowdown": "--straggler-min-slowdown"}
 _RECOVERY_FLAGS = {"growth_prepare_s": "--growth-prepare-s", "capacity_wait_s": "--capacity-wait-s"}
 _QUARANTINE_FLAGS = {"quarantine.base_cooldown_s": "--quarantine-base-s",
                      "quarantine.max_cooldown_s": "--quarantine-max-s",
@@ -139,6 +139,9 @@ def _add_health_args(parser: argparse.ArgumentParser) -> None:
                        help="steps a straggler decision looks at (default %(default)s)")
     group.add_argument("--straggler-window-s", type=float, default=straggler.min_window_s,
                        help="least wall time the decision window must span, seconds (default %(default)s)")
+    group.add_argument("--straggler-min-slowdown", type=float, default=straggler.min_slowdown,
+                       help="a rank is slow in a step only if its compute time is also at least this fraction "
+                            "above the median (0.05 = 5%%; default %(default)s)")
     group.add_argument("--straggler-z", type=float, default=straggler.z_threshold,
                        help="robust z-score above which a rank is slow (default %(default)s)")
     group.add_argument("--drain-degraded", action=argparse.BooleanOptionalAction, default=health.drain_degraded,
@@ -162,7 +165,8 @@ def health_settings_from_args(args: argparse.Namespace) -> HealthSettings:
     hang = _flags_named(_HANG_FLAGS, lambda: HangSettings(
         k=args.hang_k, floor_s=args.hang_floor_s, startup_timeout_s=args.hang_startup_s))
     straggler = _flags_named(_STRAGGLER_FLAGS, lambda: StragglerSettings(
-        window_steps=args.straggler_window, z_threshold=args.straggler_z, min_window_s=args.straggler_window_s))
+        window_steps=args.straggler_window, z_threshold=args.straggler_z, min_window_s=args.straggler_window_s,
+        min_slowdown=args.straggler_min_slowdown))
     return _flags_named(_HEALTH_FLAGS, lambda: HealthSettings(
         interval_s=args.health_interval_s, hang=hang, straggler=straggler, drain_degraded=args.drain_degraded))
 
