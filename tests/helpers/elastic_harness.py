@@ -203,6 +203,14 @@ class ElasticJob:
             self._sleep_until_an_exit(min(0.5, max(0.0, deadline - time.monotonic())))
         raise AssertionError(f"no worker died within {timeout_s}s\n{self.logs()}")
 
+    def kill_and_replan(self, timeout_s: float = 60.0) -> tuple[tuple[str, int], float]:
+        """Play the controller after a planned kill -9: see the death, write plan g+1 from the
+        survivors. ((node, slot) of the dead worker, unix time its death was seen)."""
+        dead, code, seen = self.wait_for_death(timeout_s)
+        assert code == -9, self.logs()
+        self.write_plan(self.replan_without({self.plan_rank(dead)}))
+        return dead, seen
+
     def _sleep_until_an_exit(self, timeout_s: float) -> None:
         import select
 

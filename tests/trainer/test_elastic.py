@@ -163,14 +163,6 @@ def _assert_same_losses(job: ElasticJob, where, reference: dict[int, float], ste
     return last
 
 
-def _kill_and_replan(job: ElasticJob) -> tuple[tuple[str, int], float]:
-    """Play the controller: see the death, write plan g+1 from the survivors."""
-    dead, code, seen = job.wait_for_death()
-    assert code == -9, job.logs()
-    job.write_plan(job.replan_without({job.plan_rank(dead)}))
-    return dead, seen
-
-
 @pytest.mark.parametrize("when", ["mid"])
 def test_kill_9_of_one_worker_of_dp2_pp2_recovers_in_place_with_the_same_losses(tmp_path, etcd_url, reference_for, when):
     spec = tiny_spec(steps=10)
@@ -179,7 +171,7 @@ def test_kill_9_of_one_worker_of_dp2_pp2_recovers_in_place_with_the_same_losses(
     try:
         job.start(faults=f"rank=3,step=4,kind=kill,when={when}")
         pids = {where: p.pid for where, p in job.procs.items()}
-        dead, _ = _kill_and_replan(job)
+        dead, _ = job.kill_and_replan()
         codes = job.wait_all()
     finally:
         job.close()
@@ -225,7 +217,7 @@ def test_kill_9_with_rounds_moving_in_the_background_recovers_from_the_buddy_rep
         # The survivor's own copies must still include the step the replica it holds is at:
         # the replicator pins it, and the snapshotter writes around it (three buffer sets)
         job.start(faults=f"rank=1,step=5,kind=kill,when={when}")
-        dead, _ = _kill_and_replan(job)
+        dead, _ = job.kill_and_replan()
         codes = job.wait_all()
     finally:
         job.close()
@@ -244,7 +236,7 @@ def _run_kill_scenario(tmp_path, etcd_url, spec, faults: str):
     job = ElasticJob(spec, tmp_path / "job", etcd_url)
     try:
         job.start(faults="rank=3,step=4,kind=kill,when=mid;" + faults)
-        _kill_and_replan(job)
+        job.kill_and_replan()
         codes = job.wait_all()
     finally:
         job.close()
@@ -318,8 +310,8 @@ def test_two_failures_in_a_row_reshard_pipeline_stages_down_to_one_worker(tmp_pa
     try:
         # generation 1 loses rank 3; in generation 2 (dp1·pp2) rank 1 dies too
         job.start(faults="rank=3,step=3,kind=kill,when=mid;rank=1,step=6,kind=kill,gen=2,when=between")
-        _kill_and_replan(job)
-        dead, _ = _kill_and_replan(job)
+        job.kill_and_replan()
+        dead, _ = job.kill_and_replan()
         codes = job.wait_all()
     finally:
         job.close()
@@ -340,7 +332,7 @@ def test_a_failure_during_a_recovery_leads_to_the_next_generation_with_the_idle_
         # rank 3 dies at step 4; in generation 2's transfer its new rank 0 (a0) dies as well
         job.start(faults="rank=3,step=4,kind=kill,when=mid;rank=0,gen=2,kind=kill-in-transfer")
         pids = {where: p.pid for where, p in job.procs.items()}
-        _kill_and_replan(job)
+        job.kill_and_replan()
         assert job.plan.extra["idle"] == [{"node": "b", "slot": 0, "old_rank": 2}]
         dead, code, _ = job.wait_for_death()
         assert dead == ("a", 0) and code == -9, job.logs()
