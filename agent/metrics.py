@@ -15,6 +15,9 @@ WORKER_EXITS = Counter("tenax_agent_worker_exits_total", "Worker exits by reason
                        ["reason"], registry=REGISTRY)
 EXIT_REPORT_LATENCY = Gauge("tenax_agent_exit_report_seconds",
                             "Time from the last worker exit to its report in etcd", registry=REGISTRY)
+EARLY_EXITS = Counter("tenax_agent_worker_exits_seen_early_total",
+                      "Worker exits reported when the process began exiting, before its teardown ended "
+                      "(agent/lifeline.py)", registry=REGISTRY)
 LEASE_LOST = Counter("tenax_agent_lease_lost_total", "Times the node lease was lost and re-registered",
                      registry=REGISTRY)
 NODE_CONDITION = Gauge("tenax_node_condition", "1 for the node's current condition (HEALTHY, DEGRADED, FAILED)",

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from agent import flight, metrics
+from agent.lifeline import dying_returncode, open_lifeline
 from agent.data_roots import spec_with_checked_data_path
 from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, growth_actions, plan_actions
 from agent.progress import ProgressRelay
@@ -131,6 +132,10 @@ class Worker:
     """Offset in ``log_path`` where this process's output starts."""
     ranks: dict[int, int] = field(default_factory=dict)
     """Plan generation -> the rank it held in it (its log index: ``tenax logs --rank R --generation G``)."""
+    lifeline: int | None = None
+    """Read end of the worker's lifeline pipe (agent.lifeline): EOF when its exit begins."""
+    reaped: asyncio.Future | None = None
+    """Resolves once the process is reaped (after its teardown; agent.lifeline)."""
     _report_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -174,6 +179,10 @@ class Supervisor:
         self.retire_grace_s = retire_grace_s
         self._plans: dict[str, tuple[Plan, dict[str, Any] | None]] = {}
         """job -> the latest plan applied (and its spec), to apply again when a retired worker is gone."""
+        self._reaping: dict[int, asyncio.Future] = {}
+        """slot -> the reaping of the latest worker started there (``_wait_slot_reaped``)."""
+        self.reap_wait_s = 60.0
+        """How long a new worker waits for the slot's previous worker to be reaped (seconds)."""
         self._history: list[LocalWorker] = []
         """Workers that ran before (exited, or reported by an earlier life of this agent)."""
         self._lock = asyncio.Lock()
@@ -429,12 +438,22 @@ class Supervisor:
             log_file.write(f"--- tenax: rank {a.rank} generation {plan.generation} on {self.node_id} "
                            f"at {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
             log_file.flush()
-            proc = await asyncio.create_subprocess_exec(
-                *with_parent_death_signal(self.worker_command, os.getpid()), env=env, cwd=str(run_dir),
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            await self._wait_slot_reaped(a.slot)
+            lifeline, lifeline_w = open_lifeline()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *with_parent_death_signal(self.worker_command, os.getpid()), env=env, cwd=str(run_dir),
+                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                    pass_fds=(lifeline_w,))
+            except BaseException:
+                os.close(lifeline)
+                raise
+            finally:
+                os.close(lifeline_w)
         worker = Worker(job=plan.job_id, rank=a.rank, slot=a.slot, generation=plan.generation, pid=proc.pid,
                         proc=proc, log_path=log_path, metrics_path=metrics_path, started=time.time(),
-                        preparing=growth_id, log_start=log_start, ranks={plan.generation: a.rank})
+                        preparing=growth_id, log_start=log_start, ranks={plan.generation: a.rank},
+                        lifeline=lifeline)
         self._write_log_index(worker)
         if growth_id:
             self.preparing[(plan.job_id, a.slot)] = worker  # its rank key may still be a plan-g worker's
@@ -491,7 +510,7 @@ class Supervisor:
     async def _watch_exit(self, worker: Worker) -> None:
         if worker.proc is None:
             return
-        returncode = await worker.proc.wait()
+        returncode = await self._first_sign_of_exit(worker)
         worker.exited_at = time.monotonic()
         exited_time = time.time()
         state, sig, reason = exit_state(returncode, bool(worker.stop_reason))
@@ -514,6 +533,54 @@ class Supervisor:
         if worker.relay:
             await worker.relay.stop()  # drains the file: the last steps are published too
         self._export_counts()
+
+    async def _first_sign_of_exit(self, worker: Worker) -> int:
+        """The worker's return code, as soon as the kernel begins its exit (its lifeline closes
+        and /proc says it is exiting) or it is reaped, whichever comes first."""
+        reaped = asyncio.ensure_future(worker.proc.wait())
+        worker.reaped = reaped
+        self._reaping[worker.slot] = reaped
+        if worker.lifeline is None:
+            return await reaped
+        loop = asyncio.get_running_loop()
+        closed = loop.create_future()
+
+        def readable() -> None:
+            try:
+                data = os.read(worker.lifeline, 64)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data and not closed.done():
+                closed.set_result(True)
+
+        loop.add_reader(worker.lifeline, readable)
+        try:
+            await asyncio.wait({reaped, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(worker.lifeline)
+            os.close(worker.lifeline)
+            worker.lifeline = None
+        if reaped.done():
+            return reaped.result()
+        code = dying_returncode(worker.pid)
+        if code is None:  # its end was closed by something else than an exit: the reaper decides
+            return await reaped
+        metrics.EARLY_EXITS.inc()
+        return code
+
+    async def _wait_slot_reaped(self, slot: int) -> None:
+        """A new worker takes a slot only once the previous one there is reaped: a dying
+        worker's GPU memory is released at the end of its teardown (bounded wait)."""
+        reaped = self._reaping.get(slot)
+        if reaped is None or reaped.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(reaped), self.reap_wait_s)
+        except asyncio.TimeoutError:
+            log.warning("slot %d: the previous worker is still exiting after %.0f s; starting anyway",
+                        slot, self.reap_wait_s)
 
     async def _exit_event(self, worker: Worker, exited_time: float) -> None:
         """A ``worker-exit`` job event for a worker that failed or was killed for a cause: the

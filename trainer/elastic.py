@@ -268,7 +268,7 @@ class ElasticWorker:
             trainer = Trainer(self.spec, layout, rank, device=self.device, generation=plan.generation,
                               metrics=RecoverableMetrics(self.metrics, current=lambda: self._current_gen,
                                                          snapper=self.snapper),
-                              settings=self.settings.worker)
+                              settings=self.settings.worker, init=resume is None)
             rebuild_s = time.monotonic() - started
             if resume is not None:
                 if restored is None:
@@ -358,9 +358,11 @@ class ElasticWorker:
     def _resume(self, trainer, restored: Restored, resume: Resume, rebuild_s: float) -> None:
         if restored.in_place:
             trainer.resume_at(restored.step)
-        elif restored.tensors is not None:  # None: no copy at all, the fresh trainer's initial state (step 0)
+        elif restored.tensors is not None:
             trainer.import_state({"tensors": restored.tensors, "step": restored.step,
                                   "committed_step": restored.step})
+        else:  # no copy at all: the job starts over from the initial state (step 0)
+            trainer.apply_init()
         self._last_step = restored.step
         record = recovery_record(trainer, restored, resume, rebuild_s)
         self.recoveries.append(record)

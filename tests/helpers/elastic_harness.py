@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from agent.lifeline import dying_returncode, open_lifeline  # noqa: E402
 from common.etcd import Etcd  # noqa: E402
 from controller.replan import ClusterView, grow, replan  # noqa: E402
 from protos import launch  # noqa: E402
@@ -106,6 +107,8 @@ class ElasticJob:
         self.plan = first_plan(spec, self.address, job=job)
         self.env = env or {}
         self.procs: dict[tuple[str, int], subprocess.Popen] = {}
+        self.lifelines: dict[tuple[str, int], int] = {}
+        """(node, slot) -> read end of the worker's lifeline pipe (agent.lifeline)."""
         """(node, slot) -> the process running there (never restarted)."""
         self.dead: set[tuple[str, int]] = set()
         self.ranks: dict[tuple[str, int], int] = {}
@@ -155,8 +158,14 @@ class ElasticJob:
             **self.env,
         }
         log = open(self.out / f"log-{w.node}{w.slot}.txt", "ab")
-        self.procs[(w.node, w.slot)] = subprocess.Popen([sys.executable, "-m", "trainer.worker"], env=env,
-                                                        stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
+        lifeline, lifeline_w = open_lifeline()  # as an agent does: a death is seen when it begins
+        try:
+            self.procs[(w.node, w.slot)] = subprocess.Popen([sys.executable, "-m", "trainer.worker"], env=env,
+                                                            stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
+                                                            pass_fds=(lifeline_w,))
+        finally:
+            os.close(lifeline_w)
+        self.lifelines[(w.node, w.slot)] = lifeline
         self.ranks[(w.node, w.slot)] = w.rank
 
     def plan_rank(self, where: tuple[str, int]) -> int:
@@ -190,18 +199,34 @@ class ElasticJob:
     def wait_for_death(self, timeout_s: float = 60.0) -> tuple[tuple[str, int], int, float]:
         """The next worker (not reported before) to exit non-zero: ((node, slot), code, unix time seen).
 
-        Sleeps until a worker exits (a pidfd per running worker becomes readable), as an
-        agent's child watcher blocked in waitpid does: no polling loop competes with the
-        workers for the CPU, and an exit is seen the moment the kernel reports it."""
+        Sleeps until a worker's lifeline closes or its pidfd becomes readable, as an agent
+        does (agent.lifeline): no polling loop competes with the workers for the CPU, and a
+        death is seen when the kernel begins it, before a long teardown (pinned memory, a
+        CUDA context) ends."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for where, p in self.procs.items():
                 code = p.poll()
+                if code is None and self._lifeline_closed(where):
+                    code = dying_returncode(p.pid)
                 if code not in (None, 0) and where not in self.dead:
                     self.dead.add(where)
                     return where, code, time.time()
             self._sleep_until_an_exit(min(0.5, max(0.0, deadline - time.monotonic())))
         raise AssertionError(f"no worker died within {timeout_s}s\n{self.logs()}")
+
+    def _lifeline_closed(self, where: tuple[str, int]) -> bool:
+        fd = self.lifelines.get(where)
+        if fd is None:
+            return False
+        try:
+            closed = os.read(fd, 64) == b""
+        except BlockingIOError:
+            return False
+        if closed:
+            os.close(fd)
+            del self.lifelines[where]
+        return closed
 
     def kill_and_replan(self, timeout_s: float = 60.0) -> tuple[tuple[str, int], float]:
         """Play the controller after a planned kill -9: see the death, write plan g+1 from the
@@ -215,15 +240,16 @@ class ElasticJob:
         import select
 
         running = [p.pid for p in self.procs.values() if p.returncode is None]
-        fds = []
+        fds: list[int] = []
+        lifelines = list(self.lifelines.values())
         try:
             for pid in running:
                 try:
                     fds.append(os.pidfd_open(pid))
                 except ProcessLookupError:  # exited meanwhile: poll() sees it next
                     return
-            if fds:
-                select.select(fds, [], [], timeout_s)
+            if fds or lifelines:
+                select.select(fds + lifelines, [], [], timeout_s)
             else:
                 time.sleep(timeout_s)
         finally:
@@ -253,6 +279,9 @@ class ElasticJob:
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 p.wait(timeout=10)
+        for fd in self.lifelines.values():
+            os.close(fd)
+        self.lifelines.clear()
 
 
 def reference_losses(spec: JobSpec, out: Path) -> dict[int, float]:

@@ -81,6 +81,7 @@ a.AGENT_SLOTS.set(2)
 a.AGENT_WORKERS.labels("running").set(2)
 a.WORKER_EXITS.labels("killed").inc()
 a.EXIT_REPORT_LATENCY.set(0.02)
+a.EARLY_EXITS.inc()
 a.LEASE_LOST.inc(0)
 for condition in ("HEALTHY", "DEGRADED", "FAILED"):
     a.NODE_CONDITION.labels(condition).set(1 if condition == "HEALTHY" else 0)
