@@ -84,7 +84,9 @@ def describe(event: JobEventRecord) -> str:
     if event.kind == "recovery":
         return (f"recovered from {d.get('cause', '?')} in {float(d.get('total_s', 0) or 0):.2f} s "
                 f"(generation {d.get('generation', '?')}, {_layout(d.get('old_layout'))} -> "
-                f"{_layout(d.get('new_layout'))}, steps lost {d.get('steps_lost', 0)})")
+                f"{_layout(d.get('new_layout'))}, steps lost {d.get('steps_lost', 0)})"
+                + (f"; survivors' communication failed: {d['comm_error']} ({d.get('comm_error_detail', '')})"
+                   if d.get("comm_error") else ""))
     if event.kind == "straggler":
         flagged = d.get("flagged") if isinstance(d.get("flagged"), dict) else {}
         ranks = ", ".join(f"rank {r} (score {v.get('score', '?')})" for r, v in flagged.items()
