@@ -91,7 +91,13 @@ def describe(event: JobEventRecord) -> str:
         flagged = d.get("flagged") if isinstance(d.get("flagged"), dict) else {}
         ranks = ", ".join(f"rank {r} (score {v.get('score', '?')})" for r, v in flagged.items()
                           if isinstance(v, dict))
-        text = f"straggler: {ranks or 'no rank'} flagged (policy {d.get('policy', '?')})"
+        attribution = d.get("attribution") if isinstance(d.get("attribution"), dict) else {}
+        if ranks or not attribution:
+            text = f"straggler: {ranks or 'no rank'} flagged (policy {d.get('policy', '?')})"
+            if attribution.get("reason"):
+                text += f"; {attribution['reason']}"
+        else:  # only communication: a slow link or peer (controller/attribution.py), no plan change
+            text = f"slow communication: {attribution.get('reason', '')}"
         if d.get("action"):
             text += f"; {d['action']} at step {d.get('action_step', '?')}: {d.get('action_reason', '')}"
         return text

@@ -163,10 +163,14 @@ def attribute(window: Mapping[int, RankComm], settings: AttributionSettings,
             return False
         return compute[sender] - slow_compute[sender] >= settings.explain_fraction * (edges[edge] - slow_edges[edge])
 
-    # a sender that itself waits on a slow link sends late because of it: the delay propagated
-    # down the pipeline, and only the upstream-most slow links are named
-    waiting = {receiver for receiver in (e[1] for e in slow_edges if not explained(e))}
-    found = sorted(e for e in slow_edges if not explained(e) and e[0] not in waiting)
+    # a sender that itself waits on a slow link (from a third rank) sends late because of it: the
+    # delay propagated down the pipeline, and only the upstream-most slow links are named; of a
+    # pair's two directions, both slow, the one with the larger excess is the origin (the other
+    # rank waited for it, then answered late)
+    unexplained = [e for e in slow_edges if not explained(e)]
+    excess = {e: edges[e] - slow_edges[e] for e in unexplained}
+    found = [e for e in unexplained if not any(x[1] == e[0] and x[0] != e[1] for x in unexplained)]
+    found = sorted(e for e in found if not ((e[1], e[0]) in found and excess[(e[1], e[0])] > excess[e]))
     links = tuple(SlowLink(sender=s, receiver=r, wait_s=edges[(s, r)], reference_s=slow_edges[(s, r)],
                            sender_compute_s=compute.get(s, 0.0), sender_compute_reference_s=compute_reference(s))
                   for s, r in found)

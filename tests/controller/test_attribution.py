@@ -130,3 +130,11 @@ def test_window_from_the_agents_summaries_scales_to_even_shares():
 def test_explain_fraction_is_validated():
     with pytest.raises(ValueError, match="explain_fraction"):
         AttributionSettings(explain_fraction=0)
+
+
+def test_of_a_pairs_two_slow_directions_the_larger_is_the_origin():
+    # rank 0's delayed activations make rank 1 late with its gradients too
+    window, stage_of = pp2_dp2(waits={(0, 1): 0.45, (1, 0): 0.45})
+    window[0] = RankComm(compute_s=0.2, receive_wait_s={1: 0.40})
+    decision, reason = attribute(window, S, stage_of)
+    assert decision.link_pairs == ((0, 1),), reason
