@@ -40,6 +40,9 @@ class AttributionSettings:
     a balanced pipeline are near zero, so their spread alone means nothing."""
     min_spread: float = 0.05
     """Floor of the robust spread, as a fraction of the median (>= 0): identical times have MAD 0."""
+    min_slowdown: float = 0.05
+    """A compute time is slow only if also at least this fraction above its reference (0.05 = 5%;
+    >= 0); the health loop uses the straggler statistic's ``min_slowdown`` here."""
     explain_fraction: float = 0.5
     """A sender's slow compute explains a slow edge only if its compute excess (seconds per step)
     is at least this fraction of the wait's excess ((0, 1]): a rank 10% slower cannot make its
@@ -52,6 +55,8 @@ class AttributionSettings:
             raise ValueError(f"min_excess_s: must be >= 0 seconds, got {self.min_excess_s}")
         if not (math.isfinite(self.min_spread) and self.min_spread >= 0):
             raise ValueError(f"min_spread: must be >= 0, got {self.min_spread}")
+        if not (math.isfinite(self.min_slowdown) and self.min_slowdown >= 0):
+            raise ValueError(f"min_slowdown: must be >= 0, got {self.min_slowdown}")
         if not (math.isfinite(self.explain_fraction) and 0 < self.explain_fraction <= 1):
             raise ValueError(f"explain_fraction: must be in (0, 1], got {self.explain_fraction}")
 
@@ -104,14 +109,15 @@ def _grouped(values: Mapping[Any, float], group_of) -> dict[Any, dict[Any, float
 
 
 def _outliers(values: Mapping[Any, float], group_of, settings: AttributionSettings, *,
-              min_excess_s: float = 0.0) -> dict[Any, float]:
+              min_excess_s: float = 0.0, min_ratio: float = 0.0) -> dict[Any, float]:
     """key -> the median it is compared with, for every value that is a robust outlier above the
-    others of its group (z > ``settings.z``) by at least ``min_excess_s``."""
+    others of its group (z > ``settings.z``) by at least ``min_excess_s`` and ``min_ratio`` of it."""
     out = {}
     for group in _grouped(values, group_of).values():
         for key, value in group.items():
             ref = _reference(group, key, settings)
-            if ref is not None and (value - ref[0]) / ref[1] > settings.z and value - ref[0] >= min_excess_s:
+            if ref is not None and (value - ref[0]) / ref[1] > settings.z and value - ref[0] >= min_excess_s \
+                    and value >= (1 + min_ratio) * ref[0]:
                 out[key] = ref[0]
     return out
 
@@ -149,7 +155,7 @@ def attribute(window: Mapping[int, RankComm], settings: AttributionSettings,
     edge (two or more) is slow is named as a peer: its sending side, not one link."""
     stage = (lambda r: stage_of.get(r, -1)) if stage_of is not None else (lambda r: 0)
     compute = {r: c.compute_s for r, c in window.items()}
-    slow_compute = _outliers(compute, stage, settings)
+    slow_compute = _outliers(compute, stage, settings, min_ratio=settings.min_slowdown)
     edges = {(peer, rank): wait for rank, c in window.items() for peer, wait in c.receive_wait_s.items()}
     slow_edges = _outliers(edges, lambda e: (stage(e[0]), stage(e[1])), settings, min_excess_s=settings.min_excess_s)
 

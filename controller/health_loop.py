@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller import chaos, flight, metrics
-from controller.attribution import Attribution, AttributionSettings, attribute, window_from_summaries
+from controller.attribution import Attribution, AttributionSettings, RankComm, attribute, window_from_summaries
 from controller.detection import (
     HangDecision,
     StragglerDecision,
@@ -230,19 +230,17 @@ def comm_window(plan: Plan, ranks: Mapping[int, Mapping[str, Any]], *, min_steps
     return window, {w.rank: w.pp_rank for w in plan.workers}
 
 
-def comm_gauges(plan: Plan, ranks: Mapping[int, Mapping[str, Any]]) -> dict[tuple[str, str], float]:
-    """(rank, kind) -> median wait seconds per step (kind "compute": compute) of the plan's ranks
-    whose ``comm`` summary is of the plan's generation: what ``tenax_rank_compute_seconds`` and
-    ``tenax_rank_comm_wait_seconds`` export. Pure."""
+def link_waits(plan: Plan, ranks: Mapping[int, Mapping[str, Any]]) -> dict[tuple[str, str], float]:
+    """(sender, receiver) -> the receiver's median wait seconds per step for the sender's pipeline
+    transfers, from the ``comm`` summaries of the plan's generation: what
+    ``tenax_pipeline_link_wait_seconds`` exports. Pure."""
     out: dict[tuple[str, str], float] = {}
     for w in plan.workers:
         comm = (ranks.get(w.rank) or {}).get("comm")
         if not (isinstance(comm, dict) and int(_number(comm.get("generation"))) == plan.generation):
             continue
-        out[(str(w.rank), "compute")] = _number(comm.get("compute"))
-        kinds = comm.get("kind")
-        for kind, seconds in (kinds.items() if isinstance(kinds, dict) else ()):
-            out[(str(w.rank), str(kind)[:64])] = _number(seconds)
+        waits = window_from_summaries({w.rank: comm}).get(w.rank, RankComm(compute_s=0.0)).receive_wait_s
+        out.update({(str(peer), str(w.rank)): seconds for peer, seconds in waits.items()})
     return out
 
 
@@ -536,8 +534,9 @@ class HealthLoop:
         recent, long_enough = decision_window(window, self.settings.straggler)
         comm, stage_of = comm_window(plan, ranks, min_steps=min(self.settings.straggler.window_steps,
                                                                  COMM_SUMMARY_STEPS))
-        attribution, why = attribute(comm, self.settings.attribution, stage_of) if comm and long_enough \
-            else (Attribution(), "")
+        # one knob says how much slower compute must be to count, for flags and attribution alike
+        judged = dataclasses.replace(self.settings.attribution, min_slowdown=self.settings.straggler.min_slowdown)
+        attribution, why = attribute(comm, judged, stage_of) if comm and long_enough else (Attribution(), "")
         decision, spared = spare_link_ranks(decision, attribution)
         if spared:
             reason = f"{spared}; {reason}"
@@ -598,19 +597,12 @@ class HealthLoop:
             log.warning("job %s straggler (alert only): %s", job.id, reason)
 
     def _comm_metrics(self, job: JobView, ranks) -> None:
-        values = comm_gauges(job.plan, ranks)
-        for (rank, kind), seconds in values.items():
-            if kind == "compute":
-                metrics.RANK_COMPUTE.labels(job.id, rank).set(seconds)
-            else:
-                metrics.RANK_COMM_WAIT.labels(job.id, rank, kind).set(seconds)
-        # series of ranks or kinds no longer reported (a smaller layout) go
-        for labels in list(metrics.RANK_COMM_WAIT._metrics):
+        values = link_waits(job.plan, ranks)
+        for (sender, receiver), seconds in values.items():
+            metrics.LINK_WAIT.labels(job.id, sender, receiver).set(seconds)
+        for labels in list(metrics.LINK_WAIT._metrics):  # edges of an older layout go
             if labels[0] == job.id and (labels[1], labels[2]) not in values:
-                metrics.RANK_COMM_WAIT.remove(*labels)
-        for labels in list(metrics.RANK_COMPUTE._metrics):
-            if labels[0] == job.id and (labels[1], "compute") not in values:
-                metrics.RANK_COMPUTE.remove(*labels)
+                metrics.LINK_WAIT.remove(*labels)
 
     async def _request(self, job: JobView, memory: _JobMemory, kind: str, reason: str, decided_at: int,
                        ranks: Sequence[int], now: float, call) -> None:

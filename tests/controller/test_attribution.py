@@ -138,3 +138,10 @@ def test_of_a_pairs_two_slow_directions_the_larger_is_the_origin():
     window[0] = RankComm(compute_s=0.2, receive_wait_s={1: 0.40})
     decision, reason = attribute(window, S, stage_of)
     assert decision.link_pairs == ((0, 1),), reason
+
+
+def test_a_compute_time_a_little_above_its_peer_is_not_slow():
+    window, stage_of = pp2_dp2(compute={0: 0.23}, waits={(0, 1): 0.45})  # 13% above rank 2, z > 3.5
+    assert attribute(window, AttributionSettings(min_spread=0.01, min_slowdown=0.05), stage_of)[0].compute_ranks == (0,)
+    decision, _ = attribute(window, AttributionSettings(min_spread=0.01, min_slowdown=0.2), stage_of)
+    assert decision.compute_ranks == () and decision.link_pairs == ((0, 1),)

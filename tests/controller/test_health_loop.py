@@ -552,9 +552,9 @@ def test_loop_reports_a_slow_link_in_the_straggler_event_and_metrics_but_changes
                                      "sender_compute_s": 0.2, "sender_compute_reference_s": 0.2}]
     assert event["message"].startswith("slow communication: link rank 0 -> rank 1 slow: rank 1 waits 0.450s/step")
     assert event["step"] == 30
-    # the gauges of the dashboard's communication vs compute panel
-    assert metrics.RANK_COMPUTE.labels(JOB, "1")._value.get() == 0.2
-    assert metrics.RANK_COMM_WAIT.labels(JOB, "1", "pipeline receive")._value.get() == 0.45
+    # the dashboard's pipeline link panel
+    assert metrics.LINK_WAIT.labels(JOB, "0", "1")._value.get() == 0.45
+    assert metrics.LINK_WAIT.labels(JOB, "2", "3")._value.get() == pytest.approx(0.056)
     asyncio.run(loop.tick(101.0))
     assert metrics.SLOW_LINKS.labels(JOB)._value.get() == before + 1, "the same link counted twice"
 
