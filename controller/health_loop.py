@@ -16,6 +16,11 @@ asks the pure decisions of controller/detection.py, and acts:
             at a step boundary (``Recovery.request_rebalance``; the global batch is
             unchanged), ``evict`` a persistently slow rank to a spare at a step boundary
             (``Recovery.request_migration``), or ``alert`` only (log + metrics).
+* link      the agents' per-rank ``comm`` summaries (medians of compute and of the waits per
+            pipeline peer) -> controller/attribution.py: a receiver that waits on one sender
+            while the sender computes normally names the link (or the sender's sending
+            side), in the ``straggler`` event (``attribution``) and ``tenax_slow_links_total``;
+            no plan change, and an eviction never moves a rank for a link.
 * degraded  a node whose agent reports DEGRADED or FAILED (XID, ECC, remapping,
             throttling...) and still runs workers -> drain it: cordon, and the
             recovery moves its workers at a step boundary (``Recovery.request_drain``).
@@ -48,11 +53,11 @@ from controller import chaos, flight, metrics
 from controller.attribution import Attribution, AttributionSettings, RankComm, attribute, window_from_summaries
 from controller.detection import (
     HangDecision,
-    StragglerDecision,
     HangSettings,
     RankProgress,
     StepTiming,
     StragglerAction,
+    StragglerDecision,
     StragglerPolicy,
     StragglerSettings,
     decide_straggler,
