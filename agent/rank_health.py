@@ -12,6 +12,13 @@ most once per ``interval_s``, writes ONE key per job and node,
         "pid", "generation", "step", "progress_at", "heartbeat_at", "phase", "stopped",
         "steps": [[step, compute_s, collective_wait_s, step_time_s, generation], ...]}}}
 
+``comm`` (issue #20) summarises the rank's last ``COMM_STEPS`` steps of its current generation
+from the step lines' ``comm`` (trainer/comm.py): ``{"n": steps, "compute": median compute s,
+"kind": {what: median wait s}, "peer": {"what|peer": median wait s}}``, rounded to 0.1 ms
+and at most ``COMM_KEYS`` entries each (the largest), so a write stays a few hundred bytes
+per rank (``comm_summary``); the controller attributes slowness to compute or to a link with
+it (controller/attribution.py).
+
 ``steps`` holds the last ``KEEP_STEPS`` steps (not only the new ones), so a
 write the controller misses costs nothing. ``stopped`` is the kernel's view of
 the worker (state T: SIGSTOP), the strongest evidence of a hung rank.
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,6 +48,12 @@ KEEP_STEPS = 64
 """Recent steps per rank in each write (bounds the value at a few KiB)."""
 READ_LIMIT = 1 << 20
 """Most bytes read from one metrics file per tick."""
+COMM_STEPS = 20
+"""Steps the ``comm`` summary of a rank spans (the controller's default straggler window)."""
+COMM_KEYS = 12
+"""Most kinds, and most peers, in one rank's ``comm`` summary (the largest waits are kept)."""
+COMM_DIGITS = 4
+"""Seconds in the ``comm`` summary are rounded to this many decimals (0.1 ms)."""
 
 
 def process_stopped(pid: int) -> bool | None:
@@ -79,6 +93,31 @@ def step_timing(record: dict[str, Any]) -> list[float] | None:
             int(_number(record.get("generation")) or 0)]
 
 
+def _medians(dicts: list[dict], limit: int) -> dict[str, float]:
+    """Per key, the median over ``dicts`` (a key missing from one counts as 0 there); the
+    ``limit`` largest, rounded."""
+    keys = {k for d in dicts for k in d}
+    medians = {k: statistics.median(float(d.get(k, 0.0)) for d in dicts) for k in keys}
+    top = sorted(medians, key=lambda k: (-medians[k], k))[:limit]
+    return {k: round(medians[k], COMM_DIGITS) for k in sorted(top)}
+
+
+def comm_summary(samples: list[tuple[int, float, dict]]) -> dict[str, Any] | None:
+    """The ``comm`` entry of a rank from its recent ``(generation, compute_s, comm)`` samples
+    (oldest first): medians over the newest generation's last ``COMM_STEPS``; None without
+    samples. Pure."""
+    if not samples:
+        return None
+    generation = samples[-1][0]
+    recent = [s for s in samples if s[0] == generation][-COMM_STEPS:]
+    kinds = [s[2].get("kind") if isinstance(s[2].get("kind"), dict) else {} for s in recent]
+    peers = [s[2].get("peer") if isinstance(s[2].get("peer"), dict) else {} for s in recent]
+    return {"n": len(recent), "generation": generation,
+            "compute": round(statistics.median(s[1] for s in recent), COMM_DIGITS),
+            "kind": _medians([{k: v for k, v in d.items() if _number(v) is not None} for d in kinds], COMM_KEYS),
+            "peer": _medians([{k: v for k, v in d.items() if _number(v) is not None} for d in peers], COMM_KEYS)}
+
+
 @dataclass
 class RankTail:
     """What we know of one worker process (a restart is a new pid, a new tail)."""
@@ -96,6 +135,8 @@ class RankTail:
     progress_at: float = 0.0
     heartbeat_at: float | None = None
     phase: str = ""
+    comm: deque = field(default_factory=lambda: deque(maxlen=COMM_STEPS))
+    """(generation, compute_s, the step line's ``comm``) of the recent steps that carry one."""
 
     def ingest(self, record: dict[str, Any]) -> bool:
         """One metrics line; True if it changed what we publish."""
@@ -110,6 +151,8 @@ class RankTail:
         if timing is None:
             return False
         self.steps.append(timing)
+        if isinstance(record.get("comm"), dict):
+            self.comm.append((int(timing[4]), timing[1], record["comm"]))
         self.step = int(timing[0])
         self.progress_at = _number(record.get("time")) or time.time()
         self.heartbeat_at = max(self.heartbeat_at or 0.0, self.progress_at)
@@ -141,7 +184,8 @@ class RankTail:
     def summary(self, stopped: bool | None) -> dict[str, Any]:
         return {"pid": self.pid, "generation": self.generation, "step": self.step,
                 "progress_at": self.progress_at or self.started, "heartbeat_at": self.heartbeat_at,
-                "phase": self.phase, "stopped": stopped, "steps": list(self.steps)}
+                "phase": self.phase, "stopped": stopped, "steps": list(self.steps),
+                **({"comm": summary} if (summary := comm_summary(list(self.comm))) else {})}
 
 
 class RankHealthPublisher:

@@ -84,12 +84,20 @@ def describe(event: JobEventRecord) -> str:
     if event.kind == "recovery":
         return (f"recovered from {d.get('cause', '?')} in {float(d.get('total_s', 0) or 0):.2f} s "
                 f"(generation {d.get('generation', '?')}, {_layout(d.get('old_layout'))} -> "
-                f"{_layout(d.get('new_layout'))}, steps lost {d.get('steps_lost', 0)})")
+                f"{_layout(d.get('new_layout'))}, steps lost {d.get('steps_lost', 0)})"
+                + (f"; survivors' communication failed: {d['comm_error']} ({d.get('comm_error_detail', '')})"
+                   if d.get("comm_error") else ""))
     if event.kind == "straggler":
         flagged = d.get("flagged") if isinstance(d.get("flagged"), dict) else {}
         ranks = ", ".join(f"rank {r} (score {v.get('score', '?')})" for r, v in flagged.items()
                           if isinstance(v, dict))
-        text = f"straggler: {ranks or 'no rank'} flagged (policy {d.get('policy', '?')})"
+        attribution = d.get("attribution") if isinstance(d.get("attribution"), dict) else {}
+        if ranks or not attribution:
+            text = f"straggler: {ranks or 'no rank'} flagged (policy {d.get('policy', '?')})"
+            if attribution.get("reason"):
+                text += f"; {attribution['reason']}"
+        else:  # only communication: a slow link or peer (controller/attribution.py), no plan change
+            text = f"slow communication: {attribution.get('reason', '')}"
         if d.get("action"):
             text += f"; {d['action']} at step {d.get('action_step', '?')}: {d.get('action_reason', '')}"
         return text

@@ -16,6 +16,11 @@ asks the pure decisions of controller/detection.py, and acts:
             at a step boundary (``Recovery.request_rebalance``; the global batch is
             unchanged), ``evict`` a persistently slow rank to a spare at a step boundary
             (``Recovery.request_migration``), or ``alert`` only (log + metrics).
+* link      the agents' per-rank ``comm`` summaries (medians of compute and of the waits per
+            pipeline peer) -> controller/attribution.py: a receiver that waits on one sender
+            while the sender computes normally names the link (or the sender's sending
+            side), in the ``straggler`` event (``attribution``) and ``tenax_slow_links_total``;
+            no plan change, and an eviction never moves a rank for a link.
 * degraded  a node whose agent reports DEGRADED or FAILED (XID, ECC, remapping,
             throttling...) and still runs workers -> drain it: cordon, and the
             recovery moves its workers at a step boundary (``Recovery.request_drain``).
@@ -45,12 +50,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller import chaos, flight, metrics
+from controller.attribution import Attribution, AttributionSettings, RankComm, attribute, window_from_summaries
 from controller.detection import (
     HangDecision,
     HangSettings,
     RankProgress,
     StepTiming,
     StragglerAction,
+    StragglerDecision,
     StragglerPolicy,
     StragglerSettings,
     decide_straggler,
@@ -79,6 +86,10 @@ SIGSTOPped) while the others re-plan never joins the new generation's rendezvous
 recovery would wait for it forever; its starting ranks get the startup timeout (stopped
 ones the floor, ``hang_decision``)."""
 
+COMM_SUMMARY_STEPS = 20
+"""Steps an agent's per-rank ``comm`` summary spans at most (agent/rank_health.py ``COMM_STEPS``):
+the attribution waits for min(straggler window, this) steps of every rank."""
+
 STRAGGLER_EVENT_PART = 5
 """The straggler event of plan generation g sits at ``Keys.job_event(job, g * 10 + 5)``: job
 events sort by generation, and controller/recovery.py writes parts 0 (plan) and 1 (recovery)."""
@@ -95,6 +106,9 @@ class HealthSettings:
     """When a rank that makes no progress is declared hung (controller/detection.py)."""
     straggler: StragglerSettings = field(default_factory=StragglerSettings)
     """When a rank is flagged as a straggler, and when the loop acts on it (controller/detection.py)."""
+    attribution: AttributionSettings = field(default_factory=AttributionSettings)
+    """When a slow pipeline link (or a peer's sending side) is told apart from slow compute
+    (controller/attribution.py)."""
     switch_ahead_steps: int = 5
     """A rebalance switches this many steps after the latest step seen (steps, >= 1): every
     rank must read the new plan before it reaches the boundary."""
@@ -199,6 +213,64 @@ def step_window(plan: Plan, ranks: Mapping[int, Mapping[str, Any]]) -> list[Step
                                  collective_wait_s={r: max(t[1] - fastest, 0.0) for r, t in timings.items()},
                                  step_time_s=max(t[2] for t in timings.values())))
     return window
+
+
+def comm_window(plan: Plan, ranks: Mapping[int, Mapping[str, Any]], *, min_steps: int):
+    """(rank -> RankComm, rank -> pipeline stage) from the agents' ``comm`` summaries of the plan's
+    generation, each over at least ``min_steps`` steps; ({}, {}) until every rank of the plan has
+    one (a partial window would compare a replica with nothing). Seconds are scaled to an even
+    share, as in ``step_window``. Pure."""
+    even = sum(plan.sample_shares) / plan.dp
+    summaries, scale = {}, {}
+    for w in plan.workers:
+        comm = (ranks.get(w.rank) or {}).get("comm")
+        if not (isinstance(comm, dict) and int(_number(comm.get("generation"))) == plan.generation
+                and int(_number(comm.get("n"))) >= min_steps):
+            return {}, {}
+        summaries[w.rank] = comm
+        scale[w.rank] = even / plan.sample_shares[w.dp_rank]
+    window = window_from_summaries(summaries, scale=scale)
+    if len(window) != plan.world_size:
+        return {}, {}
+    return window, {w.rank: w.pp_rank for w in plan.workers}
+
+
+def link_waits(plan: Plan, ranks: Mapping[int, Mapping[str, Any]]) -> dict[tuple[str, str], float]:
+    """(sender, receiver) -> the receiver's median wait seconds per step for the sender's pipeline
+    transfers, from the ``comm`` summaries of the plan's generation: what
+    ``tenax_pipeline_link_wait_seconds`` exports. Pure."""
+    out: dict[tuple[str, str], float] = {}
+    for w in plan.workers:
+        comm = (ranks.get(w.rank) or {}).get("comm")
+        if not (isinstance(comm, dict) and int(_number(comm.get("generation"))) == plan.generation):
+            continue
+        waits = window_from_summaries({w.rank: comm}).get(w.rank, RankComm(compute_s=0.0)).receive_wait_s
+        out.update({(str(peer), str(w.rank)): seconds for peer, seconds in waits.items()})
+    return out
+
+
+def spare_link_ranks(decision: StragglerDecision, attribution: Attribution) -> tuple[StragglerDecision, str]:
+    """An eviction never moves a rank whose slowness the attribution puts on a link and not on
+    its compute (moving a healthy rank does not fix its peer's link): such ranks leave
+    ``evict_ranks`` (an eviction left with none becomes an alert). Pure."""
+    if decision.action is not StragglerAction.EVICT:
+        return decision, ""
+    on_links = {r for link in attribution.links for r in (link.sender, link.receiver)}
+    spared = [r for r in decision.evict_ranks if r in on_links and r not in attribution.compute_ranks]
+    if not spared:
+        return decision, ""
+    keep = tuple(r for r in decision.evict_ranks if r not in spared)
+    note = f"not evicting ranks {spared}: their slowness is a link's, not their compute's"
+    if keep:
+        return dataclasses.replace(decision, evict_ranks=keep), note
+    return dataclasses.replace(decision, action=StragglerAction.ALERT, evict_ranks=()), note
+
+
+def with_attribution(data: Mapping[str, Any], attribution: Attribution, reason: str, *, step: int) -> dict[str, Any]:
+    """``data`` (a straggler event) with the communication vs compute attribution decided at
+    ``step``: the slow-compute ranks, links and peers it names, with their numbers, and the
+    readable ``reason``. Pure."""
+    return {**data, "attribution": {**attribution.to_dict(), "step": step, "reason": reason[:1000]}}
 
 
 def stepped_in_generation(entry: Mapping[str, Any], generation: int) -> bool:
@@ -344,6 +416,8 @@ class _JobMemory:
     seen_at: float = 0.0
     killed: set[int] = field(default_factory=set)
     flagged: set[int] = field(default_factory=set)
+    links: set[tuple[int, int]] = field(default_factory=set)
+    """(sender, receiver) links already reported as slow in this generation."""
     acted: bool = False
     """A straggler action (rebalance/evict) was requested in this generation."""
     last_reason: str = ""
@@ -460,20 +534,38 @@ class HealthLoop:
             pp=plan.pp, spare_available=spare_exists(nodes, avoid), settings=self.settings.straggler)
         for rank, score in decision.scores.items():
             metrics.STRAGGLER_SCORE.labels(job.id, str(rank)).set(score)
+        self._comm_metrics(job, ranks)
         decided_at = window[-1].step
+        recent, long_enough = decision_window(window, self.settings.straggler)
+        comm, stage_of = comm_window(plan, ranks, min_steps=min(self.settings.straggler.window_steps,
+                                                                 COMM_SUMMARY_STEPS))
+        # one knob says how much slower compute must be to count, for flags and attribution alike
+        judged = dataclasses.replace(self.settings.attribution, min_slowdown=self.settings.straggler.min_slowdown)
+        attribution, why = attribute(comm, judged, stage_of) if comm and long_enough else (Attribution(), "")
+        decision, spared = spare_link_ranks(decision, attribution)
+        if spared:
+            reason = f"{spared}; {reason}"
         new = [rank for rank in decision.flagged_ranks if rank not in memory.flagged]
-        if new:
+        new_links = [link for link in attribution.links if (link.sender, link.receiver) not in memory.links]
+        if new or new_links:
             # the record first: if etcd refuses it, the next pass flags (and counts) these ranks again
             event = straggler_event(memory.event, generation=plan.generation, policy=policy_of(job).value,
                                     flagged={r: decision.scores.get(r, 0.0) for r in new},
                                     decided_at_step=decided_at, seen_step=latest_step_seen(plan, ranks), now=now)
+            if attribution.links or attribution.compute_ranks:
+                event = with_attribution(event, attribution, why, step=decided_at)
             await self._write_event(job, memory, event, now)
+            for link in new_links:
+                memory.links.add((link.sender, link.receiver))
+                metrics.SLOW_LINKS.labels(job.id).inc()
+                log.warning("job %s slow link rank %d -> rank %d at step %d (no plan change: %s)", job.id,
+                            link.sender, link.receiver, decided_at, why)
+                self.actions.append(("link", f"{job.id}/{link.sender}->{link.receiver}", why))
             for rank in new:
                 memory.flagged.add(rank)
                 metrics.STRAGGLERS_FLAGGED.labels(job.id).inc()
                 log.warning("job %s rank %d flagged as a straggler at step %d: %s", job.id, rank, decided_at, reason)
                 self.actions.append(("flag", f"{job.id}/{rank}", reason))
-        recent, long_enough = decision_window(window, self.settings.straggler)
         if memory.acted or job.status.phase != "RUNNING" or len(recent) < self.settings.straggler.window_steps \
                 or not long_enough:
             return  # one plan per generation; decide only on a full window
@@ -509,6 +601,14 @@ class HealthLoop:
             memory.last_reason = "alert"
             log.warning("job %s straggler (alert only): %s", job.id, reason)
 
+    def _comm_metrics(self, job: JobView, ranks) -> None:
+        values = link_waits(job.plan, ranks)
+        for (sender, receiver), seconds in values.items():
+            metrics.LINK_WAIT.labels(job.id, sender, receiver).set(seconds)
+        for labels in list(metrics.LINK_WAIT._metrics):  # edges of an older layout go
+            if labels[0] == job.id and (labels[1], labels[2]) not in values:
+                metrics.LINK_WAIT.remove(*labels)
+
     async def _request(self, job: JobView, memory: _JobMemory, kind: str, reason: str, decided_at: int,
                        ranks: Sequence[int], now: float, call) -> None:
         done, why = await call
@@ -532,6 +632,7 @@ class HealthLoop:
         updated only once it is written)."""
         key = self.c.keys.job_event(job.id, memory.generation * 10 + STRAGGLER_EVENT_PART)
         steps = [int(v.get("step", 0) or 0) for v in (data.get("flagged") or {}).values() if isinstance(v, dict)]
+        steps.append(int((data.get("attribution") or {}).get("step", 0) or 0))
         record = events.new_event("straggler", events.describe(JobEventRecord(kind="straggler", time=now, data=data)),
                                   now=now, step=int(data.get("action_step") or max(steps, default=0)),
                                   action=str(data.get("action", "")), data=data)

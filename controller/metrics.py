@@ -1,6 +1,7 @@
 """Controller metrics (Prometheus). Names are prefixed ``tenax_``; label sets
 are bounded: ``job`` (series removed when a job ends), ``rank`` (< world size),
-``phase``/``state``/``condition``/``cause`` (small enums).
+``phase``/``state``/``condition``/``cause`` (small enums), ``sender``/``receiver`` (the
+pipeline edges of a job: at most 2 x world size).
 
 This module is the catalog: ops/ dashboards and alert rules may use only the
 names defined here or in agent/metrics.py (a test checks it).
@@ -60,6 +61,12 @@ STRAGGLER_SCORE = Gauge("tenax_straggler_score",
                         ["job", "rank"], registry=REGISTRY)
 STRAGGLERS_FLAGGED = Counter("tenax_stragglers_flagged_total", "Ranks flagged as persistent stragglers",
                              ["job"], registry=REGISTRY)
+LINK_WAIT = Gauge("tenax_pipeline_link_wait_seconds",
+                  "Median seconds per step a pipeline stage waited for one peer's transfers over its recent steps "
+                  "(receiver rank <- sender rank)", ["job", "sender", "receiver"], registry=REGISTRY)
+SLOW_LINKS = Counter("tenax_slow_links_total",
+                     "Pipeline links (sender -> receiver) found slow while the sender's compute is normal",
+                     ["job"], registry=REGISTRY)
 HANGS_DETECTED = Counter("tenax_hangs_detected_total", "Ranks declared hung (no progress)", ["job"],
                          registry=REGISTRY)
 
@@ -81,7 +88,7 @@ def forget_job(job: str) -> None:
             metric.remove(job)
         except KeyError:
             pass
-    for metric in (STRAGGLER_SCORE, JOB_PHASE, JOB_RECOVERIES, JOB_LAST_RECOVERY, JOB_TIME_LOST):
+    for metric in (STRAGGLER_SCORE, JOB_PHASE, JOB_RECOVERIES, JOB_LAST_RECOVERY, JOB_TIME_LOST, LINK_WAIT):
         for labels in list(metric._metrics):  # (job, rank|phase|cause) pairs
             if labels[0] == job:
                 metric.remove(*labels)

@@ -398,7 +398,8 @@ class Recovery:
         recoveries = [dict(r) for r in job.status.recoveries]
         recoveries[index] = entry
         message = (f"recovered ({entry['cause']}) in {entry['total_s']:.2f} s, generation {job.plan.generation} "
-                   f"dp={job.plan.dp}·pp={job.plan.pp}")
+                   f"dp={job.plan.dp}·pp={job.plan.pp}"
+                   + (f"; survivors saw {entry['comm_error']}" if entry.get("comm_error") else ""))
         if await self._set_status(job, phase="RUNNING", message=message, now=now, recoveries=recoveries):
             record_metrics(job.id, entry)
             log.info("job %s: %s (detection %.3f plan %.3f rebuild %.3f transfer %.3f steps lost %d)", job.id,

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from common.comm_errors import most_telling
 from common.layout import buddy_ring, new_plan
 from protos.plan import Plan
 from common.spec import JobSpec
@@ -424,7 +425,9 @@ def complete_recovery(entry: Mapping[str, Any], reports: Sequence[Mapping[str, A
     own clock starts when it sees the plan, so for a planned switch it includes the wait for the
     survivors to reach the boundary, which stalls nobody. bytes_moved / bytes_local: the sums;
     steps_lost / at_step: the largest any rank saw; total: failure -> first step at the new
-    generation done by every rank (the latest of the ranks' first-step times).
+    generation done by every rank (the latest of the ranks' first-step times). comm_error: the
+    most telling class of the survivors' communication failures (common.comm_errors),
+    comm_errors: per rank of the new generation, comm_error_detail: the words behind it.
     """
     out = dict(entry)
     gen = int(entry.get("generation", 0))
@@ -441,6 +444,14 @@ def complete_recovery(entry: Mapping[str, Any], reports: Sequence[Mapping[str, A
         out["ranks_reported"] = len(mine)
         # the workers' own MTTR (noticed -> ready): for a planned switch, the stall at the boundary
         out["worker_total_s"] = max(float(r.get("total_s", 0.0) or 0.0) for r in timed)
+        # how the survivors' communication failed (common.comm_errors): the most telling class,
+        # per rank, and one rank's words for it
+        seen = {int(r.get("rank", -1)): (str(r.get("comm_error") or ""), str(r.get("comm_error_detail") or ""))
+                for r in mine if r.get("comm_error")}
+        if seen:
+            out["comm_error"] = most_telling(c for c, _ in seen.values())
+            out["comm_errors"] = {str(rank): c for rank, (c, _) in sorted(seen.items())}
+            out["comm_error_detail"] = next(d for c, d in seen.values() if c == out["comm_error"])
         bad = sorted({str(b) for r in mine for b in (r.get("bad_copies") or [])})
         if bad:
             out["bad_copies"] = bad

@@ -303,6 +303,16 @@ def job_detail() -> dict[str, Any]:
                        [target(f"max by (rank) (tenax_rank_compute_seconds{{{job}}})", "rank {{rank}} compute", "A"),
                         target(f"max by (rank, kind) (tenax_rank_comm_seconds{{{job}}})",
                                "rank {{rank}} {{kind}}", "B")], unit="s"), 24, 8)
+    lay.add(timeseries("Pipeline link waits",
+                       "Per pipeline link (sender -> receiver): the receiver's median wait per step for the "
+                       "sender's transfers over its recent steps (controller). A link far above the same stage "
+                       "pair of the other replicas, with a sender that computes normally, is a slow link or "
+                       "sending side: the straggler event names it.",
+                       targets((f"max by (sender, receiver) (tenax_pipeline_link_wait_seconds{{{job}}})",
+                                "{{sender}} -> {{receiver}}")), unit="s"), 18, 8)
+    lay.add(stat("Slow links", "Pipeline links found slow while their sender computes normally (no plan "
+                 "change: an event and this count).", f"max(tenax_slow_links_total{{{job}}})",
+                 thresholds=[(None, "green"), (1, "orange")]), 6, 8)
     lay.add(timeseries("Step time by rank", "", targets(
         (f"max by (rank) (tenax_rank_step_seconds{{{job}}})", "rank {{rank}}")), unit="s"), 12, 8)
     lay.add(timeseries("Last step by rank", "A rank that stops advancing is hung (or blocked behind one).",

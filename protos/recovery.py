@@ -41,6 +41,10 @@ Fields (times in seconds; ``*_s`` are durations measured on this worker):
     from_disk        true if the state came from the disk checkpoint
     bad_copies       descriptions of copies that failed their checksum (never used)
     time             unix time the record was written
+    comm_error       class of the communication failure that stopped this rank: "peer-died",
+                     "timeout", "nccl-error", "other" (common.comm_errors), "" when none did
+                     (a plan, a planned switch)
+    comm_error_detail the words of the exception that decided it
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class RecoveryRecord:
     local_gbps: float = 0.0
     network_s: float = 0.0
     network_gbps: float = 0.0
+    comm_error: str = ""
+    comm_error_detail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": RECOVERY_EVENT, **asdict(self)}

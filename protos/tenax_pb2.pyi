@@ -247,7 +247,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., node: _Optional[str] = ..., slot: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[str] = ...) -> None: ...
 
 class Recovery(_message.Message):
-    __slots__ = ("cause", "generation", "old_layout", "new_layout", "at_step", "detection_s", "plan_s", "rebuild_s", "transfer_s", "total_s", "steps_lost", "bytes_moved", "from_disk", "time", "bytes_local", "worker_total_s", "prepare_s")
+    __slots__ = ("cause", "generation", "old_layout", "new_layout", "at_step", "detection_s", "plan_s", "rebuild_s", "transfer_s", "total_s", "steps_lost", "bytes_moved", "from_disk", "time", "bytes_local", "worker_total_s", "prepare_s", "comm_error")
     CAUSE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     OLD_LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +265,7 @@ class Recovery(_message.Message):
     BYTES_LOCAL_FIELD_NUMBER: _ClassVar[int]
     WORKER_TOTAL_S_FIELD_NUMBER: _ClassVar[int]
     PREPARE_S_FIELD_NUMBER: _ClassVar[int]
+    COMM_ERROR_FIELD_NUMBER: _ClassVar[int]
     cause: str
     generation: int
     old_layout: Layout
@@ -282,7 +283,8 @@ class Recovery(_message.Message):
     bytes_local: int
     worker_total_s: float
     prepare_s: float
-    def __init__(self, cause: _Optional[str] = ..., generation: _Optional[int] = ..., old_layout: _Optional[_Union[Layout, _Mapping]] = ..., new_layout: _Optional[_Union[Layout, _Mapping]] = ..., at_step: _Optional[int] = ..., detection_s: _Optional[float] = ..., plan_s: _Optional[float] = ..., rebuild_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., total_s: _Optional[float] = ..., steps_lost: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., from_disk: _Optional[bool] = ..., time: _Optional[float] = ..., bytes_local: _Optional[int] = ..., worker_total_s: _Optional[float] = ..., prepare_s: _Optional[float] = ...) -> None: ...
+    comm_error: str
+    def __init__(self, cause: _Optional[str] = ..., generation: _Optional[int] = ..., old_layout: _Optional[_Union[Layout, _Mapping]] = ..., new_layout: _Optional[_Union[Layout, _Mapping]] = ..., at_step: _Optional[int] = ..., detection_s: _Optional[float] = ..., plan_s: _Optional[float] = ..., rebuild_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., total_s: _Optional[float] = ..., steps_lost: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., from_disk: _Optional[bool] = ..., time: _Optional[float] = ..., bytes_local: _Optional[int] = ..., worker_total_s: _Optional[float] = ..., prepare_s: _Optional[float] = ..., comm_error: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
     __slots__ = ("phase", "message", "step", "loss", "tokens_per_s", "generation", "layout", "workers", "recoveries", "recoverable_step", "created", "updated", "eta_s", "redundancy", "next_failure_cost", "goodput")

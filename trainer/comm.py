@@ -50,6 +50,24 @@ _kind_s: dict[str, float] = {}
 _peer_s: dict[str, float] = {}
 
 
+_send_delays: dict[int, float] = {}
+"""Global rank -> seconds each pipeline send to it is posted late (fault injection only:
+trainer/faults.py ``delay_send``)."""
+
+
+def set_send_delays(delays: dict[int, float]) -> None:
+    """Install (or, with {}, remove) the pipeline send delays of this process."""
+    _send_delays.clear()
+    _send_delays.update(delays)
+
+
+def before_send(peer: int) -> None:
+    """Called before a pipeline send to ``peer`` is posted: sleeps out an injected delay."""
+    delay = _send_delays.get(peer)
+    if delay:
+        time.sleep(delay)
+
+
 def drain() -> dict[str, dict[str, float]]:
     """``{"kind": {what: s}, "peer": {"what|peer": s}}`` since the last call; resets them."""
     out = {"kind": dict(_kind_s), "peer": dict(_peer_s)}

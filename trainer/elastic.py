@@ -98,6 +98,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from common import comm_errors
 from common.etcd import EtcdTls
 from protos import launch
 from protos.keys import Keys
@@ -135,6 +136,10 @@ class Stopped:
     planned: Plan | None = None
     trained: bool = True
     """False if the generation ended before it could train (a failure during a recovery)."""
+    comm_error: str = ""
+    """The class of the communication failure that stopped it (common.comm_errors; "" for none)."""
+    comm_error_detail: str = ""
+    """The words of the exception (or of the peer's abort reason) that decided the class."""
 
 
 class ElasticWorker:
@@ -211,13 +216,16 @@ class ElasticWorker:
             if resume is not None and not stopped.trained:
                 # a failure during a recovery: one outage, timed from the first notice
                 resume = dataclasses.replace(resume, cause=f"{resume.cause}+{stopped.cause}", reason=plan.reason,
-                                             plan_wait_s=time.monotonic() - resume.noticed)
+                                             plan_wait_s=time.monotonic() - resume.noticed,
+                                             comm_error=resume.comm_error or stopped.comm_error,
+                                             comm_error_detail=resume.comm_error_detail or stopped.comm_error_detail)
             else:
                 resume = Resume(cause=stopped.cause, reason=plan.reason, noticed=stopped.noticed,
                                 noticed_time=stopped.noticed_time, plan_wait_s=plan_wait_s,
                                 old_generation=old_plan.generation,
                                 old_layout=f"dp{old_plan.dp}pp{old_plan.pp}z{old_plan.zero_stage}",
-                                at_step=stopped.at_step)
+                                at_step=stopped.at_step, comm_error=stopped.comm_error,
+                                comm_error_detail=stopped.comm_error_detail)
 
     def _on_plan(self, plan: Plan) -> None:
         """Watch thread: a newer plan aborts the running generation if it switches now, or if
@@ -290,6 +298,7 @@ class ElasticWorker:
             raise
         finally:
             self._running_step = None
+            comm.set_send_delays({})  # injected delays name ranks of this generation only
             if gen.replicator is not None:
                 # Its replicas stay available (``Copies``): both buffers — the newest replica may
                 # be one step ahead of what a pipeline neighbour committed (it failed in the
@@ -335,14 +344,18 @@ class ElasticWorker:
         cause = {CommAborted: "comm-aborted", CommFailed: "comm-failed", TimeoutError: "timeout",
                  StoreUnreachable: "store-unreachable"}.get(
             type(exc), "comm-failed")
+        comm_error, detail = "", ""
         if watcher is not None and watcher.reason.startswith("plan generation"):
             cause = "plan"
+        elif not isinstance(exc, StoreUnreachable):
+            # CommAborted's text holds the abort key's reason: the exception a peer saw
+            comm_error, detail = comm_errors.classify(str(exc))
         noticed = watcher.aborted_at if watcher is not None and watcher.aborted_at else time.monotonic()
         noticed_time = time.time() - (time.monotonic() - noticed)
         at_step = trainer.step if trainer is not None else self._last_step
         log.warning("rank %s generation %d stopped at step %d: %s", gen.rank, gen.plan.generation, at_step, exc)
         return Stopped(cause=cause, noticed=noticed, noticed_time=noticed_time, at_step=at_step,
-                       trained=gen.trained)
+                       trained=gen.trained, comm_error=comm_error, comm_error_detail=detail)
 
     # ------------------------------------------------------------ TRANSFERRING
     def _transfer(self, generation: int, rank: int, layout, resume: Resume, wait, into=None) -> Restored:
@@ -378,6 +391,7 @@ class ElasticWorker:
         # any -> all skip that boundary's round (rounds on both ends of a pair stay matched)
         trainer.vote = lambda: 1 if gen.replicator is not None and gen.replicator.busy else 0
         kill = self.faults.kill_at(gen.plan.generation, gen.rank)
+        delays = self.faults.send_delays(gen.plan.generation, gen.rank)
         gen.first_step = trainer.step
         gen.trained = True
         threading.Thread(target=warm_up_layout_math, args=(self.spec.model, trainer.layout),
@@ -393,6 +407,8 @@ class ElasticWorker:
             if kill is not None and trainer.step == kill.step:
                 self.faults.fire_kill(kill, replicator=gen.replicator, disk=self.disk,
                                       flush_timeout_s=self.settings.collective_timeout_s)
+            if delays:
+                comm.set_send_delays({p: s for p, (s, first) in delays.items() if trainer.step + 1 >= first})
             trainer.train_step()
             self._last_step = trainer.step
             if self.snapshots_on and self._snapshot_due(gen, trainer.step):

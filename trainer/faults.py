@@ -9,6 +9,9 @@
     kind=corrupt-replica at recovery, flip a byte in each buddy replica it holds
     kind=kill-in-transfer SIGKILL at the start of the transfer of generation ``gen``
                          (``rank``: the rank in that generation's transfer group)
+    kind=delay_send      every pipeline send of ``rank`` to global rank ``peer`` is posted
+                         ``seconds`` late (a slow link or sending side: the sender's compute
+                         is untouched, the receiver waits), from step ``step`` (default: all)
     ``rank`` is the rank in generation ``gen`` (default 1).
 """
 
@@ -32,6 +35,10 @@ class Fault:
     step: int = -1
     gen: int = 1
     when: str = "between"
+    peer: int = -1
+    """delay_send: the global rank whose sends are delayed (in generation ``gen``)."""
+    seconds: float = 0.0
+    """delay_send: how late each send is posted (seconds)."""
 
 
 def parse_faults(raw: str) -> list[Fault]:
@@ -39,7 +46,11 @@ def parse_faults(raw: str) -> list[Fault]:
     for item in filter(None, (part.strip() for part in raw.split(";"))):
         fields = dict(kv.split("=", 1) for kv in item.split(","))
         faults.append(Fault(kind=fields["kind"], rank=int(fields["rank"]), step=int(fields.get("step", -1)),
-                            gen=int(fields.get("gen", 1)), when=fields.get("when", "between")))
+                            gen=int(fields.get("gen", 1)), when=fields.get("when", "between"),
+                            peer=int(fields.get("peer", -1)), seconds=float(fields.get("seconds", 0.0))))
+    for f in faults:
+        if f.kind == "delay_send" and (f.peer < 0 or not f.seconds > 0):
+            raise ValueError(f"delay_send: needs peer >= 0 and seconds > 0, got {f}")
     return faults
 
 
@@ -64,6 +75,12 @@ class FaultInjector:
             if f.kind == "kill" and f.gen == generation and f.rank == rank:
                 return f
         return None
+
+    def send_delays(self, generation: int, rank: int) -> dict[int, tuple[float, int]]:
+        """peer -> (seconds each pipeline send to it is posted late, from step) for ``rank`` of
+        ``generation`` (``delay_send`` faults; empty: none)."""
+        return {f.peer: (f.seconds, f.step) for f in self.faults
+                if f.kind == "delay_send" and f.gen == generation and f.rank == rank}
 
     def fire_kill(self, fault: Fault, *, replicator, disk, flush_timeout_s: float) -> None:
         """Die like a lost machine. ``when=between``/``mid``: once ``fault.step`` is recoverable

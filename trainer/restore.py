@@ -35,6 +35,9 @@ class Resume:
     old_generation: int
     old_layout: str
     at_step: int
+    comm_error: str = ""
+    """Class of the communication failure that stopped the generation (common.comm_errors)."""
+    comm_error_detail: str = ""
 
 
 @dataclass
@@ -190,7 +193,8 @@ def recovery_record(trainer, restored: Restored, resume: Resume, rebuild_s: floa
         from_disk=restored.from_disk, bad_copies=restored.bad_copies, time=time.time(),
         verify_s=restored.verify_s, local_s=restored.local_s, network_s=restored.network_s,
         local_gbps=gbps(restored.local, restored.verify_s + restored.local_s),
-        network_gbps=gbps(restored.received, restored.network_s))
+        network_gbps=gbps(restored.received, restored.network_s),
+        comm_error=resume.comm_error, comm_error_detail=resume.comm_error_detail)
 
 
 def gbps(nbytes: int, seconds: float) -> float:

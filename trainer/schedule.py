@@ -84,6 +84,7 @@ class PipelineStageRunner:
 
     def _send(self, tensor: torch.Tensor, dst: int) -> tuple[object, torch.Tensor]:
         """Post a send of ``tensor`` (fp32, contiguous); (work, what must stay alive until it is sent)."""
+        comm.before_send(dst)
         if not self.stage_through_host:
             return dist.isend(tensor, dst=dst), tensor
         host = self._host_buffer(tensor.shape)

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.rank_health import RankHealthPublisher, RankTail, process_stopped, step_timing
+from agent.rank_health import (COMM_KEYS, COMM_STEPS, RankHealthPublisher, RankTail, comm_summary, process_stopped,
+                               step_timing)
 from agent.telemetry import (DEGRADED, FAILED, HEALTHY, FileGpuSource, GpuSample, NvmlSource, gpu_condition,
                              node_condition, open_gpu_source)
 from protos.keys import Keys
@@ -139,6 +140,34 @@ def test_rank_tail_reads_whole_lines_heartbeats_and_steps(tmp_path):
     summary = tail.summary(stopped=False)
     assert summary["steps"] == [[1, 0.4, 0.0, 0.5, 1]] and summary["progress_at"] == 6.0
     assert summary["heartbeat_at"] == 6.0 and summary["stopped"] is False
+
+
+def test_comm_summary_is_medians_of_the_newest_generation_rounded_and_bounded(tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = []
+    for step in range(1, 41):
+        generation = 1 if step <= 5 else 2
+        peer = {"pipeline receive|1": 0.5 if step % 2 else 0.3, "pipeline receive|3": 0.0123456}
+        if step % 3 == 0:
+            peer.pop("pipeline receive|3")  # a step without it waited 0 there
+        peer.update({f"pipeline receive|{p}": 0.001 * p for p in range(10, 10 + COMM_KEYS)})
+        lines.append({"step": step, "compute_time": 0.2 + 0.001 * step, "step_time": 1.0, "generation": generation,
+                      "time": float(step), "comm": {"kind": {"gradient all-reduce": 0.05, "pipeline receive": 0.4},
+                                                    "peer": peer}})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    tail = RankTail(job="j", rank=2, pid=1, generation=2, path=path, offset=0, started=1.0)
+    tail.read_new_lines()
+    comm = tail.summary(stopped=False)["comm"]
+    assert comm["n"] == COMM_STEPS and comm["generation"] == 2
+    assert comm["compute"] == round(0.2 + 0.001 * 30.5, 4)  # median of steps 21..40
+    assert comm["kind"] == {"gradient all-reduce": 0.05, "pipeline receive": 0.4}
+    assert comm["peer"]["pipeline receive|1"] == 0.4 and comm["peer"]["pipeline receive|3"] == 0.0123
+    assert len(comm["peer"]) == COMM_KEYS  # the smallest waits left out
+    assert "pipeline receive|10" not in comm["peer"]
+    assert len(json.dumps(comm)) < 600
+    # only the newest generation's steps; nothing without samples
+    assert comm_summary([(1, 0.1, {"kind": {"a": 1.0}}), (2, 0.2, {"kind": {"b": 0.5}})])["kind"] == {"b": 0.5}
+    assert comm_summary([]) is None
 
 
 def test_process_stopped_reads_the_kernel_state():

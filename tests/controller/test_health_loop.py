@@ -508,3 +508,87 @@ def test_spare_exists_skips_avoided_slots():
     nodes["a"].used = frozenset({0})
     assert spare_exists(nodes, avoid={("a", 1)})  # b/0 is free
     assert not spare_exists(nodes, avoid={("a", 1), ("b", 0)})
+
+
+# ------------------------------------------------------------------ communication vs compute (issue #20)
+def comm_entry(rank: int, *, compute=0.2, waits=None, generation=1, n=20):
+    """A rank of the dp2·pp2 example (rank = dp * 2 + stage) with the agent's comm summary."""
+    peer = rank + 1 if rank % 2 == 0 else rank - 1
+    base = 0.05 if rank % 2 else 0.3  # stage 1 waits for activations, stage 0 for gradients (1F1B)
+    wait = (waits or {}).get((peer, rank), base + 0.002 * rank)
+    e = entry(step=30, progress_at=99.9, steps=steps_of(1, 30, compute), generation=generation)
+    e["comm"] = {"n": n, "generation": generation, "compute": compute,
+                 "kind": {"pipeline receive": wait, "gradient all-reduce": 0.02},
+                 "peer": {f"pipeline receive|{peer}": wait, f"pipeline send|{peer}": 0.001}}
+    return e
+
+
+def test_comm_window_needs_every_rank_of_the_generation_over_enough_steps():
+    from controller.health_loop import comm_window
+
+    plan = plan_for(spec())
+    ranks = {r: comm_entry(r) for r in range(4)}
+    window, stage_of = comm_window(plan, ranks, min_steps=12)
+    assert set(window) == {0, 1, 2, 3} and stage_of == {0: 0, 1: 1, 2: 0, 3: 1}
+    assert window[1].receive_wait_s == {0: pytest.approx(0.052)}
+    assert comm_window(plan, {**ranks, 3: comm_entry(3, n=5)}, min_steps=12) == ({}, {})
+    assert comm_window(plan, {**ranks, 3: comm_entry(3, generation=2)}, min_steps=12) == ({}, {})
+    assert comm_window(plan, {r: e for r, e in ranks.items() if r != 2}, min_steps=12) == ({}, {})
+
+
+def test_loop_reports_a_slow_link_in_the_straggler_event_and_metrics_but_changes_no_plan():
+    s = spec()  # dp2 x pp2, policy evict with spares around: still nothing to move for a link
+    c, plan = controller_with_job(s, policy="evict")
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings())
+    publish(c, plan, {r: comm_entry(r, waits={(0, 1): 0.45}) for r in range(4)})
+    before = metrics.SLOW_LINKS.labels(JOB)._value.get()
+    asyncio.run(loop.tick(100.0))
+    assert c.recovery.calls == [], "a healthy rank moved for a link"
+    assert metrics.SLOW_LINKS.labels(JOB)._value.get() == before + 1
+    [event] = straggler_events(c).values()
+    attribution = event["data"]["attribution"]
+    assert event["data"]["flagged"] == {} and attribution["compute_ranks"] == [] and attribution["step"] == 30
+    assert attribution["links"] == [{"sender": 0, "receiver": 1, "wait_s": 0.45, "reference_s": 0.056,
+                                     "sender_compute_s": 0.2, "sender_compute_reference_s": 0.2}]
+    assert event["message"].startswith("slow communication: link rank 0 -> rank 1 slow: rank 1 waits 0.450s/step")
+    assert event["step"] == 30
+    # the dashboard's pipeline link panel
+    assert metrics.LINK_WAIT.labels(JOB, "0", "1")._value.get() == 0.45
+    assert metrics.LINK_WAIT.labels(JOB, "2", "3")._value.get() == pytest.approx(0.056)
+    asyncio.run(loop.tick(101.0))
+    assert metrics.SLOW_LINKS.labels(JOB)._value.get() == before + 1, "the same link counted twice"
+
+
+def test_loop_names_a_slow_ranks_compute_not_the_link_its_peer_waits_on():
+    s = spec()
+    c, plan = controller_with_job(s, policy="alert")
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings())
+    publish(c, plan, {r: comm_entry(r, compute=0.6 if r == 2 else 0.2, waits={(2, 3): 0.45}) for r in range(4)})
+    asyncio.run(loop.tick(100.0))
+    [event] = straggler_events(c).values()
+    data = event["data"]
+    assert set(data["flagged"]) == {"2"} and data["attribution"]["compute_ranks"] == [2]
+    assert data["attribution"]["links"] == []
+    assert "rank 2 compute slow: 0.600s/step vs 0.200s on its stage (explains the waits of [3])" in event["message"]
+
+
+def test_an_eviction_spares_a_rank_whose_slowness_is_a_link():
+    from controller.attribution import Attribution, SlowLink
+    from controller.detection import StragglerAction, StragglerDecision
+    from controller.health_loop import spare_link_ranks
+
+    link = SlowLink(sender=0, receiver=1, wait_s=0.4, reference_s=0.05, sender_compute_s=0.2,
+                    sender_compute_reference_s=0.2)
+    evict = StragglerDecision(action=StragglerAction.EVICT, flagged_ranks=(1, 2), evict_ranks=(1, 2))
+    decision, note = spare_link_ranks(evict, Attribution(compute_ranks=(2,), links=(link,)))
+    assert decision.evict_ranks == (2,) and decision.action is StragglerAction.EVICT and "[1]" in note
+    decision, _ = spare_link_ranks(dataclasses_replace(evict, evict_ranks=(1,)), Attribution(links=(link,)))
+    assert decision.action is StragglerAction.ALERT and decision.evict_ranks == ()
+    # a link's sender whose compute is slow too is the existing behaviour: evicted
+    assert spare_link_ranks(evict, Attribution(compute_ranks=(1, 2), links=(link,)))[0] == evict
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)

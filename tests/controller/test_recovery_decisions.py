@@ -431,3 +431,21 @@ def test_wait_for_capacity_waits_a_bounded_time_after_the_failure():
     wait, why = wait_for_capacity(failed_at=100.0, now=160.5, wait_s=60.0)
     assert wait is False and "60 s" in why
     assert wait_for_capacity(failed_at=100.0, now=100.0, wait_s=0.0)[0] is False  # 0: fail at once
+
+
+def test_the_survivors_communication_failure_class_goes_into_the_recovery_entry_and_event():
+    from common import events
+    from protos.records import JobEventRecord
+
+    entry = {"generation": 2, "failed_at": 0.0, "cause": "worker-failed: rank 1 on n1 killed (SIGKILL)"}
+    reports = [{"new_generation": 2, "rank": 0, "cause": "comm-failed", "comm_error": "peer-died",
+                "comm_error_detail": "Connection closed by peer [127.0.0.1]:39660"},
+               {"new_generation": 2, "rank": 1, "cause": "comm-aborted", "comm_error": "timeout",
+                "comm_error_detail": "gradient all-reduce did not complete within 60 s"},
+               {"new_generation": 2, "rank": 2, "cause": "plan"}]
+    done = complete_recovery(entry, reports, [1.0])
+    assert done["comm_error"] == "peer-died" and done["comm_errors"] == {"0": "peer-died", "1": "timeout"}
+    assert "Connection closed by peer" in done["comm_error_detail"]
+    text = events.describe(JobEventRecord(kind="recovery", time=1.0, data=done))
+    assert "survivors' communication failed: peer-died (Connection closed by peer" in text, text
+    assert "comm_error" not in complete_recovery(entry, reports[2:], [1.0])  # a plan is no comm failure

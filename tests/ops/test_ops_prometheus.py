@@ -68,6 +68,9 @@ for cause, seconds in (("pending", 12.0), ("recovery", 1.3), ("replayed", 0.3), 
 c.STEPS_LOST.labels(job).inc(0)
 c.STRAGGLERS_FLAGGED.labels(job).inc(0)
 c.HANGS_DETECTED.labels(job).inc(0)
+c.SLOW_LINKS.labels(job).inc(1)
+for sender, receiver in ((0, 1), (1, 0), (2, 3), (3, 2)):
+    c.LINK_WAIT.labels(job, str(sender), str(receiver)).set(0.6 if (sender, receiver) == (0, 1) else 0.02)
 for rank in range(4):
     c.STRAGGLER_SCORE.labels(job, str(rank)).set(9.0 if rank == 3 else 0.2)
     a.RANK_STEP.labels(job, str(rank)).set(120)
