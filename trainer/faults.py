@@ -9,6 +9,8 @@
     kind=corrupt-replica at recovery, flip a byte in each buddy replica it holds
     kind=kill-in-transfer SIGKILL at the start of the transfer of generation ``gen``
                          (``rank``: the rank in that generation's transfer group)
+    kind=alloc,mb=N      at step boundary ``step``, allocate N MB (1e6 bytes) of host
+                         memory, touch every page and hold it (the agent's memory limit)
     ``rank`` is the rank in generation ``gen`` (default 1).
 """
 
@@ -32,6 +34,8 @@ class Fault:
     step: int = -1
     gen: int = 1
     when: str = "between"
+    mb: int = 0
+    """``alloc``: megabytes (1e6 bytes) to allocate and hold."""
 
 
 def parse_faults(raw: str) -> list[Fault]:
@@ -39,7 +43,8 @@ def parse_faults(raw: str) -> list[Fault]:
     for item in filter(None, (part.strip() for part in raw.split(";"))):
         fields = dict(kv.split("=", 1) for kv in item.split(","))
         faults.append(Fault(kind=fields["kind"], rank=int(fields["rank"]), step=int(fields.get("step", -1)),
-                            gen=int(fields.get("gen", 1)), when=fields.get("when", "between")))
+                            gen=int(fields.get("gen", 1)), when=fields.get("when", "between"),
+                            mb=int(fields.get("mb", 0))))
     return faults
 
 
@@ -50,6 +55,10 @@ def kill_self(run_dir: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+_held: list[bytes] = []
+"""Memory an ``alloc`` fault holds until the process ends."""
+
+
 class FaultInjector:
     """The faults of one worker process and the hooks the state machine calls (each fires once)."""
 
@@ -57,6 +66,14 @@ class FaultInjector:
         self.faults = list(faults)
         self.run_dir = run_dir
         self._fired: set[Fault] = set()
+
+    def alloc_at(self, generation: int, rank: int, step: int) -> None:
+        """Fire the ``alloc`` faults of ``rank`` in ``generation`` at ``step`` (each once)."""
+        for f in self.faults:
+            if f.kind == "alloc" and f.gen == generation and f.rank == rank and f.step == step \
+                    and f not in self._fired:
+                self._fired.add(f)
+                _held.append(b"\x01" * (f.mb * 1_000_000))  # written, so every page is resident
 
     def kill_at(self, generation: int, rank: int) -> Fault | None:
         """The ``kill`` fault of ``rank`` in ``generation``, if any."""
