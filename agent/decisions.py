@@ -191,3 +191,21 @@ def exit_state(returncode: int, kill_requested: bool) -> tuple[str, str, str]:
     if returncode < 0:
         return "FAILED", sig, "signal"
     return "FAILED", "", "error"
+
+
+GB = 1e9
+"""Bytes in a GB (the unit of ``resources.host_memory_gb`` and ``--worker-memory-limit-gb``)."""
+
+
+def memory_limit_bytes(spec_gb: float, agent_gb: float) -> int | None:
+    """A worker's host memory limit: the smaller of the job's ``resources.host_memory_gb`` and
+    the agent's ``--worker-memory-limit-gb`` (0 = that one sets none); None: no limit."""
+    limits = [gb for gb in (spec_gb, agent_gb) if gb > 0]
+    return int(min(limits) * GB) if limits else None
+
+
+def memory_verdict(rss_bytes: int, limit_bytes: int | None) -> str | None:
+    """The kill cause when a worker's resident set passed its limit, else None."""
+    if limit_bytes is None or rss_bytes <= limit_bytes:
+        return None
+    return f"host memory limit exceeded: {rss_bytes / GB:.2f} GB > {limit_bytes / GB:.2f} GB"

@@ -42,7 +42,6 @@ from agent.telemetry import export_gauges, health_record, new_xids, node_conditi
 from common import events, tokens
 from common.etcd import Etcd, EtcdError, EtcdTls, EtcdUnavailable, parse_endpoint
 from common.retry import Backoff
-from protos import launch
 from protos.keys import DEFAULT_PREFIX, Keys
 from protos.plan import Plan, PlanError
 from protos.records import (TERMINAL_PHASES, GrowthRecord, JobStatusRecord, NodeRecord, WorkerStatusRecord,
@@ -81,6 +80,9 @@ class AgentSettings:
     """Seconds between telemetry samples."""
     kill_grace_s: float = 5.0
     """Seconds between SIGTERM and SIGKILL when stopping a worker."""
+    worker_memory_limit_gb: float = 0.0
+    """Host memory (resident set, GB = 1e9 bytes) a worker may use; 0: only the job's own
+    ``resources.host_memory_gb`` (if any). With both, the smaller applies."""
     progress_interval_s: float = 1.0
     """Minimum seconds between two progress writes of one rank."""
     worker_command: list[str] = field(default_factory=list)
@@ -125,6 +127,8 @@ class AgentSettings:
             raise ValueError(f"--slots must be >= 0, got {self.slots}")
         if self.lease_ttl_s < 2:
             raise ValueError(f"--lease-ttl must be >= 2 seconds (etcd's minimum), got {self.lease_ttl_s}")
+        if not 0 <= self.worker_memory_limit_gb < float("inf"):
+            raise ValueError(f"--worker-memory-limit-gb must be >= 0 (0: none), got {self.worker_memory_limit_gb}")
         for name in ("telemetry_interval_s", "kill_grace_s", "progress_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -180,14 +184,12 @@ class Agent:
         s.work_dir.mkdir(parents=True, exist_ok=True)
         s.work_dir.chmod(0o700)  # job logs and launch files are not for other users of the host
         self.etcd = Etcd(s.etcd, tls=s.etcd_tls())
+        # workers get no etcd endpoint or credentials: the supervisor relays plans to them
         self.supervisor = Supervisor(etcd=self.etcd, keys=self.keys, node_id=s.node_id, work_dir=s.work_dir,
-                                     etcd_endpoints=s.etcd, worker_command=s.worker_command or None,
+                                     worker_command=s.worker_command or None,
                                      kill_grace_s=s.kill_grace_s, progress_interval_s=s.progress_interval_s,
-                                     slot_devices=self.slot_devices,
-                                     extra_env={name: value for name, value in (
-                                         (launch.ETCD_CA, s.etcd_ca), (launch.ETCD_CERT, s.etcd_cert),
-                                         (launch.ETCD_KEY, s.etcd_key)) if value},
-                                     data_roots=s.data_roots)
+                                     slot_devices=self.slot_devices, data_roots=s.data_roots,
+                                     memory_limit_gb=s.worker_memory_limit_gb)
         self.registration = Registration(etcd=self.etcd, keys=self.keys, node_id=s.node_id, ttl_s=s.lease_ttl_s,
                                          node_info=self.node_info)
         http = AgentHttp(log_path=self.supervisor.log_path, healthy=lambda: self.registration.registered.is_set(),
@@ -206,7 +208,8 @@ class Agent:
             await self._registered()
             self._tasks = [asyncio.create_task(self._telemetry_loop(), name="telemetry"),
                            asyncio.create_task(self._jobs_loop(), name="jobs"),
-                           asyncio.create_task(self._stop_when_registration_ends(), name="registration-end")]
+                           asyncio.create_task(self._stop_when_registration_ends(), name="registration-end"),
+                           asyncio.create_task(self.supervisor.watch_memory(), name="memory")]
             self._tasks += start_agent_tasks(self)
             log.info("agent %s ready: %d slots, http %s, store %s", s.node_id, self.slots, self.address,
                      self.store_address)
@@ -457,6 +460,7 @@ class Agent:
         has_local = any(w.job == job for w in self.supervisor.local_views())
         if not plan.workers_on(node) and not has_local:
             return
+        self.supervisor.relay_plan(plan)  # first: running workers wait for it (recovery path)
         spec = await self._spec(job) if plan.workers_on(node) else None
         await self.supervisor.apply_plan(plan, cancelled=job in self._cancelled, spec=spec)
 

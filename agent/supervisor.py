@@ -35,8 +35,12 @@ Two-phase growth (``apply_growth``): for a growth being PREPARED the agent start
 a worker on each of its joiner slots, launched with the tentative plan g+1 and
 ``TENAX_GROWTH_ID``. Such a worker is *preparing*: it runs outside every plan, so
 it writes no status under a rank key (that rank may still belong to a worker of
-plan g); it reports itself READY (Keys.job_joiner) once prepared, and its agent
-writes an exit there if it ends first. When plan g+1 is written (the growth
+plan g); it says READY in its ready file once prepared, which the agent relays to
+Keys.job_joiner, and its agent writes an exit there if it ends first.
+
+Workers never talk to etcd and get no etcd credentials: the agent relays every newer plan
+of a job to the job's plan file (``relay_plan``, first thing when a plan arrives), which
+the workers poll, and their READY records to etcd. When plan g+1 is written (the growth
 committed) it is adopted like a survivor; when the growth is abandoned (or
 replaced) it is stopped. A preparing worker that exited never blocks a later start.
 """
@@ -55,23 +59,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import psutil
+
 from agent import flight, metrics
-from agent.lifeline import dying_returncode, open_lifeline
 from agent.data_roots import spec_with_checked_data_path
-from agent.decisions import Adopt, LocalWorker, Retire, Start, Stop, exit_state, growth_actions, plan_actions
+from agent.decisions import (Adopt, LocalWorker, Retire, Start, Stop, exit_state, growth_actions, memory_limit_bytes,
+                             memory_verdict, plan_actions)
+from agent.lifeline import dying_returncode, open_lifeline
 from agent.progress import ProgressRelay
 from agent.slots import visible_devices
 from common import events
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
+from common.files import write_atomic
 from common.retry import Backoff
 from protos import launch
 from protos.keys import Keys
 from protos.plan import Plan, WorkerAssignment
-from protos.records import GrowthRecord, JoinerRecord, WorkerStatusRecord
+from protos.records import GrowthRecord, JoinerRecord, WorkerStatusRecord, parse_or_none
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+READY_POLL_S = 0.02
+"""Seconds between two looks for a preparing worker's ready file."""
+MEMORY_POLL_S = 0.25
+"""Seconds between two looks at the workers' resident memory (a worker allocating fast may
+pass its limit by what it allocates in that time)."""
 
 
 # The parent-death signal is set by a tiny exec shim, not by a preexec_fn: running
@@ -136,6 +149,10 @@ class Worker:
     """Read end of the worker's lifeline pipe (agent.lifeline): EOF when its exit begins."""
     reaped: asyncio.Future | None = None
     """Resolves once the process is reaped (after its teardown; agent.lifeline)."""
+    memory_limit: int | None = None
+    """Host memory (bytes of resident set, its process tree) it may use; None: no limit."""
+    permanent: bool = False
+    """Killed for a cause that would repeat on any slot (the memory limit): the job fails."""
     _report_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -150,16 +167,15 @@ class Worker:
 class Supervisor:
     """Runs the workers that plans put on this node."""
 
-    def __init__(self, *, etcd: Etcd, keys: Keys, node_id: str, work_dir: Path, etcd_endpoints: str,
+    def __init__(self, *, etcd: Etcd, keys: Keys, node_id: str, work_dir: Path,
                  worker_command: list[str] | None = None, kill_grace_s: float = 5.0,
                  progress_interval_s: float = 1.0, extra_env: dict[str, str] | None = None,
                  retire_grace_s: float = 30.0, slot_devices: list[str] | None = None,
-                 data_roots: Sequence[Path] = ()) -> None:
+                 data_roots: Sequence[Path] = (), memory_limit_gb: float = 0.0) -> None:
         self.etcd = etcd
         self.keys = keys
         self.node_id = node_id
         self.work_dir = Path(work_dir)
-        self.etcd_endpoints = etcd_endpoints
         self.worker_command = worker_command or default_worker_command()
         self.kill_grace_s = kill_grace_s
         self.progress_interval_s = progress_interval_s
@@ -168,6 +184,8 @@ class Supervisor:
         """Slot i -> CUDA_VISIBLE_DEVICES of its workers (agent/slots.py); [] = slot i is GPU i."""
         self.data_roots = tuple(Path(r) for r in data_roots)
         """The only directories a job's data.path may name (agent/data_roots.py)."""
+        self.memory_limit_gb = memory_limit_gb
+        """The agent's ``--worker-memory-limit-gb`` (0: none); a job's own limit may be smaller."""
         self.workers: dict[tuple[str, int], Worker] = {}
         """(job, rank in the worker's current generation) -> worker."""
         self.retired: dict[tuple[str, int], Worker] = {}
@@ -188,6 +206,8 @@ class Supervisor:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.last_exit_report_s: float | None = None
+        self._relayed: dict[str, int] = {}
+        """job -> the plan generation last written to its plan file."""
 
     # ---------------------------------------------------------------- plans
     def local_views(self) -> list[LocalWorker]:
@@ -200,7 +220,29 @@ class Supervisor:
         """Record a worker that ran for a generation (so it is not started again)."""
         self._history.append(view)
 
+    def relay_plan(self, plan: Plan) -> None:
+        """Write ``plan`` (read from etcd) to the job's plan file if it is newer than the one
+        there: the workers follow that file (they have no etcd access). Synchronous and fast
+        (a small file renamed into place): call it first, before anything that waits."""
+        if plan.generation <= self._relayed.get(plan.job_id, 0):
+            return
+        job_dir = self._job_dir(plan.job_id)
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+            job_dir.chmod(0o700)
+            write_atomic(self.plan_file(plan.job_id), plan.to_json())
+        except OSError as exc:  # the workers then wait for the plan in vain: their plan wait ends them
+            log.error("job %s: plan generation %d not relayed to the workers: %r", plan.job_id, plan.generation,
+                      exc)
+            return
+        self._relayed[plan.job_id] = plan.generation
+
+    def plan_file(self, job: str) -> Path:
+        """The job's plan file on this host (``TENAX_PLAN_FILE`` of its workers)."""
+        return self._job_dir(job) / "plan.json"
+
     async def apply_plan(self, plan: Plan, *, cancelled: bool = False, spec: dict[str, Any] | None = None) -> list:
+        self.relay_plan(plan)
         async with self._lock:
             if cancelled:
                 self._plans.pop(plan.job_id, None)
@@ -344,6 +386,7 @@ class Supervisor:
                     del table[key]
         self._plans.pop(job, None)
         self._growths.pop(job, None)
+        self._relayed.pop(job, None)
         self._history = [h for h in self._history if h.job != job]
 
     # ---------------------------------------------------------------- start
@@ -411,7 +454,7 @@ class Supervisor:
         launch_file.write_text(json.dumps({"spec": spec or {}, "plan": plan.to_dict()}, sort_keys=True))
         log_path, metrics_path = self._worker_files(plan.job_id, a, plan.generation)
         metrics_path.touch()
-        env = dict(os.environ)
+        env = worker_environment(os.environ)
         env.update(self.extra_env)
         env.update({
             launch.JOB_ID: plan.job_id,
@@ -419,15 +462,15 @@ class Supervisor:
             launch.LAUNCH_FILE: str(launch_file),
             launch.METRICS_FILE: str(metrics_path),
             launch.RUN_DIR: str(run_dir),
-            launch.ETCD: self.etcd_endpoints,
-            launch.ETCD_PREFIX: self.keys.prefix,
+            launch.PLAN_FILE: str(self.plan_file(plan.job_id)),
             launch.NODE_ID: self.node_id,
             "PYTHONUNBUFFERED": "1",
         })
-        if growth_id:
-            env[launch.GROWTH_ID] = growth_id  # prepare, say READY, join only once plan g+1 is written
-        else:
-            env.pop(launch.GROWTH_ID, None)
+        ready_file = job_dir / f"ready-slot-{a.slot}.json"
+        if growth_id:  # prepare, say READY (relayed by _relay_ready), join only once plan g+1 is written
+            ready_file.unlink(missing_ok=True)  # an earlier growth's
+            env[launch.GROWTH_ID] = growth_id
+            env[launch.READY_FILE] = str(ready_file)
         device = str(((spec or {}).get("resources") or {}).get("device", "cpu"))
         # CPU jobs must not grab a GPU of this host; CUDA jobs get exactly their slot's device(s).
         env["CUDA_VISIBLE_DEVICES"] = visible_devices(device, a.slot, self.slot_devices or
@@ -450,10 +493,13 @@ class Supervisor:
                 raise
             finally:
                 os.close(lifeline_w)
+        resources = (spec or {}).get("resources") or {}
         worker = Worker(job=plan.job_id, rank=a.rank, slot=a.slot, generation=plan.generation, pid=proc.pid,
                         proc=proc, log_path=log_path, metrics_path=metrics_path, started=time.time(),
                         preparing=growth_id, log_start=log_start, ranks={plan.generation: a.rank},
-                        lifeline=lifeline)
+                        lifeline=lifeline,
+                        memory_limit=memory_limit_bytes(float(resources.get("host_memory_gb") or 0.0),
+                                                        self.memory_limit_gb))
         self._write_log_index(worker)
         if growth_id:
             self.preparing[(plan.job_id, a.slot)] = worker  # its rank key may still be a plan-g worker's
@@ -470,6 +516,8 @@ class Supervisor:
         worker.relay.start()
         self._spawn(self._watch_exit(worker))
         self._spawn(self._report(worker))
+        if growth_id:
+            self._spawn(self._relay_ready(worker, ready_file))
         log.info("started job %s rank %d (pid %d, slot %d, generation %d%s)", plan.job_id, a.rank, proc.pid,
                  a.slot, plan.generation, f", preparing for growth {growth_id}" if growth_id else "")
 
@@ -609,9 +657,28 @@ class Supervisor:
         record = WorkerStatusRecord(rank=worker.rank, node=self.node_id, state=worker.state, slot=worker.slot,
                                     pid=worker.pid, exit_code=worker.exit_code, signal=worker.signal,
                                     generation=worker.generation, time=time.time(), cause=worker.cause,
-                                    last_error=worker.last_error).to_dict()
+                                    last_error=worker.last_error, permanent=worker.permanent).to_dict()
         record.update(reason=worker.stop_reason, log=str(worker.log_path), started=worker.started)
         return record
+
+    # ---------------------------------------------------------------- memory limit
+    async def watch_memory(self, interval_s: float = MEMORY_POLL_S) -> None:
+        """Kill every worker whose process tree's resident set passes its limit (runs until cancelled)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for worker in self.all_workers():
+                if worker.alive and worker.memory_limit is not None and not worker.cause:
+                    cause = memory_verdict(tree_rss(worker.pid), worker.memory_limit)
+                    if cause is not None:
+                        self.kill_for_memory(worker, cause)
+
+    def kill_for_memory(self, worker: Worker, cause: str) -> None:
+        """SIGKILL at once (it is still growing); the exit report carries the cause, and
+        ``permanent`` tells the controller that another slot would not help."""
+        log.error("job %s rank %d (pid %d): %s: killing it", worker.job, worker.rank, worker.pid, cause)
+        worker.cause, worker.permanent = cause, True
+        worker.stop_reason = worker.stop_reason or cause
+        self._kill_group(worker.pid, signal.SIGKILL)
 
     async def _put_joiner(self, job: str, record: JoinerRecord, *, tries: int = 20) -> None:
         """Write a joiner record, retrying for a while while etcd is unavailable (the growth
@@ -628,6 +695,28 @@ class Supervisor:
                 log.error("joiner record of job %s slot %d (%s) skipped, etcd refused it: %s", job, record.slot,
                           record.state, exc)
                 return
+
+    async def _relay_ready(self, worker: Worker, path: Path) -> None:
+        """Relay a preparing worker's READY (its ready file) to etcd, as this agent's record:
+        the node, slot, pid and growth id are the agent's, only ``prepare_s`` is the worker's."""
+        growth_id = worker.preparing
+        while worker.alive and worker.preparing == growth_id:
+            try:
+                raw = path.read_text()
+            except FileNotFoundError:
+                await asyncio.sleep(READY_POLL_S)
+                continue
+            except OSError as exc:
+                log.warning("job %s slot %d: ready file unreadable: %r", worker.job, worker.slot, exc)
+                return
+            said = parse_or_none(JoinerRecord, raw, log, str(path))
+            if said is None or said.growth_id != growth_id or said.state != "READY":
+                log.warning("job %s slot %d: ignoring ready file %s", worker.job, worker.slot, raw[:200])
+                return
+            await self._put_joiner(worker.job, JoinerRecord(
+                growth_id=growth_id, node=self.node_id, slot=worker.slot, state="READY", pid=worker.pid,
+                time=time.time(), prepare_s=said.prepare_s))
+            return
 
     async def _report(self, worker: Worker) -> None:
         """Write the worker's current status; retry while etcd is unavailable (the latest state wins),
@@ -720,6 +809,30 @@ class Supervisor:
 
     def used_slots(self) -> int:
         return sum(1 for w in self.all_workers() if w.alive)
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants (0 once it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def worker_environment(agent_env: dict[str, str] | os._Environ) -> dict[str, str]:
+    """The agent's environment minus what workers must not see: every variable that names
+    etcd (the agent's endpoints, TLS files, etcdctl settings; workers follow the plan file,
+    not etcd) and the per-worker launch variables (the supervisor sets those it means)."""
+    return {name: value for name, value in agent_env.items()
+            if "ETCD" not in name.upper() and name not in launch.PER_WORKER}
 
 
 def _is_metrics_rank(plan: Plan, a: WorkerAssignment) -> bool:

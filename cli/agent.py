@@ -52,6 +52,9 @@ def register(sub) -> None:
     p.add_argument("--advertise-host", default="", help="host others reach this agent at")
     p.add_argument("--telemetry-interval", type=float, default=3.0, help="seconds between telemetry samples")
     p.add_argument("--kill-grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument("--worker-memory-limit-gb", type=float, default=0.0,
+                   help="host memory (resident set, GB) a worker may use before it is killed and its job "
+                        "fails; 0: only a job's resources.host_memory_gb (the smaller of the two applies)")
     p.add_argument("--etcd-ca", default="", help="CA of etcd's certificate, for https:// endpoints")
     p.add_argument("--etcd-cert", default="", help="client certificate for etcd")
     p.add_argument("--etcd-key", default="", help="its private key")
@@ -76,6 +79,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         lease_ttl_s=args.lease_ttl, work_dir=args.work_dir or default_work_dir(args.node_id),
         http_host=args.http[0], http_port=args.http[1], advertise_host=args.advertise_host,
         telemetry_interval_s=args.telemetry_interval, kill_grace_s=args.kill_grace,
+        worker_memory_limit_gb=args.worker_memory_limit_gb,
         worker_command=shlex.split(args.worker_command), etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert,
         etcd_key=args.etcd_key, fake_gpu_dir=args.fake_gpu_dir, logs_auth=args.logs_auth, cpu_slots=args.cpu_slots,
         gpus_per_slot=args.gpus_per_slot, slot_devices=args.slot_devices, data_roots=list(args.data_root)).validate()

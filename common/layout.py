@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import secrets
 from collections import defaultdict
 from fractions import Fraction
 from typing import Any, Mapping, Sequence
@@ -150,9 +151,27 @@ def equal_partition(layers: int, pp: int) -> tuple[int, ...]:
     return tuple(bounds)
 
 
-def store_prefix(job_id: str, generation: int) -> str:
-    """The rendezvous key prefix of one generation: a new generation never reads stale keys."""
-    return f"{job_id}/g{generation}/"
+STORE_SECRET_BYTES = 16
+"""Random bytes (128 bits) in each generation's store prefix: see ``store_prefix``."""
+
+
+def new_store_secret() -> str:
+    """A fresh, unguessable component of one generation's store prefix (hex)."""
+    return secrets.token_hex(STORE_SECRET_BYTES)
+
+
+def store_prefix(job_id: str, generation: int, secret: str) -> str:
+    """The rendezvous key prefix of one generation: a new generation never reads stale keys, and
+    ``secret`` (``new_store_secret``) makes the keys unguessable. The agents' TCPStore has no
+    authentication and no key listing, so a client that reaches its port but never read the
+    plan (in etcd, or the workers' plan file) cannot name, read or overwrite the job's keys."""
+    return f"{job_id}/g{generation}/{secret}/"
+
+
+def public_store_prefix(prefix: str) -> str:
+    """``prefix`` without its secret (``job/gN/``), for what API viewers and logs may see."""
+    parts = prefix.split("/")
+    return "/".join(parts[:2]) + "/" if len(parts) > 3 else prefix
 
 
 def grid_workers(placement: Sequence[tuple[str, int]], pp: int) -> tuple[WorkerAssignment, ...]:
@@ -164,12 +183,13 @@ def grid_workers(placement: Sequence[tuple[str, int]], pp: int) -> tuple[WorkerA
 def new_plan(*, job_id: str, generation: int, placement: Sequence[tuple[str, int]], dp: int, pp: int,
              zero_stage: int, layer_partition: Sequence[int], global_batch_size: int, store_address: str,
              sample_shares: Sequence[int] | None = None, switch_at_step: int = -1, reason: str = "",
-             extra: dict[str, Any] | None = None) -> Plan:
+             extra: dict[str, Any] | None = None, store_secret: str | None = None) -> Plan:
     """The one plan constructor (submit, re-plan, growth, drain, rebalance): checked before
     it is returned, so nothing writes a plan that ``Plan.check`` would refuse.
 
     ``placement`` is (node, slot) per new rank; ``sample_shares`` defaults to the even split
-    of the global batch.
+    of the global batch; ``store_secret`` to a fresh ``new_store_secret()`` (every generation
+    of every job gets its own; tests pass one to compare plans).
     """
     plan = Plan(
         job_id=job_id,
@@ -181,7 +201,7 @@ def new_plan(*, job_id: str, generation: int, placement: Sequence[tuple[str, int
         layer_partition=tuple(int(b) for b in layer_partition),
         sample_shares=tuple(sample_shares) if sample_shares is not None else even_shares(global_batch_size, dp),
         store_address=store_address,
-        store_prefix=store_prefix(job_id, generation),
+        store_prefix=store_prefix(job_id, generation, new_store_secret() if store_secret is None else store_secret),
         switch_at_step=switch_at_step,
         reason=reason,
         extra=dict(extra or {}),

@@ -109,6 +109,7 @@ SPEC_UPPER_BOUNDS: dict[str, float] = {
     "data.eval_every": MAX_EVAL_EVERY,
     "data.eval_batches": MAX_EVAL_BATCHES,
     "resources.workers": 4_096,
+    "resources.host_memory_gb": 16_384.0,
     "seed": (1 << 63) - 1,
     "steps": 1_000_000_000,
     "global_batch_size": 1 << 20,
@@ -406,9 +407,15 @@ class Resources:
     """Worker processes (one per slot: a GPU, or a CPU slot)."""
     device: str = "cpu"
     """``cpu`` (gloo) or ``cuda`` (NCCL, bf16 autocast)."""
+    host_memory_gb: float = 0.0
+    """Host memory (resident set, GB = 1e9 bytes) one worker may use; 0: no limit of the job's
+    own (the agent's ``--worker-memory-limit-gb`` still applies; the smaller wins). A worker
+    past it is killed and the job FAILS: it would repeat on any slot."""
 
     def validate(self, path: str) -> None:
         _positive(f"{path}.workers", self.workers)
+        if self.host_memory_gb < 0:
+            _fail(f"{path}.host_memory_gb", f"must be >= 0 (0: no limit), got {self.host_memory_gb}")
         if self.device not in DEVICES:
             _fail(f"{path}.device", f"unknown device {self.device!r}; known: {', '.join(DEVICES)}")
 

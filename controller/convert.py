@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from common import events
+from common.layout import public_store_prefix
 from controller.goodput import Goodput
 from controller.recovery_decisions import newest_by_slot, next_failure_cost
 from controller.state import JobView, NodeSummary
@@ -50,7 +51,7 @@ def plan_to_proto(plan: Plan) -> pb.Plan:
         layer_partition=list(plan.layer_partition),
         sample_shares=list(plan.sample_shares),
         store_address=plan.store_address,
-        store_prefix=plan.store_prefix,
+        store_prefix=public_store_prefix(plan.store_prefix),  # the secret stays in etcd
         switch_at_step=plan.switch_at_step,
         reason=plan.reason,
     )

@@ -67,6 +67,7 @@ from controller.recovery_decisions import (
     GROWTH_PREPARE_TIMEOUT_S,
     Failure,
     fail_before_first_step,
+    fail_permanently,
     plan_records,
     all_ranks_on_generation,
     cause_label,
@@ -206,7 +207,8 @@ class Recovery:
             if failure is not None:
                 records = plan_records(job.plan, job.workers)
                 errors = {rank: rec.cause or rec.last_error for rank, rec in records.items() if rec.failed}
-                fatal = fail_before_first_step(job.plan, failure, step=job.progress.step, errors=errors)
+                fatal = fail_permanently(job.plan, failure, job.workers) or \
+                    fail_before_first_step(job.plan, failure, step=job.progress.step, errors=errors)
                 if fatal is not None:
                     await self._set_status(job, phase="FAILED", message=fatal, now=now)
                     log.error("job %s FAILED: %s", job.id, fatal)

@@ -156,6 +156,17 @@ def find_failure(plan: Plan, workers: Mapping[int, WorkerStatusRecord], live_nod
                    failed_at=min(times), description="; ".join(parts))
 
 
+def fail_permanently(plan: Plan, failure: Failure, workers: Mapping[int, WorkerStatusRecord]) -> str | None:
+    """The FAILED message when a lost rank's agent marked its failure ``permanent`` (it would
+    repeat on any slot: the host memory limit), else None (recover). Pure."""
+    records = plan_records(plan, workers)
+    causes = [f"rank {rank} on {records[rank].node}: {records[rank].cause}" for rank in sorted(failure.lost_ranks)
+              if rank in records and records[rank].failed and records[rank].permanent]
+    if not causes:
+        return None
+    return f"{'; '.join(causes)} (not recovered: it would fail the same way on any slot)"
+
+
 def fail_before_first_step(plan: Plan, failure: Failure, *, step: int,
                            errors: Mapping[int, str] | None = None) -> str | None:
     """The FAILED message for a failure before the job's first step completed, or None (recover).

@@ -27,30 +27,28 @@ RUN_DIR = "TENAX_RUN_DIR"
 """Per-job directory on this host: disk checkpoints, the chaos slowdown file, ``killed-PID``
 marks of injected faults. Unset: no disk checkpoints, no chaos control."""
 
-ETCD = "TENAX_ETCD"
-"""etcd endpoints (``http://host:port,...``; the first is used) for following the job's plan.
-Unset: not elastic across generations (a failure ends the worker with exit 1)."""
-
-ETCD_PREFIX = "TENAX_ETCD_PREFIX"
-"""The cluster's key prefix (protos.keys.Keys). Default ``/tenax``."""
+PLAN_FILE = "TENAX_PLAN_FILE"
+"""Path of the job's plan file on this host (``Plan.to_json()``), which the agent replaces
+atomically with every newer plan of the job it sees in etcd; the worker follows it
+(trainer/plan_watch.py). Workers get no etcd access and no etcd credentials. Unset: not
+elastic across generations (a failure ends the worker with exit 1)."""
 
 NODE_ID = "TENAX_NODE_ID"
 """The agent's node id (informative: the launch plan's worker entry is authoritative)."""
 
 GROWTH_ID = "TENAX_GROWTH_ID"
 """Set only for a worker of a growth being prepared (protos.records.GrowthRecord): the launch
-file holds the tentative plan g+1; the worker gets ready, says so (Keys.job_joiner) and joins
-only once a plan >= g+1 in etcd names it. Needs ``TENAX_ETCD``."""
+file holds the tentative plan g+1; the worker gets ready, says so (``TENAX_READY_FILE``) and
+joins only once a plan >= g+1 in the plan file names it. Needs ``TENAX_PLAN_FILE`` and
+``TENAX_READY_FILE``."""
 
-# ------------------------------------------------------------ set by the agent when etcd uses TLS
-ETCD_CA = "TENAX_ETCD_CA"
-"""CA file of etcd's server certificate (https endpoints). Unset: plain connection."""
+READY_FILE = "TENAX_READY_FILE"
+"""Set with ``TENAX_GROWTH_ID``: where the prepared worker writes its READY record
+(``JoinerRecord`` JSON, atomically); its agent relays it to etcd (Keys.job_joiner)."""
 
-ETCD_CERT = "TENAX_ETCD_CERT"
-"""Client certificate file for etcd (with ``TENAX_ETCD_CA``)."""
-
-ETCD_KEY = "TENAX_ETCD_KEY"
-"""Private key file of ``TENAX_ETCD_CERT``."""
+PER_WORKER = (JOB_ID, RANK, LAUNCH_FILE, METRICS_FILE, RUN_DIR, PLAN_FILE, NODE_ID, GROWTH_ID, READY_FILE)
+"""What the agent sets per worker (never inherited from its own environment); the rest of
+the contract below may come from the agent's environment (e.g. ``TENAX_COMPILE``)."""
 
 # ------------------------------------------------------------ timeouts (seconds)
 STORE_TIMEOUT_S = "TENAX_STORE_TIMEOUT_S"
@@ -107,8 +105,8 @@ FAULT = "TENAX_FAULT"
 """Fault injection (test infrastructure): ``;``-separated faults such as
 ``rank=3,step=4,kind=kill,when=mid`` (grammar: trainer/faults.py). Default: none."""
 
-ALL = (JOB_ID, RANK, LAUNCH_FILE, METRICS_FILE, RUN_DIR, ETCD, ETCD_PREFIX, NODE_ID, GROWTH_ID,
-       ETCD_CA, ETCD_CERT, ETCD_KEY, STORE_TIMEOUT_S, COLLECTIVE_TIMEOUT_S, PLAN_WAIT_S, PREPARE_WAIT_S,
+ALL = (JOB_ID, RANK, LAUNCH_FILE, METRICS_FILE, RUN_DIR, PLAN_FILE, NODE_ID, GROWTH_ID, READY_FILE,
+       STORE_TIMEOUT_S, COLLECTIVE_TIMEOUT_S, PLAN_WAIT_S, PREPARE_WAIT_S,
        HEARTBEAT_S, ELASTIC, SNAPSHOTS, TELEMETRY, COMPILE, BACKEND, P2P_STAGING, SNAPSHOT_BUFFERS,
        FAULT, FLIGHT_RECORDER_ENTRIES)
 """Every name of the contract."""

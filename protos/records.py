@@ -258,6 +258,9 @@ class WorkerStatusRecord(_Record):
     ``hang: rank 1 made no progress for 4.1 s, stopped by SIGSTOP; killed``); "" otherwise."""
     last_error: str = ""
     """A failed worker: the last exception line of its log ("" if none)."""
+    permanent: bool = False
+    """The failure would repeat on any slot (``cause``: the host memory limit): the controller
+    fails the job instead of re-planning it."""
 
     def check(self) -> None:
         if self.state not in WORKER_STATES:

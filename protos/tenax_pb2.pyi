@@ -147,12 +147,14 @@ class ElasticSpec(_message.Message):
     def __init__(self, min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., snapshot_every: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., straggler_policy: _Optional[str] = ..., checkpoint_keep: _Optional[int] = ...) -> None: ...
 
 class Resources(_message.Message):
-    __slots__ = ("workers", "device")
+    __slots__ = ("workers", "device", "host_memory_gb")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HOST_MEMORY_GB_FIELD_NUMBER: _ClassVar[int]
     workers: int
     device: str
-    def __init__(self, workers: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    host_memory_gb: float
+    def __init__(self, workers: _Optional[int] = ..., device: _Optional[str] = ..., host_memory_gb: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("name", "model", "data", "optimizer", "seed", "steps", "global_batch_size", "micro_batch_size", "parallelism", "elastic", "resources")

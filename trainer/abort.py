@@ -59,6 +59,8 @@ from typing import Any, Callable, Sequence
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
+from common.layout import public_store_prefix
+
 log = logging.getLogger(__name__)
 
 ABORT_KEY = "abort"
@@ -395,7 +397,7 @@ def form_group(store: Any, prefix: str, *, rank: int, world_size: int, backend: 
     TimeoutError before anything of the new group exists."""
     scoped = dist.PrefixStore(prefix, store)
     rendezvous(scoped, rank=rank, world_size=world_size, timeout_s=timeout_s, should_abort=should_abort,
-               what=f"rendezvous of {prefix!r}")
+               what=f"rendezvous of {public_store_prefix(prefix)!r}")  # logs are for viewers: no secret
     retire_default_group()
     kwargs = {"device_id": device_id} if device_id is not None else {}
     dist.init_process_group(backend, store=scoped, rank=rank, world_size=world_size,

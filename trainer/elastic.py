@@ -40,7 +40,7 @@ State machine of one worker process (decisions are the pure functions below)::
     │  are retired, never destroyed                   │
     │     └──────────────┬───────────────────────────┘
     │                    ▼
-    │                REFORMING: wait (bounded) for a plan newer than g in etcd;
+    │                REFORMING: wait (bounded) for a plan newer than g (plan file);
     │                    │      my new rank = the worker at my (node, slot);
     │                    │      listed in plan.extra["idle"] -> take part in the
     │                    │      transfer (group "<prefix>transfer/": the plan's
@@ -60,9 +60,9 @@ A worker started for a two-phase growth (``TENAX_GROWTH_ID``, launched with the
 tentative plan g+1 while the job still runs plan g) first PREPARES::
 
     PREPARING: imports, layout math, model stage build, store reachable
-        │       -> JoinerRecord READY in etcd (Keys.job_joiner)
+        │       -> JoinerRecord READY (ready file; the agent relays it)
         ▼
-    WAIT FOR COMMIT (bounded, ``prepare_wait_s``): the first plan > g in etcd
+    WAIT FOR COMMIT (bounded, ``prepare_wait_s``): the first plan > g (plan file)
         ├─ names my (node, slot) -> FORMING(that plan) as a joiner (no state)
         └─ does not, or none in time (growth abandoned) -> EXIT 0
 
@@ -99,9 +99,7 @@ import torch
 import torch.distributed as dist
 
 from common import comm_errors
-from common.etcd import EtcdTls
 from protos import launch
-from protos.keys import Keys
 from protos.plan import Plan
 from protos.recovery import RecoveryRecord
 from trainer import comm
@@ -146,8 +144,8 @@ class ElasticWorker:
     """Runs one worker through generations (see the module docstring)."""
 
     def __init__(self, spec, launch_plan: Plan, launch_rank: int, *, device: torch.device, metrics,
-                 settings: ElasticSettings, etcd: str = "", etcd_prefix: str = "/tenax",
-                 etcd_tls: EtcdTls | None = None, faults: Sequence[Fault] = (), growth_id: str = "") -> None:
+                 settings: ElasticSettings, plan_file: str = "", ready_file: str = "",
+                 faults: Sequence[Fault] = (), growth_id: str = "") -> None:
         self.spec, self.device, self.metrics, self.settings = spec, device, metrics, settings
         self.launch_plan, self.launch_rank = launch_plan, launch_rank
         me = launch_plan.worker(launch_rank)
@@ -164,15 +162,14 @@ class ElasticWorker:
         self.watcher: AbortWatcher | None = None
         self._watcher_lock = threading.Lock()
         self.plans: PlanWatcher | None = None
-        self.keys = Keys(etcd_prefix)
+        self.ready_file = ready_file
         self.growth_id = growth_id
         """Set for a worker started for a two-phase growth: it prepares before it joins."""
         self._running_step: int | None = None
         """The step being run (None between generations); read by the plan watch thread (set
         before that thread starts: it may call ``_on_plan`` at once)."""
-        if etcd:
-            self.plans = PlanWatcher(etcd, self.keys.job_plan(launch_plan.job_id), on_plan=self._on_plan,
-                                     tls=etcd_tls)
+        if plan_file:
+            self.plans = PlanWatcher(plan_file, on_plan=self._on_plan)
         self.snapshot_every = 1 if settings.snapshot_every == "auto" else int(settings.snapshot_every)
         """The interval in force; ``auto`` re-derives it in every generation (``_tune_snapshot_interval``)."""
         self.recoveries: list[RecoveryRecord] = []
@@ -188,10 +185,10 @@ class ElasticWorker:
     def run(self) -> int:
         plan, rank = self.launch_plan, self.launch_rank
         if self.growth_id:
-            if self.plans is None:
-                raise RuntimeError(f"{launch.GROWTH_ID} needs {launch.ETCD}: "
-                                   "a prepared worker waits for its plan in etcd")
-            joined = prepare_to_join(self.spec, plan, rank, self.device, plans=self.plans, keys=self.keys,
+            if self.plans is None or not self.ready_file:
+                raise RuntimeError(f"{launch.GROWTH_ID} needs {launch.PLAN_FILE} and {launch.READY_FILE}: "
+                                   "a prepared worker says READY and waits for its plan")
+            joined = prepare_to_join(self.spec, plan, rank, self.device, plans=self.plans, ready_file=self.ready_file,
                                      growth_id=self.growth_id, settings=self.settings)
             if joined is None:
                 return 0  # the growth was abandoned, or a newer plan has no place for me
@@ -205,7 +202,7 @@ class ElasticWorker:
             if stopped is None:
                 return 0  # trained to the end, or served my copies as an idle survivor
             if self.plans is None:
-                raise RuntimeError(f"training interrupted ({stopped.cause}) and no etcd to read a new plan from")
+                raise RuntimeError(f"training interrupted ({stopped.cause}) and no plan file to read a new plan from")
             old_plan = plan
             plan = stopped.planned or self.plans.wait_newer(old_plan.generation, self.settings.plan_wait_s)
             plan_wait_s = time.monotonic() - stopped.noticed
@@ -409,6 +406,7 @@ class ElasticWorker:
                                       flush_timeout_s=self.settings.collective_timeout_s)
             if delays:
                 comm.set_send_delays({p: s for p, (s, first) in delays.items() if trainer.step + 1 >= first})
+            self.faults.alloc_at(gen.plan.generation, gen.rank, trainer.step)
             trainer.train_step()
             self._last_step = trainer.step
             if self.snapshots_on and self._snapshot_due(gen, trainer.step):

@@ -12,6 +12,8 @@
     kind=delay_send      every pipeline send of ``rank`` to global rank ``peer`` is posted
                          ``seconds`` late (a slow link or sending side: the sender's compute
                          is untouched, the receiver waits), from step ``step`` (default: all)
+    kind=alloc,mb=N      at step boundary ``step``, allocate N MB (1e6 bytes) of host
+                         memory, touch every page and hold it (the agent's memory limit)
     ``rank`` is the rank in generation ``gen`` (default 1).
 """
 
@@ -39,6 +41,8 @@ class Fault:
     """delay_send: the global rank whose sends are delayed (in generation ``gen``)."""
     seconds: float = 0.0
     """delay_send: how late each send is posted (seconds)."""
+    mb: int = 0
+    """``alloc``: megabytes (1e6 bytes) to allocate and hold."""
 
 
 def parse_faults(raw: str) -> list[Fault]:
@@ -47,7 +51,8 @@ def parse_faults(raw: str) -> list[Fault]:
         fields = dict(kv.split("=", 1) for kv in item.split(","))
         faults.append(Fault(kind=fields["kind"], rank=int(fields["rank"]), step=int(fields.get("step", -1)),
                             gen=int(fields.get("gen", 1)), when=fields.get("when", "between"),
-                            peer=int(fields.get("peer", -1)), seconds=float(fields.get("seconds", 0.0))))
+                            peer=int(fields.get("peer", -1)), seconds=float(fields.get("seconds", 0.0)),
+                            mb=int(fields.get("mb", 0))))
     for f in faults:
         if f.kind == "delay_send" and (f.peer < 0 or not f.seconds > 0):
             raise ValueError(f"delay_send: needs peer >= 0 and seconds > 0, got {f}")
@@ -61,6 +66,10 @@ def kill_self(run_dir: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+_held: list[bytes] = []
+"""Memory an ``alloc`` fault holds until the process ends."""
+
+
 class FaultInjector:
     """The faults of one worker process and the hooks the state machine calls (each fires once)."""
 
@@ -68,6 +77,14 @@ class FaultInjector:
         self.faults = list(faults)
         self.run_dir = run_dir
         self._fired: set[Fault] = set()
+
+    def alloc_at(self, generation: int, rank: int, step: int) -> None:
+        """Fire the ``alloc`` faults of ``rank`` in ``generation`` at ``step`` (each once)."""
+        for f in self.faults:
+            if f.kind == "alloc" and f.gen == generation and f.rank == rank and f.step == step \
+                    and f not in self._fired:
+                self._fired.add(f)
+                _held.append(b"\x01" * (f.mb * 1_000_000))  # written, so every page is resident
 
     def kill_at(self, generation: int, rank: int) -> Fault | None:
         """The ``kill`` fault of ``rank`` in ``generation``, if any."""

@@ -13,8 +13,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from common.etcd import EtcdError
-from protos.keys import Keys
+from common.files import write_atomic
 from protos.plan import Plan
 from protos.records import JoinerRecord
 from trainer.decisions import rank_in_plan
@@ -28,14 +27,13 @@ from trainer.sharding import state_layout
 log = logging.getLogger(__name__)
 
 
-def prepare_to_join(spec, launch: Plan, rank: int, device: torch.device, *, plans: PlanWatcher, keys: Keys,
+def prepare_to_join(spec, launch: Plan, rank: int, device: torch.device, *, plans: PlanWatcher, ready_file: str,
                     growth_id: str, settings: ElasticSettings) -> tuple[Plan, int] | None:
     """PREPARING then WAIT FOR COMMIT (trainer/elastic.py): (plan to join, my rank in it), or
     None when no plan takes me in (exit 0)."""
     me = launch.worker(rank)
     warm_up(spec, launch, rank, device, store_timeout_s=settings.store_timeout_s)
-    announce_ready(plans, keys.job_joiner(launch.job_id, me.node, me.slot), growth_id=growth_id, node=me.node,
-                   slot=me.slot, timeout_s=settings.store_timeout_s)
+    announce_ready(ready_file, growth_id=growth_id, node=me.node, slot=me.slot)
     try:
         plan = plans.wait_newer(launch.generation - 1, settings.prepare_wait_s)
     except TimeoutError:
@@ -73,14 +71,15 @@ def warm_up(spec, plan: Plan, rank: int, device: torch.device, *, store_timeout_
         raise StoreUnreachable(f"cannot reach the rendezvous store at {plan.store_address}: {exc}") from None
 
 
-def announce_ready(plans: PlanWatcher, key: str, *, growth_id: str, node: str, slot: int, timeout_s: float) -> None:
-    """READY in etcd at ``key`` (Keys.job_joiner); the controller switches once every joiner of
-    the growth said so. A failure is logged: the growth then times out and is abandoned."""
+def announce_ready(path: str, *, growth_id: str, node: str, slot: int) -> None:
+    """READY in ``path`` (``TENAX_READY_FILE``); the agent relays it to etcd (Keys.job_joiner),
+    and the controller switches once every joiner of the growth said so. A failure is logged:
+    the growth then times out and is abandoned."""
     record = JoinerRecord(growth_id=growth_id, node=node, slot=slot, state="READY",
                           pid=os.getpid(), time=time.time(), prepare_s=process_age_s())
     try:
-        plans.put(key, record.to_json(), timeout_s=timeout_s)
-    except (TimeoutError, OSError, EtcdError) as exc:  # the growth times out and is abandoned; I exit with it
+        write_atomic(path, record.to_json())
+    except OSError as exc:  # the growth times out and is abandoned; I exit with it
         log.warning("growth %s: could not say READY: %r", growth_id, exc)
     else:
         log.info("growth %s: ready after %.2f s", growth_id, record.prepare_s)

@@ -1,42 +1,46 @@
-"""The plan watch: follows the job's plan key in etcd on a thread of its own, so the
-training loop only reads an attribute at each step boundary (principle 2)."""
+"""The plan watch: follows the job's plan file on a thread of its own, so the training loop
+only reads an attribute at each step boundary (principle 2).
+
+The agent relays every newer plan of the job from etcd into the file named by
+``TENAX_PLAN_FILE`` (protos/launch.py), replacing it atomically, so a worker needs no etcd
+access and holds no etcd credentials. The thread polls the file's identity (inode, mtime,
+size) every ``POLL_S``: a stat costs microseconds, and a plan is seen at most ``POLL_S``
+after the agent wrote it (this is on the recovery path).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 
-from common.etcd import Etcd, EtcdError, EtcdTls, EtcdUnavailable
-from common.retry import Backoff
 from protos.plan import Plan, PlanError
 
 log = logging.getLogger(__name__)
 
+POLL_S = 0.02
+"""Seconds between two looks at the plan file (the latency it adds to a recovery: half of it
+on average)."""
+
 
 class PlanWatcher:
-    """Follows Keys.job_plan(job) in etcd on a thread with its own event loop.
+    """Follows the plan file at ``path`` on a thread.
 
-    ``newest`` is the newest valid plan seen; ``on_plan(plan)`` runs on the watch
-    thread for every newer generation. Malformed values are logged and skipped."""
+    ``newest`` is the newest valid plan seen; ``on_plan(plan)`` runs on the watch thread
+    for every newer generation. Malformed contents are logged and skipped."""
 
-    def __init__(self, endpoints: str, key: str, *, on_plan=None, tls: EtcdTls | None = None) -> None:
-        self.endpoint = endpoints.split(",")[0].strip()
-        self.key = key
+    def __init__(self, path: str | Path, *, on_plan=None, poll_s: float = POLL_S) -> None:
+        self.path = Path(path)
         self.on_plan = on_plan
-        self.tls = tls
-        """etcd client TLS files (the agent passes its own: TENAX_ETCD_CA/CERT/KEY); None: plain."""
-        self.stopped_by: EtcdError | None = None
-        """The permanent etcd error that ended the watch (no newer plan will be seen), if any."""
+        self.poll_s = poll_s
         self.newest: Plan | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._etcd = None
-        """The watch's connection while it is up (``put`` borrows it)."""
-        self._thread = threading.Thread(target=self._thread_main, name="plan-watcher", daemon=True)
+        self._seen: tuple[int, int, int] | None = None
+        """(inode, mtime ns, size) of the file last read."""
+        self._thread = threading.Thread(target=self._run, name="plan-watcher", daemon=True)
         self._thread.start()
 
     def wait_newer(self, generation: int, timeout_s: float) -> Plan:
@@ -53,35 +57,28 @@ class PlanWatcher:
     def close(self) -> None:
         self._stop.set()
 
-    def put(self, key: str, value: str, *, timeout_s: float = 10.0) -> None:
-        """Write one key through the watch's connection (on its thread); retries while etcd is
-        unreachable (temporary), TimeoutError once ``timeout_s`` has passed; a permanent
-        ``EtcdError`` (e.g. permission denied) is raised at once."""
-        deadline = time.monotonic() + timeout_s
-        last: BaseException | None = None
-        while time.monotonic() < deadline:
-            loop, etcd = self._loop, self._etcd
-            if loop is not None and etcd is not None:
-                future = asyncio.run_coroutine_threadsafe(etcd.put(key, value), loop)
-                try:
-                    future.result(max(0.05, deadline - time.monotonic()))
-                    return
-                except concurrent.futures.TimeoutError:
-                    future.cancel()
-                    break
-                except EtcdError as exc:
-                    log.warning("not writing %s: permanent etcd error: %r", key, exc)
-                    raise
-                except (EtcdUnavailable, RuntimeError) as exc:  # connection lost or being replaced: retry
-                    last = exc
-            time.sleep(0.05)
-        raise TimeoutError(f"could not write {key} within {timeout_s:.0f} s: {last!r}")
+    def poll(self) -> None:
+        """Read the file if it changed since the last look (the thread calls this every ``poll_s``)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if identity == self._seen:
+            return
+        try:
+            raw = self.path.read_text()
+        except OSError as exc:  # replaced between the stat and the read: the next look reads the new one
+            log.debug("plan file %s not read: %r", self.path, exc)
+            return
+        self._seen = identity
+        self._offer(raw)
 
     def _offer(self, raw: str) -> None:
         try:
             plan = Plan.from_json(raw)
         except PlanError as exc:
-            log.warning("skipping malformed plan at %s: %s", self.key, exc)
+            log.warning("skipping malformed plan in %s: %s", self.path, exc)
             return
         with self._cond:
             if self.newest is not None and plan.generation <= self.newest.generation:
@@ -91,33 +88,10 @@ class PlanWatcher:
         if self.on_plan is not None:
             self.on_plan(plan)
 
-    def _thread_main(self) -> None:
-        asyncio.run(self._run())
-
-    async def _run(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        backoff = Backoff()
+    def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                async with Etcd(self.endpoint, tls=self.tls) as etcd:
-                    self._etcd = etcd
-                    kv = await etcd.get(self.key)
-                    if kv is not None:
-                        self._offer(kv.value)
-                    start = kv.mod_revision + 1 if kv is not None else None
-                    async for ev in etcd.watch_prefix(self.key, start_revision=start):
-                        if ev.key == self.key and ev.kind == "put":
-                            self._offer(ev.value)
-                        backoff.reset()
-                        if self._stop.is_set():
-                            return
-            except EtcdUnavailable as exc:
-                log.debug("plan watch on %s interrupted: %r", self.key, exc)
-                await backoff.sleep()
-            except EtcdError as exc:  # permanent (refused, bad TLS files): retrying cannot help
-                log.error("plan watch on %s stopped: permanent etcd error: %r; no newer plan will be "
-                          "seen (a failure now ends this worker once the plan wait runs out)", self.key, exc)
-                self.stopped_by = exc
-                return
-            finally:
-                self._etcd = None
+                self.poll()
+            except Exception:  # noqa: BLE001 - a bug must not end the watch silently
+                log.exception("plan watch on %s failed; retrying", self.path)
+            self._stop.wait(self.poll_s)

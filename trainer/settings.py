@@ -70,16 +70,10 @@ class WorkerSettings:
     """``TENAX_METRICS_FILE``: per-step JSON lines; '' = stdout."""
     run_dir: str = ""
     """``TENAX_RUN_DIR``: per-job directory; '' = no disk checkpoints, no chaos control."""
-    etcd: str = ""
-    """``TENAX_ETCD``: etcd endpoints; '' = no plan following."""
-    etcd_prefix: str = "/tenax"
-    """``TENAX_ETCD_PREFIX``: the cluster key prefix."""
-    etcd_ca: str = ""
-    """``TENAX_ETCD_CA``: CA file for https endpoints; '' = plain connection."""
-    etcd_cert: str = ""
-    """``TENAX_ETCD_CERT``: client certificate file."""
-    etcd_key: str = ""
-    """``TENAX_ETCD_KEY``: its private key file."""
+    plan_file: str = ""
+    """``TENAX_PLAN_FILE``: the job's plan file, kept current by the agent; '' = no plan following."""
+    ready_file: str = ""
+    """``TENAX_READY_FILE``: where a growth worker says READY; '' = not set."""
     node_id: str = ""
     """``TENAX_NODE_ID`` (informative: the launch plan is authoritative)."""
     growth_id: str = ""
@@ -118,9 +112,8 @@ class WorkerSettings:
         return cls(
             job_id=_text(env, launch.JOB_ID), rank=_rank(env, launch.RANK),
             launch_file=_text(env, launch.LAUNCH_FILE), metrics_file=_text(env, launch.METRICS_FILE),
-            run_dir=_text(env, launch.RUN_DIR), etcd=_text(env, launch.ETCD),
-            etcd_prefix=_text(env, launch.ETCD_PREFIX, "/tenax"), etcd_ca=_text(env, launch.ETCD_CA),
-            etcd_cert=_text(env, launch.ETCD_CERT), etcd_key=_text(env, launch.ETCD_KEY),
+            run_dir=_text(env, launch.RUN_DIR), plan_file=_text(env, launch.PLAN_FILE),
+            ready_file=_text(env, launch.READY_FILE),
             node_id=_text(env, launch.NODE_ID), growth_id=_text(env, launch.GROWTH_ID),
             faults=_text(env, launch.FAULT),
             store_timeout_s=_seconds(env, launch.STORE_TIMEOUT_S, 30.0),

@@ -7,8 +7,9 @@ per-job directory. The rendezvous store is the TCPStore at plan.store_address,
 under plan.store_prefix. The plan (not spec.parallelism) is authoritative for
 the layout, since the controller changes it as the world changes.
 
-Elastic by default (trainer/elastic.py): with TENAX_ETCD set, the worker follows
-the job's plan in etcd and survives failures of its peers in process; it exits 0
+Elastic by default (trainer/elastic.py): with TENAX_PLAN_FILE set, the worker follows
+the job's plan (its agent relays it from etcd into that file: workers hold no etcd
+credentials) and survives failures of its peers in process; it exits 0
 after the last step or when a new generation has no place for it. TENAX_FAULT
 injects failures (tests). TENAX_ELASTIC=0 runs the plain single-generation
 trainer; TENAX_SNAPSHOTS=0 keeps the elastic runtime without snapshots (both
@@ -16,8 +17,8 @@ for benchmarks). TENAX_PLAN_WAIT_S (default 60) bounds the wait for plan g+1.
 
 Two-phase growth: the agent sets TENAX_GROWTH_ID for a worker it starts for a
 growth being prepared (the launch plan is the tentative plan g+1). The worker gets
-ready, writes a READY joiner record to etcd, and joins only once a plan >= g+1 in
-etcd names its (node, slot); it exits 0 if none does within TENAX_PREPARE_WAIT_S
+ready, writes a READY joiner record to TENAX_READY_FILE (its agent relays it to etcd),
+and joins only once a plan >= g+1 in the plan file names its (node, slot); it exits 0 if none does within TENAX_PREPARE_WAIT_S
 (default 300).
 
 Exit codes: 0 after the last step; 2 for a bad launch (env, spec, plan);
@@ -125,8 +126,7 @@ def run() -> int:
 
 def run_elastic(spec, plan, rank: int, settings: WorkerSettings) -> int:
     """The default: survive failures in process (trainer/elastic.py has the state machine)."""
-    # torch and etcd imports only past the launch checks: a bad launch fails fast (exit 2)
-    from common.etcd import EtcdTls
+    # torch imports only past the launch checks: a bad launch fails fast (exit 2)
     from trainer.elastic import ElasticWorker
     from trainer.faults import parse_faults
     from trainer.train import MetricsWriter, pick_device
@@ -136,13 +136,11 @@ def run_elastic(spec, plan, rank: int, settings: WorkerSettings) -> int:
     elastic = ElasticSettings.from_worker(settings, snapshot_every=spec.elastic.snapshot_every,
                                           checkpoint_every=spec.elastic.checkpoint_every,
                                           checkpoint_keep=spec.elastic.checkpoint_keep)
-    tls = (EtcdTls(ca_file=settings.etcd_ca, cert_file=settings.etcd_cert, key_file=settings.etcd_key)
-           if settings.etcd_ca else None)
     metrics = MetricsWriter(settings.metrics_file or None)
     try:
         worker = ElasticWorker(
             spec, plan, rank, device=pick_device(spec), metrics=metrics, settings=elastic,
-            etcd=settings.etcd, etcd_prefix=settings.etcd_prefix, etcd_tls=tls,
+            plan_file=settings.plan_file, ready_file=settings.ready_file,
             faults=parse_faults(settings.faults), growth_id=settings.growth_id,
         )
         return worker.run()

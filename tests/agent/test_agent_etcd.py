@@ -96,7 +96,7 @@ def test_worker_exit_is_reported_at_once_the_agent_part_within_100ms(etcd_url, t
 
     async def scenario():
         async with Etcd(etcd_url) as etcd:
-            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path, etcd_endpoints=etcd_url,
+            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path,
                              worker_command=SLEEPER, kill_grace_s=2.0)
             plan = make_plan(1, [("n1", 0), ("n1", 1)])
             actions = await sup.apply_plan(plan, spec={"resources": {"device": "cpu"}})
@@ -153,7 +153,7 @@ def test_cancel_kills_workers_and_reports_killed(etcd_url, tmp_path):
 
     async def scenario():
         async with Etcd(etcd_url) as etcd:
-            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path, etcd_endpoints=etcd_url,
+            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path,
                              worker_command=stubborn, kill_grace_s=0.5)
             await sup.apply_plan(make_plan(1, [("n1", 0)]), spec={})
             pid = sup.workers[("j1", 0)].pid
@@ -387,7 +387,7 @@ def test_worker_that_cannot_start_is_reported_failed(etcd_url, tmp_path):
 
     async def scenario():
         async with Etcd(etcd_url) as etcd:
-            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path, etcd_endpoints=etcd_url,
+            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path,
                              worker_command=["/nonexistent/python"])
             # the shim execs the command: it fails in the child, which exits non-zero
             await sup.apply_plan(make_plan(1, [("n1", 0)]), spec={})
@@ -413,7 +413,7 @@ def test_new_generation_moves_a_rank_to_another_slot(etcd_url, tmp_path):
 
     async def scenario():
         async with Etcd(etcd_url) as etcd:
-            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path, etcd_endpoints=etcd_url,
+            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path,
                              worker_command=SLEEPER, kill_grace_s=1.0, retire_grace_s=0.5)
             try:
                 await sup.apply_plan(make_plan(1, [("n1", 0)]), spec={})
@@ -440,7 +440,7 @@ def test_survivors_swap_ranks_across_generations_without_a_restart(etcd_url, tmp
 
     async def scenario():
         async with Etcd(etcd_url) as etcd:
-            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path, etcd_endpoints=etcd_url,
+            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path,
                              worker_command=SLEEPER, kill_grace_s=1.0)
             try:
                 await sup.apply_plan(make_plan(1, [("n1", 0), ("n1", 1)]), spec={})
@@ -486,7 +486,7 @@ def test_growth_workers_run_outside_the_plan_until_it_switches_or_are_stopped(et
 
     async def scenario():
         async with Etcd(etcd_url) as etcd:
-            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path, etcd_endpoints=etcd_url,
+            sup = Supervisor(etcd=etcd, keys=keys, node_id="n1", work_dir=tmp_path,
                              worker_command=SLEEPER, kill_grace_s=1.0)
             try:
                 await sup.apply_plan(make_plan(1, [("n1", 0)]), spec={})

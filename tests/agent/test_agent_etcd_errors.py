@@ -99,7 +99,7 @@ def test_a_refused_registration_is_not_retried_and_stops_the_agent(tmp_path, cap
 
 
 def supervisor(etcd: ScriptedEtcd, tmp_path: Path) -> Supervisor:
-    return Supervisor(etcd=etcd, keys=KEYS, node_id="n1", work_dir=tmp_path, etcd_endpoints="http://127.0.0.1:1")
+    return Supervisor(etcd=etcd, keys=KEYS, node_id="n1", work_dir=tmp_path)
 
 
 def worker(tmp_path: Path) -> Worker:

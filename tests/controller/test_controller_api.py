@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import urllib.request
 
@@ -210,7 +211,8 @@ def test_job_lifecycle_pending_running_succeeded_with_watch_and_metrics(etcd_url
             assert [(w.rank, w.node, w.slot) for w in got.status.workers] == [
                 (0, "n1", 0), (1, "n1", 1), (2, "n2", 0), (3, "n2", 1)]
             plan = json.loads((await api.etcd.get(KEYS.job_plan(job.id))).value)
-            assert plan["sample_shares"] == [5, 4] and plan["store_prefix"] == f"{job.id}/g1/"
+            assert plan["sample_shares"] == [5, 4]
+            assert re.fullmatch(rf"{job.id}/g1/[0-9a-f]{{32}}/", plan["store_prefix"])  # a secret in etcd only
             assert plan["store_address"] == "127.0.0.1:29502"
 
             nodes = {n.id: n for n in (await api.nodes.ListNodes(pb.ListNodesRequest(), timeout=5)).nodes}
@@ -252,6 +254,8 @@ def test_job_lifecycle_pending_running_succeeded_with_watch_and_metrics(etcd_url
             phases = [pb.JobPhase.Name(ev.phase) for ev in events if ev.WhichOneof("event") == "phase"]
             assert phases == ["PENDING", "RUNNING", "SUCCEEDED"]
             assert "plan" in kinds and [ev.progress.step for ev in events if ev.progress.step] == [1, 2, 3]
+            # API viewers see the plan without the store prefix's secret
+            assert [ev.plan.store_prefix for ev in events if ev.WhichOneof("event") == "plan"] == [f"{job.id}/g1/"]
             # the timeline streams too (ListJobEvents' entries, as they are written)
             entries = [(ev.entry.kind, ev.entry.message) for ev in events if ev.WhichOneof("event") == "entry"]
             assert entries[0][0] == "plan" and entries[0][1].startswith("plan generation 1: 4 workers"), entries

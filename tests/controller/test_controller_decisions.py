@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -86,7 +88,7 @@ def test_build_plan_generation_one():
     placement = [Slot(node="a", slot=0), Slot(node="a", slot=1), Slot(node="b", slot=0), Slot(node="b", slot=1)]
     plan = build_plan(job_id="demo-abc", spec=s, placement=placement, store_address="a:29500")
     assert plan.generation == 1 and plan.switch_at_step == -1
-    assert plan.store_prefix == "demo-abc/g1/" and plan.store_address == "a:29500"
+    assert re.fullmatch(r"demo-abc/g1/[0-9a-f]{32}/", plan.store_prefix) and plan.store_address == "a:29500"
     assert plan.sample_shares == (9, 8)
     assert [(w.rank, w.dp_rank, w.pp_rank, w.node) for w in plan.workers] == [
         (0, 0, 0, "a"), (1, 0, 1, "a"), (2, 1, 0, "b"), (3, 1, 1, "b")]

@@ -1,7 +1,8 @@
 """A plan is the same plan whichever path writes it: submit (controller.decisions.build_plan) and
 re-plan (controller.replan.replan, grow) must agree, field by field, when they land on the same
 slots and layout. Only what says why the generation exists differs by design: ``reason``,
-``extra`` (the re-plan's bookkeeping) and, for a growth, ``switch_at_step``.
+``extra`` (the re-plan's bookkeeping), for a growth ``switch_at_step``, and the secret of the
+store prefix (a fresh one per plan: compared without it).
 
 The job is chosen so that a path computing a field its own way shows: the cost-balanced layer split
 differs from a count-balanced one, and the global batch does not divide evenly over dp=3.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from common.layout import equal_partition, even_shares, partition_for_spec, store_prefix
+from common.layout import equal_partition, even_shares, partition_for_spec, public_store_prefix, store_prefix
 from common.spec import ElasticSpec, JobSpec, ModelSpec, Parallelism, Resources
 from controller.decisions import NodeView, Slot, build_plan, schedule
 from controller.replan import ClusterView, grow, replan
@@ -48,9 +49,14 @@ def placement_of(plan: Plan) -> list[Slot]:
     return [Slot(node=w.node, slot=w.slot) for w in sorted(plan.workers, key=lambda w: w.rank)]
 
 
+def _field(plan: Plan, name: str):
+    value = getattr(plan, name)
+    return public_store_prefix(value) if name == "store_prefix" else value
+
+
 def differences(a: Plan, b: Plan, *, skip: set[str]) -> list[str]:
-    return [f"{f.name}: {getattr(a, f.name)!r} != {getattr(b, f.name)!r}"
-            for f in fields(Plan) if f.name not in skip and getattr(a, f.name) != getattr(b, f.name)]
+    return [f"{f.name}: {_field(a, f.name)!r} != {_field(b, f.name)!r}"
+            for f in fields(Plan) if f.name not in skip and _field(a, f.name) != _field(b, f.name)]
 
 
 def shrink_and_grow_back(partition=partition_for_spec) -> tuple[Plan, Plan, Plan]:
@@ -99,12 +105,14 @@ def test_growing_back_to_the_submitted_world_writes_the_submitted_plan_again():
 
 def test_every_generation_gets_its_own_store_prefix_from_the_one_format():
     plans = shrink_and_grow_back()
-    assert [p.store_prefix for p in plans] == [store_prefix(JOB, g) for g in (1, 2, 3)]
+    secrets = [p.store_prefix.split("/")[2] for p in plans]
+    assert [p.store_prefix for p in plans] == [store_prefix(JOB, g, secret) for g, secret in zip((1, 2, 3), secrets)]
+    assert len(set(secrets)) == 3 and all(len(secret) == 32 for secret in secrets)  # 128 random bits each
     # no generation's keys can be read under another's prefix
     for a in plans:
         for b in plans:
             assert a is b or not b.store_prefix.startswith(a.store_prefix)
-    assert not store_prefix(JOB, 10).startswith(store_prefix(JOB, 1))
+    assert not store_prefix(JOB, 10, "s").startswith(store_prefix(JOB, 1, "s"))
 
 
 def test_the_comparison_catches_a_path_that_splits_layers_its_own_way():

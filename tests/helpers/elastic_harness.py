@@ -2,8 +2,9 @@
 
 ``ElasticJob`` serves the rendezvous TCPStore in this process (as an agent
 does), writes plans to a real etcd (as the controller does, with
-controller/replan.py deciding them), and starts ``python -m trainer.worker``
-processes with the launch-contract environment. Workers live on two pretend
+controller/replan.py deciding them) and relays them to the workers' plan file
+(as the agent does), and starts ``python -m trainer.worker`` processes with the
+launch-contract environment. Workers live on two pretend
 nodes (``a``: ranks 0..world/2-1, ``b``: the rest) so buddies are off-node.
 """
 
@@ -28,12 +29,13 @@ if str(REPO) not in sys.path:
 
 from agent.lifeline import dying_returncode, open_lifeline  # noqa: E402
 from common.etcd import Etcd  # noqa: E402
+from common.files import write_atomic  # noqa: E402
 from controller.replan import ClusterView, grow, replan  # noqa: E402
 from protos import launch  # noqa: E402
 from protos.keys import Keys  # noqa: E402
 from protos.plan import Plan, WorkerAssignment  # noqa: E402
 from common.spec import JobSpec  # noqa: E402
-from common.layout import partition_for_spec  # noqa: E402
+from common.layout import new_store_secret, partition_for_spec, store_prefix  # noqa: E402
 
 PREFIX = "/tenax-test"
 
@@ -71,7 +73,7 @@ def first_plan(spec: JobSpec, store_address: str, *, job: str = "job1", nodes: t
     return Plan(job_id=job, generation=1, workers=workers, dp=p.dp, pp=p.pp, zero_stage=p.zero_stage,
                 layer_partition=tuple(partition_for_spec(spec.model, p.pp)),
                 sample_shares=tuple(base + (1 if d < extra else 0) for d in range(p.dp)),
-                store_address=store_address, store_prefix=f"{job}/g1/", reason="submit")
+                store_address=store_address, store_prefix=store_prefix(job, 1, new_store_secret()), reason="submit")
 
 
 def put(etcd_url: str, key: str, value: str) -> None:
@@ -100,6 +102,7 @@ class ElasticJob:
         out.mkdir(parents=True, exist_ok=True)
         self.run_dir = out / "run"
         self.run_dir.mkdir(exist_ok=True)
+        self.plan_file = out / "plan.json"
         self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                                    timeout=timedelta(seconds=30))
         self.address = f"127.0.0.1:{self.store.port}"
@@ -116,7 +119,9 @@ class ElasticJob:
 
     # ------------------------------------------------------------- plans
     def write_plan(self, plan: Plan) -> float:
+        """Plan to etcd (the controller), then to the plan file (the agent's relay); the time written."""
         put(self.etcd_url, self.keys.job_plan(self.job), plan.to_json())
+        write_atomic(self.plan_file, plan.to_json())
         self.plan = plan
         return time.time()
 
@@ -153,7 +158,7 @@ class ElasticJob:
             **os.environ, "PYTHONPATH": _pythonpath(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
             launch.JOB_ID: plan.job_id, launch.RANK: str(w.rank), launch.LAUNCH_FILE: str(launch_file),
             launch.METRICS_FILE: str(self.metrics_path(w.node, w.slot)), launch.RUN_DIR: str(self.run_dir),
-            launch.ETCD: self.etcd_url, launch.ETCD_PREFIX: PREFIX, launch.NODE_ID: w.node,
+            launch.PLAN_FILE: str(self.plan_file), launch.NODE_ID: w.node,
             launch.FAULT: faults, launch.COLLECTIVE_TIMEOUT_S: "30", launch.PLAN_WAIT_S: "30",
             **self.env,
         }

@@ -27,8 +27,8 @@ COLLECTIVE_TIMEOUT_S = 60
 """The production default backstop: what the survivors used to wait."""
 
 
-def _joined(job: ElasticJob, generation: int, rank: int) -> bool:
-    return dist.PrefixStore(f"{job.job}/g{generation}/", job.store).check([f"{JOINED_KEY}{rank}"])
+def _joined(job: ElasticJob, plan, rank: int) -> bool:
+    return dist.PrefixStore(plan.store_prefix, job.store).check([f"{JOINED_KEY}{rank}"])
 
 
 def _wait(predicate, timeout_s: float, what: str, job: ElasticJob) -> None:
@@ -53,7 +53,7 @@ def test_survivors_leave_a_rendezvous_whose_participant_died_as_soon_as_the_next
         plan2 = job.grow_into({"a": [1], "b": [1]}, at_step=switch_at)
         job.write_plan(plan2)
         # the survivors reach the switch step and wait in generation 2's rendezvous
-        _wait(lambda: _joined(job, 2, 0) and _joined(job, 2, 1), 60, "the survivors in g2's rendezvous", job)
+        _wait(lambda: _joined(job, plan2, 0) and _joined(job, plan2, 1), 60, "the survivors in g2's rendezvous", job)
         # the two new workers die before they join (they are still importing torch)
         job.start(plan2)
         joiners = [where for where in job.procs if where not in survivors]
@@ -62,7 +62,7 @@ def test_survivors_leave_a_rendezvous_whose_participant_died_as_soon_as_the_next
         killed_at = time.time()
         for where in joiners:
             job.procs[where].wait(10)
-        assert not any(_joined(job, 2, plan2.worker(r).rank) for r in (2, 3)), "a joiner joined before it died"
+        assert not any(_joined(job, plan2, plan2.worker(r).rank) for r in (2, 3)), "a joiner joined before it died"
         # the controller's part: plan 3 without them (the layout of plan 1 again)
         plan3 = job.replan_without({2, 3})
         assert plan3.world_size == 2

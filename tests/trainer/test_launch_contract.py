@@ -36,7 +36,7 @@ def test_every_name_is_defined_once_with_a_docstring():
 
 def test_defaults_without_any_variable():
     s = WorkerSettings.from_env({})
-    assert (s.rank, s.launch_file, s.etcd, s.etcd_prefix) == (None, "", "", "/tenax")
+    assert (s.rank, s.launch_file, s.plan_file, s.ready_file) == (None, "", "", "")
     assert (s.store_timeout_s, s.collective_timeout_s, s.plan_wait_s, s.prepare_wait_s, s.heartbeat_s) == (
         30.0, 60.0, 60.0, 300.0, 1.0)
     assert (s.elastic, s.snapshots, s.telemetry, s.compile, s.backend) == (True, True, True, "auto", "")
@@ -47,14 +47,14 @@ def test_defaults_without_any_variable():
 
 
 def test_values_are_parsed_and_empty_means_unset():
-    env = {launch.RANK: "3", launch.LAUNCH_FILE: "/l.json", launch.ETCD: "http://e:1", launch.ETCD_PREFIX: "",
+    env = {launch.RANK: "3", launch.LAUNCH_FILE: "/l.json", launch.PLAN_FILE: "/p.json", launch.READY_FILE: "",
            launch.PLAN_WAIT_S: "2.5", launch.ELASTIC: "0", launch.SNAPSHOTS: "0", launch.TELEMETRY: "1",
            launch.COMPILE: "0", launch.BACKEND: "gloo", launch.FAULT: "rank=1,kind=kill", launch.RUN_DIR: "/r",
-           launch.HEARTBEAT_S: "0.25", launch.GROWTH_ID: "g1", launch.ETCD_CA: "/ca"}
+           launch.HEARTBEAT_S: "0.25", launch.GROWTH_ID: "g1"}
     s = WorkerSettings.from_env(env)
-    assert (s.rank, s.launch_file, s.etcd, s.etcd_prefix, s.plan_wait_s) == (3, "/l.json", "http://e:1", "/tenax", 2.5)
+    assert (s.rank, s.launch_file, s.plan_file, s.ready_file, s.plan_wait_s) == (3, "/l.json", "/p.json", "", 2.5)
     assert (s.elastic, s.snapshots, s.telemetry, s.compile, s.backend) == (False, False, True, "0", "gloo")
-    assert (s.faults, s.growth_id, s.etcd_ca) == ("rank=1,kind=kill", "g1", "/ca")
+    assert (s.faults, s.growth_id) == ("rank=1,kind=kill", "g1")
     telemetry = TelemetrySettings.from_worker(s)
     assert (telemetry.enabled, telemetry.heartbeat_s, telemetry.control_dir) == (True, 0.25, "/r")
     elastic = ElasticSettings.from_worker(s, snapshot_every="auto", checkpoint_every=5)

@@ -1,42 +1,54 @@
-"""The worker's plan watch retries a temporary etcd error (unreachable) and gives up at once on
-a permanent one (here: an unreadable TLS file), saying why."""
+"""The worker's plan watch follows the plan file its agent relays plans into: every newer
+generation is seen within a poll, older or malformed contents are skipped."""
 
 from __future__ import annotations
 
-import socket
+import threading
 import time
 
 import pytest
 
-from common.etcd import EtcdError, EtcdTls
-from trainer.plan_watch import PlanWatcher
+from common.files import write_atomic
+from protos.plan import Plan, WorkerAssignment
+from trainer.plan_watch import POLL_S, PlanWatcher
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.timeout(30)
-def test_a_permanent_etcd_error_ends_the_watch(tmp_path):
-    watcher = PlanWatcher(f"https://127.0.0.1:{_closed_port()}", "/tenax/jobs/j/plan",
-                          tls=EtcdTls(ca_file=str(tmp_path / "no-such-ca.pem")))
-    deadline = time.monotonic() + 10
-    while watcher.stopped_by is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert isinstance(watcher.stopped_by, EtcdError) and "no-such-ca.pem" in str(watcher.stopped_by)
-    watcher._thread.join(5)
-    assert not watcher._thread.is_alive()
-    with pytest.raises(TimeoutError):
-        watcher.wait_newer(0, 0.1)
+def _plan(generation: int) -> Plan:
+    return Plan(job_id="j", generation=generation, workers=(WorkerAssignment(rank=0, node="n", slot=0, dp_rank=0,
+                                                                              pp_rank=0),),
+                dp=1, pp=1, zero_stage=0, layer_partition=(0, 2), sample_shares=(4,), store_address="h:1",
+                store_prefix=f"j/g{generation}/s/")
 
 
 @pytest.mark.timeout(30)
-def test_an_unreachable_etcd_is_retried(tmp_path):
-    watcher = PlanWatcher(f"http://127.0.0.1:{_closed_port()}", "/tenax/jobs/j/plan")
+def test_newer_plans_are_seen_within_a_poll_and_stale_or_malformed_ones_are_skipped(tmp_path):
+    path = tmp_path / "plan.json"
+    seen: list[tuple[int, float]] = []
+    arrived = threading.Event()
+
+    def on_plan(plan: Plan) -> None:
+        seen.append((plan.generation, time.monotonic()))
+        arrived.set()
+
+    watcher = PlanWatcher(path, on_plan=on_plan)  # no file yet: nothing, no error
     try:
-        time.sleep(2.0)  # several connection attempts (backoff from 0.1 s)
-        assert watcher.stopped_by is None and watcher._thread.is_alive()
+        time.sleep(3 * POLL_S)
+        with pytest.raises(TimeoutError):
+            watcher.wait_newer(0, 0.05)
+        latencies = []
+        for generation in (1, 2, 3):
+            arrived.clear()
+            written = time.monotonic()
+            write_atomic(path, _plan(generation).to_json())
+            assert watcher.wait_newer(generation - 1, 5).generation == generation
+            assert arrived.wait(5)
+            latencies.append(seen[-1][1] - written)
+        assert max(latencies) < POLL_S + 0.1, latencies  # a poll, plus a loaded host's scheduling
+        write_atomic(path, "{not json")
+        write_atomic(path, _plan(2).to_json())  # older: skipped
+        time.sleep(5 * POLL_S)
+        assert [g for g, _ in seen] == [1, 2, 3] and watcher.newest.generation == 3
     finally:
         watcher.close()
+    watcher._thread.join(5)
+    assert not watcher._thread.is_alive()
