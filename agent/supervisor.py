@@ -129,6 +129,8 @@ class Worker:
     """After a failure: the last exception line of its log."""
     log_start: int = 0
     """Offset in ``log_path`` where this process's output starts."""
+    metrics_offset: int | None = None
+    """Offset in ``metrics_path`` where this process's lines start (None: unknown)."""
     ranks: dict[int, int] = field(default_factory=dict)
     """Plan generation -> the rank it held in it (its log index: ``tenax logs --rank R --generation G``)."""
     _report_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -434,7 +436,8 @@ class Supervisor:
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         worker = Worker(job=plan.job_id, rank=a.rank, slot=a.slot, generation=plan.generation, pid=proc.pid,
                         proc=proc, log_path=log_path, metrics_path=metrics_path, started=time.time(),
-                        preparing=growth_id, log_start=log_start, ranks={plan.generation: a.rank})
+                        preparing=growth_id, log_start=log_start, metrics_offset=offset,
+                        ranks={plan.generation: a.rank})
         self._write_log_index(worker)
         if growth_id:
             self.preparing[(plan.job_id, a.slot)] = worker  # its rank key may still be a plan-g worker's

@@ -139,20 +139,30 @@ class Recovery:
 
     # ------------------------------------------------------------ public requests
     async def request_replan(self, job_id: str, cause: str, *, lost_ranks: Iterable[int] = (),
-                             lost_nodes: Iterable[str] = (), detected_at: float | None = None) -> tuple[bool, str]:
+                             lost_nodes: Iterable[str] = (), detected_at: float | None = None,
+                             generation: int | None = None) -> tuple[bool, str]:
         """Plan g+1 without ``lost_ranks`` / ``lost_nodes`` of the current plan, switching now.
+        Their slots are quarantined as failures (controller/quarantine.py).
 
         ``detected_at``: when the caller saw the problem (unix seconds; default now), used
         as the failure time of the recovery record (detection_s = 0 from the controller's view).
+        ``generation``: refuse unless the current plan is still that generation (ranks are
+        renumbered by every plan: the caller's ranks would name other workers).
         """
         now = time.time()
-        failure = Failure(cause=cause, lost_ranks=frozenset(int(r) for r in lost_ranks),
+        lost_ranks = sorted(int(r) for r in lost_ranks)
+        failure = Failure(cause=cause, lost_ranks=frozenset(lost_ranks),
                           lost_nodes=frozenset(lost_nodes), failed_at=detected_at or now,
-                          description=f"{cause}: ranks {sorted(lost_ranks)} nodes {sorted(lost_nodes)}")
+                          description=f"{cause}: ranks {lost_ranks} nodes {sorted(lost_nodes)}")
         job, why = self._active_job(job_id)
         if job is None:
             return False, why
         async with self._lock:
+            job, why = self._active_job(job_id)  # the lock may have waited for another plan write
+            if job is None:
+                return False, why
+            if generation is not None and job.plan.generation != generation:
+                return False, f"job {job_id} is at plan generation {job.plan.generation}, not {generation}"
             return await self._recover(job, failure, now)
 
     async def request_migration(self, job_id: str, ranks: Iterable[int], cause: str = "migrate", *,

@@ -50,7 +50,8 @@ GROWTH_RETRY_MAX_S = 300.0
 CAPACITY_WAIT_S = 60.0
 """Default longest wait of a failed job for workers to come back before it is FAILED (seconds)."""
 
-CAUSE_LABELS = ("worker-failed", "node-lost", "hang", "grow", "drain", "rebalance", "migrate", "manual")
+CAUSE_LABELS = ("worker-failed", "node-lost", "hang", "rendezvous-timeout", "grow", "drain", "rebalance", "migrate",
+                "manual")
 """Bounded values of the ``cause`` metric label; anything else is counted as ``manual``."""
 
 

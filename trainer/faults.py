@@ -9,6 +9,8 @@
     kind=corrupt-replica at recovery, flip a byte in each buddy replica it holds
     kind=kill-in-transfer SIGKILL at the start of the transfer of generation ``gen``
                          (``rank``: the rank in that generation's transfer group)
+    kind=hang-join       a process started for generation ``gen`` sleeps for ever before its
+                         rendezvous of ``gen`` (alive, never arrives); ``rank=-1``: any rank
     ``rank`` is the rank in generation ``gen`` (default 1).
 """
 
@@ -38,7 +40,7 @@ def parse_faults(raw: str) -> list[Fault]:
     faults = []
     for item in filter(None, (part.strip() for part in raw.split(";"))):
         fields = dict(kv.split("=", 1) for kv in item.split(","))
-        faults.append(Fault(kind=fields["kind"], rank=int(fields["rank"]), step=int(fields.get("step", -1)),
+        faults.append(Fault(kind=fields["kind"], rank=int(fields.get("rank", 1)), step=int(fields.get("step", -1)),
                             gen=int(fields.get("gen", 1)), when=fields.get("when", "between")))
     return faults
 
@@ -81,6 +83,16 @@ class FaultInjector:
             threading.Timer(0.02, kill_self, args=(self.run_dir,)).start()
         else:
             kill_self(self.run_dir)
+
+    def before_rendezvous(self, generation: int, launch_generation: int, rank: int | None) -> None:
+        """Hook before a rendezvous: a ``hang-join`` fault of this generation, in a process
+        started for it, never returns (a participant that never arrives)."""
+        for f in self.faults:
+            if f.kind == "hang-join" and f.gen == generation == launch_generation and f.rank in (-1, rank):
+                if self.run_dir:
+                    Path(self.run_dir, f"hang-join-{os.getpid()}").write_text(repr(time.time()))
+                while True:
+                    time.sleep(3600)
 
     def at_transfer(self, generation: int, rank: int, old_generation: int, old_rank: int, copies) -> None:
         """Hooks at the start of TRANSFERRING: die (a failure during a recovery), or let this

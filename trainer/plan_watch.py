@@ -15,6 +15,9 @@ from protos.plan import Plan, PlanError
 
 log = logging.getLogger(__name__)
 
+WAIT_LOG_EVERY_S = 5.0
+"""A worker waiting for a newer plan says so (and why it may be late) this often (seconds)."""
+
 
 class PlanWatcher:
     """Follows Keys.job_plan(job) in etcd on a thread with its own event loop.
@@ -31,6 +34,8 @@ class PlanWatcher:
         self.stopped_by: EtcdError | None = None
         """The permanent etcd error that ended the watch (no newer plan will be seen), if any."""
         self.newest: Plan | None = None
+        self.unreachable_since: float | None = None
+        """time.monotonic() since when etcd cannot be reached (None: the watch is up)."""
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -40,15 +45,30 @@ class PlanWatcher:
         self._thread.start()
 
     def wait_newer(self, generation: int, timeout_s: float) -> Plan:
-        """The newest plan with a generation above ``generation``; TimeoutError if none comes in time."""
-        deadline = time.monotonic() + timeout_s
+        """The newest plan with a generation above ``generation``; TimeoutError if none comes in time.
+        While it waits it logs, every ``WAIT_LOG_EVERY_S``, what it waits for: etcd (unreachable)
+        or the controller (etcd is up, no plan yet: no leader, or it is re-planning)."""
+        started = time.monotonic()
+        deadline, next_log = started + timeout_s, started + WAIT_LOG_EVERY_S
         with self._cond:
             while self.newest is None or self.newest.generation <= generation:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
-                    raise TimeoutError(f"no plan newer than generation {generation} within {timeout_s:.0f}s")
+                    raise TimeoutError(f"no plan newer than generation {generation} within {timeout_s:.0f}s"
+                                       f"{self._why_late(now)}")
+                if now >= next_log:
+                    next_log = now + WAIT_LOG_EVERY_S
+                    log.warning("waiting %.0f s for plan generation %d (%.0f s left)%s", now - started,
+                                generation + 1, left, self._why_late(now))
                 self._cond.wait(min(left, 0.5))
             return self.newest
+
+    def _why_late(self, now: float) -> str:
+        since = self.unreachable_since
+        if since is not None:
+            return f": etcd unreachable for {now - since:.0f} s; waiting for it"
+        return ": etcd is up; waiting for the controller (no leader, or it is re-planning)"
 
     def close(self) -> None:
         self._stop.set()
@@ -102,6 +122,7 @@ class PlanWatcher:
                 async with Etcd(self.endpoint, tls=self.tls) as etcd:
                     self._etcd = etcd
                     kv = await etcd.get(self.key)
+                    self.unreachable_since = None
                     if kv is not None:
                         self._offer(kv.value)
                     start = kv.mod_revision + 1 if kv is not None else None
@@ -113,6 +134,8 @@ class PlanWatcher:
                             return
             except EtcdUnavailable as exc:
                 log.debug("plan watch on %s interrupted: %r", self.key, exc)
+                if self.unreachable_since is None:
+                    self.unreachable_since = time.monotonic()
                 await backoff.sleep()
             except EtcdError as exc:  # permanent (refused, bad TLS files): retrying cannot help
                 log.error("plan watch on %s stopped: permanent etcd error: %r; no newer plan will be "

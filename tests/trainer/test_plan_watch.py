@@ -38,5 +38,9 @@ def test_an_unreachable_etcd_is_retried(tmp_path):
     try:
         time.sleep(2.0)  # several connection attempts (backoff from 0.1 s)
         assert watcher.stopped_by is None and watcher._thread.is_alive()
+        assert watcher.unreachable_since is not None
+        # a worker waiting for its recovery's plan says what it waits for
+        with pytest.raises(TimeoutError, match=r"etcd unreachable for \d+ s; waiting for it"):
+            watcher.wait_newer(1, 0.2)
     finally:
         watcher.close()
