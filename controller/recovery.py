@@ -74,6 +74,7 @@ from controller.recovery_decisions import (
     commit_plan,
     complete_recovery,
     end_growth,
+    capacity_wait_start,
     wait_for_capacity,
     find_failure,
     free_slots_for,
@@ -254,7 +255,8 @@ class Recovery:
             # the first pass that found no layout: a failure's own time can be "now" on every pass
             for key in [k for k in self._short_since if k[0] == job.id and k[1] != job.plan.generation]:
                 del self._short_since[key]
-            since = self._short_since.setdefault((job.id, job.plan.generation), min(failure.failed_at, now))
+            since = self._short_since.setdefault((job.id, job.plan.generation), capacity_wait_start(
+                failed_at=failure.failed_at, planned_at=float(job.plan.extra.get("planned_at", 0.0) or 0.0), now=now))
             wait, why = wait_for_capacity(failed_at=since, now=now, wait_s=self.capacity_wait_s)
             if wait:
                 message = f"waiting for workers to recover from {failure.description} ({reason}); {why}"

@@ -324,6 +324,16 @@ def commit_plan(growth: GrowthRecord, *, at_step: int, now: float) -> Plan:
                                      "prepare_s": max(now - growth.started, 0.0)}})
 
 
+def capacity_wait_start(*, failed_at: float, planned_at: float, now: float) -> float:
+    """When the wait for workers of a failure with too few survivors starts. Pure.
+
+    The failure's time, but never before the current plan was written: a lost node's failure
+    time is its ranks' last progress heartbeat, which in a job that has been recovering for a
+    while (no step since) predates the plan by minutes, and would fail the job at once while
+    its agent restarts (soak, issue 16). Never after ``now`` either (clocks of replicas)."""
+    return min(max(failed_at, planned_at), now)
+
+
 def wait_for_capacity(*, failed_at: float, now: float, wait_s: float) -> tuple[bool, str]:
     """Whether a failure that leaves too few workers for any layout should wait for workers to
     come back (True) or fail the job (False), and why. Pure. A node lost for seconds (an agent

@@ -6,8 +6,9 @@ finishes.
 
 Real etcd, controller, agents and workers (gloo). The fault: ``kind=hang-join,gen=2``
 (trainer/faults.py) in every worker's environment holds the worker *started for* generation 2
-(the replacement of a killed worker, on a free slot) before its rendezvous, for ever; the
-survivor waits there for it. Workers started for generations 1 and 3 are not affected.
+(the replacement of a killed worker, on the free third slot) before its rendezvous, for ever;
+the survivor waits there for it. Workers started for generation 1 are not affected. Generation
+3 has no free slot left (both others are quarantined): the survivor trains on alone, at once.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ import os
 import signal
 import time
 
-import psutil
 import pytest
 
-from tests.e2e.test_e2e_cluster import alive, job_file, submit, wait_job_done, wait_until
+from tests.e2e.test_e2e_cluster import job_file, submit, wait_job_done, wait_until
 from tests.e2e.test_e2e_elastic import job_doc, pids_by_slot, timeline, wait_step, worker_logs
 from tests.helpers.health_e2e_helpers import FAST_DETECTION_ARGS, cluster_with_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
-FLOOR_S, CAP_S, FACTOR, STEP_K = 3.0, 40.0, 2.0, 5.0
+FLOOR_S, CAP_S, FACTOR, STEP_K = 3.0, 40.0, 1.0, 5.0
+"""Factor 1: the only rank that must arrive in time is the survivor, which arrives first (the
+deadline runs from the first arrival); no legitimately slow new worker needs a margin here."""
 RENDEZVOUS_ARGS = (f"--rendezvous-floor-s={FLOOR_S}", f"--rendezvous-cap-s={CAP_S}",
                    f"--rendezvous-startup-factor={FACTOR}", f"--rendezvous-step-k={STEP_K}")
 
@@ -33,8 +35,8 @@ RENDEZVOUS_ARGS = (f"--rendezvous-floor-s={FLOOR_S}", f"--rendezvous-cap-s={CAP_
 def test_a_worker_that_never_joins_its_generation_is_replanned_around_within_the_derived_deadline(tmp_path):
     env = {"TENAX_FAULT": "kind=hang-join,gen=2,rank=-1"}
     with cluster_with_env(tmp_path, env, controller_args=(*FAST_DETECTION_ARGS, *RENDEZVOUS_ARGS),
-                          agents=2, slots=2) as info:
-        # two workers on four slots: a failure is re-planned onto a free slot (a new worker)
+                          agents=1, slots=3) as info:
+        # two workers on three slots: a failure is re-planned onto the free one (a new worker)
         spec = job_file(tmp_path, steps=60, parallelism={"dp": 2, "pp": 1, "zero_stage": 1},
                         resources={"workers": 2, "device": "cpu"},
                         elastic={"min_workers": 1, "max_workers": 2, "snapshot_every": "1"})
@@ -82,7 +84,7 @@ def test_a_worker_that_never_joins_its_generation_is_replanned_around_within_the
         replanned_after = recs[1]["time"] - killed_at
         assert deadline < replanned_after < deadline + 8, (replanned_after, deadline, recs)
         assert all(r["steps_lost"] <= 1 for r in recs), recs
-        # the slot that never joined is quarantined: generation 3 runs elsewhere, and its worker is gone
+        # the slot that never joined is quarantined: generation 3 runs without it, on the survivor
+        assert recs[1]["new_layout"]["dp"] * max(recs[1]["new_layout"].get("pp", 1), 1) == 1, recs
         assert (joiner["node"], joiner["slot"]) not in pids_by_slot(doc)
-        wait_until(lambda: not alive(hung_pid), 15, "the worker that never joined to be stopped", interval_s=0.2)
-        assert not psutil.pid_exists(hung_pid) or psutil.Process(hung_pid).status() == psutil.STATUS_ZOMBIE
+        assert hung_pid not in {w["pid"] for w in doc["workers"]}
