@@ -10,6 +10,7 @@ most once per ``interval_s``, writes ONE key per job and node,
 
     {"node": ..., "time": ..., "ranks": {"<rank>": {
         "pid", "generation", "step", "progress_at", "heartbeat_at", "phase", "stopped",
+        "arrived", "arrived_at", "startup_s",
         "steps": [[step, compute_s, collective_wait_s, step_time_s, generation], ...]}}}
 
 ``comm`` (issue #20) summarises the rank's last ``COMM_STEPS`` steps of its current generation
@@ -21,7 +22,10 @@ it (controller/attribution.py).
 
 ``steps`` holds the last ``KEEP_STEPS`` steps (not only the new ones), so a
 write the controller misses costs nothing. ``stopped`` is the kernel's view of
-the worker (state T: SIGSTOP), the strongest evidence of a hung rank.
+the worker (state T: SIGSTOP), the strongest evidence of a hung rank. ``arrived`` /
+``arrived_at``: the newest plan generation whose rendezvous the worker reached, and when
+(its ``rendezvous`` line, protos/recovery.py ``ARRIVAL_EVENT``); ``startup_s``: its process
+start-up (spawn -> first rendezvous). The controller's rendezvous deadline reads them.
 
 One write per job per node per interval, never one per rank per step.
 """
@@ -41,6 +45,7 @@ from typing import Any
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff
 from protos.keys import Keys
+from protos.recovery import ARRIVAL_EVENT
 
 log = logging.getLogger("agent.rank_health")
 
@@ -137,9 +142,22 @@ class RankTail:
     phase: str = ""
     comm: deque = field(default_factory=lambda: deque(maxlen=COMM_STEPS))
     """(generation, compute_s, the step line's ``comm``) of the recent steps that carry one."""
+    arrived: int = 0
+    """Newest plan generation whose rendezvous the worker reached (0: none yet)."""
+    arrived_at: float | None = None
+    startup_s: float | None = None
 
     def ingest(self, record: dict[str, Any]) -> bool:
         """One metrics line; True if it changed what we publish."""
+        if record.get("event") == ARRIVAL_EVENT:
+            generation, at = _number(record.get("generation")), _number(record.get("time"))
+            if generation is None or at is None or generation < self.arrived:
+                return False
+            self.arrived, self.arrived_at = int(generation), at
+            startup = _number(record.get("startup_s"))
+            if startup is not None:
+                self.startup_s = startup
+            return True
         if "heartbeat" in record:
             at = _number(record.get("heartbeat"))
             if at is not None:
@@ -184,7 +202,8 @@ class RankTail:
     def summary(self, stopped: bool | None) -> dict[str, Any]:
         return {"pid": self.pid, "generation": self.generation, "step": self.step,
                 "progress_at": self.progress_at or self.started, "heartbeat_at": self.heartbeat_at,
-                "phase": self.phase, "stopped": stopped, "steps": list(self.steps),
+                "phase": self.phase, "stopped": stopped, "arrived": self.arrived, "arrived_at": self.arrived_at,
+                "startup_s": self.startup_s, "steps": list(self.steps),
                 **({"comm": summary} if (summary := comm_summary(list(self.comm))) else {})}
 
 
@@ -224,12 +243,14 @@ class RankHealthPublisher:
             live[(job, rank)] = w
             tail = self.tails.get((job, rank))
             if tail is None or tail.pid != w.pid:
-                try:
-                    # A restarted rank appends to the same file: start where the file ends now
-                    # (at most one interval of the new worker's lines is skipped).
-                    offset = w.metrics_path.stat().st_size
-                except OSError:
-                    offset = 0
+                # A restarted rank appends to the same file: start where it ended when this
+                # process was spawned (its first lines, e.g. its rendezvous arrival, count).
+                offset = getattr(w, "metrics_offset", None)
+                if offset is None:
+                    try:
+                        offset = w.metrics_path.stat().st_size
+                    except OSError:
+                        offset = 0
                 self.tails[(job, rank)] = RankTail(job=job, rank=rank, pid=w.pid, generation=w.generation,
                                                    path=w.metrics_path, offset=offset, started=w.started)
             else:

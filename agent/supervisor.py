@@ -143,6 +143,8 @@ class Worker:
     """After a failure: the last exception line of its log."""
     log_start: int = 0
     """Offset in ``log_path`` where this process's output starts."""
+    metrics_offset: int | None = None
+    """Offset in ``metrics_path`` where this process's lines start (None: unknown)."""
     ranks: dict[int, int] = field(default_factory=dict)
     """Plan generation -> the rank it held in it (its log index: ``tenax logs --rank R --generation G``)."""
     lifeline: int | None = None
@@ -496,8 +498,8 @@ class Supervisor:
         resources = (spec or {}).get("resources") or {}
         worker = Worker(job=plan.job_id, rank=a.rank, slot=a.slot, generation=plan.generation, pid=proc.pid,
                         proc=proc, log_path=log_path, metrics_path=metrics_path, started=time.time(),
-                        preparing=growth_id, log_start=log_start, ranks={plan.generation: a.rank},
-                        lifeline=lifeline,
+                        preparing=growth_id, log_start=log_start, metrics_offset=offset,
+                        ranks={plan.generation: a.rank}, lifeline=lifeline,
                         memory_limit=memory_limit_bytes(float(resources.get("host_memory_gb") or 0.0),
                                                         self.memory_limit_gb))
         self._write_log_index(worker)

@@ -20,6 +20,7 @@ from controller.detection import HangSettings, StragglerSettings
 from controller.health_loop import HealthSettings
 from controller.quarantine import QuarantineSettings
 from controller.recovery import RecoverySettings
+from controller.rendezvous import RendezvousSettings
 from controller.retention import RetentionSettings
 from controller.security import SecuritySettings
 from controller.server import ControllerSettings, serve
@@ -35,6 +36,8 @@ _SERVER_FLAGS = {"lease_ttl_s": "--lease-ttl", "metrics_port": "--metrics-port",
                  "prefix": "--prefix"}
 _HEALTH_FLAGS = {"interval_s": "--health-interval-s"}
 _HANG_FLAGS = {"k": "--hang-k", "floor_s": "--hang-floor-s", "startup_timeout_s": "--hang-startup-s"}
+_RENDEZVOUS_FLAGS = {"floor_s": "--rendezvous-floor-s", "cap_s": "--rendezvous-cap-s",
+                     "startup_factor": "--rendezvous-startup-factor", "step_k": "--rendezvous-step-k"}
 _STRAGGLER_FLAGS = {"window_steps": "--straggler-window", "min_window_s": "--straggler-window-s",
                     "z_threshold": "--straggler-z", "min_slowdown": "--straggler-min-slowdown"}
 _RECOVERY_FLAGS = {"growth_prepare_s": "--growth-prepare-s", "capacity_wait_s": "--capacity-wait-s"}
@@ -124,7 +127,7 @@ def _add_security_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_health_args(parser: argparse.ArgumentParser) -> None:
-    hang, straggler, health = HangSettings(), StragglerSettings(), HealthSettings()
+    hang, straggler, health, rdv = HangSettings(), StragglerSettings(), HealthSettings(), RendezvousSettings()
     group = parser.add_argument_group("health (hang, straggler and degraded-GPU detection, on the leader)")
     group.add_argument("--health-interval-s", type=float, default=health.interval_s,
                        help="seconds between two passes of the health loop (default %(default)s)")
@@ -135,6 +138,18 @@ def _add_health_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hang-startup-s", type=float, default=hang.startup_timeout_s,
                        help="no-progress timeout before a rank's first step of a plan generation, seconds "
                             "(default %(default)s)")
+    group.add_argument("--rendezvous-floor-s", type=float, default=rdv.floor_s,
+                       help="shortest wait for every rank of a new plan generation to reach its rendezvous, "
+                            "seconds (default %(default)s)")
+    group.add_argument("--rendezvous-cap-s", type=float, default=rdv.cap_s,
+                       help="longest such wait, and the wait while no worker start-up is measured, seconds "
+                            "(default %(default)s)")
+    group.add_argument("--rendezvous-startup-factor", type=float, default=rdv.startup_factor,
+                       help="the wait is this multiple of the job's slowest measured worker start-up, >= 1 "
+                            "(default %(default)s) ...")
+    group.add_argument("--rendezvous-step-k", type=float, default=rdv.step_k,
+                       help="... plus this many median step times (default %(default)s); then the ranks that "
+                            "never arrived are re-planned around and their slots quarantined")
     group.add_argument("--straggler-window", type=int, default=straggler.window_steps,
                        help="steps a straggler decision looks at (default %(default)s)")
     group.add_argument("--straggler-window-s", type=float, default=straggler.min_window_s,
@@ -167,8 +182,12 @@ def health_settings_from_args(args: argparse.Namespace) -> HealthSettings:
     straggler = _flags_named(_STRAGGLER_FLAGS, lambda: StragglerSettings(
         window_steps=args.straggler_window, z_threshold=args.straggler_z, min_window_s=args.straggler_window_s,
         min_slowdown=args.straggler_min_slowdown))
+    rendezvous = _flags_named(_RENDEZVOUS_FLAGS, lambda: RendezvousSettings(
+        floor_s=args.rendezvous_floor_s, cap_s=args.rendezvous_cap_s, startup_factor=args.rendezvous_startup_factor,
+        step_k=args.rendezvous_step_k))
     return _flags_named(_HEALTH_FLAGS, lambda: HealthSettings(
-        interval_s=args.health_interval_s, hang=hang, straggler=straggler, drain_degraded=args.drain_degraded))
+        interval_s=args.health_interval_s, hang=hang, straggler=straggler, rendezvous=rendezvous,
+        drain_degraded=args.drain_degraded))
 
 
 def security_settings_from_args(args: argparse.Namespace) -> SecuritySettings:

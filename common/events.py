@@ -27,8 +27,8 @@ from protos.records import JobEventRecord, RecordError
 
 log = logging.getLogger(__name__)
 
-EVENT_KINDS = ("hang", "straggler", "node-lost", "xid", "worker-exit", "plan", "recovery", "growth", "drain",
-               "phase", "note")
+EVENT_KINDS = ("hang", "rendezvous-timeout", "straggler", "node-lost", "xid", "worker-exit", "plan", "recovery",
+               "growth", "drain", "phase", "note")
 """Every kind of job event (proto JobEventEntry.kind)."""
 
 MAX_MESSAGE_CHARS = 500

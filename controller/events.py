@@ -82,6 +82,19 @@ def hang_event(*, rank: int, node: str, slot: int, silent_s: float, timeout_s: f
               "process_stopped": stopped, "decision": reason[:2000], "evidence": dict(evidence or {})})
 
 
+def rendezvous_timeout_event(*, rank: int, node: str, slot: int, generation: int, deadline_s: float,
+                             waited_s: float, reason: str, now: float) -> JobEventRecord:
+    """The ``rendezvous-timeout`` event of a rank that never reached its generation's rendezvous
+    (the health loop then re-plans without it and quarantines its slot). Pure."""
+    return events.new_event(
+        "rendezvous-timeout",
+        f"rank {rank} on {node} slot {slot} did not reach the rendezvous of generation {generation} "
+        f"within {deadline_s:.1f} s (waited {waited_s:.1f} s)",
+        now=now, action=f"re-plan without rank {rank}; quarantine {node} slot {slot} as a failure",
+        data={"rank": rank, "ranks": [rank], "node": node, "slot": slot, "generation": generation,
+              "deadline_s": round(deadline_s, 3), "waited_s": round(waited_s, 3), "decision": reason[:2000]})
+
+
 def node_lost_events(failure: Failure, plan: Plan, *, step: int, now: float) -> list[JobEventRecord]:
     """One ``node-lost`` event per node of ``failure`` (its lease expired). Pure."""
     out = []

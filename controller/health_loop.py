@@ -21,6 +21,10 @@ asks the pure decisions of controller/detection.py, and acts:
             while the sender computes normally names the link (or the sender's sending
             side), in the ``straggler`` event (``attribution``) and ``tenax_slow_links_total``;
             no plan change, and an eviction never moves a rank for a link.
+* rendezvous a plan generation (g > 1) whose rendezvous some rank never reached within the
+            deadline derived from this job's measured start-up and step times
+            (controller/rendezvous.py) -> a ``rendezvous-timeout`` event per missing rank, then
+            ``Recovery.request_replan`` without them (their slots quarantined as failures).
 * degraded  a node whose agent reports DEGRADED or FAILED (XID, ECC, remapping,
             throttling...) and still runs workers -> drain it: cordon, and the
             recovery moves its workers at a step boundary (``Recovery.request_drain``).
@@ -67,10 +71,11 @@ from controller.detection import (
 )
 from common import events
 from common.layout import even_shares
-from controller.events import hang_cause, hang_event, write_events
+from controller.events import hang_cause, hang_event, rendezvous_timeout_event, write_events
 from controller.handle import ControllerHandle
 from controller.recovery import Recovery
 from controller.recovery_decisions import failed_slots
+from controller.rendezvous import RendezvousSettings, RendezvousState, decide_rendezvous
 from common.etcd import EtcdError, EtcdUnavailable
 from controller.state import JobView, NodeSummary, jobs_from, nodes_from
 from protos.plan import Plan
@@ -109,6 +114,8 @@ class HealthSettings:
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     """When a slow pipeline link (or a peer's sending side) is told apart from slow compute
     (controller/attribution.py)."""
+    rendezvous: RendezvousSettings = field(default_factory=RendezvousSettings)
+    """When a generation whose rendezvous some rank never reached is abandoned (controller/rendezvous.py)."""
     switch_ahead_steps: int = 5
     """A rebalance switches this many steps after the latest step seen (steps, >= 1): every
     rank must read the new plan before it reaches the boundary."""
@@ -315,6 +322,50 @@ def hang_decision(plan: Plan, ranks: Mapping[int, Mapping[str, Any]], now: float
                         timeout_s=timeout), "; ".join(reasons) or "no rank reports telemetry"
 
 
+MAX_STARTUP_SAMPLES = 32
+"""Worker start-ups the loop remembers per job (the newest), beyond the ranks reporting now."""
+
+
+def job_step_times(ranks: Mapping[int, Mapping[str, Any]]) -> list[float]:
+    """Step wall times of every generation the ranks still report (the newest few dozen per rank)."""
+    times = []
+    for entry in ranks.values():
+        for item in entry.get("steps") or []:
+            if isinstance(item, list) and len(item) >= 5:
+                times.append(_number(item[3]))
+    return [t for t in times if t > 0]
+
+
+def startup_samples(ranks: Mapping[int, Mapping[str, Any]]) -> dict[int, float]:
+    """pid -> the start-up (spawn -> first rendezvous, seconds) each reporting worker measured."""
+    out = {}
+    for entry in ranks.values():
+        startup = _number(entry.get("startup_s"), -1.0)
+        if startup > 0:
+            out[int(_number(entry.get("pid")))] = startup
+    return out
+
+
+def rendezvous_state(plan: Plan, ranks: Mapping[int, Mapping[str, Any]], *, seen_at: float,
+                     startups: Sequence[float]) -> RendezvousState:
+    """The plan generation's rendezvous as the telemetry shows it. Pure.
+
+    A rank arrived once it reports a rendezvous of this generation (or a newer one) or a step
+    of it (a lost arrival line must not abandon a generation that trains)."""
+    arrived: dict[int, float] = {}
+    for w in plan.workers:
+        entry = ranks.get(w.rank)
+        if entry is None:
+            continue
+        if int(_number(entry.get("arrived"))) >= plan.generation:
+            arrived[w.rank] = _number(entry.get("arrived_at"), seen_at) or seen_at
+        elif stepped_in_generation(entry, plan.generation):
+            arrived[w.rank] = seen_at
+    return RendezvousState(generation=plan.generation, ranks=tuple(w.rank for w in plan.workers),
+                           arrived_at=arrived, seen_at=seen_at, startup_s=tuple(startups),
+                           step_times_s=tuple(job_step_times(ranks)))
+
+
 def predicted_step_factor(shares: Sequence[int], seconds_per_sample: Sequence[float]) -> float:
     """Relative step time of a share layout: the slowest replica, max(share x seconds per sample)."""
     return max(share * t for share, t in zip(shares, seconds_per_sample))
@@ -423,6 +474,8 @@ class _JobMemory:
     last_reason: str = ""
     event: dict[str, Any] = field(default_factory=dict)
     """The data of this generation's ``straggler`` job event as last written ({}: none yet)."""
+    rendezvous_reported: bool = False
+    """The ``rendezvous-timeout`` events of this generation are written."""
 
 
 class HealthLoop:
@@ -442,6 +495,8 @@ class HealthLoop:
         """job -> the (node, slot)s it evicted stragglers from: no longer a spare for that job (the
         slow hardware is still there; a second eviction must not bring a rank back to it). Kept by
         this leader only (a new leader may evict to such a slot once more)."""
+        self._startups: dict[str, dict[int, float]] = {}
+        """job -> pid -> measured worker start-up (seconds), kept after the worker is gone."""
         self.actions: list[tuple[str, str, str]] = []
         """(kind, target, reason) of every action taken (logs, tests)."""
 
@@ -468,6 +523,7 @@ class HealthLoop:
             del self._jobs[gone]
             self._rebalanced_for.pop(gone, None)
             self._evicted.pop(gone, None)
+            self._startups.pop(gone, None)
         if self.settings.drain_degraded:
             await self._drain_degraded(nodes)
 
@@ -483,8 +539,47 @@ class HealthLoop:
         raw = list(self.c.cache.prefixed(self.c.keys.job_telemetry(job.id)).values())
         ranks = telemetry_ranks(raw)
         if job.status.phase in HANG_CHECKED_PHASES:
+            if await self._check_rendezvous(job, ranks, memory, now):
+                return  # re-planning around ranks that never arrived: nothing else to judge in this generation
             await self._check_hang(job, ranks, memory, now)
         await self._check_stragglers(job, ranks, nodes, memory, now)
+
+    # ---------------------------------------------------------------- rendezvous deadline
+    async def _check_rendezvous(self, job: JobView, ranks, memory: _JobMemory, now: float) -> bool:
+        """True if ranks of the generation missed its rendezvous deadline. The re-plan is asked
+        for on every pass until the plan moves on (it is guarded by the generation: a pass that
+        still sees the old plan is refused, and one that could not re-plan yet tries again)."""
+        known = self._startups.setdefault(job.id, {})
+        known.update(startup_samples(ranks))
+        for pid in list(known)[:-MAX_STARTUP_SAMPLES]:
+            del known[pid]
+        state = rendezvous_state(job.plan, ranks, seen_at=memory.seen_at, startups=list(known.values()))
+        decision, reason = decide_rendezvous(state, now, self.settings.rendezvous)
+        if not decision.missing_ranks:
+            return False
+        plan = job.plan
+        if not memory.rendezvous_reported:
+            log.warning("job %s generation %d abandoned: %s", job.id, plan.generation, reason)
+            made = []
+            for rank in decision.missing_ranks:
+                a = plan.worker(rank)
+                made.append(rendezvous_timeout_event(rank=rank, node=a.node, slot=a.slot, generation=plan.generation,
+                                                     deadline_s=decision.deadline_s, waited_s=decision.waited_s,
+                                                     reason=reason, now=now))
+            await write_events(self.c, job.id, made)
+            memory.rendezvous_reported = True
+        where = ", ".join(f"rank {r} on {plan.worker(r).node} slot {plan.worker(r).slot}"
+                          for r in decision.missing_ranks)
+        cause = (f"rendezvous-timeout: {where} did not reach the rendezvous of generation {plan.generation} "
+                 f"within {decision.deadline_s:.1f} s")
+        done, why = await self.recovery.request_replan(job.id, cause, lost_ranks=decision.missing_ranks,
+                                                       detected_at=now, generation=plan.generation)
+        if done:
+            self.actions.append(("rendezvous-timeout", job.id, reason))
+        elif memory.last_reason != why:
+            memory.last_reason = why
+            log.warning("job %s: re-plan around ranks %s not done: %s", job.id, list(decision.missing_ranks), why)
+        return True
 
     # ---------------------------------------------------------------- hang
     async def _check_hang(self, job: JobView, ranks, memory: _JobMemory, now: float) -> None:

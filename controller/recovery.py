@@ -75,6 +75,7 @@ from controller.recovery_decisions import (
     commit_plan,
     complete_recovery,
     end_growth,
+    capacity_wait_start,
     wait_for_capacity,
     find_failure,
     free_slots_for,
@@ -140,20 +141,30 @@ class Recovery:
 
     # ------------------------------------------------------------ public requests
     async def request_replan(self, job_id: str, cause: str, *, lost_ranks: Iterable[int] = (),
-                             lost_nodes: Iterable[str] = (), detected_at: float | None = None) -> tuple[bool, str]:
+                             lost_nodes: Iterable[str] = (), detected_at: float | None = None,
+                             generation: int | None = None) -> tuple[bool, str]:
         """Plan g+1 without ``lost_ranks`` / ``lost_nodes`` of the current plan, switching now.
+        Their slots are quarantined as failures (controller/quarantine.py).
 
         ``detected_at``: when the caller saw the problem (unix seconds; default now), used
         as the failure time of the recovery record (detection_s = 0 from the controller's view).
+        ``generation``: refuse unless the current plan is still that generation (ranks are
+        renumbered by every plan: the caller's ranks would name other workers).
         """
         now = time.time()
-        failure = Failure(cause=cause, lost_ranks=frozenset(int(r) for r in lost_ranks),
+        lost_ranks = sorted(int(r) for r in lost_ranks)
+        failure = Failure(cause=cause, lost_ranks=frozenset(lost_ranks),
                           lost_nodes=frozenset(lost_nodes), failed_at=detected_at or now,
-                          description=f"{cause}: ranks {sorted(lost_ranks)} nodes {sorted(lost_nodes)}")
+                          description=f"{cause}: ranks {lost_ranks} nodes {sorted(lost_nodes)}")
         job, why = self._active_job(job_id)
         if job is None:
             return False, why
         async with self._lock:
+            job, why = self._active_job(job_id)  # the lock may have waited for another plan write
+            if job is None:
+                return False, why
+            if generation is not None and job.plan.generation != generation:
+                return False, f"job {job_id} is at plan generation {job.plan.generation}, not {generation}"
             return await self._recover(job, failure, now)
 
     async def request_migration(self, job_id: str, ranks: Iterable[int], cause: str = "migrate", *,
@@ -246,7 +257,8 @@ class Recovery:
             # the first pass that found no layout: a failure's own time can be "now" on every pass
             for key in [k for k in self._short_since if k[0] == job.id and k[1] != job.plan.generation]:
                 del self._short_since[key]
-            since = self._short_since.setdefault((job.id, job.plan.generation), min(failure.failed_at, now))
+            since = self._short_since.setdefault((job.id, job.plan.generation), capacity_wait_start(
+                failed_at=failure.failed_at, planned_at=float(job.plan.extra.get("planned_at", 0.0) or 0.0), now=now))
             wait, why = wait_for_capacity(failed_at=since, now=now, wait_s=self.capacity_wait_s)
             if wait:
                 message = f"waiting for workers to recover from {failure.description} ({reason}); {why}"

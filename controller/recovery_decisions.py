@@ -51,7 +51,8 @@ GROWTH_RETRY_MAX_S = 300.0
 CAPACITY_WAIT_S = 60.0
 """Default longest wait of a failed job for workers to come back before it is FAILED (seconds)."""
 
-CAUSE_LABELS = ("worker-failed", "node-lost", "hang", "grow", "drain", "rebalance", "migrate", "manual")
+CAUSE_LABELS = ("worker-failed", "node-lost", "hang", "rendezvous-timeout", "grow", "drain", "rebalance", "migrate",
+                "manual")
 """Bounded values of the ``cause`` metric label; anything else is counted as ``manual``."""
 
 
@@ -333,6 +334,16 @@ def commit_plan(growth: GrowthRecord, *, at_step: int, now: float) -> Plan:
                            "reason": f"{tentative.reason} at step {at_step}",
                            "extra": {**tentative.extra, "planned_at": now, "growth_id": growth.id,
                                      "prepare_s": max(now - growth.started, 0.0)}})
+
+
+def capacity_wait_start(*, failed_at: float, planned_at: float, now: float) -> float:
+    """When the wait for workers of a failure with too few survivors starts. Pure.
+
+    The failure's time, but never before the current plan was written: a lost node's failure
+    time is its ranks' last progress heartbeat, which in a job that has been recovering for a
+    while (no step since) predates the plan by minutes, and would fail the job at once while
+    its agent restarts (soak, issue 16). Never after ``now`` either (clocks of replicas)."""
+    return min(max(failed_at, planned_at), now)
 
 
 def wait_for_capacity(*, failed_at: float, now: float, wait_s: float) -> tuple[bool, str]:

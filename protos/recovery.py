@@ -54,6 +54,15 @@ from typing import Any
 
 RECOVERY_EVENT = "recovery"
 
+ARRIVAL_EVENT = "rendezvous"
+"""``"event"`` of the line a worker writes to its TENAX_METRICS_FILE when it reaches the
+rendezvous of a plan generation (it announced itself in the store and now waits for the
+others): ``{"event": "rendezvous", "generation": g, "rank": r, "time": unix seconds,
+"startup_s": s}``. ``startup_s`` (first rendezvous of the process only, and not for a
+growth joiner, which waits for its commit): seconds from the process start. The agent relays
+the newest one per rank (agent/rank_health.py); the controller's rendezvous deadline uses
+them (controller/rendezvous.py)."""
+
 
 @dataclass(kw_only=True)
 class RecoveryRecord:

@@ -354,13 +354,15 @@ JOINED_KEY = "tenax/joined/"
 
 def rendezvous(store: Any, *, rank: int, world_size: int, timeout_s: float,
                should_abort: Callable[[], str | None] | None = None, poll_s: float = 0.02,
-               what: str = "rendezvous") -> float:
+               what: str = "rendezvous", on_arrive: Callable[[], None] | None = None) -> float:
     """Announce ``rank`` in ``store`` (a generation's PrefixStore) and wait until all
     ``world_size`` ranks did; returns the seconds waited.
 
     Abortable: raises CommAborted as soon as the generation's ``abort`` key is set or
     ``should_abort()`` returns a reason; TimeoutError (naming the missing ranks) after
     ``timeout_s``. Every store call is a short non-blocking one (set, check).
+    ``on_arrive()`` runs once this rank announced itself (the worker tells its agent, which
+    tells the controller's rendezvous deadline).
 
     The pause between checks starts at 2 ms and grows by half up to ``poll_s``: the last
     rank usually arrives within tens of milliseconds of the first, and a fixed 20 ms
@@ -371,6 +373,8 @@ def rendezvous(store: Any, *, rank: int, world_size: int, timeout_s: float,
     pause = min(0.002, poll_s)
     deadline = started + timeout_s
     store.set(JOINED_KEY + str(rank), repr(time.time()))
+    if on_arrive is not None:
+        on_arrive()
     everyone = [JOINED_KEY + str(r) for r in range(world_size)]
     while not store.check(everyone):
         reason = should_abort() if should_abort is not None else None
@@ -388,7 +392,8 @@ def rendezvous(store: Any, *, rank: int, world_size: int, timeout_s: float,
 
 def form_group(store: Any, prefix: str, *, rank: int, world_size: int, backend: str = "gloo",
                timeout_s: float = 60.0, device_id: Any = None,
-               should_abort: Callable[[], str | None] | None = None) -> Any:
+               should_abort: Callable[[], str | None] | None = None,
+               on_arrive: Callable[[], None] | None = None) -> Any:
     """Form the generation's default group under ``prefix`` of ``store`` and return it.
 
     ``timeout_s`` bounds the rendezvous and is the backend's collective timeout
@@ -397,7 +402,8 @@ def form_group(store: Any, prefix: str, *, rank: int, world_size: int, backend: 
     TimeoutError before anything of the new group exists."""
     scoped = dist.PrefixStore(prefix, store)
     rendezvous(scoped, rank=rank, world_size=world_size, timeout_s=timeout_s, should_abort=should_abort,
-               what=f"rendezvous of {public_store_prefix(prefix)!r}")  # logs are for viewers: no secret
+               what=f"rendezvous of {public_store_prefix(prefix)!r}",  # logs are for viewers: no secret
+               on_arrive=on_arrive)
     retire_default_group()
     kwargs = {"device_id": device_id} if device_id is not None else {}
     dist.init_process_group(backend, store=scoped, rank=rank, world_size=world_size,

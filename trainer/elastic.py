@@ -95,13 +95,14 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+import psutil
 import torch
 import torch.distributed as dist
 
 from common import comm_errors
 from protos import launch
 from protos.plan import Plan
-from protos.recovery import RecoveryRecord
+from protos.recovery import ARRIVAL_EVENT, RecoveryRecord
 from trainer import comm
 from trainer.abort import AbortWatcher, CommAborted, CommFailed
 from trainer.checkpoints import DiskCheckpoints
@@ -178,6 +179,9 @@ class ElasticWorker:
         self._current_gen: Generation | None = None
         self._old_rank: dict[int, int] = {}
         """generation -> the rank this worker trained as in it (fault injection addresses old ranks)."""
+        self._process_started = psutil.Process().create_time()
+        self._arrived_before = False
+        """True once this process reached a rendezvous (start-up is measured to the first one)."""
         threading.Thread(target=warm_up_layout_math, args=(spec.model,), name="warm-up", daemon=True).start()
         self.snapshots_on = settings.snapshots
 
@@ -307,7 +311,9 @@ class ElasticWorker:
                 self.watcher = None
 
     def _form(self, gen: Generation) -> AbortWatcher:
-        watcher = gen.form(should_abort=lambda: self._switch_now_plan(gen.plan.generation))
+        self.faults.before_rendezvous(gen.plan.generation, self.launch_plan.generation, gen.rank)
+        watcher = gen.form(should_abort=lambda: self._switch_now_plan(gen.plan.generation),
+                           on_arrive=lambda: self._arrived(gen.plan.generation, gen.rank))
         with self._watcher_lock:
             self.watcher, self.generation = watcher, gen.plan.generation
         self._current_gen = gen
@@ -315,6 +321,20 @@ class ElasticWorker:
         if reason is not None:
             watcher.abort(reason)
         return watcher
+
+    def _arrived(self, generation: int, rank: int | None) -> None:
+        """Tell the agent (a metrics line, protos/recovery.py ``ARRIVAL_EVENT``) that this worker
+        reached the rendezvous of ``generation``: the controller abandons a generation whose
+        participants do not all arrive in time (controller/rendezvous.py)."""
+        now = time.time()
+        record = {"event": ARRIVAL_EVENT, "generation": generation, "rank": -1 if rank is None else rank, "time": now}
+        if not self._arrived_before and not self.growth_id:  # a joiner's start includes its wait for the commit
+            record["startup_s"] = round(max(now - self._process_started, 0.0), 3)
+        self._arrived_before = True
+        try:
+            self.metrics.write(record)
+        except OSError as exc:  # the deadline then waits for the first step instead
+            log.warning("rendezvous arrival not written: %r", exc)
 
     def _transfer_with_idle(self, plan: Plan, rank: int | None, layout, resume: Resume,
                             idle: list[tuple[str, int]]) -> Restored:

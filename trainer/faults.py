@@ -14,6 +14,8 @@
                          is untouched, the receiver waits), from step ``step`` (default: all)
     kind=alloc,mb=N      at step boundary ``step``, allocate N MB (1e6 bytes) of host
                          memory, touch every page and hold it (the agent's memory limit)
+    kind=hang-join       a process started for generation ``gen`` sleeps for ever before its
+                         rendezvous of ``gen`` (alive, never arrives); ``rank=-1``: any rank
     ``rank`` is the rank in generation ``gen`` (default 1).
 """
 
@@ -49,7 +51,7 @@ def parse_faults(raw: str) -> list[Fault]:
     faults = []
     for item in filter(None, (part.strip() for part in raw.split(";"))):
         fields = dict(kv.split("=", 1) for kv in item.split(","))
-        faults.append(Fault(kind=fields["kind"], rank=int(fields["rank"]), step=int(fields.get("step", -1)),
+        faults.append(Fault(kind=fields["kind"], rank=int(fields.get("rank", 1)), step=int(fields.get("step", -1)),
                             gen=int(fields.get("gen", 1)), when=fields.get("when", "between"),
                             peer=int(fields.get("peer", -1)), seconds=float(fields.get("seconds", 0.0)),
                             mb=int(fields.get("mb", 0))))
@@ -115,6 +117,16 @@ class FaultInjector:
             threading.Timer(0.02, kill_self, args=(self.run_dir,)).start()
         else:
             kill_self(self.run_dir)
+
+    def before_rendezvous(self, generation: int, launch_generation: int, rank: int | None) -> None:
+        """Hook before a rendezvous: a ``hang-join`` fault of this generation, in a process
+        started for it, never returns (a participant that never arrives)."""
+        for f in self.faults:
+            if f.kind == "hang-join" and f.gen == generation == launch_generation and f.rank in (-1, rank):
+                if self.run_dir:
+                    Path(self.run_dir, f"hang-join-{os.getpid()}").write_text(repr(time.time()))
+                while True:
+                    time.sleep(3600)
 
     def at_transfer(self, generation: int, rank: int, old_generation: int, old_rank: int, copies) -> None:
         """Hooks at the start of TRANSFERRING: die (a failure during a recovery), or let this

@@ -60,7 +60,7 @@ class Generation:
         self.trained = False
         """True once this generation has its state (fresh start or restored) and trains."""
 
-    def form(self, should_abort=None) -> AbortWatcher:
+    def form(self, should_abort=None, on_arrive=None) -> AbortWatcher:
         """Rendezvous (abortable: ``should_abort()`` -> a reason to give up, see
         trainer.abort.rendezvous), then the watcher (replication: ``replicator_at_boundary``)."""
         host, _, port = self.plan.store_address.rpartition(":")
@@ -74,7 +74,8 @@ class Generation:
         backend = backend_for(self.device, self.settings.worker.backend)
         form_group(store, self.prefix, rank=self.rank, world_size=self.world_size,
                    backend=backend, timeout_s=self.settings.collective_timeout_s,
-                   device_id=self.device if self.device.type == "cuda" else None, should_abort=should_abort)
+                   device_id=self.device if self.device.type == "cuda" else None, should_abort=should_abort,
+                   on_arrive=on_arrive)
         self.watcher = AbortWatcher(AbortSettings(collective_timeout_s=self.settings.collective_timeout_s,
                                                   sliced_waits=backend == "gloo"), rank=self.rank)
         self.watcher.register(dist.group.WORLD)

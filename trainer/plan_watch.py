@@ -24,6 +24,9 @@ POLL_S = 0.02
 """Seconds between two looks at the plan file (the latency it adds to a recovery: half of it
 on average)."""
 
+WAIT_LOG_EVERY_S = 5.0
+"""A worker waiting for a newer plan says so (and what it waits for) this often (seconds)."""
+
 
 class PlanWatcher:
     """Follows the plan file at ``path`` on a thread.
@@ -44,15 +47,27 @@ class PlanWatcher:
         self._thread.start()
 
     def wait_newer(self, generation: int, timeout_s: float) -> Plan:
-        """The newest plan with a generation above ``generation``; TimeoutError if none comes in time."""
-        deadline = time.monotonic() + timeout_s
+        """The newest plan with a generation above ``generation``; TimeoutError if none comes in time.
+        While it waits it logs, every ``WAIT_LOG_EVERY_S``, what it waits for."""
+        started = time.monotonic()
+        deadline, next_log = started + timeout_s, started + WAIT_LOG_EVERY_S
         with self._cond:
             while self.newest is None or self.newest.generation <= generation:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
-                    raise TimeoutError(f"no plan newer than generation {generation} within {timeout_s:.0f}s")
+                    raise TimeoutError(f"no plan newer than generation {generation} within {timeout_s:.0f}s"
+                                       f"{self._why_late()}")
+                if now >= next_log:
+                    next_log = now + WAIT_LOG_EVERY_S
+                    log.warning("waiting %.0f s for plan generation %d (%.0f s left)%s", now - started,
+                                generation + 1, left, self._why_late())
                 self._cond.wait(min(left, 0.5))
             return self.newest
+
+    def _why_late(self) -> str:
+        return (f": waiting for the controller to write it and the agent to relay it into {self.path} "
+                "(the agent's log says whether etcd or the controller is away)")
 
     def close(self) -> None:
         self._stop.set()

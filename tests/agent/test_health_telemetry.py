@@ -170,6 +170,40 @@ def test_comm_summary_is_medians_of_the_newest_generation_rounded_and_bounded(tm
     assert comm_summary([]) is None
 
 
+def test_rank_tail_relays_the_newest_rendezvous_arrival_and_the_startup(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"event": "rendezvous", "generation": 1, "rank": 0, "time": 3.0, "startup_s": 2.5})
+                    + "\n")
+    tail = RankTail(job="j", rank=0, pid=1, generation=1, path=path, offset=0, started=0.5)
+    assert tail.read_new_lines()
+    summary = tail.summary(stopped=False)
+    assert (summary["arrived"], summary["arrived_at"], summary["startup_s"]) == (1, 3.0, 2.5)
+    assert summary["steps"] == [] and summary["step"] == 0  # an arrival is not a step
+    with open(path, "a") as out:  # a later generation: no start-up (measured once per process)
+        out.write(json.dumps({"event": "rendezvous", "generation": 3, "rank": 1, "time": 9.0}) + "\n")
+        out.write(json.dumps({"event": "rendezvous", "generation": 2, "rank": 1, "time": 10.0}) + "\n")
+    tail.read_new_lines()
+    summary = tail.summary(stopped=False)
+    assert (summary["arrived"], summary["arrived_at"], summary["startup_s"]) == (3, 9.0, 2.5)
+
+
+def test_publisher_reads_a_new_worker_from_where_its_file_ended_at_spawn(tmp_path):
+    path = tmp_path / "rank-0.jsonl"
+    path.write_text('{"step": 7, "compute_time": 9.0, "generation": 1}\n')  # a previous process's line
+    spawned_at = path.stat().st_size
+    with open(path, "a") as out:  # the new process arrived before the publisher first looked
+        out.write(json.dumps({"event": "rendezvous", "generation": 2, "rank": 0, "time": 4.0, "startup_s": 3.0})
+                  + "\n")
+    worker = SimpleNamespace(pid=os.getpid(), alive=True, generation=2, metrics_path=path, started=1.0,
+                             metrics_offset=spawned_at)
+    etcd = RecordingEtcd()
+    pub = RankHealthPublisher(etcd=etcd, keys=KEYS, node_id="n0", supervisor=SimpleNamespace(
+        workers={("j", 0): worker}), interval_s=0.1)
+    asyncio.run(pub.tick())
+    rank = etcd.puts[-1][1]["ranks"]["0"]
+    assert (rank["arrived"], rank["startup_s"], rank["steps"]) == (2, 3.0, [])
+
+
 def test_process_stopped_reads_the_kernel_state():
     assert process_stopped(os.getpid()) is False
     assert process_stopped(2 ** 22 + 12345) is None

@@ -424,6 +424,17 @@ def test_a_growth_is_timed_by_the_survivors_stall_not_by_the_joiners_wait_for_th
     assert complete_recovery(entry, [joiner], [3.0])["worker_total_s"] == 2.2  # only joiners: theirs
 
 
+def test_the_capacity_wait_never_starts_before_the_plan_it_recovers_from():
+    from controller.recovery_decisions import capacity_wait_start
+
+    # a lost node's failure time is its ranks' last heartbeat: in a job recovering for minutes it
+    # predates the plan; the job must still wait for the node's agent to come back
+    assert capacity_wait_start(failed_at=100.0, planned_at=400.0, now=403.0) == 400.0
+    assert capacity_wait_start(failed_at=401.0, planned_at=400.0, now=403.0) == 401.0  # a worker's exit time
+    assert capacity_wait_start(failed_at=100.0, planned_at=0.0, now=403.0) == 100.0  # plan time unknown
+    assert capacity_wait_start(failed_at=500.0, planned_at=400.0, now=403.0) == 403.0  # never in the future
+
+
 def test_wait_for_capacity_waits_a_bounded_time_after_the_failure():
     from controller.recovery_decisions import wait_for_capacity
 

@@ -198,6 +198,17 @@ def test_rendezvous_returns_once_every_rank_announced_itself():
     assert 0.05 < waited < 5 and store.check([JOINED_KEY + "1"])
 
 
+def test_rendezvous_tells_on_arrive_once_it_announced_itself_and_before_the_others_came():
+    from trainer.abort import JOINED_KEY, rendezvous
+
+    store = FakeStore()
+    seen: list[bool] = []
+    threading.Timer(0.2, store.set, args=(JOINED_KEY + "0", "1")).start()
+    rendezvous(store, rank=1, world_size=2, timeout_s=10, poll_s=0.005,
+               on_arrive=lambda: seen.append(store.check([JOINED_KEY + "1"]) and not store.check([JOINED_KEY + "0"])))
+    assert seen == [True]
+
+
 def test_rendezvous_gives_up_at_once_on_a_newer_plan_or_the_abort_key():
     from trainer.abort import rendezvous
 

@@ -9,6 +9,7 @@ worker die, and never restarts a worker.
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 
@@ -133,6 +134,21 @@ def test_auto_snapshot_interval_hides_the_copy_behind_training():
 def test_fault_specs_parse():
     faults = parse_faults("rank=3,step=4,kind=kill,when=mid; rank=0,kind=corrupt-own")
     assert [(f.kind, f.rank, f.step, f.when) for f in faults] == [("kill", 3, 4, "mid"), ("corrupt-own", 0, -1, "between")]
+
+
+def test_hang_join_fault_holds_only_a_process_started_for_its_generation(tmp_path):
+    from trainer.faults import FaultInjector
+
+    [fault] = parse_faults("kind=hang-join,gen=2,rank=-1")
+    assert (fault.kind, fault.gen, fault.rank) == ("hang-join", 2, -1)
+    injector = FaultInjector([fault], run_dir=str(tmp_path))
+    injector.before_rendezvous(2, 1, 0)  # a survivor of generation 1 joins generation 2: not held
+    injector.before_rendezvous(3, 2, 0)  # started for 2, now joining 3: not held
+    assert not list(tmp_path.glob("hang-join-*"))
+    held = threading.Thread(target=injector.before_rendezvous, args=(2, 2, 1), daemon=True)
+    held.start()
+    held.join(0.3)
+    assert held.is_alive() and list(tmp_path.glob("hang-join-*"))
 
 
 # ------------------------------------------------------ processes: recovery

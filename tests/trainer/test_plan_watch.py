@@ -33,8 +33,8 @@ def test_newer_plans_are_seen_within_a_poll_and_stale_or_malformed_ones_are_skip
     watcher = PlanWatcher(path, on_plan=on_plan)  # no file yet: nothing, no error
     try:
         time.sleep(3 * POLL_S)
-        with pytest.raises(TimeoutError):
-            watcher.wait_newer(0, 0.05)
+        with pytest.raises(TimeoutError, match="waiting for the controller to write it and the agent to relay it"):
+            watcher.wait_newer(0, 0.05)  # a worker waiting for its recovery's plan says what it waits for
         latencies = []
         for generation in (1, 2, 3):
             arrived.clear()
