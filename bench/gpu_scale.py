@@ -403,8 +403,11 @@ def main() -> int:
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--child-dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        return child_main(args.child, Path(args.child_dir))
+    if args.child:  # as trainer/worker.py: no interpreter finalisation (torch's threads can abort it)
+        code = child_main(args.child, Path(args.child_dir))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:

@@ -194,8 +194,8 @@ def attribute(window: Mapping[int, RankComm], settings: AttributionSettings,
             f"link rank {link.sender} -> rank {link.receiver} slow"
         parts.append(f"{who}: rank {link.receiver} waits {link.wait_s:.3f}s/step for rank {link.sender}'s pipeline "
                      f"sends vs {link.reference_s:.3f}s on the same stage pair elsewhere, while rank {link.sender}'s "
-                     f"compute is normal ({link.sender_compute_s:.3f}s vs {link.sender_compute_reference_s:.3f}s): "
-                     f"not compute")
+                     f"compute {'is normal' if link.sender not in slow_compute else 'explains little of it'} "
+                     f"({link.sender_compute_s:.3f}s vs {link.sender_compute_reference_s:.3f}s): not compute")
     return (Attribution(compute_ranks=tuple(sorted(slow_compute)), links=links, peers=peers),
             "; ".join(parts) or "no slow compute or communication")
 

@@ -58,4 +58,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # as trainer/worker.py: skip interpreter finalisation, where torch's communication threads
+    # can abort a process that ran cleanly (exit -6, "terminate called without an active exception")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
