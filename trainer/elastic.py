@@ -409,6 +409,7 @@ class ElasticWorker:
         trainer.vote = lambda: 1 if gen.replicator is not None and gen.replicator.busy else 0
         kill = self.faults.kill_at(gen.plan.generation, gen.rank)
         delays = self.faults.send_delays(gen.plan.generation, gen.rank)
+        alloc = self.faults.alloc_at(gen.plan.generation, gen.rank)
         gen.first_step = trainer.step
         gen.trained = True
         threading.Thread(target=warm_up_layout_math, args=(self.spec.model, trainer.layout),
@@ -426,7 +427,8 @@ class ElasticWorker:
                                       flush_timeout_s=self.settings.collective_timeout_s)
             if delays:
                 comm.set_send_delays({p: s for p, (s, first) in delays.items() if trainer.step + 1 >= first})
-            self.faults.alloc_at(gen.plan.generation, gen.rank, trainer.step)
+            if alloc is not None and trainer.step == alloc.step:
+                self.faults.fire_alloc(alloc)
             trainer.train_step()
             self._last_step = trainer.step
             if self.snapshots_on and self._snapshot_due(gen, trainer.step):

@@ -80,13 +80,18 @@ class FaultInjector:
         self.run_dir = run_dir
         self._fired: set[Fault] = set()
 
-    def alloc_at(self, generation: int, rank: int, step: int) -> None:
-        """Fire the ``alloc`` faults of ``rank`` in ``generation`` at ``step`` (each once)."""
+    def alloc_at(self, generation: int, rank: int) -> Fault | None:
+        """The ``alloc`` fault of ``rank`` in ``generation``, if any (``fire_alloc`` at its step)."""
         for f in self.faults:
-            if f.kind == "alloc" and f.gen == generation and f.rank == rank and f.step == step \
-                    and f not in self._fired:
-                self._fired.add(f)
-                _held.append(b"\x01" * (f.mb * 1_000_000))  # written, so every page is resident
+            if f.kind == "alloc" and f.gen == generation and f.rank == rank and f not in self._fired:
+                return f
+        return None
+
+    def fire_alloc(self, fault: Fault) -> None:
+        """Allocate and hold the fault's memory (once)."""
+        if fault not in self._fired:
+            self._fired.add(fault)
+            _held.append(b"\x01" * (fault.mb * 1_000_000))  # written, so every page is resident
 
     def kill_at(self, generation: int, rank: int) -> Fault | None:
         """The ``kill`` fault of ``rank`` in ``generation``, if any."""
