@@ -65,12 +65,13 @@ from agent import flight, metrics
 from agent.data_roots import spec_with_checked_data_path
 from agent.decisions import (Adopt, LocalWorker, Retire, Start, Stop, exit_state, growth_actions, memory_limit_bytes,
                              memory_verdict, plan_actions)
-from agent.lifeline import dying_returncode, open_lifeline
+from agent.lifeline import open_lifeline
 from agent.progress import ProgressRelay
 from agent.slots import visible_devices
 from common import events
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.files import write_atomic
+from common.procexit import dying_returncode
 from common.retry import Backoff
 from protos import launch
 from protos.keys import Keys

@@ -22,7 +22,9 @@ each in a fresh process:
     tenax-auto       the defaults: ``snapshot_every: auto``
     tenax-every      a snapshot after every step (``snapshot_every: 1``)
     tenax-nofr       the defaults with PyTorch's Flight Recorder off (its overhead: tenax-auto
-                     against this one)
+                     against this one; both re-derive ``auto``, which may pick differently)
+    tenax-nosnap-nofr  snapshots off and the Flight Recorder off (the recorder's cost alone:
+                     tenax-nosnap against this one)
 
 Measured per variant (steps after ``--warmup``): the median period between two step ends
 (so the work between steps, e.g. a snapshot boundary, counts), tokens/s, MFU
@@ -72,7 +74,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("torch", "ddp", "tenax-plain", "tenax-nosnap", "tenax-auto", "tenax-every", "tenax-nofr")
+VARIANTS = ("torch", "ddp", "tenax-plain", "tenax-nosnap", "tenax-auto", "tenax-every", "tenax-nofr", "tenax-nosnap-nofr")
 PEAK_TFLOPS = 989.4
 """bf16 dense peak of an H100/H200 SXM (TFLOP/s)."""
 
@@ -181,8 +183,8 @@ def tenax_run(spec, variant: str, out: Path, timeout_s: float) -> tuple[list[dic
     metrics = out / "metrics.jsonl"
     env = {**_env(spec), launch.RANK: "0", launch.LAUNCH_FILE: str(launch_file), launch.METRICS_FILE: str(metrics),
            launch.COLLECTIVE_TIMEOUT_S: "600", launch.ELASTIC: "0" if variant == "tenax-plain" else "1",
-           launch.SNAPSHOTS: "0" if variant == "tenax-nosnap" else "1"}
-    if variant == "tenax-nofr":
+           launch.SNAPSHOTS: "0" if variant.startswith("tenax-nosnap") else "1"}
+    if variant.endswith("-nofr"):  # the Flight Recorder off (its cost: against the same variant with it on)
         env[launch.FLIGHT_RECORDER_ENTRIES] = "0"
     code, rss = run_process([sys.executable, "-m", "trainer.worker"], env, out / "log.txt", timeout_s)
     if code != 0:
@@ -284,6 +286,7 @@ def throughput(args, cfg: dict, root: Path) -> dict:
         "tenax-auto": job_spec(cfg, device=args.device, steps=steps, snapshot_every="auto"),
         "tenax-every": job_spec(cfg, device=args.device, steps=steps, snapshot_every="1"),
         "tenax-nofr": job_spec(cfg, device=args.device, steps=steps, snapshot_every="auto"),
+        "tenax-nosnap-nofr": job_spec(cfg, device=args.device, steps=steps),
     }
     chosen = [v for v in VARIANTS if v in args.variants]
     got: dict[str, dict[str, list]] = {v: {"periods": [], "gpu": [], "rss": [], "every": [], "host": []} for v in chosen}
@@ -362,7 +365,7 @@ def kill(args, cfg: dict, root: Path) -> dict:
         "snapshot_host_bytes_per_rank": max((r.get("snapshot_host_bytes", 0) for r in lines), default=0),
         "snapshot_host_copies_per_rank": max((r.get("snapshot_host_copies", 0) for r in lines), default=0),
         "detection_s": round(seen - killed_at, 4), "plan_s": round(written - seen, 4),
-        "worker_plan_wait_s": rec["plan_wait_s"], "rebuild_s": rec["rebuild_s"], "transfer_s": rec["transfer_s"],
+        "worker_plan_wait_s": rec["plan_wait_s"], "gpu_wait_s": rec.get("gpu_wait_s"), "rebuild_s": rec["rebuild_s"], "transfer_s": rec["transfer_s"],
         "verify_s": rec.get("verify_s"), "local_copy_s": rec.get("local_s"), "network_s": rec.get("network_s"),
         "restore_local_gbps": rec.get("local_gbps"), "restore_network_gbps": rec.get("network_gbps"),
         "bytes_local": rec["bytes_local"], "bytes_moved": rec["bytes_moved"],

@@ -93,6 +93,9 @@ class RecoveryRecord:
     network_gbps: float = 0.0
     comm_error: str = ""
     comm_error_detail: str = ""
+    gpu_wait_s: float = 0.0
+    """Seconds this rank waited, before rebuilding, for the GPU memory of a process still exiting on
+    its device (a rank that shared the GPU with the dead one)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": RECOVERY_EVENT, **asdict(self)}

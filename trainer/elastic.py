@@ -111,6 +111,7 @@ from trainer.decisions import (PROBE_CLEAN, PROBE_OVERLAPPED, PROBE_STEPS, auto_
                                snapshot_metadata)
 from trainer.faults import Fault, FaultInjector
 from trainer.generation import Generation, Interruptions, RecoverableMetrics, StoreUnreachable
+from trainer.gpu_release import device_pids, wait_for_exiting_neighbours
 from trainer.growth import prepare_to_join, warm_up_layout_math
 from trainer.parallel import ParallelLayout
 from trainer.plan_watch import PlanWatcher
@@ -263,6 +264,7 @@ class ElasticWorker:
         trainer = None
         restored: Restored | None = None
         try:
+            gpu_wait_s = self._wait_for_gpu_release() if resume is not None else 0.0
             started = time.monotonic()
             if resume is not None and idle:
                 # Idle survivors may hold the only good copy of a slice: they take part in
@@ -285,7 +287,7 @@ class ElasticWorker:
                                               into=state_destinations(trainer))
                 else:
                     rebuild_s += restored.rebuild_s
-                self._resume(trainer, restored, resume, rebuild_s)
+                self._resume(trainer, restored, resume, rebuild_s, gpu_wait_s)
             return self._train(gen, trainer)
         except Interruptions as exc:
             return self._stopped(gen, trainer, exc)
@@ -385,7 +387,18 @@ class ElasticWorker:
                               snapper=self.snapper, copies=self.copies, disk=self.disk, settings=self.settings,
                               started=started, into=into)
 
-    def _resume(self, trainer, restored: Restored, resume: Resume, rebuild_s: float) -> None:
+    def _wait_for_gpu_release(self) -> float:
+        """Before a recovery allocates: seconds waited for processes exiting on this GPU."""
+        if self.device.type != "cuda":
+            return 0.0
+        waited, stuck = wait_for_exiting_neighbours(lambda: device_pids(self.device),
+                                                    timeout_s=self.settings.gpu_release_wait_s)
+        if waited > 0.01:
+            log.warning("waited %.2f s for the GPU memory of exiting processes on this device%s", waited,
+                        f" (still exiting: {stuck})" if stuck else "")
+        return waited
+
+    def _resume(self, trainer, restored: Restored, resume: Resume, rebuild_s: float, gpu_wait_s: float = 0.0) -> None:
         if restored.in_place:
             trainer.resume_at(restored.step)
         elif restored.tensors is not None:
@@ -395,6 +408,7 @@ class ElasticWorker:
             trainer.apply_init()
         self._last_step = restored.step
         record = recovery_record(trainer, restored, resume, rebuild_s)
+        record.gpu_wait_s = round(gpu_wait_s, 4)
         self.recoveries.append(record)
         self.metrics.write(record.to_dict())
 

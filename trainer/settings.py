@@ -144,6 +144,9 @@ class ElasticSettings:
     """Backstop of one transfer of state between ranks (seconds)."""
     prepare_wait_s: float = 300.0
     """A worker prepared for a growth waits this long (seconds) for the plan that takes it in, then exits 0."""
+    gpu_release_wait_s: float = 60.0
+    """Longest a recovering rank waits (seconds) for the GPU memory of a process still exiting on its
+    device (trainer/gpu_release.py) before it allocates anyway."""
     snapshot_every: str = "auto"
     """Snapshot interval in steps, or ``auto`` (the job spec's ``elastic.snapshot_every``)."""
     checkpoint_every: int = 0

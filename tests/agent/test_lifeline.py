@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.lifeline import dying_returncode, open_lifeline, parse_exit
+from agent.lifeline import open_lifeline
+from common.procexit import dying_returncode, is_tearing_down, parse_exit
 from agent.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(60)

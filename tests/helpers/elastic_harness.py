@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from agent.lifeline import dying_returncode, open_lifeline  # noqa: E402
+from agent.lifeline import open_lifeline  # noqa: E402
+from common.procexit import dying_returncode  # noqa: E402
 from common.etcd import Etcd  # noqa: E402
 from common.files import write_atomic  # noqa: E402
 from controller.replan import ClusterView, grow, replan  # noqa: E402
