@@ -43,6 +43,12 @@ from trainer.telemetry import StepTelemetry, TelemetrySettings
 from trainer.zero2 import ShardedGradReducer
 
 
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm in fp32, one read of ``t`` (``pow(2).sum()`` writes and re-reads a
+    temporary as large as the gradient: ~2 ms a step at 1.35B parameters on an H100)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+
+
 def _all_gather_into(output: torch.Tensor, chunk: torch.Tensor, group) -> None:
     # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -466,8 +472,8 @@ class Trainer:
             grad, base = grad[chunk_lo:chunk_hi], base + chunk_lo
         span = self.tied.norm_exclusion(base, base + grad.numel()) if self.tied is not None else None
         if span is not None:  # a tied head's gradient is the embedding's: count it once
-            return grad[: span[0]].float().pow(2).sum() + grad[span[1] :].float().pow(2).sum()
-        return grad.float().pow(2).sum()
+            return _sq_norm(grad[: span[0]]) + _sq_norm(grad[span[1] :])
+        return _sq_norm(grad)
 
     def _gather_params(self) -> None:
         if self.layout.zero_stage == 0 or self.layout.dp == 1:
