@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Sequence
 
+import torch
+
 Waiter = Callable[[Any, str], None]
 """(work or list of works, what) -> None; raises if they cannot complete."""
 
@@ -26,9 +28,13 @@ def set_waiter(waiter: Waiter | None) -> None:
 
 
 def wait(work: Any | Sequence[Any], what: str, *, peer: int | None = None) -> None:
-    """Wait for ``work``; the wall time is added to this step's communication times under
-    ``what`` (and ``peer``, the global rank of a point-to-point operation's other end)."""
+    """Wait for ``work``; its time is added to this step's communication times under ``what``
+    (and ``peer``, the global rank of a point-to-point operation's other end)."""
     start = time.perf_counter()
+    events = None
+    if _device_timing:
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        events[0].record()
     try:
         if _waiter is not None:
             _waiter(work, what)
@@ -36,18 +42,37 @@ def wait(work: Any | Sequence[Any], what: str, *, peer: int | None = None) -> No
         for w in work if isinstance(work, (list, tuple)) else [work]:
             w.wait()
     finally:
-        elapsed = time.perf_counter() - start
-        _kind_s[what] = _kind_s.get(what, 0.0) + elapsed
-        if peer is not None:
-            key = f"{what}|{peer}"
-            _peer_s[key] = _peer_s.get(key, 0.0) + elapsed
+        if events is not None:
+            events[1].record()
+            _pending.append((what, peer, events[0], events[1]))
+        else:
+            _add(what, peer, time.perf_counter() - start)
 
 
-# Wall seconds waited per kind (the ``what`` of ``wait``) and per ``kind|peer`` since the last
-# ``drain``: the per-step communication times of the step line (issue #20). Wall time, not
-# device time: on gloo the wait is the time the collective took to complete for this rank.
+def _add(what: str, peer: int | None, seconds: float) -> None:
+    _kind_s[what] = _kind_s.get(what, 0.0) + seconds
+    if peer is not None:
+        key = f"{what}|{peer}"
+        _peer_s[key] = _peer_s.get(key, 0.0) + seconds
+
+
+# Seconds per kind (the ``what`` of ``wait``) and per ``kind|peer`` since the last ``drain``:
+# the per-step communication times of the step line (issue #20). On gloo the wall time of the
+# wait (the time the operation took to complete for this rank). On CUDA the device time between
+# two events on the compute stream around the wait: the first fires once the compute issued
+# before it is done, the second once the operation is (the wait makes the stream wait for it).
+# Wall time there would count the tail of the compute the CPU ran ahead of, or nothing at all
+# when a NCCL wait returns before the operation completes.
 _kind_s: dict[str, float] = {}
 _peer_s: dict[str, float] = {}
+_pending: list[tuple[str, int | None, Any, Any]] = []
+_device_timing = False
+
+
+def set_device_timing(on: bool) -> None:
+    """Time the waits with CUDA events (a CUDA trainer) or by the wall clock (default)."""
+    global _device_timing
+    _device_timing = bool(on)
 
 
 _send_delays: dict[int, float] = {}
@@ -69,7 +94,14 @@ def before_send(peer: int) -> None:
 
 
 def drain() -> dict[str, dict[str, float]]:
-    """``{"kind": {what: s}, "peer": {"what|peer": s}}`` since the last call; resets them."""
+    """``{"kind": {what: s}, "peer": {"what|peer": s}}`` since the last call; resets them.
+    Device-timed waits are read here, at the step's end, when their events have fired (a
+    synchronize only for one that has not)."""
+    pending = list(_pending)
+    _pending.clear()
+    for what, peer, begin, end in pending:
+        end.synchronize()
+        _add(what, peer, begin.elapsed_time(end) / 1000.0)
     out = {"kind": dict(_kind_s), "peer": dict(_peer_s)}
     _kind_s.clear()
     _peer_s.clear()

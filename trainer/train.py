@@ -174,6 +174,7 @@ class Trainer:
         self.step = 0  # steps completed (committed)
         self.telemetry = StepTelemetry(device_type=device.type, rank=rank, write=self.metrics.write,
                                        settings=TelemetrySettings.from_worker(self.settings))
+        comm.set_device_timing(device.type == "cuda")  # communication times from CUDA events (trainer/comm.py)
         self.before_update = None
         """Called right before the optimizer mutates the owned state (an in-flight
         snapshot copy must be fenced off first: trainer.elastic)."""
