@@ -246,7 +246,7 @@ class Recovery:
                        nodes: dict[str, NodeSummary] | None = None) -> tuple[bool, str]:
         nodes = nodes if nodes is not None else self._nodes()
         view = self._view(job, nodes, lost_ranks=failure.lost_ranks, lost_nodes=failure.lost_nodes)
-        plan, reason = replan(job.spec, job.plan, view, cause=failure.cause, now=now)
+        plan, reason = replan(job.spec, job.plan, view, cause=failure.cause, now=now, survivors_first=True)
         # the why: node-lost events, and the root cause (a hang, an exception) over "worker-failed"
         lost = events.node_lost_events(failure, job.plan, step=job.progress.step, now=now)
         if plan is None:
