@@ -92,6 +92,9 @@ class SoakSettings:
     """Steps the job makes before the first fault."""
     state_dir: Path | None = None
     """Cluster state dir (logs stay there); default: a temp dir."""
+    survivors_first: bool = True
+    """The controllers' ``--[no-]survivors-first`` (a failure's plan on the survivors alone, the
+    free slots added by a growth); off measures the plan that waits for new workers."""
     end_timeout_s: float = 0.0
     """Bound on waiting for the job to end after the last fault; 0: derived from the step time."""
 
@@ -251,7 +254,8 @@ class Soak:
             state_dir=self.state_dir, agents=s.agents, slots=s.slots, controllers=s.controllers,
             lease_ttl_s=s.lease_ttl_s, ready_timeout_s=120,
             agent_args=["--kill-grace=2"],
-            controller_args=[*FAST_DETECTION_ARGS, *SOAK_QUARANTINE_ARGS]).validate()
+            controller_args=[*FAST_DETECTION_ARGS, *SOAK_QUARANTINE_ARGS,
+                             "--survivors-first" if s.survivors_first else "--no-survivors-first"]).validate()
         with open(os.devnull, "w") as quiet:
             self.state = start_cluster(cluster, out=quiet)
         for name, entry in self.state["pids"].items():
@@ -647,13 +651,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--controllers", type=int, default=2)
     p.add_argument("--lease-ttl", type=int, default=3)
     p.add_argument("--state-dir", type=Path, default=None, help="keep the cluster's logs here")
+    p.add_argument("--survivors-first", action=argparse.BooleanOptionalAction, default=True,
+                   help="the controllers' --[no-]survivors-first (default on)")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
     try:
         settings = SoakSettings(faults=args.faults, seed=args.seed, interval_s=args.interval,
                                 kinds=tuple(k for k in args.kinds.split(",") if k), steps=args.steps,
                                 agents=args.agents, slots=args.slots, controllers=args.controllers,
-                                lease_ttl_s=args.lease_ttl, state_dir=args.state_dir).validate()
+                                lease_ttl_s=args.lease_ttl, state_dir=args.state_dir,
+                                survivors_first=args.survivors_first).validate()
     except ValueError as exc:
         p.error(str(exc))
     def stop(signum, _frame):  # a SIGTERM (e.g. `timeout`) still stops everything started
