@@ -3,7 +3,8 @@
 On a ``flight-dump`` request for a job, the agent asks its live workers of that job for
 their dumps (the request file in the job's run directory), waits for their files until
 ``DUMP_DEADLINE_S``, and publishes one FlightDumpRecord for the node. A stopped worker
-answers nothing and is listed as missing. The full dumps stay on this node's disk, the
+(SIGSTOP: the kernel shows state T) cannot answer: it is listed as missing without waiting
+for the deadline, so the kill of a hung rank does not wait for it. The full dumps stay on this node's disk, the
 newest ``KEEP_DUMPS`` requests per job.
 """
 
@@ -17,9 +18,10 @@ import pickle
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from agent import metrics
+from agent.rank_health import process_stopped
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from protos import flight
 from protos.chaos import ChaosRecord
@@ -50,9 +52,15 @@ def prune(run_dir: Path, keep: int = flight.KEEP_DUMPS) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-async def collect(run_dir: Path, request_id: str, ranks: list[int], *, deadline_s: float = flight.DUMP_DEADLINE_S
+async def collect(run_dir: Path, request_id: str, ranks: list[int], *, deadline_s: float = flight.DUMP_DEADLINE_S,
+                  cannot_answer: Callable[[int], bool] = lambda rank: False
                   ) -> tuple[dict[int, dict[str, Any]], list[int]]:
-    """Ask the local workers for their dumps; (rank -> dump, ranks missing at the deadline)."""
+    """Ask the local workers for their dumps; (rank -> dump, ranks missing at the deadline).
+
+    ``cannot_answer(rank)``: the rank's process is stopped by a signal, so its dump thread
+    cannot write a file; waiting for it would only delay the kill of the hung rank (the
+    hang's recovery) by the whole deadline. Such a rank is missing at once, unless it
+    answered already."""
     write_request(run_dir, request_id, time.time())
     directory = flight.dump_dir(run_dir, request_id)
     end = time.monotonic() + deadline_s
@@ -65,7 +73,8 @@ async def collect(run_dir: Path, request_id: str, ranks: list[int], *, deadline_
                     dumps[rank] = pickle.loads(path.read_bytes())  # written by our own worker process
                 except Exception as exc:  # noqa: BLE001 - a torn or foreign file: report it missing
                     log.warning("unreadable flight dump %s: %r", path, exc)
-        if len(dumps) == len(ranks) or time.monotonic() >= end:
+        waiting = [r for r in ranks if r not in dumps and not cannot_answer(r)]
+        if not waiting or time.monotonic() >= end:
             break
         await asyncio.sleep(flight.POLL_S)
     prune(run_dir)
@@ -74,9 +83,11 @@ async def collect(run_dir: Path, request_id: str, ranks: list[int], *, deadline_
 
 async def answer(etcd: Etcd, keys: Keys, node_id: str, supervisor, record: ChaosRecord) -> str:
     """Carry out a flight-dump request for ``record.job``: collect, then publish the node's record."""
-    ranks = sorted(rank for (job, rank), w in supervisor.workers.items() if job == record.job and w.alive)
+    pids = {rank: w.pid for (job, rank), w in supervisor.workers.items() if job == record.job and w.alive}
+    ranks = sorted(pids)
     run_dir = supervisor.work_dir / "jobs" / record.job / "run"
-    dumps, missing = await collect(run_dir, record.id, ranks) if ranks else ({}, [])
+    dumps, missing = await collect(run_dir, record.id, ranks,
+                                   cannot_answer=lambda rank: bool(process_stopped(pids[rank]))) if ranks else ({}, [])
     out = flight.FlightDumpRecord(id=record.id, job=record.job, generation=record.generation, node=node_id,
                                   time=time.time(), missing=missing,
                                   dumps={str(r): flight.pack(trimmed(d)) for r, d in dumps.items()})

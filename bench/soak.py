@@ -92,6 +92,9 @@ class SoakSettings:
     """Steps the job makes before the first fault."""
     state_dir: Path | None = None
     """Cluster state dir (logs stay there); default: a temp dir."""
+    survivors_first: bool = True
+    """The controllers' ``--[no-]survivors-first`` (a failure's plan on the survivors alone, the
+    free slots added by a growth); off measures the plan that waits for new workers."""
     end_timeout_s: float = 0.0
     """Bound on waiting for the job to end after the last fault; 0: derived from the step time."""
 
@@ -157,6 +160,45 @@ def time_to_progress(fault_time: float, progress: list[tuple[float, int]], end: 
     return max(0.0, after - fault_time - step_s)
 
 
+HEARTBEAT_SLACK_S = 3.0
+"""A lost node's failure time is its ranks' last progress heartbeat: up to this long before the fault."""
+
+
+def fault_recoveries(faults: list[dict[str, Any]], recoveries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per fault (oldest first), the phases the recovery records give: the first failure
+    recovery (not a growth, drain or rebalance) whose failure time lies in the fault's window
+    (from the fault until the next one, both less ``HEARTBEAT_SLACK_S``), and the growth that
+    followed it in the window. Pure.
+
+    ``until_failure_s``: fault -> the failure the controller recovered from (a worker's exit
+    record; for a hang: detection, the Flight Recorder dumps and the kill; for a lost node: the
+    last heartbeat of its ranks, so it can be negative); ``recovery_s``: that failure -> every
+    rank's first step on the new plan; ``full_size_s``: fault -> the first step after the growth
+    back (absent: no growth in the window). A fault with no failure recovery (a controller or
+    etcd kill, a lost node that ran no worker) gets none of these."""
+    out = []
+    ordered = sorted(faults, key=lambda f: f["time"])
+    planned = ("grow", "drain", "rebalance", "migrate")
+    for i, fault in enumerate(ordered):
+        start = fault["time"]
+        end = ordered[i + 1]["time"] - HEARTBEAT_SLACK_S if i + 1 < len(ordered) else math.inf
+        row: dict[str, Any] = {"index": fault.get("index", i), "kind": fault["kind"]}
+        failed = [r for r in recoveries if not str(r.get("cause", "")).startswith(planned)
+                  and start - HEARTBEAT_SLACK_S <= float(r["time"]) < end]
+        if failed:
+            first = min(failed, key=lambda r: float(r["time"]))
+            row.update(cause=str(first["cause"])[:80], until_failure_s=round(float(first["time"]) - start, 3),
+                       recovery_s=round(float(first["total_s"]), 3), rebuild_s=round(float(first["rebuild_s"]), 3),
+                       transfer_s=round(float(first["transfer_s"]), 3), layout=first.get("layout", ""))
+            grown = [r for r in recoveries if str(r.get("cause", "")).startswith("grow")
+                     and float(first["time"]) <= float(r["time"]) < end]
+            if grown:
+                g = min(grown, key=lambda r: float(r["time"]))
+                row["full_size_s"] = round(float(g["time"]) + float(g["total_s"]) - start, 3)
+        out.append(row)
+    return out
+
+
 def loss_check(observed: dict[int, list[float]], reference: dict[int, float], steps: int,
                rtol: float = RTOL) -> dict[str, Any]:
     """Every step 1..steps has a loss, and every loss recorded for it (any rank, any generation)
@@ -212,7 +254,8 @@ class Soak:
             state_dir=self.state_dir, agents=s.agents, slots=s.slots, controllers=s.controllers,
             lease_ttl_s=s.lease_ttl_s, ready_timeout_s=120,
             agent_args=["--kill-grace=2"],
-            controller_args=[*FAST_DETECTION_ARGS, *SOAK_QUARANTINE_ARGS]).validate()
+            controller_args=[*FAST_DETECTION_ARGS, *SOAK_QUARANTINE_ARGS,
+                             "--survivors-first" if s.survivors_first else "--no-survivors-first"]).validate()
         with open(os.devnull, "w") as quiet:
             self.state = start_cluster(cluster, out=quiet)
         for name, entry in self.state["pids"].items():
@@ -531,6 +574,9 @@ def build_report(soak: Soak, job_id: str, job: pb.Job | None, phase: str, steps:
         fault["mttr_s"] = round(time_to_progress(fault["time"], progress, end, step_s), 3)
         stalls.setdefault(fault["kind"], []).append(fault["mttr_s"])
     recoveries = list(job.status.recoveries) if job is not None else []
+    phases = fault_recoveries(injected, [
+        {"cause": r.cause, "time": r.time, "total_s": r.total_s, "rebuild_s": r.rebuild_s,
+         "transfer_s": r.transfer_s, "layout": f"dp{r.new_layout.dp}pp{r.new_layout.pp}"} for r in recoveries])
     by_cause: dict[str, int] = {}
     totals: dict[str, list[float]] = {}
     for r in recoveries:
@@ -553,8 +599,20 @@ def build_report(soak: Soak, job_id: str, job: pb.Job | None, phase: str, steps:
                             for k, v in sorted(stalls.items())},
         "steps_lost": sum(r.steps_lost for r in recoveries),
         "final_size": final_workers, "full_size": 4,
-        "faults": injected,
+        "phases_s_by_kind": phase_summary(phases),
+        "faults": injected, "fault_phases": phases,
     }
+
+
+def phase_summary(phases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """p50 per fault kind of each phase of ``fault_recoveries`` (faults that have it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in sorted({p["kind"] for p in phases}):
+        rows = [p for p in phases if p["kind"] == kind]
+        out[kind] = {name: _r(percentile([p[name] for p in rows if name in p], 0.5))
+                     for name in ("until_failure_s", "recovery_s", "full_size_s")}
+        out[kind]["n"] = sum(1 for p in rows if "recovery_s" in p)
+    return out
 
 
 def _r(x: float) -> float | None:
@@ -570,6 +628,10 @@ def print_table(report: dict[str, Any], out=sys.stderr) -> None:
     print(f"  {'fault kind':<16} {'n':>3} {'MTTR p50 s':>12} {'MTTR max s':>12}", file=out)
     for kind, row in report["mttr_s_by_kind"].items():
         print(f"  {kind:<16} {row['n']:>3} {row['p50']:>12} {row['max']:>12}", file=out)
+    print(f"  {'phases p50 s':<16} {'n':>3} {'to failure':>12} {'recovery':>12} {'full size':>12}", file=out)
+    for kind, row in report.get("phases_s_by_kind", {}).items():
+        print(f"  {kind:<16} {row['n']:>3} {str(row['until_failure_s']):>12} {str(row['recovery_s']):>12} "
+              f"{str(row['full_size_s']):>12}", file=out)
     for cause, row in report["recovery_total_s_by_cause"].items():
         print(f"  recovery {cause:<40.40} n={row['n']:<3} total p50 {row['p50']} s, max {row['max']} s", file=out)
     losses = report.get("losses", {})
@@ -589,13 +651,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--controllers", type=int, default=2)
     p.add_argument("--lease-ttl", type=int, default=3)
     p.add_argument("--state-dir", type=Path, default=None, help="keep the cluster's logs here")
+    p.add_argument("--survivors-first", action=argparse.BooleanOptionalAction, default=True,
+                   help="the controllers' --[no-]survivors-first (default on)")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
     try:
         settings = SoakSettings(faults=args.faults, seed=args.seed, interval_s=args.interval,
                                 kinds=tuple(k for k in args.kinds.split(",") if k), steps=args.steps,
                                 agents=args.agents, slots=args.slots, controllers=args.controllers,
-                                lease_ttl_s=args.lease_ttl, state_dir=args.state_dir).validate()
+                                lease_ttl_s=args.lease_ttl, state_dir=args.state_dir,
+                                survivors_first=args.survivors_first).validate()
     except ValueError as exc:
         p.error(str(exc))
     def stop(signum, _frame):  # a SIGTERM (e.g. `timeout`) still stops everything started

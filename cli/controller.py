@@ -77,6 +77,11 @@ def add_controller_args(parser: argparse.ArgumentParser) -> None:
     recovery.add_argument("--capacity-wait-s", type=float, default=RecoverySettings().capacity_wait_s,
                           help="longest a job whose failure leaves too few workers for any layout waits for "
                                "workers to come back before it is FAILED, seconds (default %(default)s)")
+    recovery.add_argument("--survivors-first", action=argparse.BooleanOptionalAction,
+                          default=RecoverySettings().survivors_first,
+                          help="a failure's plan runs on the survivors alone when they can, and a two-phase "
+                               "growth adds free slots while the job trains (--no-survivors-first: free slots "
+                               "join the failure's plan; the survivors wait for the new processes)")
     q = QuarantineSettings()
     recovery.add_argument("--quarantine-base-s", type=float, default=q.base_cooldown_s,
                           help="a slot where a worker failed stays out of the job this long after its first "
@@ -218,7 +223,7 @@ def settings_from_args(args: argparse.Namespace) -> ControllerSettings:
         health=health_settings_from_args(args),
         recovery=_flags_named(_RECOVERY_FLAGS, lambda: RecoverySettings(
             growth_prepare_s=args.growth_prepare_s, capacity_wait_s=args.capacity_wait_s,
-            quarantine=quarantine_settings_from_args(args))),
+            survivors_first=args.survivors_first, quarantine=quarantine_settings_from_args(args))),
         retention=_flags_named(_RETENTION_FLAGS, lambda: RetentionSettings(
             finished_job_retention_s=args.finished_job_retention_s,
             unplaceable_fail_after_s=args.unplaceable_fail_after_s).validate()))

@@ -590,9 +590,12 @@ class HealthLoop:
         new_hung = [r for r in decision.hung_ranks if r not in memory.killed]
         evidence: dict = {}
         if new_hung:
+            began = time.monotonic()
             finding, why = await flight.diagnose_hang(self.c, job.id, job.plan, new_hung, now)
-            log.warning("job %s hang diagnosis: %s", job.id, why)
-            evidence = {"flight_recorder": finding.to_dict()}
+            took = time.monotonic() - began
+            log.warning("job %s hang diagnosis in %.2f s: %s", job.id, took, why)
+            # how long the dumps held the kill back: a phase of the hang's recovery time
+            evidence = {"flight_recorder": finding.to_dict(), "flight_recorder_s": round(took, 3)}
             reason = f"{reason}; {finding.summary}"
         progress = {p.rank: p for p in rank_progress(job.plan, ranks, generation_seen_at=memory.seen_at)}
         for rank in decision.hung_ranks:

@@ -5,7 +5,8 @@ job (controller/reconcile.py). It:
 
 1. finds a failed worker (its agent reported the exit within milliseconds) or a
    lost node (lease expired) of the current plan -> computes plan g+1 with
-   ``controller.replan.replan`` and writes it, the job status (RECOVERING, one
+   ``controller.replan.replan`` (the survivors alone where they can run without the
+   free slots: step 4 adds those while the job trains) and writes it, the job status (RECOVERING, one
    pending recovery entry) and an event in ONE etcd transaction guarded by the
    plan key's revision (generation g; DESIGN principle 3). No plan possible
    (below ``min_workers``...) -> FAILED with the reason. A failure during a
@@ -111,6 +112,12 @@ class RecoverySettings:
     """Cool-downs of slots where a worker failed, and when a slot or node is cordoned
     (``tenax controller --quarantine-*``, ``--slot-cordon-failures``, ``--node-cordon-failures``)."""
 
+    survivors_first: bool = True
+    """A failure's plan runs on the survivors alone when their layout fits memory and uses every
+    one of them, and the two-phase growth adds the free slots while the job trains
+    (``controller.replan.survivors_only``); off: free slots join the switch-now plan, and the
+    survivors wait for the new processes to start (``tenax controller --no-survivors-first``)."""
+
     capacity_wait_s: float = CAPACITY_WAIT_S
     """Longest a job whose failure leaves too few workers for any layout waits, RECOVERING and
     saying so, for workers to come back (a lost node's agent restarting, a growth's new workers
@@ -133,6 +140,7 @@ class Recovery:
         settings = settings or RecoverySettings()
         self.prepare_timeout_s = settings.growth_prepare_s
         self.capacity_wait_s = settings.capacity_wait_s
+        self.survivors_first = settings.survivors_first
         self._short_since: dict[tuple[str, int], float] = {}
         """(job, plan generation) -> when a failure of it first found too few workers (seconds)."""
         """Longest a growth waits for its new workers to be ready before it is abandoned (seconds)."""
@@ -246,7 +254,8 @@ class Recovery:
                        nodes: dict[str, NodeSummary] | None = None) -> tuple[bool, str]:
         nodes = nodes if nodes is not None else self._nodes()
         view = self._view(job, nodes, lost_ranks=failure.lost_ranks, lost_nodes=failure.lost_nodes)
-        plan, reason = replan(job.spec, job.plan, view, cause=failure.cause, now=now)
+        plan, reason = replan(job.spec, job.plan, view, cause=failure.cause, now=now,
+                              survivors_first=self.survivors_first)
         # the why: node-lost events, and the root cause (a hang, an exception) over "worker-failed"
         lost = events.node_lost_events(failure, job.plan, step=job.progress.step, now=now)
         if plan is None:

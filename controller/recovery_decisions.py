@@ -435,7 +435,18 @@ def pending_recovery(*, cause: str, old: Plan, new: Plan, at_step: int, failed_a
         "prepare_s": prepare_s,
         # survivors the new layout leaves idle, and why (controller/replan.py idle_reason)
         "idle": len(new.extra.get("idle", []) or []), "idle_reason": str(new.extra.get("idle_reason", "") or ""),
+        # a failure's plan on the survivors alone or with free slots, and why (controller/replan.py survivors_only)
+        **survivors_first_fields(new),
     }
+
+
+def survivors_first_fields(plan: Plan) -> dict[str, Any]:
+    """``survivors_only`` (bool) and ``survivors_reason`` for the recovery entry of ``plan``;
+    empty for a plan that did not weigh it (growth, drain, rebalance, migration)."""
+    weighed = plan.extra.get("survivors_first")
+    if not isinstance(weighed, dict):
+        return {}
+    return {"survivors_only": bool(weighed.get("chosen")), "survivors_reason": str(weighed.get("why", "") or "")}
 
 
 def complete_recovery(entry: Mapping[str, Any], reports: Sequence[Mapping[str, Any]],

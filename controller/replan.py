@@ -28,12 +28,16 @@ Layout rules (issues 4 and 16, DESIGN principles 3-6; ``pick_layout``):
   so most state stays where it is and transfers are small.
 * Failures switch now (``switch_at_step = -1``); growth and drain switch at a
   given step boundary, so no step is lost.
+* A failure's plan runs on the survivors alone when they can (``survivors_only``: their
+  layout fits memory and uses every one of them): free slots would make the survivors wait
+  for a new process to start; the two-phase growth adds them while the job trains.
 * The rendezvous store stays where it was if that node survives (else it moves
   to the node of new rank 0); every generation gets a fresh key prefix.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -86,16 +90,63 @@ def replan(
     cause: str,
     now: float,
     partition: PartitionFn = partition_for_spec,
+    survivors_first: bool = False,
 ) -> Decision:
-    """Plan g+1 after a failure: survivors plus free slots, switch now."""
+    """Plan g+1 after a failure, switch now: survivors plus free slots.
+
+    ``survivors_first`` (a failure's recovery): the survivors alone where ``survivors_only``
+    says they can run without the free slots; the job then trains on at once instead of
+    waiting for a new process to start, and grows back through the two-phase growth
+    (controller/recovery.py). A planned move (a migration to a spare) leaves it off."""
     lost = set(view.lost_ranks) | {w.rank for w in current.workers if w.node in view.lost_nodes}
     if not lost:
         return None, "no rank of the current plan is lost"
     survivors = [w for w in current.workers if w.rank not in lost]
-    return _plan_from(
-        spec, current, survivors, _spare_candidates(view, exclude_nodes=view.lost_nodes),
+    taken = {(w.node, w.slot) for w in survivors}
+    spares = [c for c in _spare_candidates(view, exclude_nodes=view.lost_nodes) if (c.node, c.slot) not in taken]
+    alone, why = (survivors_only(spec, current, survivors=len(survivors), spares=len(spares), partition=partition)
+                  if survivors_first else (False, ""))
+    plan, reason = _plan_from(
+        spec, current, survivors, [] if alone else spares,
         view=view, cause=cause, now=now, switch_at_step=-1, partition=partition, shrink_ok=True,
     )
+    if plan is None or not survivors_first:
+        return plan, reason
+    if alone:
+        reason = f"{reason}; survivors first: {why}"
+    plan = dataclasses.replace(plan, reason=reason,
+                               extra={**plan.extra, "survivors_first": {"chosen": alone, "why": why}})
+    return plan, reason
+
+
+def survivors_only(spec: JobSpec, current: Plan, *, survivors: int, spares: int,
+                   partition: PartitionFn = partition_for_spec) -> tuple[bool, str]:
+    """Whether a failure's plan g+1 runs on the ``survivors`` alone although ``spares`` free
+    slots could take part, and why (issue 16). Pure.
+
+    A free slot in a switch-now plan means a new process the survivors wait for before the
+    first step (seconds: interpreter, imports, model build, CUDA init). The survivors alone
+    train at once, and the two-phase growth brings the job back to the size the free slots
+    allow while it trains. So: the survivors alone, when their best layout
+    (``pick_layout``) fits memory, uses every survivor (none would idle and exit: principle
+    9), and the free slots would add workers (else the plan is the same either way)."""
+    if spares <= 0:
+        return False, "no free slot: the survivors are all there is"
+    alone, why = pick_layout(spec, current, survivors, partition=partition)
+    if alone is None:
+        return False, f"the survivors alone cannot run ({why}): free slots join now"
+    if not alone.fits:
+        return False, (f"the survivors' best layout {alone.describe()} exceeds the spec layout's memory "
+                       "estimate: free slots join now")
+    if alone.workers < survivors:
+        return False, (f"the survivors' best layout {alone.describe()} leaves {survivors - alone.workers} of "
+                       f"{survivors} idle: free slots join now")
+    full, _ = pick_layout(spec, current, survivors + spares, partition=partition)
+    if full is None or full.workers <= alone.workers:
+        return False, f"free slots add no worker to {alone.describe()}"
+    return True, (f"the {survivors} survivor{'' if survivors == 1 else 's'} run{'s' if survivors == 1 else ''} "
+                  f"{alone.describe()} now, without waiting for a new process; "
+                  f"the job grows back to {full.describe()} ({full.workers} workers) through a prepared growth")
 
 
 def grow(

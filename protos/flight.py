@@ -12,7 +12,8 @@ request on the chaos path, protos/chaos.py), *before* the culprit is killed:
    names follow the standard analyzer (``python -m torch.distributed.flight_recorder.fr_trace
    DIR``, prefix ``fr_rank``). A SIGSTOPped rank writes nothing: the waiting ranks'
    dumps are what name it;
-3. the agent waits until every local rank answered or ``DUMP_DEADLINE_S`` passed, and
+3. the agent waits until every local rank answered (a stopped one cannot: it is missing at
+   once) or ``DUMP_DEADLINE_S`` passed, and
    writes a FlightDumpRecord at ``Keys.job_flight(job, generation, node)``;
 4. the controller (controller/flight.py) waits ``COLLECT_WAIT_S`` for the nodes'
    records, analyses them, writes the finding into the hang event, then kills.

@@ -5,6 +5,11 @@ a worker that does not answer (stopped) is listed as missing."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,7 @@ KEYS = Keys("/t")
 @dataclass
 class W:
     alive: bool = True
+    pid: int = 0
 
 
 class Supervisor:
@@ -58,6 +64,34 @@ def test_agent_collects_answering_ranks_lists_the_silent_one_and_publishes(tmp_p
     assert dump["tenax"]["rank"] == 0 and dump["tenax"]["python_stack"]
     # the full dump stays on the node, in PyTorch's file naming
     assert flight.dump_file(flight.dump_dir(run_dir, record.id), 0).exists()
+
+
+def test_a_stopped_worker_is_missing_at_once_not_after_the_deadline(tmp_path):
+    """A SIGSTOPped rank cannot write its dump: the agent publishes without waiting the
+    deadline for it (the kill of the hung rank waits on this record)."""
+    sup = Supervisor(tmp_path, [0, 5])
+    run_dir = tmp_path / "jobs" / "job-a" / "run"
+    stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        sup.workers[("job-a", 5)] = W(pid=stopped.pid)
+        responder = DumpResponder(run_dir, 0).start()
+        etcd = FakeEtcd()
+        record = ChaosRecord(id="000000000000002-ab", action=FLIGHT_DUMP, node="n0", job="job-a", rank=0,
+                             generation=3, time=1.0)
+        began = time.monotonic()
+        try:
+            outcome = asyncio.run(asyncio.wait_for(agent_flight.answer(etcd, KEYS, "n0", sup, record), 10))
+        finally:
+            responder.stop()
+        took = time.monotonic() - began
+    finally:
+        stopped.kill()
+        stopped.wait(10)
+    assert "missing [5]" in outcome
+    out = flight.FlightDumpRecord.from_json(etcd.puts[KEYS.job_flight("job-a", 3, "n0")])
+    assert out.missing == [5] and sorted(out.dumps) == ["0"]  # the live rank's dump is still waited for
+    assert took < flight.DUMP_DEADLINE_S - 0.5, f"waited {took:.2f} s for a stopped rank"
 
 
 def test_agent_keeps_only_the_newest_dump_directories(tmp_path):

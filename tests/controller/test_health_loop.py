@@ -169,6 +169,8 @@ def test_recovery_and_server_settings_from_controller_flags_name_the_flag():
     settings = settings_from_args(controller_flags("--growth-prepare-s=4", "--hang-floor-s=4"))
     assert settings.recovery.growth_prepare_s == 4 and settings.health.hang.floor_s == 4
     assert settings_from_args(controller_flags()).recovery == RecoverySettings()
+    assert RecoverySettings().survivors_first is True
+    assert settings_from_args(controller_flags("--no-survivors-first")).recovery.survivors_first is False
     for bad in ("--growth-prepare-s=0", "--lease-ttl=0", "--listen=nowhere", "--prefix=tenax/"):
         flag = bad.partition("=")[0]
         with pytest.raises(ValueError, match=f"^{flag}: "):

@@ -299,3 +299,57 @@ def test_a_failure_that_leaves_no_worker_waits_for_workers_instead_of_failing(et
             assert {a.node for a in g2.workers} == {"n3"} and len(g2.workers) == 2
             await api.etcd.revoke_lease(back)
     run_async(main(), 60)
+
+
+@pytest.mark.parametrize("survivors_first", [True, False])
+def test_a_failure_with_a_free_slot_runs_the_survivors_now_then_grows_back_once(etcd_url, survivors_first):
+    """Issue 16: the failure's plan leaves the free slot out (the survivors alone fit and use
+    all three); once the recovery settled, the two-phase growth brings the job back to dp2·pp2,
+    and nothing changes after that (no ping-pong). ``--no-survivors-first`` puts the free slot
+    into the failure's plan, as before."""
+    from controller.recovery import RecoverySettings
+
+    async def main():
+        async with running(etcd_url, recovery=RecoverySettings(survivors_first=survivors_first)) as api:
+            leases = [await add_node(api.etcd, n, 2, ttl_s=30) for n in ("n1", "n2", "n3")]
+            spec = good_spec(**{"parallelism.pp": 2, "resources.workers": 4, "elastic.max_workers": 4,
+                                "steps": 500})
+            job = await api.jobs.SubmitJob(pb.SubmitJobRequest(spec=spec), timeout=5)
+            await wait_until(lambda: _in_phase(api, job.id, pb.RUNNING), 5)
+            g1 = await plan_of(api, job.id)
+            free = {("n1", 0), ("n1", 1), ("n2", 0), ("n2", 1), ("n3", 0), ("n3", 1)} - \
+                {(a.node, a.slot) for a in g1.workers}
+            await report_running(api, g1, step=5)
+            await kill(api, g1, 1, time.time())
+            g2 = await wait_until(lambda: generation_is(api, job.id, 2), 5)
+            pending = (await status_of(api, job.id)).recoveries[0]
+            if not survivors_first:
+                assert (g2.dp, g2.pp) == (2, 2) and {(a.node, a.slot) for a in g2.workers} & free
+                assert "survivors_only" not in pending and "survivors first" not in g2.reason  # not weighed
+                for lease in leases:
+                    await api.etcd.revoke_lease(lease)
+                return
+            assert (g2.dp, g2.pp, g2.switch_at_step) == (1, 3, -1) and not {(a.node, a.slot) for a in g2.workers} & free
+            assert pending["survivors_only"] is True
+            assert pending["survivors_reason"].startswith("the 3 survivors run dp=1·pp=3 now")
+            assert "survivors first" in (await status_of(api, job.id)).message
+            assert await api.etcd.get(KEYS.job_growth(job.id)) is None  # nothing grows before the recovery settled
+            await report_running(api, g2, step=6, first_step_time=time.time(), recovery={"rebuild_s": 0.1})
+            growth = await wait_until(lambda: growth_in(api, job.id, "PREPARING"), 5)
+            assert growth.base_generation == 2 and set(growth.joiner_slots()) <= free
+            assert (await plan_of(api, job.id)).generation == 2  # the job trains on meanwhile
+            await say_ready(api, job.id, growth)
+            g3 = await wait_until(lambda: generation_is(api, job.id, 3), 5)
+            assert (g3.dp, g3.pp) == (2, 2) and g3.switch_at_step > 6
+            assert {(a.node, a.slot) for a in g2.workers} < {(a.node, a.slot) for a in g3.workers}
+            await report_running(api, g3, step=g3.switch_at_step + 1, first_step_time=time.time())
+            await wait_until(lambda: _recoveries_complete(api, job.id, 2), 5)
+            causes = [r["cause"] for r in (await status_of(api, job.id)).recoveries]
+            assert causes[0].startswith("worker-failed") and causes[1] == "grow"
+            await asyncio.sleep(1.0)  # a few reconcile passes: no further plan, no further growth
+            assert (await plan_of(api, job.id)).generation == 3
+            assert (await growth_in(api, job.id, "COMMITTED")).id == growth.id
+            for lease in leases:
+                await api.etcd.revoke_lease(lease)
+
+    run_async(main(), 60)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.layout import equal_partition, even_shares, public_store_prefix
-from controller.replan import ClusterView, choose_layout, drain, grow, replan
+from controller.replan import ClusterView, choose_layout, drain, grow, replan, survivors_only
 from protos.plan import Plan, WorkerAssignment
 from common.spec import ElasticSpec, JobSpec, ModelSpec, Parallelism, Resources
 
@@ -170,6 +170,70 @@ def test_lost_worker_replaced_by_spare_keeps_the_layout_and_every_other_rank():
     assert plan.sample_shares == (8, 8)
 
 
+def test_survivors_first_runs_the_survivors_alone_then_the_growth_brings_the_spare_in():
+    """Issue 16: a spare in a switch-now plan makes the survivors wait for a new process; the 3
+    survivors of dp2·pp2 run dp1·pp3 at once, and the growth (a step boundary) adds the spare."""
+    spec = make_spec(dp=2, pp=2)
+    current = first_plan(spec, per_node=2)
+    view = ClusterView(lost_ranks=frozenset({3}), free_slots={"n2": [0, 1]}, store_addresses=STORES)
+    plan, reason = replan(spec, current, view, cause="worker-failed", now=NOW, partition=even_partition,
+                          survivors_first=True)
+    assert plan is not None, reason
+    assert (plan.dp, plan.pp, plan.switch_at_step) == (1, 3, -1)
+    assert sorted(where(plan).values()) == [("n0", 0), ("n0", 1), ("n1", 0)] and plan.extra["idle"] == []
+    chosen = plan.extra["survivors_first"]
+    assert chosen["chosen"] is True
+    assert chosen["why"] == ("the 3 survivors run dp=1·pp=3 now, without waiting for a new process; "
+                             "the job grows back to dp=2·pp=2 (4 workers) through a prepared growth")
+    assert reason.endswith(f"survivors first: {chosen['why']}") and plan.reason == reason
+    # the recovery entry carries the why
+    from controller.recovery_decisions import pending_recovery
+
+    entry = pending_recovery(cause="worker-failed", old=current, new=plan, at_step=3, failed_at=1.0, seen_at=1.0,
+                             planned_at=1.0)
+    assert entry["survivors_only"] is True and entry["survivors_reason"] == chosen["why"]
+    # growth back to the spec's layout, keeping every survivor; then nothing more to grow into
+    grown, why = grow(spec, plan, ClusterView(free_slots={"n2": [0, 1]}, store_addresses=STORES), at_step=9,
+                      now=NOW, partition=even_partition)
+    assert grown is not None, why
+    assert (grown.dp, grown.pp, grown.switch_at_step) == (2, 2, 9)
+    assert {("n0", 0), ("n0", 1), ("n1", 0)} < set(where(grown).values())
+    assert grow(spec, grown, ClusterView(free_slots={"n2": [1]}, store_addresses=STORES), at_step=12,
+                now=NOW)[0] is None
+    # without survivors_first (a migration to a spare), the spare joins now, as before
+    plain, _ = replan(spec, current, view, cause="migrate", now=NOW, partition=even_partition)
+    assert (plain.dp, plain.pp) == (2, 2) and "survivors_first" not in plain.extra
+
+
+def test_survivors_first_keeps_the_spare_when_the_survivors_alone_fall_short():
+    spec = make_spec(dp=2, pp=2, layers=2)  # 3 survivors: dp1·pp2 would leave one idle
+    current = first_plan(spec, per_node=2)
+    spare = ClusterView(lost_ranks=frozenset({3}), free_slots={"n2": [0]}, store_addresses=STORES)
+    plan, reason = replan(spec, current, spare, cause="worker-failed", now=NOW, survivors_first=True)
+    assert plan is not None, reason
+    assert (plan.dp, plan.pp) == (2, 2) and ("n2", 0) in where(plan).values() and plan.extra["idle"] == []
+    assert plan.extra["survivors_first"] == {"chosen": False, "why": (
+        "the survivors' best layout dp=1·pp=2 leaves 1 of 3 idle: free slots join now")}
+    assert "survivors first" not in reason
+    # below min_workers alone
+    strict = make_spec(dp=2, pp=2, min_workers=4)
+    ok, why = survivors_only(strict, first_plan(strict, per_node=2), survivors=3, spares=1, partition=even_partition)
+    assert not ok and why.startswith("the survivors alone cannot run (only 3 workers available, below "
+                                     "elastic.min_workers=4)")
+    # no free slot: nothing to choose
+    assert survivors_only(spec, current, survivors=3, spares=0) == (
+        False, "no free slot: the survivors are all there is")
+    # the survivors' only layout is shallower than the spec's and larger per worker than it
+    deep = make_spec(dp=1, pp=2)
+    ok, why = survivors_only(deep, first_plan(deep, per_node=2), survivors=1, spares=1, partition=even_partition)
+    assert not ok and why == ("the survivors' best layout dp=1·pp=1 exceeds the spec layout's memory estimate: "
+                              "free slots join now")
+    # free slots that add no worker (the batch allows one data-parallel rank, the model 3 stages)
+    narrow = make_spec(dp=1, pp=3, layers=3, gbs=2, mbs=2, max_workers=4)
+    ok, why = survivors_only(narrow, first_plan(narrow, per_node=3), survivors=3, spares=1, partition=even_partition)
+    assert not ok and why == "free slots add no worker to dp=1·pp=3"
+
+
 def test_agent_with_two_workers_lost_moves_the_store_and_shrinks():
     spec = make_spec(dp=2, pp=2)
     current = first_plan(spec, per_node=2)
@@ -264,10 +328,10 @@ def test_nothing_lost_is_not_a_replan():
 @given(
     dp=st.integers(1, 4), pp=st.integers(1, 4), layers=st.integers(4, 8), per_node=st.integers(1, 4),
     lost=st.sets(st.integers(0, 15), max_size=6), spare_slots=st.integers(0, 4), gbs=st.integers(8, 32),
-    min_workers=st.integers(1, 4),
+    min_workers=st.integers(1, 4), survivors_first=st.booleans(),
 )
 def test_any_replan_is_a_valid_plan_that_keeps_the_global_batch_and_survivor_slots(
-        dp, pp, layers, per_node, lost, spare_slots, gbs, min_workers):
+        dp, pp, layers, per_node, lost, spare_slots, gbs, min_workers, survivors_first):
     min_workers = min(min_workers, dp * pp)
     if gbs // dp < 1:
         return
@@ -278,7 +342,7 @@ def test_any_replan_is_a_valid_plan_that_keeps_the_global_batch_and_survivor_slo
     stores = {n: f"{n}:1" for n in nodes}
     view = ClusterView(lost_ranks=frozenset(lost), free_slots={"spare": list(range(spare_slots))},
                        store_addresses={**stores, "spare": "spare:1"})
-    plan, reason = replan(spec, current, view, cause="worker-failed", now=NOW)
+    plan, reason = replan(spec, current, view, cause="worker-failed", now=NOW, survivors_first=survivors_first)
     if not lost:
         assert plan is None
         return
@@ -300,6 +364,9 @@ def test_any_replan_is_a_valid_plan_that_keeps_the_global_batch_and_survivor_slo
     # spares are used only when every survivor already has a rank
     if slots - set(survivors):
         assert not idle
+    # survivors alone: every one of them runs a rank, and no spare does
+    if survivors_first and plan.extra["survivors_first"]["chosen"]:
+        assert slots == set(survivors) and not idle
 
 
 def test_growth_restores_the_spec_pipeline_depth_after_a_shrink():

@@ -282,6 +282,44 @@ def test_two_failures_one_after_the_other(tmp_path, long_reference):
         assert_same_curve(job_losses(info, job_id), long_reference)
 
 
+# ------------------------------------------------------------------ 3b. survivors first, then growth back
+def test_a_failure_with_a_free_slot_trains_on_the_survivors_then_grows_back(tmp_path, long_reference):
+    """Issue 16: with a free slot, the re-plan after a kill -9 still runs on the 3 survivors alone
+    (dp1·pp3, switch now): a new worker in it would make them wait for its process start. The
+    two-phase growth then starts the new worker while the job trains and brings the job back
+    to dp2·pp2 at a step boundary. Straggler policy ``alert``: the subject is the failure and
+    the growth (see test_two_failures_one_after_the_other)."""
+    with local_cluster(tmp_path, agents=3) as info:
+        elastic = {"min_workers": 1, "max_workers": 4, "snapshot_every": "1", "straggler_policy": "alert"}
+        job_id = submit(info, job_file(tmp_path, steps=LONG_STEPS, elastic=elastic))
+        before = wait_step(info, job_id, 8)
+        pids = pids_by_slot(before)
+        victim = next(w for w in before["workers"] if w["rank"] == 1)
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        grown = wait_recoveries(info, job_id, 2, timeout_s=120)
+        assert (grown["layout"]["dp"], grown["layout"]["pp"]) == (2, 2), grown["recoveries"]
+        done = wait_job_done(info, job_id, timeout_s=180)
+        doc = job_doc(info, job_id)
+        assert done["phase"] == "SUCCEEDED", (doc["message"], worker_logs(info))
+        failed, grow = assert_recovered(doc, count=2, max_steps_lost=1)
+        assert failed["cause"] == "worker-failed" and grow["cause"] == "grow" and grow["steps_lost"] == 0
+        assert (failed["new_layout"]["dp"], failed["new_layout"]["pp"]) == (1, 3)
+        assert (grow["new_layout"]["dp"], grow["new_layout"]["pp"]) == (2, 2)
+        # the survivors trained again before the new worker's process was even ready
+        assert failed["total_s"] < grow["prepare_s"], (failed, grow)
+        events = timeline(info, job_id)
+        recovery = next(e for e in events if e["kind"] == "recovery" and e["data"]["generation"] == 2)
+        assert recovery["data"]["survivors_only"] is True, recovery
+        assert "grows back to dp=2·pp=2 (4 workers)" in recovery["data"]["survivors_reason"], recovery
+        plan2 = next(e for e in events if e["kind"] == "plan" and e["data"]["generation"] == 2)
+        assert "survivors first: the 3 survivors run dp=1·pp=3 now" in plan2["data"]["reason"], plan2
+        # every survivor kept its process through both changes; the killed slot stayed out
+        assert len(doc["workers"]) == 4 and (victim["node"], victim["slot"]) not in pids_by_slot(doc)
+        assert_survivors_kept_their_pids(pids, pids_by_slot(doc), {(victim["node"], victim["slot"])})
+        assert_same_curve(job_losses(info, job_id), long_reference)
+
+
 # ------------------------------------------------------------------ 4. growth, then a drain
 def test_growth_to_four_workers_then_drain_lose_no_step(tmp_path, long_reference):
     """Two-phase growth: the new node's workers are started and ready before plan 2 is written

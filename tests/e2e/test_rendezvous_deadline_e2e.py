@@ -36,8 +36,9 @@ def test_a_worker_that_never_joins_its_generation_is_replanned_around_within_the
     env = {"TENAX_FAULT": "kind=hang-join,gen=2,rank=-1"}
     with cluster_with_env(tmp_path, env, controller_args=(*FAST_DETECTION_ARGS, *RENDEZVOUS_ARGS),
                           agents=1, slots=3) as info:
-        # two workers on three slots: a failure is re-planned onto the free one (a new worker)
-        spec = job_file(tmp_path, steps=60, parallelism={"dp": 2, "pp": 1, "zero_stage": 1},
+        # two workers on three slots: a failure is re-planned onto the free one (a new worker): the
+        # survivor alone would need a 1-stage layout, larger per worker than the spec's 2 stages
+        spec = job_file(tmp_path, steps=60, parallelism={"dp": 1, "pp": 2, "zero_stage": 1},
                         resources={"workers": 2, "device": "cpu"},
                         elastic={"min_workers": 1, "max_workers": 2, "snapshot_every": "1"})
         job_id = submit(info, spec)

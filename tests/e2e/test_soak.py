@@ -44,6 +44,27 @@ def test_mttr_is_the_time_until_the_job_goes_past_where_it_was():
     assert soak.time_to_progress(11.5, progress, end=20.0, step_s=1.0) == pytest.approx(7.5)  # none after
 
 
+def test_each_fault_gets_the_phases_of_its_own_recovery_and_growth_back():
+    faults = [{"kind": "worker-hang", "time": 100.0, "index": 0}, {"kind": "etcd-kill", "time": 120.0, "index": 1},
+              {"kind": "node-lost", "time": 140.0, "index": 2}]
+    recoveries = [
+        {"cause": "hang: rank 1 made no progress", "time": 104.6, "total_s": 0.5, "rebuild_s": 0.2,
+         "transfer_s": 0.1, "layout": "dp1pp3"},
+        {"cause": "grow", "time": 108.0, "total_s": 2.0, "rebuild_s": 0.1, "transfer_s": 0.1, "layout": "dp2pp2"},
+        {"cause": "node-lost", "time": 139.2, "total_s": 3.5, "rebuild_s": 0.3, "transfer_s": 0.1,
+         "layout": "dp1pp2"},  # the lost node's last heartbeat predates the fault
+    ]
+    rows = soak.fault_recoveries(faults, recoveries)
+    assert rows[0] == {"index": 0, "kind": "worker-hang", "cause": "hang: rank 1 made no progress",
+                       "until_failure_s": 4.6, "recovery_s": 0.5, "rebuild_s": 0.2, "transfer_s": 0.1,
+                       "layout": "dp1pp3", "full_size_s": 10.0}
+    assert rows[1] == {"index": 1, "kind": "etcd-kill"}  # training never stopped: no recovery
+    assert rows[2]["until_failure_s"] == -0.8 and rows[2]["recovery_s"] == 3.5 and "full_size_s" not in rows[2]
+    summary = soak.phase_summary(rows)
+    assert summary["worker-hang"] == {"until_failure_s": 4.6, "recovery_s": 0.5, "full_size_s": 10.0, "n": 1}
+    assert summary["etcd-kill"]["n"] == 0 and summary["etcd-kill"]["recovery_s"] is None
+
+
 def test_loss_check_needs_every_step_and_every_record_equal():
     ref = {1: 4.0, 2: 3.0, 3: 2.0}
     assert soak.loss_check({1: [4.0], 2: [3.0, 3.0000001], 3: [2.0]}, ref, 3)["equal"]
