@@ -21,8 +21,9 @@ each in a fresh process:
     tenax-nosnap     the elastic runtime with snapshots off (TENAX_SNAPSHOTS=0)
     tenax-auto       the defaults: ``snapshot_every: auto``
     tenax-every      a snapshot after every step (``snapshot_every: 1``)
-    tenax-nofr       the defaults with PyTorch's Flight Recorder off (its overhead: tenax-auto
-                     against this one; both re-derive ``auto``, which may pick differently)
+    tenax-nofr       the defaults with PyTorch's Flight Recorder off (each process derives its
+                     own ``auto`` interval: on an H100 one picked 2 and the other 4, which
+                     outweighed the recorder; for the recorder's cost use the pair below)
     tenax-nosnap-nofr  snapshots off and the Flight Recorder off (the recorder's cost alone:
                      tenax-nosnap against this one)
 
