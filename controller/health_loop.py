@@ -287,6 +287,20 @@ def stepped_in_generation(entry: Mapping[str, Any], generation: int) -> bool:
                for item in (steps if isinstance(steps, list) else []))
 
 
+def telemetry_since(*, synced: bool, synced_at: float, generation_seen_at: float) -> float | None:
+    """The time from which the ranks' silence counts (hang, rendezvous deadline), or None
+    while it cannot be judged. Pure.
+
+    While the mirror is broken (etcd unreachable) it holds the telemetry of before the
+    outage, and the agents cannot write newer: None. After it reloaded, silence counts from
+    the later of the generation's first sighting and the reload: an etcd outage stops the
+    progress timestamps the controller sees, not the ranks (they never wait for etcd), and
+    the agents need a moment to write again."""
+    if not synced:
+        return None
+    return max(generation_seen_at, synced_at)
+
+
 def hang_decision(plan: Plan, ranks: Mapping[int, Mapping[str, Any]], now: float, *, generation_seen_at: float,
                   settings: HangSettings) -> tuple[HangDecision, str]:
     """Which ranks of the plan are hung now. Pure.
@@ -538,22 +552,25 @@ class HealthLoop:
         memory = self._memory(job, now)
         raw = list(self.c.cache.prefixed(self.c.keys.job_telemetry(job.id)).values())
         ranks = telemetry_ranks(raw)
-        if job.status.phase in HANG_CHECKED_PHASES:
-            if await self._check_rendezvous(job, ranks, memory, now):
+        since = telemetry_since(synced=self.c.cache.synced.is_set(), synced_at=self.c.cache.synced_at,
+                                generation_seen_at=memory.seen_at)
+        if job.status.phase in HANG_CHECKED_PHASES and since is not None:
+            if await self._check_rendezvous(job, ranks, memory, now, since):
                 return  # re-planning around ranks that never arrived: nothing else to judge in this generation
-            await self._check_hang(job, ranks, memory, now)
+            await self._check_hang(job, ranks, memory, now, since)
         await self._check_stragglers(job, ranks, nodes, memory, now)
 
     # ---------------------------------------------------------------- rendezvous deadline
-    async def _check_rendezvous(self, job: JobView, ranks, memory: _JobMemory, now: float) -> bool:
+    async def _check_rendezvous(self, job: JobView, ranks, memory: _JobMemory, now: float, since: float) -> bool:
         """True if ranks of the generation missed its rendezvous deadline. The re-plan is asked
         for on every pass until the plan moves on (it is guarded by the generation: a pass that
-        still sees the old plan is refused, and one that could not re-plan yet tries again)."""
+        still sees the old plan is refused, and one that could not re-plan yet tries again).
+        ``since``: from when absence counts (``telemetry_since``)."""
         known = self._startups.setdefault(job.id, {})
         known.update(startup_samples(ranks))
         for pid in list(known)[:-MAX_STARTUP_SAMPLES]:
             del known[pid]
-        state = rendezvous_state(job.plan, ranks, seen_at=memory.seen_at, startups=list(known.values()))
+        state = rendezvous_state(job.plan, ranks, seen_at=since, startups=list(known.values()))
         decision, reason = decide_rendezvous(state, now, self.settings.rendezvous)
         if not decision.missing_ranks:
             return False
@@ -582,8 +599,9 @@ class HealthLoop:
         return True
 
     # ---------------------------------------------------------------- hang
-    async def _check_hang(self, job: JobView, ranks, memory: _JobMemory, now: float) -> None:
-        decision, reason = hang_decision(job.plan, ranks, now, generation_seen_at=memory.seen_at,
+    async def _check_hang(self, job: JobView, ranks, memory: _JobMemory, now: float, since: float) -> None:
+        """``since``: from when silence counts (``telemetry_since``)."""
+        decision, reason = hang_decision(job.plan, ranks, now, generation_seen_at=since,
                                          settings=self.settings.hang)
         # Flight Recorder dumps from every rank before the kill; the finding goes into the hang
         # event's evidence and the kill reason (controller/flight.py)
@@ -597,7 +615,7 @@ class HealthLoop:
             # how long the dumps held the kill back: a phase of the hang's recovery time
             evidence = {"flight_recorder": finding.to_dict(), "flight_recorder_s": round(took, 3)}
             reason = f"{reason}; {finding.summary}"
-        progress = {p.rank: p for p in rank_progress(job.plan, ranks, generation_seen_at=memory.seen_at)}
+        progress = {p.rank: p for p in rank_progress(job.plan, ranks, generation_seen_at=since)}
         for rank in decision.hung_ranks:
             if rank in memory.killed:
                 continue

@@ -15,6 +15,7 @@ import asyncio
 import datetime
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,6 +55,9 @@ class ClusterCache:
         self.data: dict[str, tuple[str, int]] = {}
         self.revision = 0
         self.synced = asyncio.Event()
+        self.synced_at = 0.0
+        """Unix time the mirror last became synced (its first load, or its reload after a broken
+        watch): what it held before could not change while etcd was away (controller/health_loop.py)."""
         self._changed = asyncio.Condition()
         self._listeners: list[Callable[[WatchEvent], None]] = []
         self._warned: set[tuple[str, int]] = set()
@@ -120,6 +124,7 @@ class ClusterCache:
         for key, (value, rev) in fresh.items():
             for fn in self._listeners:
                 fn(WatchEvent(kind="put", key=key, value=value, mod_revision=rev))
+        self.synced_at = time.time()
         self.synced.set()
         await self._notify()
         return before + 1

@@ -218,11 +218,18 @@ class AbortWatcher:
                 for w in batch.with_future:
                     w.wait()  # completed: returns at once, or raises the work's error
             except Exception as exc:
-                self.signal_peers(f"rank {self.rank}: {what} failed: {str(exc).splitlines()[0][:200]}")
-                raise CommFailed(f"{what} failed: {exc}") from exc
+                self.failed(exc, what)
         finally:
             with self._lock:
                 self._waiters.discard(batch.event)
+
+    def failed(self, exc: BaseException, what: str) -> None:
+        """An operation of this generation failed on this rank, in a wait or as it was posted
+        (trainer.comm ``post``: gloo writes a send on the calling thread, so a dead peer's
+        closed connection raises there): tell the peers, raise CommFailed. Never returns."""
+        first_line = (str(exc).splitlines() or [""])[0]
+        self.signal_peers(f"rank {self.rank}: {what} failed: {first_line[:200]}")
+        raise CommFailed(f"{what} failed: {exc}") from exc
 
     def wait_for(self, event: threading.Event, what: str = "wait", *, timeout_s: float | None = None) -> None:
         """Wait until another thread sets ``event``, abortably: CommAborted on an abort (here or
@@ -246,8 +253,7 @@ class AbortWatcher:
                 return
             except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/DistError subclasses
                 if not _slice_ran_out(exc):
-                    self.signal_peers(f"rank {self.rank}: {what} failed: {str(exc).splitlines()[0][:200]}")
-                    raise CommFailed(f"{what} failed: {exc}") from exc
+                    self.failed(exc, what)
             self._between_slices(what, deadline, limit)
 
     def _between_slices(self, what: str, deadline: float, limit: float) -> None:
@@ -411,12 +417,46 @@ def form_group(store: Any, prefix: str, *, rank: int, world_size: int, backend: 
     return c10d._get_default_group()
 
 
+def connect_store(host: str, port: int, *, timeout_s: float, should_abort: Callable[[], str | None] | None = None,
+                  poll_s: float = 0.02, what: str = "the rendezvous store") -> Any:
+    """A TCPStore client of ``host:port`` (its operations time out after ``timeout_s``), abortably.
+
+    The constructor blocks in C++ and does not always honour its timeout: against a listener
+    that completes the TCP handshake but never answers (the port of a lost node's store still
+    held open) it blocked for good in a measurement on torch 2.13, and a refused connection is
+    retried for the whole timeout. So it runs on a daemon thread, and this waits for it in
+    ``poll_s`` slices: CommAborted as soon as ``should_abort()`` names a reason (a newer plan
+    switches now), TimeoutError after ``timeout_s``. A connect given up on is left behind; its
+    thread ends when the connection attempt does."""
+    done = threading.Event()
+    result: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            result["store"] = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                                            timeout=timedelta(seconds=timeout_s))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            result["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=connect, name="store-connect", daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not done.wait(max(0.0, min(poll_s, deadline - time.monotonic()))):
+        reason = should_abort() if should_abort is not None else None
+        if reason:
+            raise CommAborted(f"connecting to {what} at {host}:{port}: {reason}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} at {host}:{port} did not answer within {timeout_s:.0f} s")
+    if "error" in result:
+        raise result["error"]
+    return result["store"]
+
+
 def generation_store(host: str, port: int, prefix: str, *, timeout_s: float = 5.0) -> Any:
     """A fresh client connection to the rendezvous store, scoped to one generation
     (for the watcher thread, so its polling never contends with the trainer's)."""
-    client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s),
-                           wait_for_workers=False)
-    return dist.PrefixStore(prefix, client)
+    return dist.PrefixStore(prefix, connect_store(host, port, timeout_s=timeout_s))
 
 
 def graveyard_size() -> int:

@@ -6,6 +6,12 @@ pipeline receive stuck on a dead or hung peer raises as soon as the
 generation is aborted, instead of blocking inside C++ until the backend's
 timeout. Call sites issue every operation with ``async_op=True`` (or
 ``isend``/``irecv``) and hand the work to ``wait``.
+
+Posting can fail too: gloo writes a send (and arms a receive) on the calling thread,
+so a peer that died is seen as "Connection closed by peer" when the operation is
+posted, before there is any work to wait on. Point-to-point operations are posted
+through ``post``, which hands such an error to the elastic worker's hook (the abort
+watcher: tell the peers, stop the generation) as a failed wait would be.
 """
 
 from __future__ import annotations
@@ -18,13 +24,31 @@ import torch
 Waiter = Callable[[Any, str], None]
 """(work or list of works, what) -> None; raises if they cannot complete."""
 
+PostFailed = Callable[[BaseException, str], None]
+"""(the error raised while posting an operation, what) -> never returns: raises the error
+the generation stops with."""
+
 _waiter: Waiter | None = None
+_post_failed: PostFailed | None = None
 
 
-def set_waiter(waiter: Waiter | None) -> None:
-    """Install (or, with None, remove) the process-wide wait hook."""
-    global _waiter
-    _waiter = waiter
+def set_waiter(waiter: Waiter | None, post_failed: PostFailed | None = None) -> None:
+    """Install (or, with None, remove) the process-wide wait hook and the hook for an
+    operation that fails as it is posted (``post``)."""
+    global _waiter, _post_failed
+    _waiter, _post_failed = waiter, post_failed
+
+
+def post(issue: Callable[[], Any], what: str) -> Any:
+    """``issue()`` (e.g. ``lambda: dist.isend(t, dst=d)``) and return its work. An error while
+    posting goes to the installed hook (an elastic worker: the generation stops, its peers are
+    told), or is raised as it is (plain runs)."""
+    try:
+        return issue()
+    except Exception as exc:
+        if _post_failed is not None:
+            _post_failed(exc, what)
+        raise
 
 
 def wait(work: Any | Sequence[Any], what: str, *, peer: int | None = None) -> None:

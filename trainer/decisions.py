@@ -13,7 +13,26 @@ from trainer.optim import STATE_KINDS, state_key
 from trainer.parallel import ParallelLayout
 from trainer.reshard import Holding, plan_transfers
 from trainer.sharding import stage_offsets, update_range
+from common import comm_errors
 from common.layout import buddy_ring
+
+
+def error_stops_generation(text: str, *, formed: bool, aborted: bool) -> tuple[bool, str]:
+    """Is an exception that is none of the interruptions (trainer/generation.py), raised while a
+    generation runs, a recoverable stop (-> REFORMING) or a crash (the worker exits 1)? ``text``:
+    the exception's words; ``formed``: the generation's communicators exist; ``aborted``: it was
+    aborted (here, by a peer's abort key). A communication failure (common.comm_errors: a dead
+    peer's closed connection, a backend timeout or NCCL error) stops it even with nobody having
+    said so yet: the abort key lives in the rendezvous store, which may have gone with the
+    peer's node. Pure."""
+    if not formed:
+        return False, "no generation formed yet"
+    if aborted:
+        return True, "the generation was aborted; the error followed"
+    kind, evidence = comm_errors.classify(text)
+    if kind != comm_errors.OTHER:
+        return True, f"communication failure ({kind}): {evidence}"
+    return False, "not a communication failure"
 
 
 def rank_in_plan(plan: Plan, node: str, slot: int) -> int | None:

@@ -107,7 +107,8 @@ from trainer import comm
 from trainer.abort import AbortWatcher, CommAborted, CommFailed
 from trainer.checkpoints import DiskCheckpoints
 from trainer.copies import Copies, flat_state
-from trainer.decisions import (PROBE_CLEAN, PROBE_OVERLAPPED, PROBE_STEPS, auto_snapshot_interval, idle_survivors, probe_snapshot_due, rank_in_plan,
+from trainer.decisions import (PROBE_CLEAN, PROBE_OVERLAPPED, PROBE_STEPS, auto_snapshot_interval, error_stops_generation,
+                               idle_survivors, probe_snapshot_due, rank_in_plan,
                                snapshot_metadata)
 from trainer.faults import Fault, FaultInjector
 from trainer.generation import Generation, Interruptions, RecoverableMetrics, StoreUnreachable
@@ -296,7 +297,10 @@ class ElasticWorker:
                 raise
             return self._stopped(gen, trainer, exc)  # mid-recovery: the next plan may move the store
         except Exception as exc:
-            if gen.watcher is not None and gen.watcher.check_store():  # e.g. a gloo error after the abort
+            aborted = gen.watcher is not None and gen.watcher.check_store()  # e.g. a gloo error after the abort
+            stop, why = error_stops_generation(str(exc), formed=gen.watcher is not None, aborted=aborted)
+            if stop:
+                log.warning("rank %s generation %d: %s: %s", gen.rank, gen.plan.generation, type(exc).__name__, why)
                 return self._stopped(gen, trainer, exc)
             raise
         finally:

@@ -5,7 +5,6 @@ with the recoverable step (``RecoverableMetrics``)."""
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -13,7 +12,8 @@ import torch.distributed as dist
 
 from protos.plan import Plan
 from trainer import comm
-from trainer.abort import AbortSettings, AbortWatcher, CommAborted, CommFailed, form_group, generation_store
+from trainer.abort import (AbortSettings, AbortWatcher, CommAborted, CommFailed, connect_store, form_group,
+                           generation_store)
 from trainer.settings import ElasticSettings
 from trainer.snapshot import Snapshotter
 from trainer.train import backend_for
@@ -66,8 +66,11 @@ class Generation:
         host, _, port = self.plan.store_address.rpartition(":")
         timeout_s = self.settings.store_timeout_s
         try:
-            store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
-                                  timeout=timedelta(seconds=timeout_s))
+            # abortable: the store may have gone with a lost node, and the controller re-plans
+            # meanwhile (a newer plan that switches now ends this wait at once)
+            store = connect_store(host, int(port), timeout_s=timeout_s, should_abort=should_abort)
+        except CommAborted:
+            raise
         except Exception as exc:  # noqa: BLE001 - torch raises several types; not an interruption of training
             raise StoreUnreachable(f"cannot reach the rendezvous store at {self.plan.store_address} "
                                    f"within {timeout_s:.0f}s: {exc}") from None
@@ -83,7 +86,7 @@ class Generation:
         # store host that hangs must not hold the wait longer than a few seconds
         self.watcher.watch_store(generation_store(host, int(port), self.prefix,
                                                   timeout_s=min(5.0, self.settings.store_timeout_s)))
-        comm.set_waiter(self.watcher.wait)
+        comm.set_waiter(self.watcher.wait, post_failed=self.watcher.failed)
         return self.watcher
 
     @property

@@ -7,15 +7,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import timedelta
 
 import psutil
 import torch
-import torch.distributed as dist
 
 from common.files import write_atomic
 from protos.plan import Plan
 from protos.records import JoinerRecord
+from trainer.abort import connect_store
 from trainer.decisions import rank_in_plan
 from trainer.generation import StoreUnreachable
 from trainer.model import build_stage, stage_param_shapes
@@ -65,8 +64,7 @@ def warm_up(spec, plan: Plan, rank: int, device: torch.device, *, store_timeout_
         torch.cuda.synchronize(device)
     host, _, port = plan.store_address.rpartition(":")
     try:
-        dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
-                      timeout=timedelta(seconds=store_timeout_s))
+        connect_store(host, int(port), timeout_s=store_timeout_s)
     except Exception as exc:  # noqa: BLE001 - torch raises several types
         raise StoreUnreachable(f"cannot reach the rendezvous store at {plan.store_address}: {exc}") from None
 

@@ -74,10 +74,10 @@ class PipelineStageRunner:
         start = time.perf_counter()
         if not self.stage_through_host:
             buf = torch.empty(shape, device=self.device, dtype=torch.float32)
-            comm.wait(dist.irecv(buf, src=src), "pipeline receive", peer=src)
+            comm.wait(comm.post(lambda: dist.irecv(buf, src=src), "pipeline receive"), "pipeline receive", peer=src)
         else:
             host = self._host_buffer(shape)
-            comm.wait(dist.irecv(host, src=src), "pipeline receive", peer=src)
+            comm.wait(comm.post(lambda: dist.irecv(host, src=src), "pipeline receive"), "pipeline receive", peer=src)
             buf = host if self.device.type == "cpu" else host.to(self.device, non_blocking=self._pin)
         times.pipeline_wait += time.perf_counter() - start
         return buf
@@ -86,12 +86,12 @@ class PipelineStageRunner:
         """Post a send of ``tensor`` (fp32, contiguous); (work, what must stay alive until it is sent)."""
         comm.before_send(dst)
         if not self.stage_through_host:
-            return dist.isend(tensor, dst=dst), tensor
+            return comm.post(lambda: dist.isend(tensor, dst=dst), "pipeline send"), tensor
         host = self._host_buffer(tensor.shape)
         host.copy_(tensor, non_blocking=self._pin)
         if self._pin:  # gloo reads the host bytes as soon as the send is posted
             torch.cuda.current_stream(self.device).synchronize()
-        return dist.isend(host, dst=dst), host
+        return comm.post(lambda: dist.isend(host, dst=dst), "pipeline send"), host
 
     def run(self, num_micro: int, pp: int, stage: int, *, first_input: Callable[[int], torch.Tensor],
             forward_fn: Callable[[int, torch.Tensor], torch.Tensor], times: StageTimes) -> torch.Tensor:

@@ -416,7 +416,8 @@ class Trainer:
                     x = tokens[lo:hi, :-1].to(self.device)
                 else:
                     x = torch.empty((hi - lo, self.spec.model.seq_len, self.spec.model.d_model), device=self.device)
-                    comm.wait(dist.irecv(x, src=prev), "evaluation pipeline receive")
+                    comm.wait(comm.post(lambda: dist.irecv(x, src=prev), "evaluation pipeline receive"),
+                              "evaluation pipeline receive")
                 with self.autocast():
                     out = self.stage(x)
                 if nxt is None:
@@ -424,7 +425,7 @@ class Trainer:
                     loss += F.cross_entropy(out.float().reshape(-1, out.shape[-1]), targets.reshape(-1), reduction="sum")
                 else:
                     sent = out.float().contiguous()
-                    pending.append((dist.isend(sent, dst=nxt), sent))
+                    pending.append((comm.post(lambda: dist.isend(sent, dst=nxt), "evaluation pipeline send"), sent))
             comm.wait([work for work, _ in pending], "evaluation pipeline send")
         finally:
             self.stage.train(was_training)

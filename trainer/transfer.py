@@ -92,6 +92,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from trainer import comm
 from trainer.abort import CommFailed
 from trainer.reshard import OWNER, Holding, Layout, Transfer, plan_transfers
 from trainer.snapshot import (CRC32, Snapshot, SlabLayout, allocate_slab, as_slab, checksum_kind_of_flags,
@@ -831,10 +832,10 @@ class BuddyReplicator:
     # and waking it (with the other ranks' worker threads) at every boundary cost ~1.5 ms of
     # the step on the 2-core host; a send is issued from this thread, a receive just posted.
     def _send(self, tensor: torch.Tensor) -> Any:
-        return dist.isend(tensor, self.buddy, group=self.out_group)
+        return comm.post(lambda: dist.isend(tensor, self.buddy, group=self.out_group), "replication send")
 
     def _receive(self, tensor: torch.Tensor) -> Any:
-        return dist.irecv(tensor, self.ward, group=self.in_group)
+        return comm.post(lambda: dist.irecv(tensor, self.ward, group=self.in_group), "replication receive")
 
     def _empty_round(self, renegotiate: bool) -> torch.Tensor:
         """A slab of the agreed terms that carries no snapshot (step -1); its contents past the

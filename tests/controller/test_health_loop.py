@@ -21,7 +21,7 @@ from controller import metrics
 from controller.decisions import Slot, build_plan
 from controller.detection import HangSettings, StragglerSettings
 from controller.health_loop import (HealthLoop, HealthSettings, hang_decision, nodes_to_drain, rank_progress,
-                                    spare_exists, step_window, telemetry_ranks)
+                                    spare_exists, step_window, telemetry_ranks, telemetry_since)
 from controller.handle import ControllerHandle
 from controller.recovery import RecoverySettings
 from controller.state import ClusterCache, NodeSummary
@@ -125,6 +125,54 @@ def test_hang_decision_picks_the_stopped_rank_among_stalled_ones():
     healthy, _ = hang_decision(plan, {r: entry(step=20, progress_at=99.0, steps=steps_of(1, 20, 0.1))
                                       for r in range(4)}, now, generation_seen_at=0.0, settings=settings)
     assert healthy.hung_ranks == ()
+
+
+def test_an_etcd_outage_is_not_counted_as_the_ranks_silence():
+    # the ranks stepped until t=100 (0.1 s steps), then etcd was away from 100.5 to 108 and the
+    # mirror reloaded at 108.5; the agents write again a little later (their own backoff)
+    plan = plan_for(spec())
+    settings = HangSettings(k=5, floor_s=4, startup_timeout_s=60)
+    stale = {r: entry(step=50, progress_at=100.0, heartbeat_at=100.2, steps=steps_of(1, 50, 0.1))
+             for r in range(4)}
+    assert telemetry_since(synced=False, synced_at=0.0, generation_seen_at=0.0) is None  # outage: not judged
+    since = telemetry_since(synced=True, synced_at=108.5, generation_seen_at=0.0)
+    assert since == 108.5
+    # the frozen timestamps alone would make every rank "silent, no heartbeat" (all killed)
+    wrong, reason = hang_decision(plan, stale, 110.0, generation_seen_at=0.0, settings=settings)
+    assert wrong.hung_ranks == (0, 1, 2, 3), reason
+    decision, reason = hang_decision(plan, stale, 110.0, generation_seen_at=since, settings=settings)
+    assert decision.hung_ranks == () and decision.stalled_ranks == (), reason
+    # a rank that really stopped during the outage is found a timeout after the reload
+    stopped = {**stale, 2: {**stale[2], "stopped": True}}
+    fresh = {r: {**e, "step": 130, "progress_at": 111.9, "heartbeat_at": 112.0} for r, e in stopped.items() if r != 2}
+    fresh[2] = stopped[2]
+    early, reason = hang_decision(plan, fresh, 112.0, generation_seen_at=since, settings=settings)
+    assert early.hung_ranks == (), reason
+    late, reason = hang_decision(plan, fresh, 113.0, generation_seen_at=since, settings=settings)
+    assert late.hung_ranks == (2,), reason
+    # the generation's own first sighting still counts when it is the later one
+    assert telemetry_since(synced=True, synced_at=108.5, generation_seen_at=120.0) == 120.0
+
+
+def test_loop_judges_no_hang_while_the_mirror_is_broken_or_just_reloaded():
+    s = spec()
+    c, plan = controller_with_job(s)
+    loop = HealthLoop(c.handle, c.recovery, HealthSettings(hang=HangSettings(floor_s=4, startup_timeout_s=60)))
+    publish(c, plan, {r: entry(step=10, progress_at=80.0, heartbeat_at=80.0, steps=steps_of(1, 10, 0.1))
+                      for r in range(4)})
+    loop._jobs.clear()
+    asyncio.run(loop.tick(79.0))  # the generation is first seen
+    c.cache.synced.clear()  # etcd went away at ~80: the watch broke
+    asyncio.run(loop.tick(95.0))
+    c.cache.synced_at = 96.0  # reloaded; the agents have not written again yet
+    c.cache.synced.set()
+    asyncio.run(loop.tick(99.0))
+    assert not [k for k in c.etcd.puts if k.startswith(KEYS.prefix + "/chaos/")], "judged stale telemetry"
+    assert not [k for k in c.etcd.puts if k.startswith(KEYS.job_events(JOB))]
+    asyncio.run(loop.tick(100.5))  # past the floor after the reload, still nothing new: judged now
+    kills = [json.loads(v) for k, v in c.etcd.puts.items() if k.startswith(KEYS.prefix + "/chaos/")
+             and json.loads(v)["action"] == "kill"]
+    assert kills, "a rank silent for a whole timeout after the reload must be judged"
 
 
 def node(node_id, *, condition="HEALTHY", used=1, cordon=None, slots=2, registered=True):
@@ -245,6 +293,7 @@ class FakeController:
         self.keys = KEYS
         self.etcd = FakeEtcd()
         self.cache = ClusterCache(self.etcd, KEYS)
+        self.cache.synced.set()  # as after its first load (the loop judges only a synced mirror)
         self.recovery = FakeRecovery()
         self.handle = ControllerHandle(etcd=self.etcd, keys=KEYS, cache=self.cache, wake=lambda: None,
                                        is_leader=lambda: True)

@@ -58,14 +58,15 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 @contextlib.contextmanager
 def local_cluster(tmp_path: Path, *, agents: int = 2, slots: int | None = 2, controllers: int = 1, etcd: str = "",
-                  controller_args: Sequence[str] = (), agent_args: Sequence[str] = ()):
+                  controller_args: Sequence[str] = (), agent_args: Sequence[str] = (), lease_ttl_s: int = TTL_S):
     """`tenax up --detach`; yields its JSON; always `tenax down` and SIGKILLs survivors.
     ``controller_args``: extra `tenax controller` flags (``--controller-arg``);
-    ``agent_args``: extra flags for every agent (``--agent-arg``)."""
+    ``agent_args``: extra flags for every agent (``--agent-arg``); ``lease_ttl_s``: node and
+    leader leases (seconds)."""
     home = tmp_path / "home"
     args = ["up", "--detach", "--agents", str(agents), *(["--slots", str(slots)] if slots is not None else []),
             "--controllers", str(controllers),
-            "--lease-ttl", str(TTL_S), "--timeout", "60", "--agent-arg=--kill-grace=2",
+            "--lease-ttl", str(lease_ttl_s), "--timeout", "60", "--agent-arg=--kill-grace=2",
             *(f"--agent-arg={a}" for a in agent_args)]
     if etcd:
         args += ["--etcd", etcd]
