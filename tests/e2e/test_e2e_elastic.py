@@ -142,12 +142,15 @@ def assert_survivors_kept_their_pids(before: dict[tuple[str, int], int], after: 
 def reference_losses(tmp: Path, steps: int) -> dict[int, float]:
     """Per-step losses of the spec without any fault: `tenax train-local` on one process. The
     layout does not change the losses (tests/trainer/test_trainer_layouts.py checks every layout
-    against dp1pp1 within rtol 1e-5), and one process is the cheapest uninterrupted run."""
+    against dp1pp1 within rtol 1e-5), and one process is the cheapest uninterrupted run. One
+    intra-op thread (as bench/soak.py's reference): with torch's thread per core, every op of a
+    lone process waits for its descheduled thread beside a busy process (50 steps took over
+    180 s beside `yes`, 12 s with one thread)."""
     config = job_file(tmp, steps=steps, parallelism={"dp": 1, "pp": 1, "zero_stage": 0},
                       resources={"workers": 1, "device": "cpu"})
     metrics = tmp / "metrics.jsonl"
-    tenax("train-local", "--nproc", "1", "--config", str(config),
-          "--metrics", str(metrics), home=tmp / "home", timeout_s=180)
+    tenax("train-local", "--nproc", "1", "--config", str(config), "--metrics", str(metrics),
+          home=tmp / "home", timeout_s=180, env={"OMP_NUM_THREADS": "1"})
     losses = {}
     for line in metrics.read_text().splitlines():
         rec = json.loads(line)
