@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shlex
 import signal
@@ -94,10 +95,21 @@ def _run(args: argparse.Namespace) -> int:
         print(f"tenax agent: {exc}")
         return 2
     try:
-        return asyncio.run(_serve(settings))
+        code = asyncio.run(_serve(settings))
     except EtcdError as exc:  # etcd refused the agent (e.g. permission denied): retrying cannot help
         print(f"tenax agent: {exc}", file=sys.stderr)
-        return 1
+        code = 1
+    _exit_without_finalisation(code)
+
+
+def _exit_without_finalisation(code: int) -> None:
+    """End the agent process once its shutdown is done (workers stopped, lease revoked, etcd
+    closed): tearing down the interpreter with torch loaded (the rendezvous store) takes seconds
+    on a loaded host and has nothing left to clean up, and `tenax down` waits for it."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _serve(settings: AgentSettings) -> int:

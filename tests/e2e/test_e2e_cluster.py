@@ -39,8 +39,9 @@ KEYS = Keys()
 
 
 # ------------------------------------------------------------------ helpers
-def tenax(*argv: str, home: Path, timeout_s: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TENAX_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+def tenax(*argv: str, home: Path, timeout_s: float = 60, check: bool = True,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TENAX_HOME": str(home), "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("TENAX_CONTROLLER", None)
     proc = subprocess.run([sys.executable, "-m", "cli.main", *argv], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=timeout_s)
