@@ -2,27 +2,18 @@
 health loop declares it hung (no progress for max(k x median step, floor)), kills
 it through its agent, and the job recovers (plan g+1) and finishes. The why is kept:
 the job's events (hang with its evidence, the worker's exit with the root cause, the
-plan, the recovery, the phases) and the recovery record's cause say hang, not kill.
-
-Issue #20 on the same run: before the health loop kills the stopped rank, every node is
-asked for PyTorch Flight Recorder dumps; the waiting ranks' dumps (the stopped one cannot
-answer) name the stopped rank and the collective they wait in, in the hang event, and
-``tenax diagnose`` shows the same and writes the dumps for the standard analyzer.
-
-Both tests read one cluster's run of the scenario (a module fixture): they assert different
-things about the same hang."""
+plan, the recovery, the phases) and the recovery record's cause say hang, not kill."""
 
 from __future__ import annotations
 
 import json
-import pickle
 import time
 
 import psutil
 import pytest
 
 from tests.helpers.health_e2e_helpers import (chaos, cluster_with_env, controller_metrics_address,
-                                      get_job, job_events, metric_value, scrape)
+                                      get_job, metric_value, scrape)
 from tests.e2e.test_e2e_cluster import (alive, job_file, submit, tenax, wait_job_done, wait_job_step,
                                         wait_until)
 
@@ -36,11 +27,7 @@ def _status(pid: int) -> str:
         return psutil.STATUS_DEAD
 
 
-@pytest.fixture(scope="module")
-def hung(tmp_path_factory):
-    """A dp2 x pp2 job whose rank 1 `tenax chaos hang` SIGSTOPped at step 5, once the health loop
-    killed it: the live cluster, the victim, how long it took, the controller's metrics then."""
-    tmp_path = tmp_path_factory.mktemp("hang")
+def test_sigstopped_rank_is_declared_hung_killed_and_the_job_recovers(tmp_path):
     with cluster_with_env(tmp_path, {}) as info:
         job_id = submit(info, job_file(tmp_path, steps=30))
         job = wait_job_step(info, job_id, 5)
@@ -57,102 +44,61 @@ def hung(tmp_path_factory):
         # declared hung and killed: floor 4 s (steps are far shorter), one health pass, one agent write
         wait_until(lambda: not alive(victim["pid"]), 20, "the hung worker to be killed", interval_s=0.1)
         killed_after = time.monotonic() - stopped_at
-        yield {"info": info, "job_id": job_id, "victim": victim, "killed_after": killed_after,
-               "metrics": scrape(controller_metrics_address(info)), "tmp_path": tmp_path}
+        text = scrape(controller_metrics_address(info))
+        assert metric_value(text, "tenax_hangs_detected_total", job=job_id) == 1.0
+        assert 0 < metric_value(text, "tenax_job_goodput_ratio", job=job_id) < 1
+        assert metric_value(text, "tenax_job_time_lost_seconds", job=job_id, cause="pending") > 0
+        print(f"SIGSTOP -> declared hung and killed after {killed_after:.1f} s")
+        assert killed_after < 15, killed_after
 
+        done = wait_job_done(info, job_id, timeout_s=150)
+        assert done["phase"] == "SUCCEEDED", (done["message"], done["workers"])
+        status = get_job(info, job_id).status
+        assert status.generation >= 2, "no new plan generation after the kill"
+        assert status.recoveries, "no recovery recorded"
+        print("recoveries:", [(r.cause, r.generation, round(r.total_s, 2), r.steps_lost) for r in status.recoveries])
+        finished = [w for w in status.workers if w.state == "EXITED"]
+        assert finished and all(w.pid != victim["pid"] for w in finished), "the hung worker finished the job?"
 
-def test_sigstopped_rank_is_declared_hung_killed_and_the_job_recovers(hung):
-    info, job_id, victim, killed_after = hung["info"], hung["job_id"], hung["victim"], hung["killed_after"]
-    text = hung["metrics"]
-    assert metric_value(text, "tenax_hangs_detected_total", job=job_id) == 1.0
-    assert 0 < metric_value(text, "tenax_job_goodput_ratio", job=job_id) < 1
-    assert metric_value(text, "tenax_job_time_lost_seconds", job=job_id, cause="pending") > 0
-    print(f"SIGSTOP -> declared hung and killed after {killed_after:.1f} s")
-    assert killed_after < 15, killed_after
+        # the root cause, not the kill that followed it
+        hang_recovery = status.recoveries[0]
+        assert hang_recovery.cause.startswith("hang: rank 1 made no progress for "), hang_recovery.cause
+        assert hang_recovery.cause.endswith(", stopped by SIGSTOP; killed"), hang_recovery.cause
+        silent = float(hang_recovery.cause.split("for ")[1].split(" s")[0])
+        assert 4.0 <= silent < 15, hang_recovery.cause  # the floor is 4 s
 
-    done = wait_job_done(info, job_id, timeout_s=150)
-    assert done["phase"] == "SUCCEEDED", (done["message"], done["workers"])
-    status = get_job(info, job_id).status
-    assert status.generation >= 2, "no new plan generation after the kill"
-    assert status.recoveries, "no recovery recorded"
-    print("recoveries:", [(r.cause, r.generation, round(r.total_s, 2), r.steps_lost) for r in status.recoveries])
-    finished = [w for w in status.workers if w.state == "EXITED"]
-    assert finished and all(w.pid != victim["pid"] for w in finished), "the hung worker finished the job?"
+        # the timeline: `tenax job --json` and `tenax events --json`
+        doc = json.loads(tenax("job", job_id, "--json", "--controller", info["controller"], home=info["home"]).stdout)
+        kinds = [e["kind"] for e in doc["events"]]
+        out = tenax("events", job_id, "--json", "--controller", info["controller"], home=info["home"]).stdout
+        timeline = [json.loads(line) for line in out.splitlines() if line.strip()]
+        assert [e["kind"] for e in timeline][-len(kinds):] == kinds
+        hang = next(e for e in timeline if e["kind"] == "hang")
+        assert hang["data"]["rank"] == 1 and hang["data"]["node"] == victim["node"], hang
+        assert hang["data"]["process_stopped"] is True and hang["data"]["silent_s"] >= hang["data"]["timeout_s"]
+        assert hang["step"] >= 5 and "kill rank 1" in hang["action"], hang
+        exit_event = next(e for e in timeline if e["kind"] == "worker-exit")
+        assert exit_event["data"]["signal"] == "SIGKILL" and exit_event["data"]["pid"] == victim["pid"]
+        assert exit_event["data"]["cause"] == hang_recovery.cause, exit_event
+        recovery = next(e for e in timeline if e["kind"] == "recovery")
+        assert recovery["data"]["cause"] == hang_recovery.cause and "hang: rank 1" in recovery["message"]
+        plans = [e for e in timeline if e["kind"] == "plan"]
+        assert [p["generation"] for p in plans][:2] == [1, 2], plans
+        phases = [(e["data"]["from"], e["data"]["to"]) for e in timeline if e["kind"] == "phase"]
+        assert phases[0] == ("PENDING", "RUNNING") and ("RUNNING", "RECOVERING") in phases, phases
+        assert phases[-1][1] == "SUCCEEDED", phases
+        order = [e["kind"] for e in timeline]
+        assert order.index("hang") < order.index("worker-exit") < order.index("recovery"), order
+        shown = tenax("job", job_id, "--controller", info["controller"], home=info["home"]).stdout
+        assert "hang" in shown and "made no progress" in shown, shown
 
-    # the root cause, not the kill that followed it
-    hang_recovery = status.recoveries[0]
-    assert hang_recovery.cause.startswith("hang: rank 1 made no progress for "), hang_recovery.cause
-    assert hang_recovery.cause.endswith(", stopped by SIGSTOP; killed"), hang_recovery.cause
-    silent = float(hang_recovery.cause.split("for ")[1].split(" s")[0])
-    assert 4.0 <= silent < 15, hang_recovery.cause  # the floor is 4 s
-
-    # the timeline: `tenax job --json` and `tenax events --json`
-    doc = json.loads(tenax("job", job_id, "--json", "--controller", info["controller"], home=info["home"]).stdout)
-    kinds = [e["kind"] for e in doc["events"]]
-    out = tenax("events", job_id, "--json", "--controller", info["controller"], home=info["home"]).stdout
-    timeline = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert [e["kind"] for e in timeline][-len(kinds):] == kinds
-    hang = next(e for e in timeline if e["kind"] == "hang")
-    assert hang["data"]["rank"] == 1 and hang["data"]["node"] == victim["node"], hang
-    assert hang["data"]["process_stopped"] is True and hang["data"]["silent_s"] >= hang["data"]["timeout_s"]
-    assert hang["step"] >= 5 and "kill rank 1" in hang["action"], hang
-    exit_event = next(e for e in timeline if e["kind"] == "worker-exit")
-    assert exit_event["data"]["signal"] == "SIGKILL" and exit_event["data"]["pid"] == victim["pid"]
-    assert exit_event["data"]["cause"] == hang_recovery.cause, exit_event
-    recovery = next(e for e in timeline if e["kind"] == "recovery")
-    assert recovery["data"]["cause"] == hang_recovery.cause and "hang: rank 1" in recovery["message"]
-    plans = [e for e in timeline if e["kind"] == "plan"]
-    assert [p["generation"] for p in plans][:2] == [1, 2], plans
-    phases = [(e["data"]["from"], e["data"]["to"]) for e in timeline if e["kind"] == "phase"]
-    assert phases[0] == ("PENDING", "RUNNING") and ("RUNNING", "RECOVERING") in phases, phases
-    assert phases[-1][1] == "SUCCEEDED", phases
-    order = [e["kind"] for e in timeline]
-    assert order.index("hang") < order.index("worker-exit") < order.index("recovery"), order
-    shown = tenax("job", job_id, "--controller", info["controller"], home=info["home"]).stdout
-    assert "hang" in shown and "made no progress" in shown, shown
-
-    # goodput: the recovery's MTTR, the hang before it (a stall) and the rest add up to the wall time
-    g = status.goodput
-    assert 0 < g.ratio < 1 and g.ratio == pytest.approx(g.productive_s / g.wall_s)
-    assert g.wall_s == pytest.approx(status.updated - status.created, abs=1e-3)
-    assert g.recovery_s == pytest.approx(sum(r.total_s for r in status.recoveries if r.cause.startswith("hang")),
-                                         abs=1e-6), (g, status.recoveries)
-    assert g.recovery_s > 0 and g.pending_s > 0
-    assert g.stall_s >= 0.8 * silent - g.recovery_s, g  # the rank stood still before it was declared hung
-    assert g.productive_s + g.pending_s + g.recovery_s + g.replayed_s + g.stall_s == pytest.approx(g.wall_s)
-    assert "goodput    ETTR" in shown, shown
-
-
-def test_hang_event_names_the_stopped_rank_and_the_collective_from_flight_recorder_dumps(hung):
-    info, job_id, tmp_path = hung["info"], hung["job_id"], hung["tmp_path"]
-    events = job_events(info, job_id, "hang")
-    assert events, "no hang event"
-    event = events[0]
-    finding = event["evidence"]["flight_recorder"]
-    print("hang event:", event["decision"])
-    assert "flight recorder" in event["decision"], event  # the finding is in the decision too
-    assert event["ranks"] == [1]
-    assert finding["behind"] == [1], finding
-    assert finding["silent"] == [1], finding  # a stopped process cannot dump itself
-    # the waiting ranks: each names what it waits in, and who for
-    waits = {w["rank"]: w for w in finding["waits"]}
-    assert set(waits) == {0, 2, 3}, finding
-    print("waits:", finding["waits"])
-    for w in waits.values():
-        if w["source"] == "flight-recorder":  # a collective the recorder saw, on a group with a rank behind
-            assert w["op"].startswith("gloo:") and w["seq"] > 0, w
-            assert w["waiting_for"] and set(w["waiting_for"]) <= set(w["group_ranks"]) - {w["rank"]}, w
-        else:  # gloo records no point-to-point ops in torch 2.13: the worker's own stack says what it waits in
-            assert w["source"] == "worker-stack" and w["op"], w
-    # the other data-parallel replica runs on until its gradient collective with rank 1: the
-    # recorder names that collective, its group and sequence number
-    assert any(w["source"] == "flight-recorder" and w["waiting_for"] == [1] and 1 in w["group_ranks"]
-               for w in waits.values()), finding
-
-    out = tenax("diagnose", job_id, "--etcd", info["etcd"], "--out", str(tmp_path / "fr"), home=info["home"])
-    print(out.stdout)
-    assert "rank [1] behind" in out.stdout or "ranks [1] behind" in out.stdout or "[1] behind" in out.stdout
-    dumps = sorted(p.name for p in (tmp_path / "fr").iterdir())
-    assert dumps == ["fr_rank0", "fr_rank2", "fr_rank3"], dumps
-    dump = pickle.loads((tmp_path / "fr" / "fr_rank0").read_bytes())
-    assert {"entries", "version", "pg_config"} <= set(dump)
+        # goodput: the recovery's MTTR, the hang before it (a stall) and the rest add up to the wall time
+        g = status.goodput
+        assert 0 < g.ratio < 1 and g.ratio == pytest.approx(g.productive_s / g.wall_s)
+        assert g.wall_s == pytest.approx(status.updated - status.created, abs=1e-3)
+        assert g.recovery_s == pytest.approx(sum(r.total_s for r in status.recoveries if r.cause.startswith("hang")),
+                                             abs=1e-6), (g, status.recoveries)
+        assert g.recovery_s > 0 and g.pending_s > 0
+        assert g.stall_s >= 0.8 * silent - g.recovery_s, g  # the rank stood still before it was declared hung
+        assert g.productive_s + g.pending_s + g.recovery_s + g.replayed_s + g.stall_s == pytest.approx(g.wall_s)
+        assert "goodput    ETTR" in shown, shown
