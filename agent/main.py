@@ -101,6 +101,10 @@ class AgentSettings:
     data_roots: list[Path] = field(default_factory=list)
     """The only directories a job's ``data.path`` may name (agent/data_roots.py); empty: no token
     files at all (synthetic data only)."""
+    checkpoint_dir: Path | None = None
+    """Where jobs' disk checkpoints go (``<dir>/<job>``, ``TENAX_CHECKPOINT_DIR``): give every agent the
+    same shared filesystem path, so a recovery on any node reads every rank's checkpoints; None:
+    each job's run dir on this node (a recovery elsewhere cannot read them)."""
     fake_gpu_dir: Path | None = None
     """Test hook: read GPU telemetry from ``<dir>/<node id>.json`` (a JSON list of GpuSample fields)
     instead of NVML, so tests and game days can inject XID/ECC errors; None: NVML."""
@@ -138,6 +142,8 @@ class AgentSettings:
         for root in self.data_roots:
             if not Path(root).is_dir():
                 raise ValueError(f"--data-root must be an existing directory, got {str(root)!r}")
+        if self.checkpoint_dir is not None and self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
+            raise ValueError(f"--checkpoint-dir must be a directory, got {str(self.checkpoint_dir)!r}")
         if not self.advertise_host:
             wildcard = self.http_host in ("0.0.0.0", "::", "")
             self.advertise_host = socket.gethostname() if wildcard else self.http_host
@@ -189,7 +195,7 @@ class Agent:
                                      worker_command=s.worker_command or None,
                                      kill_grace_s=s.kill_grace_s, progress_interval_s=s.progress_interval_s,
                                      slot_devices=self.slot_devices, data_roots=s.data_roots,
-                                     memory_limit_gb=s.worker_memory_limit_gb)
+                                     memory_limit_gb=s.worker_memory_limit_gb, checkpoint_dir=s.checkpoint_dir)
         self.registration = Registration(etcd=self.etcd, keys=self.keys, node_id=s.node_id, ttl_s=s.lease_ttl_s,
                                          node_info=self.node_info)
         http = AgentHttp(log_path=self.supervisor.log_path, healthy=lambda: self.registration.registered.is_set(),

@@ -174,7 +174,8 @@ class Supervisor:
                  worker_command: list[str] | None = None, kill_grace_s: float = 5.0,
                  progress_interval_s: float = 1.0, extra_env: dict[str, str] | None = None,
                  retire_grace_s: float = 30.0, slot_devices: list[str] | None = None,
-                 data_roots: Sequence[Path] = (), memory_limit_gb: float = 0.0) -> None:
+                 data_roots: Sequence[Path] = (), memory_limit_gb: float = 0.0,
+                 checkpoint_dir: Path | None = None) -> None:
         self.etcd = etcd
         self.keys = keys
         self.node_id = node_id
@@ -187,6 +188,8 @@ class Supervisor:
         """Slot i -> CUDA_VISIBLE_DEVICES of its workers (agent/slots.py); [] = slot i is GPU i."""
         self.data_roots = tuple(Path(r) for r in data_roots)
         """The only directories a job's data.path may name (agent/data_roots.py)."""
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        """The agent's ``--checkpoint-dir`` (jobs' disk checkpoints in ``<dir>/<job>``); None: each run dir."""
         self.memory_limit_gb = memory_limit_gb
         """The agent's ``--worker-memory-limit-gb`` (0: none); a job's own limit may be smaller."""
         self.workers: dict[tuple[str, int], Worker] = {}
@@ -446,6 +449,16 @@ class Supervisor:
         job_dir = self._job_dir(job)
         return job_dir / f"{stem}.log", job_dir / f"{stem}.metrics.jsonl"
 
+    def _checkpoint_dir(self, job: str, run_dir: Path) -> Path:
+        """The job's disk checkpoints: in the shared directory when the agent has one (made here,
+        owner-only, as the run dir), else in the run dir on this node."""
+        if self.checkpoint_dir is None:
+            return run_dir / "checkpoints"
+        path = self.checkpoint_dir / job
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o700)
+        return path
+
     async def _start(self, plan: Plan, a: WorkerAssignment, spec: dict[str, Any] | None, *,
                      growth_id: str = "") -> None:
         spec = spec_with_checked_data_path(spec, self.data_roots)  # DataPathRefused: reported, never started
@@ -465,6 +478,7 @@ class Supervisor:
             launch.LAUNCH_FILE: str(launch_file),
             launch.METRICS_FILE: str(metrics_path),
             launch.RUN_DIR: str(run_dir),
+            launch.CHECKPOINT_DIR: str(self._checkpoint_dir(plan.job_id, run_dir)),
             launch.PLAN_FILE: str(self.plan_file(plan.job_id)),
             launch.NODE_ID: self.node_id,
             "PYTHONUNBUFFERED": "1",

@@ -96,7 +96,9 @@ class SoakSettings:
     """The controllers' ``--[no-]survivors-first`` (a failure's plan on the survivors alone, the
     free slots added by a growth); off measures the plan that waits for new workers."""
     end_timeout_s: float = 0.0
-    """Bound on waiting for the job to end after the last fault; 0: derived from the step time."""
+    """Bound on waiting for the job to end after the last fault while it makes no progress
+    (seconds); 0: derived from the step time. A job that keeps stepping is waited for (a
+    loaded host slows every step, not only the measured first ones)."""
 
     def validate(self) -> "SoakSettings":
         if self.faults < 0:
@@ -483,8 +485,10 @@ def run(settings: SoakSettings, out=sys.stderr) -> dict[str, Any]:
         job_id = soak.submit(soak_spec(steps))
         step_s = measure_step_s(soak, job_id, settings.warmup_steps, timeout_s=180)
         if not settings.steps:
-            # the faults take faults x interval; recoveries and restarts stand still for some of it
-            busy_s = settings.faults * settings.interval_s * 1.5 + 20
+            # the faults take faults x interval; recoveries and restarts stand still for some of it,
+            # and after the last one the job needs time to grow back to its full size (a restarted
+            # agent re-registers, the growth's new workers start: ~20 s on a loaded 2-core host)
+            busy_s = settings.faults * settings.interval_s * 1.5 + 45
             steps = max(100, int(busy_s / step_s))
             soak.call("CancelJob", pb.CancelJobRequest(job_id=job_id))
             _wait_phase(soak, job_id, DONE, 60)
@@ -525,7 +529,7 @@ def run(settings: SoakSettings, out=sys.stderr) -> dict[str, Any]:
         if job is not None:
             remaining = max(0, steps - job.status.step)
         end_timeout = settings.end_timeout_s or (remaining * step_s * 4 + 60 + 10 * settings.lease_ttl_s)
-        job = _wait_phase(soak, job_id, DONE, end_timeout)
+        job = _wait_phase(soak, job_id, DONE, end_timeout, while_progressing=True)
         phase = pb.JobPhase.Name(job.status.phase) if job is not None else "UNKNOWN"
         time.sleep(1.0)  # the last metric lines
         report = build_report(soak, job_id, job, phase, steps, step_s, injected, settings)
@@ -552,15 +556,22 @@ def _retry_inject(soak: Soak, kind: str, restart_after: float, rng: random.Rando
     return None
 
 
-def _wait_phase(soak: Soak, job_id: str, phases: tuple[str, ...], timeout_s: float) -> pb.Job | None:
+def _wait_phase(soak: Soak, job_id: str, phases: tuple[str, ...], timeout_s: float, *,
+                while_progressing: bool = False) -> pb.Job | None:
+    """The job once in one of ``phases``; gives up after ``timeout_s`` (with ``while_progressing``:
+    after ``timeout_s`` without a new step)."""
     deadline = time.monotonic() + timeout_s
     job = None
+    best = -1
     while time.monotonic() < deadline:
         got = soak.job(job_id)
         if got is not None:
             job = got
             if pb.JobPhase.Name(job.status.phase) in phases:
                 return job
+            if while_progressing and job.status.step > best:
+                best = job.status.step
+                deadline = time.monotonic() + timeout_s
         time.sleep(1.0)
     return job
 

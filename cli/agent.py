@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--lease-ttl", type=int, default=5, help="node lease TTL in seconds (default 5)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="logs, launch files and run dirs (default: $TENAX_HOME/agents/<node>)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                   help="jobs' disk checkpoints go to DIR/<job>; give every agent the same shared filesystem "
+                        "path so a recovery on any node reads them (default: each node's own work dir)")
     p.add_argument("--http", type=_host_port, default=("127.0.0.1", 0),
                    help="HOST:PORT of /metrics, /healthz, /logs (port 0: ephemeral; default 127.0.0.1:0)")
     p.add_argument("--advertise-host", default="", help="host others reach this agent at")
@@ -83,7 +86,8 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         worker_memory_limit_gb=args.worker_memory_limit_gb,
         worker_command=shlex.split(args.worker_command), etcd_ca=args.etcd_ca, etcd_cert=args.etcd_cert,
         etcd_key=args.etcd_key, fake_gpu_dir=args.fake_gpu_dir, logs_auth=args.logs_auth, cpu_slots=args.cpu_slots,
-        gpus_per_slot=args.gpus_per_slot, slot_devices=args.slot_devices, data_roots=list(args.data_root)).validate()
+        gpus_per_slot=args.gpus_per_slot, slot_devices=args.slot_devices, data_roots=list(args.data_root),
+        checkpoint_dir=args.checkpoint_dir).validate()
 
 
 def _run(args: argparse.Namespace) -> int:

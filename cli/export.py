@@ -19,14 +19,17 @@ from pathlib import Path
 
 
 def local_job_dirs(job: str, state_dir: str | None) -> list[Path]:
-    """Every local agent's directory of ``job`` (each node writes its ranks' checkpoints there)."""
-    from cli.local import default_state_dir, local_cluster_state
+    """Every local agent's directory of ``job`` (launch files; checkpoints of agents without a
+    shared checkpoint directory), then the cluster's shared checkpoint directory of ``job``."""
+    from cli.local import checkpoint_dir, default_state_dir, local_cluster_state
 
     state = local_cluster_state(state_dir)
     if state is None:
         return []
-    root = Path(state.get("state_dir") or state_dir or default_state_dir()) / "agents"
-    return sorted(d for d in root.glob(f"*/jobs/{job}") if d.is_dir())
+    base = Path(state.get("state_dir") or state_dir or default_state_dir())
+    shared = checkpoint_dir(base) / job
+    return sorted(d for d in (base / "agents").glob(f"*/jobs/{job}") if d.is_dir()) + \
+        ([shared] if shared.is_dir() else [])
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -35,14 +38,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         sources: list[Path] = []
+        roots: list[Path] = []
         for source in args.source:
             if Path(source).exists():
                 sources.append(Path(source))
+                roots.extend(export.checkpoint_roots([source]))
                 continue
             found = local_job_dirs(source, args.state_dir)
             if not found:
                 raise export.ExportError(f"{source}: neither a directory nor a job of the local cluster")
             sources.extend(found)
+            local_roots = [r for r in map(export.checkpoint_root, found) if r is not None]
+            if not local_roots:
+                raise export.ExportError(f"{source}: no checkpoints (a job needs elastic.checkpoint_every > 0)")
+            roots.extend(local_roots)
         if args.spec:
             import yaml
 
@@ -52,7 +61,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         if spec.model.arch != "llama":
             raise export.ExportError(f"--format hf exports arch 'llama' only, the job's model.arch is "
                                      f"{spec.model.arch!r}")
-        roots = export.checkpoint_roots(sources)
         step = args.step if args.step is not None else export.latest_complete_step(spec.model, roots)
         tensors = export.load_full_params(spec.model, roots, step)
         out = hf.export_hf(tensors, spec.model, args.out, dtype=args.dtype)

@@ -50,6 +50,12 @@ def default_state_dir() -> Path:
     return tenax_home() / "local"
 
 
+def checkpoint_dir(state_dir: Path) -> Path:
+    """The local cluster's shared disk-checkpoint directory (every agent's ``--checkpoint-dir``:
+    on one host it plays the shared filesystem a real cluster mounts on every node)."""
+    return Path(state_dir) / "checkpoints"
+
+
 def local_cluster_state(state_dir: str | Path | None = None) -> dict[str, Any] | None:
     """The record ``tenax up`` wrote ({controller, controllers, etcd, pids, state_dir, ...}); None if none."""
     path = Path(state_dir or default_state_dir()) / STATE_FILE
@@ -273,7 +279,8 @@ def start_cluster(settings: LocalClusterSettings, *, out=sys.stderr) -> dict[str
         for node in agents:
             proc = _spawn([sys.executable, "-m", "cli.main", "agent", "--etcd", etcd_url, "--node-id", node,
                            *slot_args(settings), "--lease-ttl", str(settings.lease_ttl_s),
-                           "--work-dir", str(state_dir / "agents" / node), *settings.agent_args],
+                           "--work-dir", str(state_dir / "agents" / node),
+                           "--checkpoint-dir", str(checkpoint_dir(state_dir)), *settings.agent_args],
                           logs / f"{node}.log")
             started.append(proc)
             pids[node] = _process_key(proc.pid)

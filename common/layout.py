@@ -283,3 +283,13 @@ def buddy_ring(nodes_by_rank: Mapping[int, str]) -> dict[int, int]:
     if shift >= n:  # a single node: no off-node copy exists; still keep a copy elsewhere in memory
         shift = 1
     return {order[i]: order[(i + shift) % n] for i in range(n)}
+
+
+def ranks_replicated_on_their_node(nodes_by_rank: Mapping[int, str]) -> list[int] | None:
+    """Ranks whose ``buddy_ring`` replica sits on their own node (sorted); None: there is no
+    ring at all (a single worker keeps no second copy). The loss of one node loses no state
+    in memory exactly when this is ``[]``."""
+    ring = buddy_ring(nodes_by_rank)
+    if not ring:
+        return None
+    return sorted(r for r, buddy in ring.items() if nodes_by_rank[r] == nodes_by_rank[buddy])

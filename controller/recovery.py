@@ -349,8 +349,8 @@ class Recovery:
                                                else f"the job ends (step {job.spec.steps}) before step {at}")
             else:
                 return await self._commit_growth(job, job.growth, at, reason, now)
-        if decision == "abandon":
-            return await self._abandon_growth(job, job.growth, reason, now)
+        if decision in ("abandon", "withdraw"):
+            return await self._abandon_growth(job, job.growth, reason, now, backoff=decision == "abandon")
         return False
 
     async def _commit_growth(self, job: JobView, growth: GrowthRecord, at: int, why: str, now: float) -> bool:
@@ -369,8 +369,9 @@ class Recovery:
         await self._forget_joiners(job.id)
         return True
 
-    async def _abandon_growth(self, job: JobView, growth: GrowthRecord, why: str, now: float) -> bool:
-        done = end_growth(growth, state="ABANDONED", reason=why, now=now)
+    async def _abandon_growth(self, job: JobView, growth: GrowthRecord, why: str, now: float, *,
+                              backoff: bool = True) -> bool:
+        done = end_growth(growth, state="ABANDONED", reason=why, now=now, backoff=backoff)
         key = self.c.keys.job_growth(job.id)
         revision = self.c.cache.data.get(key, ("", 0))[1]
         if revision == 0 or not await self.c.etcd.put_if_revision(key, done.to_json(), revision):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from common.comm_errors import most_telling
-from common.layout import buddy_ring, new_plan
+from common.layout import new_plan, ranks_replicated_on_their_node
 from protos.plan import Plan
 from common.spec import JobSpec
 from protos.records import GrowthRecord, JoinerRecord, ProgressRecord, WorkerStatusRecord
@@ -277,9 +277,10 @@ def should_grow(*, phase: str, plan: Plan, max_workers: int, free_slot_count: in
 #        │            "wait"    joiners still starting, deadline ahead
 #        │            "commit"  every joiner READY -> commit_plan: plan g+1 with
 #        │                      switch_at_step a few steps ahead; growth COMMITTED
-#        └─ retry ─── "abandon" a joiner exited / its node left or was cordoned / the deadline
-#           after     passed / plan g changed meanwhile -> abandon_growth: ABANDONED with
-#           backoff   retry_after; agents stop the joiners
+#        └─ retry ─── "abandon"  a joiner exited / the deadline passed / plan g changed
+#           after               meanwhile -> ABANDONED with a backoff (retry_after)
+#           backoff   "withdraw" a joiner's node left or was cordoned -> ABANDONED, no backoff;
+#                                either way the agents stop the joiners
 def joiners_of(base: Plan, new: Plan) -> list[dict[str, Any]]:
     """The workers of ``new`` on (node, slot)s that ``base`` does not use: the ones to start."""
     old = {(w.node, w.slot) for w in base.workers}
@@ -298,8 +299,13 @@ def start_growth(base: Plan, tentative: Plan, *, growth_id: str, now: float, pre
 
 def growth_decision(*, growth: GrowthRecord | None, plan: Plan, joiners: Mapping[tuple[str, int], JoinerRecord],
                     live_nodes: Iterable[str], cordoned: Iterable[str] = (), now: float) -> tuple[str, str]:
-    """What to do with a growth being prepared: ("none" | "wait" | "commit" | "abandon", reason).
+    """What to do with a growth being prepared: ("none" | "wait" | "commit" | "abandon" |
+    "withdraw", reason).
 
+    "abandon": the growth's own workers failed or were not ready in time (the next attempt
+    waits a growing backoff); "withdraw": a node of a new worker left or was cordoned, which
+    says nothing about the growth: the next attempt may come at once and takes only ready
+    nodes (a node that keeps failing is quarantined, so this cannot oscillate).
     ``joiners``: the JoinerRecords by (node, slot); records of another growth id are stale."""
     if growth is None or growth.state != "PREPARING":
         return "none", "no growth being prepared"
@@ -310,9 +316,9 @@ def growth_decision(*, growth: GrowthRecord | None, plan: Plan, joiners: Mapping
     waiting: list[str] = []
     for node, slot in growth.joiner_slots():
         if node not in live:
-            return "abandon", f"node {node} of a new worker is gone"
+            return "withdraw", f"node {node} of a new worker is gone"
         if node in fenced:
-            return "abandon", f"node {node} of a new worker was cordoned"
+            return "withdraw", f"node {node} of a new worker was cordoned"
         rec = joiners.get((node, slot))
         if rec is not None and rec.growth_id == growth.id and rec.state != "READY":
             why = f": {rec.reason}" if rec.reason else ""
@@ -356,10 +362,11 @@ def wait_for_capacity(*, failed_at: float, now: float, wait_s: float) -> tuple[b
     return False, f"no workers came back within {wait_s:.0f} s"
 
 
-def end_growth(growth: GrowthRecord, *, state: str, reason: str, now: float) -> GrowthRecord:
-    """The record after a commit or an abandon (ABANDONED sets the retry backoff)."""
-    retry = 0.0
-    if state == "ABANDONED":
+def end_growth(growth: GrowthRecord, *, state: str, reason: str, now: float, backoff: bool = True) -> GrowthRecord:
+    """The record after a commit or an abandon (ABANDONED sets the retry backoff, unless
+    ``backoff`` is False: a withdrawn growth may be retried at once)."""
+    retry = now if state == "ABANDONED" else 0.0
+    if state == "ABANDONED" and backoff:
         retry = now + min(GROWTH_RETRY_MAX_S, GROWTH_RETRY_S * 2 ** max(growth.attempt - 1, 0))
     return GrowthRecord(**{**growth.to_dict(), "state": state, "reason": reason, "ended": now,
                            "retry_after": retry})
@@ -457,7 +464,9 @@ def complete_recovery(entry: Mapping[str, Any], reports: Sequence[Mapping[str, A
     for it); a rank that joined with no state ("join") counts only when no other reported: its
     own clock starts when it sees the plan, so for a planned switch it includes the wait for the
     survivors to reach the boundary, which stalls nobody. bytes_moved / bytes_local: the sums;
-    steps_lost / at_step: the largest any rank saw; total: failure -> first step at the new
+    at_step: the newest step the ranks or the controller saw committed; steps_lost: at_step -
+    the resumed step (or the largest any rank saw), so a recovery whose ranks are all new
+    still counts the steps it redoes; total: failure -> first step at the new
     generation done by every rank (the latest of the ranks' first-step times). comm_error: the
     most telling class of the survivors' communication failures (common.comm_errors),
     comm_errors: per rank of the new generation, comm_error_detail: the words behind it.
@@ -471,9 +480,14 @@ def complete_recovery(entry: Mapping[str, Any], reports: Sequence[Mapping[str, A
         out["transfer_s"] = max(float(r.get("transfer_s", 0.0) or 0.0) for r in timed)
         out["bytes_moved"] = sum(int(r.get("bytes_moved", 0) or 0) for r in mine)
         out["bytes_local"] = sum(int(r.get("bytes_local", 0) or 0) for r in mine)
-        out["steps_lost"] = max(int(r.get("steps_lost", 0) or 0) for r in mine)
+        # at_step: the newest step anyone saw committed. When no survivor knows it (every rank
+        # is new), the controller's view of the job's progress at the failure does.
+        at_step = max([int(entry.get("at_step", 0) or 0)] + [int(r.get("at_step", 0) or 0) for r in mine])
+        resumed = [max(int(r["resumed_step"]), 0) for r in timed if r.get("resumed_step") is not None]
+        out["steps_lost"] = max([int(r.get("steps_lost", 0) or 0) for r in mine] +
+                                ([at_step - min(resumed)] if resumed else []) + [0])
         out["from_disk"] = any(bool(r.get("from_disk")) for r in mine)
-        out["at_step"] = max(int(r.get("at_step", 0) or 0) for r in mine)
+        out["at_step"] = at_step
         out["ranks_reported"] = len(mine)
         # the workers' own MTTR (noticed -> ready): for a planned switch, the stall at the boundary
         out["worker_total_s"] = max(float(r.get("total_s", 0.0) or 0.0) for r in timed)
@@ -517,10 +531,9 @@ def snapshot_redundancy(plan: Plan) -> tuple[bool, bool, str]:
     snapshots of ``plan``: each rank replicates its snapshot to a buddy (``common.layout.buddy_ring``,
     the ring the trainer uses), on another node whenever the placement allows."""
     node = {w.rank: w.node for w in plan.workers}
-    ring = buddy_ring(node)
-    if not ring:
+    same = ranks_replicated_on_their_node(node)
+    if same is None:
         return False, False, "none: a single worker has no buddy to hold a copy of its state"
-    same = sorted(r for r, buddy in ring.items() if node[r] == node[buddy])
     if not same:
         return True, True, "one failure, or the loss of one node: every rank's replica is on another node"
     nodes = sorted({node[r] for r in same})
@@ -532,20 +545,18 @@ def next_failure_cost(spec: JobSpec, plan: Plan, *, step: int, recoverable_step:
     """(redundancy, what the next failure would cost) for the job status.
 
     From memory: the steps since ``recoverable_step``, the newest step every rank's off-node copy
-    holds. From disk (what the snapshots do not cover): the steps since the newest disk checkpoint,
-    estimated as the last multiple of ``elastic.checkpoint_every`` (each is written a moment after
-    its step, asynchronously)."""
+    holds. From disk (what the snapshots do not cover): while the replicas do not cover a failure,
+    the trainer writes every snapshot to disk as well (``trainer.decisions.disk_checkpoint_due``),
+    so about as many steps as memory would lose; before any snapshot, the steps since the start."""
     worker_ok, node_ok, redundancy = snapshot_redundancy(plan)
-    memory = f"{max(step - recoverable_step, 0)} step(s) from memory" if recoverable_step > 0 else \
+    behind = max(step - recoverable_step, 0) if recoverable_step > 0 else step
+    memory = f"{behind} step(s) from memory" if recoverable_step > 0 else \
         f"{step} step(s): no snapshot replicated yet"
-    every = spec.elastic.checkpoint_every
-    if every <= 0:
+    if spec.elastic.checkpoint_every <= 0:
         disk = "the job (elastic.checkpoint_every: 0, no disk checkpoint)"
-    elif step >= every:
-        last = (step // every) * every
-        disk = f"about {step - last} step(s) from the disk checkpoint of step {last}"
     else:
-        disk = f"{step} step(s): the first disk checkpoint is at step {every}"
+        disk = (f"about {behind} step(s) from disk (every snapshot also goes to disk while memory "
+                f"does not cover this)")
     worker = memory if worker_ok else disk
     node = memory if node_ok else disk
     if worker == node:

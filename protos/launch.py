@@ -27,6 +27,11 @@ RUN_DIR = "TENAX_RUN_DIR"
 """Per-job directory on this host: disk checkpoints, the chaos slowdown file, ``killed-PID``
 marks of injected faults. Unset: no disk checkpoints, no chaos control."""
 
+CHECKPOINT_DIR = "TENAX_CHECKPOINT_DIR"
+"""The job's disk-checkpoint directory. When every agent names one shared filesystem path (agent
+``--checkpoint-dir``), any rank of a later layout, on any node, reads every rank's checkpoints.
+Unset: ``<TENAX_RUN_DIR>/checkpoints`` on this host (a recovery reads its own node's only)."""
+
 PLAN_FILE = "TENAX_PLAN_FILE"
 """Path of the job's plan file on this host (``Plan.to_json()``), which the agent replaces
 atomically with every newer plan of the job it sees in etcd; the worker follows it
@@ -46,7 +51,8 @@ READY_FILE = "TENAX_READY_FILE"
 """Set with ``TENAX_GROWTH_ID``: where the prepared worker writes its READY record
 (``JoinerRecord`` JSON, atomically); its agent relays it to etcd (Keys.job_joiner)."""
 
-PER_WORKER = (JOB_ID, RANK, LAUNCH_FILE, METRICS_FILE, RUN_DIR, PLAN_FILE, NODE_ID, GROWTH_ID, READY_FILE)
+PER_WORKER = (JOB_ID, RANK, LAUNCH_FILE, METRICS_FILE, RUN_DIR, CHECKPOINT_DIR, PLAN_FILE, NODE_ID, GROWTH_ID,
+              READY_FILE)
 """What the agent sets per worker (never inherited from its own environment); the rest of
 the contract below may come from the agent's environment (e.g. ``TENAX_COMPILE``)."""
 
@@ -105,7 +111,7 @@ FAULT = "TENAX_FAULT"
 """Fault injection (test infrastructure): ``;``-separated faults such as
 ``rank=3,step=4,kind=kill,when=mid`` (grammar: trainer/faults.py). Default: none."""
 
-ALL = (JOB_ID, RANK, LAUNCH_FILE, METRICS_FILE, RUN_DIR, PLAN_FILE, NODE_ID, GROWTH_ID, READY_FILE,
+ALL = (JOB_ID, RANK, LAUNCH_FILE, METRICS_FILE, RUN_DIR, CHECKPOINT_DIR, PLAN_FILE, NODE_ID, GROWTH_ID, READY_FILE,
        STORE_TIMEOUT_S, COLLECTIVE_TIMEOUT_S, PLAN_WAIT_S, PREPARE_WAIT_S,
        HEARTBEAT_S, ELASTIC, SNAPSHOTS, TELEMETRY, COMPILE, BACKEND, P2P_STAGING, SNAPSHOT_BUFFERS,
        FAULT, FLIGHT_RECORDER_ENTRIES)

@@ -32,16 +32,18 @@ def _dcp():
 class DiskCheckpoints:
     """Per-rank torch.distributed.checkpoint saves of a flat snapshot, loadable into any layout.
 
-    Each rank writes ``run_dir/checkpoints/step-S/gG-rR`` (``no_dist``: no collective,
+    Each rank writes ``root/step-S/gG-rR`` (``no_dist``: no collective,
     so a save never waits for a peer): its three flat tensors, then a ``done`` file
     with the snapshot's metadata (layout, rank) and checksums. A rank of any later
     layout reads the flat tensors of the ranks that held what it needs, checks them
     against the checksums, and cuts out its pieces (``named_pieces``)."""
 
-    def __init__(self, run_dir: str, model_spec, *, keep: int = 3) -> None:
+    def __init__(self, root: str, model_spec, *, keep: int = 3) -> None:
         if keep < 1:
             raise ValueError(f"keep: must be >= 1 checkpoint, got {keep}")
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = Path(root)
+        """The job's checkpoint directory: on this node, or shared by every node (then any rank
+        of a later layout reads every rank's files)."""
         self.model_spec = model_spec
         self.keep = keep
         """Checkpoints of this process kept on disk, newest first (older ones are deleted)."""
@@ -86,6 +88,11 @@ class DiskCheckpoints:
                 old.parent.rmdir()  # only once no rank's checkpoint of that step is left
             except OSError:
                 pass
+
+    @property
+    def idle(self) -> bool:
+        """Nothing submitted is still waiting or being written."""
+        return self._queue.unfinished_tasks == 0
 
     def flush(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the checkpoints submitted so far to be on disk (False:

@@ -14,7 +14,7 @@ from trainer.parallel import ParallelLayout
 from trainer.reshard import Holding, plan_transfers
 from trainer.sharding import stage_offsets, update_range
 from common import comm_errors
-from common.layout import buddy_ring
+from common.layout import buddy_ring, ranks_replicated_on_their_node
 
 
 def error_stops_generation(text: str, *, formed: bool, aborted: bool) -> tuple[bool, str]:
@@ -59,6 +59,12 @@ def buddy_and_ward(plan: Plan, rank: int) -> tuple[int, int] | None:
 
 
 LAYOUT_FIELDS = ("dp", "pp", "zero_stage", "layer_partition", "sample_shares", "micro_batch_size")
+
+
+def memory_covers_node_loss(plan: Plan) -> bool:
+    """Do the generation's in-memory replicas survive the loss of any one node (every rank's
+    buddy on another node)?"""
+    return ranks_replicated_on_their_node({w.rank: w.node for w in plan.workers}) == []
 
 
 def snapshot_metadata(layout, rank: int, generation: int) -> dict[str, Any]:
@@ -117,6 +123,26 @@ def common_disk_step(per_rank_steps: Iterable[Iterable[int]]) -> int | None:
     sets = [set(s) for s in per_rank_steps]
     common = set.intersection(*sets) if sets else set()
     return max(common) if common else None
+
+
+def disk_checkpoint_due(step: int, *, every: int, last: int, memory_covers_node: bool,
+                        writer_idle: bool) -> tuple[bool, str]:
+    """Does the snapshot of ``step`` go to disk? Every ``every`` steps (0: never), and, while the
+    in-memory replicas do not survive the loss of a node (every copy of some rank's state on
+    one node, or a single worker), every snapshot the disk writer is free to take: then the
+    disk is the only copy a node loss leaves, and a writer still busy skips a snapshot rather
+    than queue one (the next free one is newer). ``last``: the step last handed to the writer."""
+    if every <= 0:
+        return False, "disk checkpoints off"
+    if step == last:
+        return False, "already on its way to disk"
+    if step % every == 0:
+        return True, f"every {every} steps"
+    if not memory_covers_node:
+        if writer_idle:
+            return True, "memory does not survive a node loss: every snapshot the writer can take"
+        return False, "memory does not survive a node loss, but the writer is still busy"
+    return False, "memory covers a node loss"
 
 
 SNAPSHOT_OVERHEAD_BUDGET = 0.02

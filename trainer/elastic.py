@@ -107,8 +107,8 @@ from trainer import comm
 from trainer.abort import AbortWatcher, CommAborted, CommFailed
 from trainer.checkpoints import DiskCheckpoints
 from trainer.copies import Copies, flat_state
-from trainer.decisions import (PROBE_CLEAN, PROBE_OVERLAPPED, PROBE_STEPS, auto_snapshot_interval, error_stops_generation,
-                               idle_survivors, probe_snapshot_due, rank_in_plan,
+from trainer.decisions import (PROBE_CLEAN, PROBE_OVERLAPPED, PROBE_STEPS, auto_snapshot_interval, disk_checkpoint_due,
+                               error_stops_generation, idle_survivors, probe_snapshot_due, rank_in_plan,
                                snapshot_metadata)
 from trainer.faults import Fault, FaultInjector
 from trainer.generation import Generation, Interruptions, RecoverableMetrics, StoreUnreachable
@@ -159,8 +159,8 @@ class ElasticWorker:
         self.snapper = Snapshotter(SnapshotSettings(buffers=settings.worker.snapshot_buffers,
                                                     fence_timeout_s=settings.collective_timeout_s))
         self.copies = Copies(self.snapper, spec.model)
-        self.disk = (DiskCheckpoints(settings.run_dir, spec.model, keep=settings.checkpoint_keep)
-                     if settings.run_dir and settings.checkpoint_every else None)
+        self.disk = (DiskCheckpoints(settings.checkpoint_root, spec.model, keep=settings.checkpoint_keep)
+                     if settings.checkpoint_root and settings.checkpoint_every else None)
         self.generation = 0
         self.watcher: AbortWatcher | None = None
         self._watcher_lock = threading.Lock()
@@ -489,10 +489,14 @@ class ElasticWorker:
             gen.boundary_cpu_s = time.thread_time() - cpu_started
 
     def _checkpoint(self, gen: Generation, latest: Snapshot | None) -> None:
-        """Every ``checkpoint_every`` steps, the snapshot of that step goes to disk (a background
-        snapshot not complete yet at its boundary goes at the next one)."""
-        every = self.settings.checkpoint_every
-        if self.disk is None or not every or latest is None or latest.step % every or latest.step == gen.checkpointed:
+        """The snapshot goes to disk when ``disk_checkpoint_due`` says so: every ``checkpoint_every``
+        steps, and every snapshot the writer can take while memory does not survive a node loss
+        (a background snapshot not complete yet at its boundary goes at the next one)."""
+        if self.disk is None or latest is None:
+            return
+        due, _ = disk_checkpoint_due(latest.step, every=self.settings.checkpoint_every, last=gen.checkpointed,
+                                     memory_covers_node=gen.memory_covers_node, writer_idle=self.disk.idle)
+        if not due:
             return
         gen.checkpointed = latest.step
         self.disk.submit(latest, generation=gen.plan.generation, rank=gen.rank)

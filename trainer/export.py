@@ -21,16 +21,24 @@ class ExportError(ValueError):
     """Nothing exportable: the message says what is missing."""
 
 
+def checkpoint_root(source: str | Path) -> Path | None:
+    """The ``checkpoints`` directory of a job, run or checkpoints directory (or a shared
+    checkpoint directory of the job: ``step-*`` in it); None: it has none."""
+    source = Path(source)
+    for candidate in (source / "run" / "checkpoints", source / "checkpoints", source):
+        if candidate.is_dir() and (candidate.name == "checkpoints" or any(candidate.glob("step-*"))):
+            return candidate
+    return None
+
+
 def checkpoint_roots(sources: Iterable[str | Path]) -> list[Path]:
     """The ``checkpoints`` directories under the given job, run or checkpoints directories."""
     roots = []
     for source in map(Path, sources):
-        for candidate in (source / "run" / "checkpoints", source / "checkpoints", source):
-            if candidate.is_dir() and (candidate.name == "checkpoints" or any(candidate.glob("step-*"))):
-                roots.append(candidate)
-                break
-        else:
+        root = checkpoint_root(source)
+        if root is None:
             raise ExportError(f"{source}: no checkpoints directory (a job needs elastic.checkpoint_every > 0)")
+        roots.append(root)
     return roots
 
 

@@ -18,6 +18,7 @@ from trainer.settings import ElasticSettings
 from trainer.snapshot import Snapshotter
 from trainer.train import backend_for
 from common.layout import buddy_ring
+from trainer.decisions import memory_covers_node_loss
 from trainer.transfer import BuddyReplicator, ReplicationSettings
 
 
@@ -41,6 +42,9 @@ class Generation:
         self.watcher: AbortWatcher | None = None
         self.ring = buddy_ring({w.rank: w.node for w in plan.workers}) if replicate and rank is not None else {}
         """{rank: buddy} of the generation, empty when it does not replicate."""
+        self.memory_covers_node = bool(self.ring) and memory_covers_node_loss(plan)
+        """True when the in-memory replicas survive the loss of any one node (else every snapshot
+        the disk writer can take goes to disk as well: ``disk_checkpoint_due``)."""
         self.replicator: BuddyReplicator | None = None
         self.checkpointed = -1
         """Step of the last snapshot handed to the disk writer."""

@@ -70,6 +70,8 @@ class WorkerSettings:
     """``TENAX_METRICS_FILE``: per-step JSON lines; '' = stdout."""
     run_dir: str = ""
     """``TENAX_RUN_DIR``: per-job directory; '' = no disk checkpoints, no chaos control."""
+    checkpoint_dir: str = ""
+    """``TENAX_CHECKPOINT_DIR``: the job's disk checkpoints; '' = ``<run_dir>/checkpoints``."""
     plan_file: str = ""
     """``TENAX_PLAN_FILE``: the job's plan file, kept current by the agent; '' = no plan following."""
     ready_file: str = ""
@@ -112,7 +114,8 @@ class WorkerSettings:
         return cls(
             job_id=_text(env, launch.JOB_ID), rank=_rank(env, launch.RANK),
             launch_file=_text(env, launch.LAUNCH_FILE), metrics_file=_text(env, launch.METRICS_FILE),
-            run_dir=_text(env, launch.RUN_DIR), plan_file=_text(env, launch.PLAN_FILE),
+            run_dir=_text(env, launch.RUN_DIR), checkpoint_dir=_text(env, launch.CHECKPOINT_DIR),
+            plan_file=_text(env, launch.PLAN_FILE),
             ready_file=_text(env, launch.READY_FILE),
             node_id=_text(env, launch.NODE_ID), growth_id=_text(env, launch.GROWTH_ID),
             faults=_text(env, launch.FAULT),
@@ -155,10 +158,19 @@ class ElasticSettings:
     """Disk checkpoints this worker keeps, newest first (the job spec's ``elastic.checkpoint_keep``)."""
     run_dir: str = ""
     """Per-job directory (disk checkpoints, fault marks); '' = none."""
+    checkpoint_dir: str = ""
+    """The job's disk checkpoints (shared by the nodes when the agents say so); '' = ``<run_dir>/checkpoints``."""
     snapshots: bool = True
     """False turns snapshots and replication off (benchmarks: their overhead)."""
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     """The whole launch environment (backend, compile, telemetry), handed to every Trainer."""
+
+    @property
+    def checkpoint_root(self) -> str:
+        """Where disk checkpoints go: ``checkpoint_dir``, else ``<run_dir>/checkpoints``; '' = nowhere."""
+        if self.checkpoint_dir:
+            return self.checkpoint_dir
+        return os.path.join(self.run_dir, "checkpoints") if self.run_dir else ""
 
     @classmethod
     def from_worker(cls, worker: WorkerSettings, *, snapshot_every: str, checkpoint_every: int,
@@ -166,5 +178,6 @@ class ElasticSettings:
         return cls(store_timeout_s=worker.store_timeout_s, collective_timeout_s=worker.collective_timeout_s,
                    plan_wait_s=worker.plan_wait_s, transfer_timeout_s=worker.collective_timeout_s,
                    prepare_wait_s=worker.prepare_wait_s, snapshot_every=snapshot_every,
-                   checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep, run_dir=worker.run_dir, snapshots=worker.snapshots,
+                   checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep, run_dir=worker.run_dir,
+                   checkpoint_dir=worker.checkpoint_dir, snapshots=worker.snapshots,
                    worker=worker)

@@ -43,11 +43,13 @@ def test_next_failure_cost_from_memory_when_the_snapshots_cover_it():
 
 
 def test_next_failure_cost_of_a_node_from_disk_when_every_copy_is_on_it():
+    # the trainer writes every snapshot to disk while memory does not cover a node: as recent as memory
     _, cost = next_failure_cost(spec(checkpoint_every=100), plan_on("a", "a"), step=250, recoverable_step=249)
     assert cost == ("a worker failure: 1 step(s) from memory; "
-                    "a node loss: about 50 step(s) from the disk checkpoint of step 200")
-    _, cost = next_failure_cost(spec(checkpoint_every=100), plan_on("a", "a"), step=40, recoverable_step=40)
-    assert cost.endswith("a node loss: 40 step(s): the first disk checkpoint is at step 100")
+                    "a node loss: about 1 step(s) from disk (every snapshot also goes to disk while memory "
+                    "does not cover this)")
+    _, cost = next_failure_cost(spec(checkpoint_every=100), plan_on("a"), step=40, recoverable_step=0)
+    assert cost.startswith("a worker or node failure: about 40 step(s) from disk")
     _, cost = next_failure_cost(spec(checkpoint_every=0), plan_on("a"), step=40, recoverable_step=0)
     assert cost == "a worker or node failure: the job (elastic.checkpoint_every: 0, no disk checkpoint)"
 

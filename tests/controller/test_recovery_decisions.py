@@ -199,6 +199,23 @@ def test_a_recovery_entry_is_written_pending_and_completed_from_worker_records()
     assert close_superseded([entry])[0]["superseded"] is True
 
 
+def test_a_recovery_whose_ranks_are_all_new_counts_the_steps_redone_from_the_controllers_view():
+    """Every copy was lost with a node: no rank saw the failure (at_step -1 in their records);
+    the controller's progress at the failure (step 30) against the step they resumed from disk."""
+    old = first_plan()
+    new, _ = replan(SPEC_2_LAYERS, old, ClusterView(lost_ranks=frozenset({1}), store_addresses=STORES),
+                    cause="node-lost", now=100.2)
+    entry = pending_recovery(cause="node-lost", old=old, new=new, at_step=30, failed_at=100.0, seen_at=100.05,
+                             planned_at=100.08)
+    reports = [{"new_generation": 2, "at_step": -1, "resumed_step": 28, "steps_lost": 0, "from_disk": True},
+               {"new_generation": 2, "at_step": -1, "resumed_step": 28, "steps_lost": 0, "from_disk": True}]
+    done = complete_recovery(entry, reports, [101.0])
+    assert (done["at_step"], done["steps_lost"], done["from_disk"]) == (30, 2, True)
+    # nothing on disk either: started over from step 0 (resumed_step -1), all 30 steps redone
+    fresh = [{"new_generation": 2, "at_step": -1, "resumed_step": -1, "steps_lost": 0}]
+    assert complete_recovery(entry, fresh, [101.0])["steps_lost"] == 30
+
+
 def test_cause_labels_stay_bounded():
     assert cause_label("drain node-1") == "drain"
     assert cause_label("worker-failed") == "worker-failed"
@@ -367,9 +384,11 @@ def test_growth_is_abandoned_when_a_joiner_fails_its_node_goes_or_the_deadline_p
                                                        reason="exit code 1")}
     decision, reason = growth_decision(growth=growth, plan=base, joiners=failed, live_nodes=live, now=101.0)
     assert decision == "abandon" and "n1/1 failed" in reason and "exit code 1" in reason
-    assert growth_decision(growth=growth, plan=base, joiners={}, live_nodes=["n0"], now=101.0)[0] == "abandon"
+    # a node that left or was cordoned says nothing about the growth: withdrawn, retried without a backoff
+    assert growth_decision(growth=growth, plan=base, joiners={}, live_nodes=["n0"], now=101.0) == \
+        ("withdraw", "node n1 of a new worker is gone")
     assert growth_decision(growth=growth, plan=base, joiners={}, live_nodes=live, cordoned=["n1"],
-                           now=101.0)[0] == "abandon"
+                           now=101.0)[0] == "withdraw"
     decision, reason = growth_decision(growth=growth, plan=base, joiners=dict(list(_ready(growth).items())[:1]),
                                        live_nodes=live, now=160.0)
     assert decision == "abandon" and "n1/1 not ready within 60 s" in reason
@@ -390,6 +409,9 @@ def test_an_abandoned_growth_is_retried_after_a_growing_backoff():
     ok, reason = should_grow(**args, growth=dead, now=210.0)
     assert not ok and "next attempt in 20 s" in reason
     assert should_grow(**args, growth=dead, now=dead.retry_after)[0]
+    # withdrawn (a node of a new worker left): the next attempt may come at once
+    withdrawn = end_growth(growth, state="ABANDONED", reason="node n1 gone", now=200.0, backoff=False)
+    assert withdrawn.retry_after == 200.0 and should_grow(**args, growth=withdrawn, now=200.0)[0]
     # a record of an older plan generation does not hold a new growth back
     assert should_grow(**args, growth=GrowthRecord(**{**growth.to_dict(), "base_generation": 0}), now=150.0)[0]
     third = end_growth(GrowthRecord(**{**growth.to_dict(), "attempt": 3}), state="ABANDONED", reason="x", now=0.0)

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.test_e2e_cluster import (TTL_S, alive, job_file, job_json, local_cluster, submit, tenax, wait_job_done,
-                                        wait_until)
+from tests.e2e.test_e2e_cluster import (TTL_S, alive, job_file, job_json, local_cluster, nodes, submit, tenax,
+                                        wait_job_done, wait_until)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -322,6 +322,44 @@ def test_a_failure_with_a_free_slot_trains_on_the_survivors_then_grows_back(tmp_
         assert len(doc["workers"]) == 4 and (victim["node"], victim["slot"]) not in pids_by_slot(doc)
         assert_survivors_kept_their_pids(pids, pids_by_slot(doc), {(victim["node"], victim["slot"])})
         assert_same_curve(job_losses(info, job_id), long_reference)
+
+
+# ------------------------------------------------------------------ 3c. the node holding every copy is lost
+def test_losing_the_node_that_holds_every_copy_resumes_from_the_shared_disk_a_step_back(tmp_path, reference):
+    """Issue 16: both ranks run on node-0, so each rank's buddy replica is on node-0 too and the
+    in-memory copies do not survive that node. The trainer then writes every snapshot it can to
+    the shared checkpoint directory (`tenax up` gives every agent one), the job status says what a
+    node loss would cost, and when node-0 is lost the job resumes on node-1 from disk a step or
+    two back, not from the last ``checkpoint_every`` multiple (here: none yet, step 0)."""
+    with local_cluster(tmp_path, agents=1) as info:
+        shared = Path(info["state_dir"]) / "checkpoints"
+        path = job_file(tmp_path, steps=STEPS, parallelism={"dp": 2, "pp": 1, "zero_stage": 1},
+                        resources={"workers": 2, "device": "cpu"},
+                        elastic={"min_workers": 1, "max_workers": 2, "snapshot_every": "1",
+                                 "straggler_policy": "alert"})
+        job_id = submit(info, path)
+        with extra_agent(info, "node-1", args=("--checkpoint-dir", str(shared))):
+            wait_until(lambda: nodes(info).get("node-1"), 30, "node-1 to register")
+            at_risk = wait_step(info, job_id, 10)
+            doc = job_doc(info, job_id)
+            assert "a node loss: about" in doc["next_failure_cost"] and "from disk" in doc["next_failure_cost"], doc
+            assert (shared / job_id).is_dir() and any((shared / job_id).glob("step-*/g1-r*/done")), \
+                sorted(p.name for p in (shared / job_id).glob("*"))
+            killed_at = job_json(info, job_id)["step"]
+            os.kill(info["pids"]["node-0"], signal.SIGKILL)  # both workers die with their agent
+            lost = set(pids_by_slot(at_risk))
+            wait_until(lambda: not any(alive(at_risk_pid) for at_risk_pid in pids_by_slot(at_risk).values()), 5,
+                       "node-0's workers to die", interval_s=0.05)
+
+            done = wait_job_done(info, job_id, timeout_s=150)
+            doc = job_doc(info, job_id)
+            assert done["phase"] == "SUCCEEDED", (doc["message"], worker_logs(info))
+            rec, = assert_recovered(doc, count=1, max_steps_lost=3)
+            assert rec["cause"] == "node-lost" and rec.get("from_disk") is True, rec
+            # no rank survived to know the step: the controller's view of it counts the steps redone
+            assert rec["at_step"] >= killed_at, (rec, killed_at)
+            assert {w["node"] for w in doc["workers"]} == {"node-1"} and not lost & set(pids_by_slot(doc))
+            assert_same_curve(job_losses(info, job_id), reference)
 
 
 # ------------------------------------------------------------------ 4. growth, then a drain

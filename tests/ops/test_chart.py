@@ -370,6 +370,17 @@ def test_agents_get_etcd_endpoints_and_node_name():
     assert flag(ctl["args"], "--etcd") == flag(args, "--etcd")
 
 
+def test_a_shared_checkpoint_claim_is_mounted_and_given_to_the_agent():
+    agent = container(one(rendered("defaults"), "DaemonSet", "agent"), "agent")
+    assert "--checkpoint-dir" not in agent["args"]  # no claim: each node's work dir
+    ds = one(render("--set", "agent.checkpoints.claimName=tenax-ckpt"), "DaemonSet", "agent")
+    agent = container(ds, "agent")
+    assert flag(agent["args"], "--checkpoint-dir") == "/var/lib/tenax-checkpoints"
+    assert {"name": "checkpoints", "mountPath": "/var/lib/tenax-checkpoints"} in agent["volumeMounts"]
+    volume = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "checkpoints")
+    assert volume["persistentVolumeClaim"] == {"claimName": "tenax-ckpt"}
+
+
 def test_external_etcd_with_tls():
     docs = rendered("external-etcd-tls")
     assert not find(docs, "StatefulSet") and not find(docs, "Service", "etcd")
@@ -564,6 +575,7 @@ BAD_VALUES = [
     (["--set", "controller.tls.mode=ssl"], "controller.tls.mode"),
     (["--set", "monitoring.serviceMonitor.interval=often"], "monitoring.serviceMonitor.interval"),
     (["--set", "image.pullPolicy=Sometimes"], "image.pullPolicy"),
+    (["--set", "agent.checkpoints.claimName=Not_A_Name"], "agent.checkpoints.claimName"),
 ]
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers.elastic_harness import ElasticJob, reference_losses, tiny_spec
 from trainer.decisions import (auto_snapshot_interval, buddy_and_ward, choose_resume_step, common_disk_step,
-                               rank_in_plan, steps_lost)
+                               disk_checkpoint_due, memory_covers_node_loss, rank_in_plan, steps_lost)
 from trainer.faults import parse_faults
 from trainer.reshard import Holding
 
@@ -36,6 +36,34 @@ def test_buddies_live_on_the_other_node():
     for w in plan.workers:
         buddy, ward = buddy_and_ward(plan, w.rank)
         assert plan.worker(buddy).node != w.node and plan.worker(ward).node != w.node
+
+
+def test_memory_covers_a_node_loss_only_when_every_buddy_is_on_another_node():
+    from dataclasses import replace
+
+    from common.layout import ranks_replicated_on_their_node
+    from tests.helpers.elastic_harness import first_plan
+
+    plan = first_plan(tiny_spec(), "127.0.0.1:1")  # 2 nodes x 2 ranks: buddies across
+    assert memory_covers_node_loss(plan) and ranks_replicated_on_their_node({0: "a", 1: "a", 2: "b", 3: "b"}) == []
+    one_node = replace(plan, workers=tuple(replace(w, node="a") for w in plan.workers))
+    assert not memory_covers_node_loss(one_node)
+    assert len(ranks_replicated_on_their_node({0: "a", 1: "a", 2: "a", 3: "b"})) == 2  # 3 on a: a pair stays on a
+    assert ranks_replicated_on_their_node({0: "a"}) is None  # a single worker: no second copy at all
+
+
+def test_disk_checkpoints_follow_every_snapshot_the_writer_can_take_while_memory_misses_a_node():
+    # memory covers a node: only the interval
+    assert disk_checkpoint_due(200, every=100, last=100, memory_covers_node=True, writer_idle=True)[0]
+    assert not disk_checkpoint_due(201, every=100, last=200, memory_covers_node=True, writer_idle=True)[0]
+    # memory does not: every snapshot while the writer is free; a busy writer skips, never queues
+    due, why = disk_checkpoint_due(201, every=100, last=200, memory_covers_node=False, writer_idle=True)
+    assert due and "node loss" in why
+    assert not disk_checkpoint_due(202, every=100, last=201, memory_covers_node=False, writer_idle=False)[0]
+    assert disk_checkpoint_due(300, every=100, last=201, memory_covers_node=False, writer_idle=False)[0]  # interval
+    # never twice for one step; never with disk checkpoints off
+    assert not disk_checkpoint_due(201, every=100, last=201, memory_covers_node=False, writer_idle=True)[0]
+    assert not disk_checkpoint_due(201, every=0, last=0, memory_covers_node=False, writer_idle=True)[0]
 
 
 def test_the_resume_step_is_the_newest_step_every_needed_slice_has_a_copy_of():
@@ -62,7 +90,7 @@ def test_a_submitted_disk_checkpoint_counts_once_flush_says_it_is_written(tmp_pa
     from trainer.checkpoints import DiskCheckpoints
     from trainer.snapshot import Snapshot, chunk_checksums
 
-    disk = DiskCheckpoints(str(tmp_path), tiny_spec().model)
+    disk = DiskCheckpoints(str(tmp_path / "checkpoints"), tiny_spec().model)
     release = threading.Event()
     real_save = disk.save
 
@@ -92,7 +120,7 @@ def test_disk_checkpoints_keep_the_newest_k_of_this_process_and_no_other_rank_s(
     other = tmp_path / "checkpoints" / "step-00000002" / "g1-r1"  # another rank's save: never ours to delete
     other.mkdir(parents=True)
     (other / "done").write_text("{}")
-    disk = DiskCheckpoints(str(tmp_path), tiny_spec().model, keep=2)
+    disk = DiskCheckpoints(str(tmp_path / "checkpoints"), tiny_spec().model, keep=2)
     for step in (2, 4, 6, 8):
         tensors = {"params": torch.full((8,), float(step))}
         disk.submit(Snapshot(step=step, tensors=tensors, checksums={k: chunk_checksums(v) for k, v in tensors.items()},
@@ -103,7 +131,7 @@ def test_disk_checkpoints_keep_the_newest_k_of_this_process_and_no_other_rank_s(
     assert [p.name for p in (root / "step-00000002").iterdir()] == ["g1-r1"]
     assert (root / "step-00000008" / "g1-r0" / "done").exists() and (root / "step-00000006" / "g1-r0" / "done").exists()
     with pytest.raises(ValueError, match="keep"):
-        DiskCheckpoints(str(tmp_path), tiny_spec().model, keep=0)
+        DiskCheckpoints(str(tmp_path / "checkpoints"), tiny_spec().model, keep=0)
 
 
 @pytest.mark.parametrize("zero", [0, 1])
