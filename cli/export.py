@@ -38,20 +38,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         sources: list[Path] = []
-        roots: list[Path] = []
+        jobs: list[tuple[str, list[Path]]] = []
         for source in args.source:
             if Path(source).exists():
                 sources.append(Path(source))
-                roots.extend(export.checkpoint_roots([source]))
                 continue
             found = local_job_dirs(source, args.state_dir)
             if not found:
                 raise export.ExportError(f"{source}: neither a directory nor a job of the local cluster")
             sources.extend(found)
-            local_roots = [r for r in map(export.checkpoint_root, found) if r is not None]
-            if not local_roots:
-                raise export.ExportError(f"{source}: no checkpoints (a job needs elastic.checkpoint_every > 0)")
-            roots.extend(local_roots)
+            jobs.append((source, found))
         if args.spec:
             import yaml
 
@@ -61,6 +57,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         if spec.model.arch != "llama":
             raise export.ExportError(f"--format hf exports arch 'llama' only, the job's model.arch is "
                                      f"{spec.model.arch!r}")
+        # a directory given must have checkpoints; a job of the local cluster has them in some of
+        # its directories (the shared checkpoint directory, or the nodes' own)
+        local = {d for _, found in jobs for d in found}
+        roots = export.checkpoint_roots([s for s in sources if s not in local])
+        for job, found in jobs:
+            mine = [r for r in map(export.checkpoint_root, found) if r is not None]
+            if not mine:
+                raise export.ExportError(f"{job}: no checkpoints (a job needs elastic.checkpoint_every > 0)")
+            roots.extend(mine)
         step = args.step if args.step is not None else export.latest_complete_step(spec.model, roots)
         tensors = export.load_full_params(spec.model, roots, step)
         out = hf.export_hf(tensors, spec.model, args.out, dtype=args.dtype)

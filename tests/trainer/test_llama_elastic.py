@@ -41,7 +41,7 @@ def test_llama_survives_kill_9_with_the_same_losses_and_exports_to_transformers(
     steps = 8
     spec = tiny_spec(steps=steps, dp=2, pp=2, zero=1, checkpoint_every=2, model=LLAMA,
                      data={"kind": "synthetic", "num_samples": 256, "eval_path": _held_out(tmp_path / "held.bin"),
-                           "eval_every": 2, "eval_batches": 1})
+                           "eval_every": 1, "eval_batches": 1})
     reference = reference_losses(spec, tmp_path / "reference")
     job = ElasticJob(spec, tmp_path / "job", etcd_url)
     try:
@@ -59,10 +59,10 @@ def test_llama_survives_kill_9_with_the_same_losses_and_exports_to_transformers(
         assert sorted(last) == list(range(1, steps + 1))
         for step, record in last.items():
             assert math.isclose(record["loss"], reference[step], rel_tol=1e-4), (step, record["loss"], reference[step])
-    # the held-out evaluations (every 2 steps) are the uninterrupted run's too
+    # the held-out evaluations (every step) are the uninterrupted run's too
     ref_evals = {r["step"]: r["eval_loss"] for r in read_lines(tmp_path / "reference" / "metrics.jsonl")
                  if "eval_loss" in r}
-    assert sorted(ref_evals) == [2, 4, 6, 8] and len(set(ref_evals.values())) == 4
+    assert sorted(ref_evals) == list(range(1, steps + 1)) and len(set(ref_evals.values())) == steps
     for step, value in ref_evals.items():
         assert math.isclose(last[step]["eval_loss"], value, rel_tol=1e-4)
 
@@ -70,10 +70,11 @@ def test_llama_survives_kill_9_with_the_same_losses_and_exports_to_transformers(
     run = subprocess.run([sys.executable, "-m", "cli.main", "export", str(job.out), "--format", "hf", "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    # the newest step every parameter of which is on disk: 8, or 6 when the job ended before
-    # its last checkpoint was written (the writer is a daemon thread of the workers)
+    # the newest step every parameter of which is on disk: 8, or an earlier one when the job ended
+    # before its last checkpoint was written (the writer is a daemon thread of the workers); after
+    # the kill the survivors' replicas no longer cover a node, so every snapshot goes to disk (7)
     exported = int(run.stdout.split("exported step ")[1].split()[0])
-    assert exported in (6, 8), run.stdout
+    assert exported in (6, 7, 8), run.stdout
     model = LlamaForCausalLM.from_pretrained(str(out)).eval()
     held = TokenFile(tmp_path / "held.bin", dtype="uint16", seq_len=16, vocab_size=64)
     batch = torch.stack([held.sample(p) for p in range(spec.global_batch_size)])
