@@ -395,8 +395,8 @@ class ElasticWorker:
         """Before a recovery allocates: seconds waited for processes exiting on this GPU."""
         if self.device.type != "cuda":
             return 0.0
-        waited, stuck = wait_for_exiting_neighbours(lambda: device_pids(self.device),
-                                                    timeout_s=self.settings.gpu_release_wait_s)
+        with device_pids(self.device) as pids:
+            waited, stuck = wait_for_exiting_neighbours(pids, timeout_s=self.settings.gpu_release_wait_s)
         if waited > 0.01:
             log.warning("waited %.2f s for the GPU memory of exiting processes on this device%s", waited,
                         f" (still exiting: {stuck})" if stuck else "")
