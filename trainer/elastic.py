@@ -395,14 +395,14 @@ class ElasticWorker:
         """Before a recovery allocates: seconds waited for processes exiting on this GPU."""
         if self.device.type != "cuda":
             return 0.0
-        waited, stuck = wait_for_exiting_neighbours(lambda: device_pids(self.device),
-                                                    timeout_s=self.settings.gpu_release_wait_s)
+        with device_pids(self.device) as pids:
+            waited, stuck = wait_for_exiting_neighbours(pids, timeout_s=self.settings.gpu_release_wait_s)
         if waited > 0.01:
             log.warning("waited %.2f s for the GPU memory of exiting processes on this device%s", waited,
                         f" (still exiting: {stuck})" if stuck else "")
         return waited
 
-    def _resume(self, trainer, restored: Restored, resume: Resume, rebuild_s: float, gpu_wait_s: float = 0.0) -> None:
+    def _resume(self, trainer, restored: Restored, resume: Resume, rebuild_s: float, gpu_wait_s: float) -> None:
         if restored.in_place:
             trainer.resume_at(restored.step)
         elif restored.tensors is not None:
@@ -411,8 +411,7 @@ class ElasticWorker:
         else:  # no copy at all: the job starts over from the initial state (step 0)
             trainer.apply_init()
         self._last_step = restored.step
-        record = recovery_record(trainer, restored, resume, rebuild_s)
-        record.gpu_wait_s = round(gpu_wait_s, 4)
+        record = recovery_record(trainer, restored, resume, rebuild_s, gpu_wait_s)
         self.recoveries.append(record)
         self.metrics.write(record.to_dict())
 

@@ -13,32 +13,61 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 from common.procexit import is_tearing_down
 
 log = logging.getLogger("tenax.trainer.gpu_release")
 
 
-def device_pids(device) -> list[int] | None:
-    """PIDs with a context on ``device`` (a CUDA torch.device), from NVML; None when NVML or
-    the device cannot be read (then nothing is waited for)."""
-    try:
-        import pynvml
-        import torch
+def _cuda_uuid(device) -> str:
+    """NVML's UUID (``GPU-...``) of a CUDA torch.device."""
+    import torch
 
-        pynvml.nvmlInit()
-        try:
-            uuid = str(torch.cuda.get_device_properties(device).uuid)
-            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-            procs = list(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
-            procs += list(pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle))
-            return [p.pid for p in procs]
-        finally:
-            pynvml.nvmlShutdown()
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
+@contextmanager
+def device_pids(device, *, nvml=None,
+                uuid_of: Callable[[Any], str] = _cuda_uuid) -> Iterator[Callable[[], list[int] | None]]:
+    """NVML open for one wait: yields a reader of the PIDs with a context on ``device`` (a CUDA
+    torch.device), called on every poll; NVML is initialised once here and shut down on exit.
+    The reader returns None when NVML or the device cannot be read (then nothing is waited
+    for). ``nvml``: the pynvml module (a fake in tests); ``uuid_of``: device -> NVML UUID."""
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        nvml.nvmlInit()
     except Exception as exc:  # no NVML, no driver, an old library: no GPU telemetry, never a crash
+        log.debug("NVML not available: %r", exc)
+        nvml = None
+    if nvml is None:
+        yield lambda: None
+        return
+    try:
+        try:
+            handle = nvml.nvmlDeviceGetHandleByUUID(uuid_of(device))
+        except Exception as exc:
+            log.debug("GPU %s not found by NVML: %r", device, exc)
+            handle = None
+        yield (lambda: _pids_on(nvml, handle)) if handle is not None else (lambda: None)
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception as exc:
+            log.debug("NVML shutdown failed: %r", exc)
+
+
+def _pids_on(nvml, handle) -> list[int] | None:
+    try:
+        procs = list(nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+        procs += list(nvml.nvmlDeviceGetGraphicsRunningProcesses(handle))
+    except Exception as exc:
         log.debug("GPU processes not readable: %r", exc)
         return None
+    return [p.pid for p in procs]
 
 
 def wait_for_exiting_neighbours(pids: Callable[[], Iterable[int] | None], *, timeout_s: float,

@@ -181,8 +181,10 @@ def load_from_disk(disk: DiskCheckpoints | None, mine, wait,
     return step, tensors, read
 
 
-def recovery_record(trainer, restored: Restored, resume: Resume, rebuild_s: float) -> RecoveryRecord:
-    """The record of one outage on this rank (``protos.recovery``), timed from the first notice."""
+def recovery_record(trainer, restored: Restored, resume: Resume, rebuild_s: float,
+                    gpu_wait_s: float) -> RecoveryRecord:
+    """The record of one outage on this rank (``protos.recovery``), timed from the first notice;
+    ``gpu_wait_s``: seconds waited, before rebuilding, for a process exiting on this GPU."""
     return RecoveryRecord(
         cause=resume.cause, reason=resume.reason, old_generation=resume.old_generation,
         new_generation=trainer.generation, old_layout=resume.old_layout, new_layout=trainer.layout.describe(),
@@ -194,7 +196,7 @@ def recovery_record(trainer, restored: Restored, resume: Resume, rebuild_s: floa
         verify_s=restored.verify_s, local_s=restored.local_s, network_s=restored.network_s,
         local_gbps=gbps(restored.local, restored.verify_s + restored.local_s),
         network_gbps=gbps(restored.received, restored.network_s),
-        comm_error=resume.comm_error, comm_error_detail=resume.comm_error_detail)
+        comm_error=resume.comm_error, comm_error_detail=resume.comm_error_detail, gpu_wait_s=round(gpu_wait_s, 4))
 
 
 def gbps(nbytes: int, seconds: float) -> float:

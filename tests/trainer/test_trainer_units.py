@@ -1,15 +1,21 @@
-"""Pure pieces of the trainer: partitioning, schedule, data order, keyed dropout, sharding."""
+"""Pure pieces of the trainer: partitioning, schedule, data order, keyed dropout, sharding, the
+recovery record."""
 
 from __future__ import annotations
+
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from common.spec import ModelSpec
+from protos.recovery import RecoveryRecord
 from trainer.data import StepSampler, SyntheticTokens
 from trainer.dropout import DropoutContext, KeyedDropout
 from trainer.model import build_stage, init_parameters
 from trainer.parallel import ParallelLayout
+from trainer.restore import Restored, Resume, recovery_record
 from common.layout import even_shares
 from common.layout import balance_layers, partition_for_model, partition_for_spec
 from trainer.schedule import one_f_one_b
@@ -137,3 +143,19 @@ def test_backend_override_names_a_bad_value(monkeypatch):
     monkeypatch.setenv("TENAX_BACKEND", "mpi")
     with pytest.raises(ValueError, match="TENAX_BACKEND"):
         backend_for(torch.device("cpu"))
+
+
+def test_recovery_record_carries_every_phase_including_the_gpu_wait():
+    """One place builds the record: the GPU wait and the rebuild are arguments, the transfer
+    comes from the restore, the total from the first notice."""
+    new = layout(1, 2, 0)
+    trainer = SimpleNamespace(generation=5, layout=new, rank=1)
+    resume = Resume(cause="peer_lost", reason="rank 3 died", noticed=time.monotonic() - 2.0, noticed_time=1.0e9,
+                    plan_wait_s=0.4, old_generation=4, old_layout="dp2 pp2", at_step=30)
+    restored = Restored(step=28, at_step=30, received=2_000_000_000, network_s=1.0, transfer_s=1.2)
+    record = recovery_record(trainer, restored, resume, 0.3, 1.234567)
+    assert (record.gpu_wait_s, record.rebuild_s, record.transfer_s, record.plan_wait_s) == (1.2346, 0.3, 1.2, 0.4)
+    assert (record.new_generation, record.new_layout, record.rank) == (5, new.describe(), 1)
+    assert (record.resumed_step, record.steps_lost, record.network_gbps) == (28, 2, 2.0)
+    assert 2.0 <= record.total_s < 60
+    assert RecoveryRecord.from_dict(record.to_dict()) == record
