@@ -261,7 +261,8 @@ class Recovery:
         if plan is None:
             if job.growth is not None and job.growth.state == "PREPARING":
                 # its new workers hold slots this recovery needs; the failure supersedes the growth
-                await self._abandon_growth(job, job.growth, f"superseded by {failure.description}", now)
+                await self._abandon_growth(job, job.growth, f"superseded by {failure.description}", now,
+                                           backoff=False)
                 return True, f"growth abandoned for the recovery from {failure.description}"
             # the first pass that found no layout: a failure's own time can be "now" on every pass
             for key in [k for k in self._short_since if k[0] == job.id and k[1] != job.plan.generation]:

@@ -277,10 +277,10 @@ def should_grow(*, phase: str, plan: Plan, max_workers: int, free_slot_count: in
 #        │            "wait"    joiners still starting, deadline ahead
 #        │            "commit"  every joiner READY -> commit_plan: plan g+1 with
 #        │                      switch_at_step a few steps ahead; growth COMMITTED
-#        └─ retry ─── "abandon"  a joiner exited / the deadline passed / plan g changed
-#           after               meanwhile -> ABANDONED with a backoff (retry_after)
-#           backoff   "withdraw" a joiner's node left or was cordoned -> ABANDONED, no backoff;
-#                                either way the agents stop the joiners
+#        └─ retry ─── "abandon"  a joiner exited / the deadline passed -> ABANDONED with a
+#           after               backoff (retry_after)
+#           backoff   "withdraw" a joiner's node left or was cordoned / plan g changed meanwhile
+#                                -> ABANDONED, no backoff; either way the agents stop the joiners
 def joiners_of(base: Plan, new: Plan) -> list[dict[str, Any]]:
     """The workers of ``new`` on (node, slot)s that ``base`` does not use: the ones to start."""
     old = {(w.node, w.slot) for w in base.workers}
@@ -303,15 +303,16 @@ def growth_decision(*, growth: GrowthRecord | None, plan: Plan, joiners: Mapping
     "withdraw", reason).
 
     "abandon": the growth's own workers failed or were not ready in time (the next attempt
-    waits a growing backoff); "withdraw": a node of a new worker left or was cordoned, which
-    says nothing about the growth: the next attempt may come at once and takes only ready
-    nodes (a node that keeps failing is quarantined, so this cannot oscillate).
+    waits a growing backoff); "withdraw": a node of a new worker left or was cordoned, or the
+    plan changed underneath, which says nothing about the growth: the next attempt may come at
+    once and takes only ready nodes (a node that keeps failing is quarantined, so this cannot
+    oscillate).
     ``joiners``: the JoinerRecords by (node, slot); records of another growth id are stale."""
     if growth is None or growth.state != "PREPARING":
         return "none", "no growth being prepared"
     if growth.base_generation != plan.generation:
-        return "abandon", (f"plan generation {plan.generation} replaced generation {growth.base_generation} "
-                           "while the new workers got ready")
+        return "withdraw", (f"plan generation {plan.generation} replaced generation {growth.base_generation} "
+                            "while the new workers got ready")
     live, fenced = set(live_nodes), set(cordoned)
     waiting: list[str] = []
     for node, slot in growth.joiner_slots():

@@ -395,7 +395,7 @@ def test_growth_is_abandoned_when_a_joiner_fails_its_node_goes_or_the_deadline_p
     # the plan changed under it (a failure re-planned): stale
     newer = Plan.from_dict({**base.to_dict(), "generation": 2})
     assert growth_decision(growth=growth, plan=newer, joiners=_ready(growth), live_nodes=live,
-                           now=101.0)[0] == "abandon"
+                           now=101.0)[0] == "withdraw"
 
 
 def test_an_abandoned_growth_is_retried_after_a_growing_backoff():
