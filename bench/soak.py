@@ -141,6 +141,16 @@ def fault_schedule(seed: int, count: int, kinds: tuple[str, ...]) -> list[tuple[
     return out
 
 
+def steps_redone(records: list[dict]) -> int:
+    """Committed steps trained again, from the workers' own step lines: a step that plan
+    generations g1 < g2 both trained was redone once in g2 (lost with g1's state). Counts what
+    the recovery records cannot: a recovery superseded before it completed records nothing."""
+    generations: dict[int, set[int]] = {}
+    for r in records:
+        generations.setdefault(int(r["step"]), set()).add(int(r.get("generation", 0)))
+    return sum(len(g) - 1 for g in generations.values())
+
+
 def progress_times(records: list[dict]) -> list[tuple[float, int]]:
     """(unix time, step) at which the job first went past every step before it: the times it
     made new progress (a step re-run after a recovery is not new)."""
@@ -578,7 +588,8 @@ def _wait_phase(soak: Soak, job_id: str, phases: tuple[str, ...], timeout_s: flo
 
 def build_report(soak: Soak, job_id: str, job: pb.Job | None, phase: str, steps: int, step_s: float,
                  injected: list[dict[str, Any]], settings: SoakSettings) -> dict[str, Any]:
-    progress = progress_times(step_records(metric_lines(soak.state_dir, job_id)))
+    records = step_records(metric_lines(soak.state_dir, job_id))
+    progress = progress_times(records)
     end = progress[-1][0] if progress else time.time()
     stalls: dict[str, list[float]] = {}
     for fault in injected:
@@ -609,6 +620,7 @@ def build_report(soak: Soak, job_id: str, job: pb.Job | None, phase: str, steps:
         "mttr_s_by_kind": {k: {"p50": _r(percentile(v, 0.5)), "max": _r(max(v)), "n": len(v)}
                             for k, v in sorted(stalls.items())},
         "steps_lost": sum(r.steps_lost for r in recoveries),
+        "steps_redone": steps_redone(records),
         "final_size": final_workers, "full_size": 4,
         "phases_s_by_kind": phase_summary(phases),
         "faults": injected, "fault_phases": phases,
@@ -634,7 +646,8 @@ def print_table(report: dict[str, Any], out=sys.stderr) -> None:
     print(f"\nsoak seed {report['seed']}: job {report['job_id']} {report['phase']} at step "
           f"{report['final_step']}/{report['steps']} ({report['message']})", file=out)
     print(f"  faults injected {report['faults_injected']}, recoveries {report['recoveries']} "
-          f"{report['recoveries_by_cause']}, steps lost {report['steps_lost']}, final size "
+          f"{report['recoveries_by_cause']}, steps lost {report['steps_lost']} "
+          f"(redone, from the step lines: {report.get('steps_redone')}), final size "
           f"{report['final_size']}/{report['full_size']}, {report.get('duration_s', '?')} s", file=out)
     print(f"  {'fault kind':<16} {'n':>3} {'MTTR p50 s':>12} {'MTTR max s':>12}", file=out)
     for kind, row in report["mttr_s_by_kind"].items():

@@ -65,6 +65,15 @@ def test_each_fault_gets_the_phases_of_its_own_recovery_and_growth_back():
     assert summary["etcd-kill"]["n"] == 0 and summary["etcd-kill"]["recovery_s"] is None
 
 
+def test_steps_redone_counts_every_later_generation_that_trained_a_step_again():
+    records = [{"step": 1, "generation": 1}, {"step": 1, "generation": 1},  # two ranks' lines of one step
+               {"step": 2, "generation": 1}, {"step": 3, "generation": 1},
+               {"step": 2, "generation": 3}, {"step": 3, "generation": 3},  # g1's state lost: 2 and 3 again
+               {"step": 3, "generation": 4}, {"step": 4, "generation": 4}]  # and 3 once more
+    assert soak.steps_redone(records) == 3
+    assert soak.steps_redone([{"step": s, "generation": 1} for s in range(1, 5)]) == 0
+
+
 def test_loss_check_needs_every_step_and_every_record_equal():
     ref = {1: 4.0, 2: 3.0, 3: 2.0}
     assert soak.loss_check({1: [4.0], 2: [3.0, 3.0000001], 3: [2.0]}, ref, 3)["equal"]
@@ -95,4 +104,5 @@ def test_soak_random_faults_job_succeeds_with_the_same_losses(tmp_path):
     assert report["succeeded"], (report["phase"], report["message"], report["state_dir"])
     assert report["losses"]["equal"], report["losses"]
     assert report["steps_lost"] <= report["faults_injected"], report
+    assert report["steps_redone"] <= report["faults_injected"], report
     assert report["final_size"] == report["full_size"], report
