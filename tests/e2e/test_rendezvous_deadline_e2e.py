@@ -31,13 +31,17 @@ deadline runs from the first arrival); no legitimately slow new worker needs a m
 STEPS = 20
 """The kill lands at step 5; the generations after it need only a few steps to show that the job
 trains on and finishes (every step past them was the survivor alone, checking nothing more)."""
+HANG_ARGS = ("--hang-floor-s=15",)
+"""The hang detector is not this test's subject: beside a busy process the lone survivor of
+generation 3 once stalled 4 s between two ~0.3 s steps, and the fast-detection floor (4 s) had it
+killed as hung (no worker left: the job failed)."""
 RENDEZVOUS_ARGS = (f"--rendezvous-floor-s={FLOOR_S}", f"--rendezvous-cap-s={CAP_S}",
                    f"--rendezvous-startup-factor={FACTOR}", f"--rendezvous-step-k={STEP_K}")
 
 
 def test_a_worker_that_never_joins_its_generation_is_replanned_around_within_the_derived_deadline(tmp_path):
     env = {"TENAX_FAULT": "kind=hang-join,gen=2,rank=-1"}
-    with cluster_with_env(tmp_path, env, controller_args=(*FAST_DETECTION_ARGS, *RENDEZVOUS_ARGS),
+    with cluster_with_env(tmp_path, env, controller_args=(*FAST_DETECTION_ARGS, *HANG_ARGS, *RENDEZVOUS_ARGS),
                           agents=1, slots=3) as info:
         # two workers on three slots: a failure is re-planned onto the free one (a new worker): the
         # survivor alone would need a 1-stage layout, larger per worker than the spec's 2 stages
