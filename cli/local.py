@@ -35,7 +35,6 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli import credentials
-from cli.controller import controller_tls_args
 from cli.env import tenax_home
 from common.embedded_etcd import start_etcd
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
@@ -214,6 +213,8 @@ def _controller_security(state_dir: Path, etcd_url: str) -> tuple[list[str], dic
     """(extra controller flags, security record): the controller serves TLS (it refuses to
     start without it). The record (dev CA, server certificate, admin token file) is kept in
     the state file for the client CLI."""
+    from cli.controller import controller_tls_args  # here: client commands import this module, not the controller
+
     record = security.bootstrap_local(state_dir, etcd_url)
     return controller_tls_args(record), record
 

@@ -21,27 +21,52 @@ Controller address resolution for client commands: ``--controller``, else
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-
-from cli import agent, chaos, client, controller, data, demo, diagnose, export, local, security, train_local
+from collections.abc import Sequence
 
 # Each module's `register` adds its subcommands; each subcommand sets `func`
 # (args -> exit code). Order is the order of `tenax --help`.
-_PARTS = (controller, client, local, demo, agent, train_local, security, chaos, export, data, diagnose)
+_PARTS = ("controller", "client", "local", "demo", "agent", "train_local", "security", "chaos", "export", "data",
+          "diagnose")
+COMMANDS = {
+    "controller": "controller",
+    **dict.fromkeys(("submit", "jobs", "job", "events", "nodes", "cordon", "uncordon", "drain", "cancel", "logs"),
+                    "client"),
+    "up": "local", "down": "local", "demo": "demo", "agent": "agent", "train-local": "train_local",
+    **dict.fromkeys(("audit", "tokens", "certs"), "security"),
+    "chaos": "chaos", "export": "export", "data": "data", "diagnose": "diagnose",
+}
+"""Subcommand -> the cli module that registers it. A command imports only its own module: `tenax job`
+does not load the controller server, nor `tenax agent` the controller (every CLI call and every agent
+or controller start is that much cheaper). tests/cli/test_cli_main.py keeps it equal to what the
+modules register."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names (None: none, or help asked before it)."""
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `tenax` parser: every subcommand, or only ``command``'s module's when it is a known one."""
     parser = argparse.ArgumentParser(prog="tenax", description="Fault-tolerant elastic training cluster.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in _PARTS:
-        module.register(sub)
+    for name in (COMMANDS[command],) if command in COMMANDS else _PARTS:
+        importlib.import_module(f"cli.{name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -26,6 +26,10 @@ from pathlib import Path
 
 import pytest
 
+from cli.client import job_record
+from cli.local import controller_channel
+from protos import tenax_pb2 as pb
+from protos import tenax_pb2_grpc as pb_grpc
 from tests.conftest import REPO
 from tests.e2e.test_e2e_cluster import (TTL_S, alive, job_file, job_json, local_cluster, nodes, submit, tenax,
                                         wait_job_done, wait_until)
@@ -45,16 +49,28 @@ _INT64_FIELDS = ("generation", "at_step", "steps_lost", "bytes_moved", "bytes_lo
 """Recovery fields that are int64 in the proto, hence JSON strings in `tenax job --json`."""
 
 
-def job_doc(info: dict, job_id: str) -> dict:
-    """`tenax job ID --json`: the user's view (workers with node/slot/pid, recoveries)."""
-    out = tenax("job", job_id, "--json", "--controller", info["controller"], home=info["home"], timeout_s=30)
-    doc = json.loads(out.stdout)
+def _int_fields(doc: dict) -> dict:
     for r in doc["recoveries"]:
         for name in _INT64_FIELDS:
             r[name] = int(r.get(name, 0))
         r.setdefault("old_layout", {})
         r.setdefault("new_layout", {})
     return doc
+
+
+def job_doc(info: dict, job_id: str) -> dict:
+    """`tenax job ID --json`: the user's view (workers with node/slot/pid, recoveries)."""
+    out = tenax("job", job_id, "--json", "--controller", info["controller"], home=info["home"], timeout_s=30)
+    return _int_fields(json.loads(out.stdout))
+
+
+def job_doc_rpc(info: dict, job_id: str) -> dict:
+    """What `tenax job ID --json` prints (its ``job_record``, without the events), read over gRPC
+    from the test process: for polls. A CLI process per poll kept one of a 2-core host's cores
+    busy starting Python, slowing the workers whose progress the poll waits for."""
+    with controller_channel(info["controller"], info["security"]) as channel:
+        job = pb_grpc.JobServiceStub(channel).GetJob(pb.GetJobRequest(job_id=job_id), timeout=5)
+    return _int_fields(job_record(job))
 
 
 def timeline(info: dict, job_id: str) -> list[dict]:
@@ -93,7 +109,7 @@ def wait_step(info: dict, job_id: str, step: int, timeout_s: float = 90) -> dict
 def wait_recoveries(info: dict, job_id: str, count: int, timeout_s: float = 60) -> dict:
     """Until ``count`` recoveries are complete (total_s set) and the job runs (or is done)."""
     def done():
-        doc = job_doc(info, job_id)
+        doc = job_doc_rpc(info, job_id)
         assert doc["phase"] not in ("FAILED", "CANCELLED"), doc["message"]
         complete = [r for r in doc["recoveries"] if r.get("total_s", 0) > 0]
         return doc if len(complete) >= count and doc["phase"] in ("RUNNING", "SUCCEEDED") else None

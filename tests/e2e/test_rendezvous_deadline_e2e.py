@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tests.e2e.test_e2e_cluster import job_file, submit, wait_job_done, wait_until
-from tests.e2e.test_e2e_elastic import job_doc, pids_by_slot, timeline, wait_step, worker_logs
+from tests.e2e.test_e2e_elastic import job_doc, job_doc_rpc, pids_by_slot, timeline, wait_step, worker_logs
 from tests.helpers.health_e2e_helpers import FAST_DETECTION_ARGS, cluster_with_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -28,17 +28,24 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 FLOOR_S, CAP_S, FACTOR, STEP_K = 3.0, 40.0, 1.0, 5.0
 """Factor 1: the only rank that must arrive in time is the survivor, which arrives first (the
 deadline runs from the first arrival); no legitimately slow new worker needs a margin here."""
+STEPS = 20
+"""The kill lands at step 5; the generations after it need only a few steps to show that the job
+trains on and finishes (every step past them was the survivor alone, checking nothing more)."""
+HANG_ARGS = ("--hang-floor-s=15",)
+"""The hang detector is not this test's subject: beside a busy process the lone survivor of
+generation 3 once stalled 4 s between two ~0.3 s steps, and the fast-detection floor (4 s) had it
+killed as hung (no worker left: the job failed)."""
 RENDEZVOUS_ARGS = (f"--rendezvous-floor-s={FLOOR_S}", f"--rendezvous-cap-s={CAP_S}",
                    f"--rendezvous-startup-factor={FACTOR}", f"--rendezvous-step-k={STEP_K}")
 
 
 def test_a_worker_that_never_joins_its_generation_is_replanned_around_within_the_derived_deadline(tmp_path):
     env = {"TENAX_FAULT": "kind=hang-join,gen=2,rank=-1"}
-    with cluster_with_env(tmp_path, env, controller_args=(*FAST_DETECTION_ARGS, *RENDEZVOUS_ARGS),
+    with cluster_with_env(tmp_path, env, controller_args=(*FAST_DETECTION_ARGS, *HANG_ARGS, *RENDEZVOUS_ARGS),
                           agents=1, slots=3) as info:
         # two workers on three slots: a failure is re-planned onto the free one (a new worker): the
         # survivor alone would need a 1-stage layout, larger per worker than the spec's 2 stages
-        spec = job_file(tmp_path, steps=60, parallelism={"dp": 1, "pp": 2, "zero_stage": 1},
+        spec = job_file(tmp_path, steps=STEPS, parallelism={"dp": 1, "pp": 2, "zero_stage": 1},
                         resources={"workers": 2, "device": "cpu"},
                         elastic={"min_workers": 1, "max_workers": 2, "snapshot_every": "1"})
         job_id = submit(info, spec)
@@ -49,7 +56,7 @@ def test_a_worker_that_never_joins_its_generation_is_replanned_around_within_the
 
         # generation 2: the survivor and a new worker on a free slot, which hangs before it joins
         def held_joiner():
-            doc = job_doc(info, job_id)
+            doc = job_doc_rpc(info, job_id)
             assert doc["phase"] not in ("FAILED", "CANCELLED"), doc["message"]
             if doc["generation"] != 2:
                 return None
