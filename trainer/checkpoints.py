@@ -51,6 +51,9 @@ class DiskCheckpoints:
         """What this process saved, oldest first: a process deletes only its own files, so a
         rank still writing (or a recovery reading) another rank's files is never raced."""
         self._queue: queue.Queue = queue.Queue()
+        self.last_write_s = 0.0
+        """Seconds the last checkpoint took (its copy and its write)."""
+        self._idle_since = time.monotonic()
         self._thread = threading.Thread(target=self._writer, name="disk-checkpoints", daemon=True)
         self._thread.start()
 
@@ -65,6 +68,7 @@ class DiskCheckpoints:
         _dcp()  # the first import, here on the writer thread: not on a save's clock
         while True:
             snap, generation, rank = self._queue.get()
+            started = time.monotonic()
             try:
                 copy = Snapshot(step=snap.step, tensors={k: t.clone() for k, t in snap.tensors.items()},
                                 checksums=dict(snap.checksums), checksum_kind=snap.checksum_kind,
@@ -77,6 +81,8 @@ class DiskCheckpoints:
             except Exception as exc:  # a failed checkpoint is logged; in-memory snapshots still protect the job
                 log.warning("disk checkpoint of step %d failed: %r", snap.step, exc)
             finally:
+                self._idle_since = time.monotonic()
+                self.last_write_s = self._idle_since - started
                 self._queue.task_done()
 
     def _prune(self) -> None:
@@ -93,6 +99,13 @@ class DiskCheckpoints:
     def idle(self) -> bool:
         """Nothing submitted is still waiting or being written."""
         return self._queue.unfinished_tasks == 0
+
+    def rested(self, now: float | None = None) -> bool:
+        """Idle for at least as long as the last checkpoint took: checkpoints taken whenever the
+        writer has rested occupy it (its host copy, the disk) at most half the time, whatever
+        the state's size (a small state: every step; 16 GB written in 20 s: one every 40 s)."""
+        now = time.monotonic() if now is None else now
+        return self.idle and now - self._idle_since >= self.last_write_s
 
     def flush(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the checkpoints submitted so far to be on disk (False:

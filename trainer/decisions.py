@@ -126,12 +126,14 @@ def common_disk_step(per_rank_steps: Iterable[Iterable[int]]) -> int | None:
 
 
 def disk_checkpoint_due(step: int, *, every: int, last: int, memory_covers_node: bool,
-                        writer_idle: bool) -> tuple[bool, str]:
+                        writer_rested: bool) -> tuple[bool, str]:
     """Does the snapshot of ``step`` go to disk? Every ``every`` steps (0: never), and, while the
     in-memory replicas do not survive the loss of a node (every copy of some rank's state on
     one node, or a single worker), every snapshot the disk writer is free to take: then the
-    disk is the only copy a node loss leaves, and a writer still busy skips a snapshot rather
-    than queue one (the next free one is newer). ``last``: the step last handed to the writer."""
+    disk is the only copy a node loss leaves. A writer that is still busy, or has not rested
+    as long as its last checkpoint took (``DiskCheckpoints.rested``), skips a snapshot rather
+    than queue one (the next free one is newer), so a large state is not written back to back.
+    ``last``: the step last handed to the writer."""
     if every <= 0:
         return False, "disk checkpoints off"
     if step == last:
@@ -139,9 +141,9 @@ def disk_checkpoint_due(step: int, *, every: int, last: int, memory_covers_node:
     if step % every == 0:
         return True, f"every {every} steps"
     if not memory_covers_node:
-        if writer_idle:
+        if writer_rested:
             return True, "memory does not survive a node loss: every snapshot the writer can take"
-        return False, "memory does not survive a node loss, but the writer is still busy"
+        return False, "memory does not survive a node loss, but the writer is busy or resting"
     return False, "memory covers a node loss"
 
 

@@ -494,7 +494,7 @@ class ElasticWorker:
         if self.disk is None or latest is None:
             return
         due, _ = disk_checkpoint_due(latest.step, every=self.settings.checkpoint_every, last=gen.checkpointed,
-                                     memory_covers_node=gen.memory_covers_node, writer_idle=self.disk.idle)
+                                     memory_covers_node=gen.memory_covers_node, writer_rested=self.disk.rested())
         if not due:
             return
         gen.checkpointed = latest.step

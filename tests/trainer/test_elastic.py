@@ -54,16 +54,16 @@ def test_memory_covers_a_node_loss_only_when_every_buddy_is_on_another_node():
 
 def test_disk_checkpoints_follow_every_snapshot_the_writer_can_take_while_memory_misses_a_node():
     # memory covers a node: only the interval
-    assert disk_checkpoint_due(200, every=100, last=100, memory_covers_node=True, writer_idle=True)[0]
-    assert not disk_checkpoint_due(201, every=100, last=200, memory_covers_node=True, writer_idle=True)[0]
-    # memory does not: every snapshot while the writer is free; a busy writer skips, never queues
-    due, why = disk_checkpoint_due(201, every=100, last=200, memory_covers_node=False, writer_idle=True)
+    assert disk_checkpoint_due(200, every=100, last=100, memory_covers_node=True, writer_rested=True)[0]
+    assert not disk_checkpoint_due(201, every=100, last=200, memory_covers_node=True, writer_rested=True)[0]
+    # memory does not: every snapshot while the writer is free; a busy (or resting) writer skips, never queues
+    due, why = disk_checkpoint_due(201, every=100, last=200, memory_covers_node=False, writer_rested=True)
     assert due and "node loss" in why
-    assert not disk_checkpoint_due(202, every=100, last=201, memory_covers_node=False, writer_idle=False)[0]
-    assert disk_checkpoint_due(300, every=100, last=201, memory_covers_node=False, writer_idle=False)[0]  # interval
+    assert not disk_checkpoint_due(202, every=100, last=201, memory_covers_node=False, writer_rested=False)[0]
+    assert disk_checkpoint_due(300, every=100, last=201, memory_covers_node=False, writer_rested=False)[0]  # interval
     # never twice for one step; never with disk checkpoints off
-    assert not disk_checkpoint_due(201, every=100, last=201, memory_covers_node=False, writer_idle=True)[0]
-    assert not disk_checkpoint_due(201, every=0, last=0, memory_covers_node=False, writer_idle=True)[0]
+    assert not disk_checkpoint_due(201, every=100, last=201, memory_covers_node=False, writer_rested=True)[0]
+    assert not disk_checkpoint_due(201, every=0, last=0, memory_covers_node=False, writer_rested=True)[0]
 
 
 def test_the_resume_step_is_the_newest_step_every_needed_slice_has_a_copy_of():
@@ -109,6 +109,36 @@ def test_a_submitted_disk_checkpoint_counts_once_flush_says_it_is_written(tmp_pa
     assert disk.flush(30)
     assert (tmp_path / "checkpoints" / "step-00000004" / "g1-r0" / "done").exists()
     assert disk.flush(0)  # nothing pending: at once
+
+
+def test_the_disk_writer_rests_as_long_as_its_last_checkpoint_took(tmp_path, monkeypatch):
+    """While memory misses a node every snapshot the writer can take goes to disk: a large state
+    must not be written back to back, so the writer counts as free only after resting as long
+    as its last checkpoint took."""
+    import time
+
+    import torch
+
+    from trainer.checkpoints import DiskCheckpoints
+    from trainer.snapshot import Snapshot, chunk_checksums
+
+    disk = DiskCheckpoints(str(tmp_path / "checkpoints"), tiny_spec().model)
+    assert disk.rested()  # nothing written yet
+    real_save = disk.save
+
+    def slow_save(snap, **kw):  # a large state: the write takes a while
+        time.sleep(0.3)
+        return real_save(snap, **kw)
+
+    monkeypatch.setattr(disk, "save", slow_save)
+    tensors = {"params": torch.arange(8, dtype=torch.float32)}
+    disk.submit(Snapshot(step=1, tensors=tensors, checksums={k: chunk_checksums(t) for k, t in tensors.items()},
+                         metadata={"rank": 0}, complete=True), generation=1, rank=0)
+    assert not disk.rested()  # busy
+    assert disk.flush(30)
+    done = time.monotonic()
+    assert disk.last_write_s >= 0.3
+    assert not disk.rested(done + 0.1) and disk.rested(done + disk.last_write_s + 0.01)
 
 
 def test_disk_checkpoints_keep_the_newest_k_of_this_process_and_no_other_rank_s(tmp_path):
