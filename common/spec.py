@@ -378,8 +378,13 @@ class ElasticSpec:
     hidden, measured in the first steps of every generation) or a positive integer (steps)."""
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     """Disk checkpoint interval (steps); 0 turns disk checkpoints off. Written asynchronously
-    (torch.distributed.checkpoint, per rank) under the agent's run directory: they cover what the
-    in-memory snapshots cannot (every copy of a shard lost)."""
+    (torch.distributed.checkpoint, per rank) to the agent's ``--checkpoint-dir`` (shared by the
+    nodes) or its run directory: they cover what the in-memory snapshots cannot (every copy of a
+    shard lost). While the replicas do not survive the loss of a node (every rank and its buddy
+    on one node, or a single worker), every snapshot the disk writer is free to take goes to disk
+    as well (``trainer.decisions.disk_checkpoint_due``; free: idle for as long as its last
+    checkpoint took, so a large state is written at most half the time), so such a loss costs
+    about as many steps as a worker failure."""
     checkpoint_keep: int = 3
     """Newest disk checkpoints kept (count); older ones are deleted once a newer one is complete."""
     straggler_policy: str = "rebalance"

@@ -375,7 +375,16 @@ def test_losing_the_node_that_holds_every_copy_resumes_from_the_shared_disk_a_st
             # no rank survived to know the step: the controller's view of it counts the steps redone
             assert rec["at_step"] >= killed_at, (rec, killed_at)
             assert {w["node"] for w in doc["workers"]} == {"node-1"} and not lost & set(pids_by_slot(doc))
-            assert_same_curve(job_losses(info, job_id), reference)
+            # The lost node's last step lines may never have been relayed (its agent relays them about
+            # once a second, later under load) and those steps are not redone (their state came back
+            # from disk): one run of steps right after the last relayed one may lack a loss; every
+            # step before and after it has the reference's loss.
+            got = job_losses(info, job_id)
+            unrelayed = sorted(set(reference) - set(got))
+            if unrelayed:
+                assert unrelayed == list(range(unrelayed[0], unrelayed[-1] + 1)), unrelayed
+                assert unrelayed[0] > rec["at_step"] - 3 and unrelayed[-1] < STEPS, (unrelayed, rec)
+            assert_same_curve(got, {s: v for s, v in reference.items() if s not in unrelayed})
 
 
 # ------------------------------------------------------------------ 4. growth, then a drain
