@@ -37,17 +37,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from trainer import export, hf
 
     try:
-        sources: list[Path] = []
-        jobs: list[tuple[str, list[Path]]] = []
-        for source in args.source:
-            if Path(source).exists():
-                sources.append(Path(source))
-                continue
-            found = local_job_dirs(source, args.state_dir)
+        given = [Path(s) for s in args.source if Path(s).exists()]
+        jobs = {s: local_job_dirs(s, args.state_dir) for s in args.source if not Path(s).exists()}
+        for job, found in jobs.items():
             if not found:
-                raise export.ExportError(f"{source}: neither a directory nor a job of the local cluster")
-            sources.extend(found)
-            jobs.append((source, found))
+                raise export.ExportError(f"{job}: neither a directory nor a job of the local cluster")
+        sources = given + [d for found in jobs.values() for d in found]
         if args.spec:
             import yaml
 
@@ -59,12 +54,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                                      f"{spec.model.arch!r}")
         # a directory given must have checkpoints; a job of the local cluster has them in some of
         # its directories (the shared checkpoint directory, or the nodes' own)
-        local = {d for _, found in jobs for d in found}
-        roots = export.checkpoint_roots([s for s in sources if s not in local])
-        for job, found in jobs:
+        roots = export.checkpoint_roots(given)
+        for job, found in jobs.items():
             mine = [r for r in map(export.checkpoint_root, found) if r is not None]
             if not mine:
-                raise export.ExportError(f"{job}: no checkpoints (a job needs elastic.checkpoint_every > 0)")
+                raise export.no_checkpoints(job)
             roots.extend(mine)
         step = args.step if args.step is not None else export.latest_complete_step(spec.model, roots)
         tensors = export.load_full_params(spec.model, roots, step)

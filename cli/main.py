@@ -28,8 +28,6 @@ from collections.abc import Sequence
 
 # Each module's `register` adds its subcommands; each subcommand sets `func`
 # (args -> exit code). Order is the order of `tenax --help`.
-_PARTS = ("controller", "client", "local", "demo", "agent", "train_local", "security", "chaos", "export", "data",
-          "diagnose")
 COMMANDS = {
     "controller": "controller",
     **dict.fromkeys(("submit", "jobs", "job", "events", "nodes", "cordon", "uncordon", "drain", "cancel", "logs"),
@@ -42,6 +40,9 @@ COMMANDS = {
 does not load the controller server, nor `tenax agent` the controller (every CLI call and every agent
 or controller start is that much cheaper). tests/cli/test_cli_main.py keeps it equal to what the
 modules register."""
+
+_PARTS = tuple(dict.fromkeys(COMMANDS.values()))
+"""The cli modules, in the order of `tenax --help`."""
 
 
 def command_of(argv: Sequence[str]) -> str | None:

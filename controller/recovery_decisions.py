@@ -366,9 +366,9 @@ def wait_for_capacity(*, failed_at: float, now: float, wait_s: float) -> tuple[b
 def end_growth(growth: GrowthRecord, *, state: str, reason: str, now: float, backoff: bool = True) -> GrowthRecord:
     """The record after a commit or an abandon (ABANDONED sets the retry backoff, unless
     ``backoff`` is False: a withdrawn growth may be retried at once)."""
-    retry = now if state == "ABANDONED" else 0.0
-    if state == "ABANDONED" and backoff:
-        retry = now + min(GROWTH_RETRY_MAX_S, GROWTH_RETRY_S * 2 ** max(growth.attempt - 1, 0))
+    retry = 0.0
+    if state == "ABANDONED":
+        retry = now + (min(GROWTH_RETRY_MAX_S, GROWTH_RETRY_S * 2 ** max(growth.attempt - 1, 0)) if backoff else 0.0)
     return GrowthRecord(**{**growth.to_dict(), "state": state, "reason": reason, "ended": now,
                            "retry_after": retry})
 
@@ -550,9 +550,12 @@ def next_failure_cost(spec: JobSpec, plan: Plan, *, step: int, recoverable_step:
     the trainer writes every snapshot to disk as well (``trainer.decisions.disk_checkpoint_due``),
     so about as many steps as memory would lose; before any snapshot, the steps since the start."""
     worker_ok, node_ok, redundancy = snapshot_redundancy(plan)
-    behind = max(step - recoverable_step, 0) if recoverable_step > 0 else step
-    memory = f"{behind} step(s) from memory" if recoverable_step > 0 else \
-        f"{step} step(s): no snapshot replicated yet"
+    if recoverable_step > 0:
+        behind = max(step - recoverable_step, 0)
+        memory = f"{behind} step(s) from memory"
+    else:
+        behind = step
+        memory = f"{step} step(s): no snapshot replicated yet"
     if spec.elastic.checkpoint_every <= 0:
         disk = "the job (elastic.checkpoint_every: 0, no disk checkpoint)"
     else:

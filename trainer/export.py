@@ -31,13 +31,17 @@ def checkpoint_root(source: str | Path) -> Path | None:
     return None
 
 
+def no_checkpoints(source: str | Path) -> ExportError:
+    return ExportError(f"{source}: no checkpoints directory (a job needs elastic.checkpoint_every > 0)")
+
+
 def checkpoint_roots(sources: Iterable[str | Path]) -> list[Path]:
     """The ``checkpoints`` directories under the given job, run or checkpoints directories."""
     roots = []
     for source in map(Path, sources):
         root = checkpoint_root(source)
         if root is None:
-            raise ExportError(f"{source}: no checkpoints directory (a job needs elastic.checkpoint_every > 0)")
+            raise no_checkpoints(source)
         roots.append(root)
     return roots
 
