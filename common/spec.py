@@ -384,7 +384,7 @@ class ElasticSpec:
     on one node, or a single worker), every snapshot the disk writer is free to take goes to disk
     as well (``trainer.decisions.disk_checkpoint_due``; free: idle for as long as its last
     checkpoint took, so a large state is written at most half the time), so such a loss costs
-    about as many steps as a worker failure."""
+    the few steps of the writer's period, not a disk interval."""
     checkpoint_keep: int = 3
     """Newest disk checkpoints kept (count); older ones are deleted once a newer one is complete."""
     straggler_policy: str = "rebalance"

@@ -345,8 +345,10 @@ def test_losing_the_node_that_holds_every_copy_resumes_from_the_shared_disk_a_st
     """Issue 16: both ranks run on node-0, so each rank's buddy replica is on node-0 too and the
     in-memory copies do not survive that node. The trainer then writes every snapshot it can to
     the shared checkpoint directory (`tenax up` gives every agent one), the job status says what a
-    node loss would cost, and when node-0 is lost the job resumes on node-1 from disk a step or
-    two back, not from the last ``checkpoint_every`` multiple (here: none yet, step 0)."""
+    node loss would cost, and when node-0 is lost the job resumes on node-1 from disk a few steps
+    back (the writer takes a snapshot after resting as long as its last write took: a step or two
+    on a quiet host, ~5 beside a busy process), not from the last ``checkpoint_every`` multiple
+    (here: none yet, so step 0: at least 20 steps lost)."""
     with local_cluster(tmp_path, agents=1) as info:
         shared = Path(info["state_dir"]) / "checkpoints"
         path = job_file(tmp_path, steps=STEPS, parallelism={"dp": 2, "pp": 1, "zero_stage": 1},
@@ -356,7 +358,7 @@ def test_losing_the_node_that_holds_every_copy_resumes_from_the_shared_disk_a_st
         job_id = submit(info, path)
         with extra_agent(info, "node-1", args=("--checkpoint-dir", str(shared))):
             wait_until(lambda: nodes(info).get("node-1"), 30, "node-1 to register")
-            at_risk = wait_step(info, job_id, 10)
+            at_risk = wait_step(info, job_id, 20)
             doc = job_doc(info, job_id)
             assert "a node loss: about" in doc["next_failure_cost"] and "from disk" in doc["next_failure_cost"], doc
             assert (shared / job_id).is_dir() and any((shared / job_id).glob("step-*/g1-r*/done")), \
@@ -370,7 +372,7 @@ def test_losing_the_node_that_holds_every_copy_resumes_from_the_shared_disk_a_st
             done = wait_job_done(info, job_id, timeout_s=150)
             doc = job_doc(info, job_id)
             assert done["phase"] == "SUCCEEDED", (doc["message"], worker_logs(info))
-            rec, = assert_recovered(doc, count=1, max_steps_lost=3)
+            rec, = assert_recovered(doc, count=1, max_steps_lost=10)
             assert rec["cause"] == "node-lost" and rec.get("from_disk") is True, rec
             # no rank survived to know the step: the controller's view of it counts the steps redone
             assert rec["at_step"] >= killed_at, (rec, killed_at)
