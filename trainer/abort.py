@@ -49,6 +49,7 @@ and the backstop collective timeout of ``wait``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -417,6 +418,16 @@ def form_group(store: Any, prefix: str, *, rank: int, world_size: int, backend: 
     return c10d._get_default_group()
 
 
+CONNECT_ATTEMPT_S = 2.0
+"""Longest single TCPStore connect (seconds); ``connect_store`` retries until its own timeout.
+Short attempts keep a connect that is given up on short-lived: torch retries a failed attempt
+once more after a backoff that grows with the attempt (up to about 0.75x its length)."""
+
+LEFT_BEHIND_GRACE_S = 2 * CONNECT_ATTEMPT_S + 1.0
+"""How long past its attempt's timeout a connect given up on can still run (seconds): torch's
+backoff (at most ~0.75 attempts) and one more attempt, with a second to spare."""
+
+
 def connect_store(host: str, port: int, *, timeout_s: float, should_abort: Callable[[], str | None] | None = None,
                   poll_s: float = 0.02, what: str = "the rendezvous store") -> Any:
     """A TCPStore client of ``host:port`` (its operations time out after ``timeout_s``), abortably.
@@ -424,33 +435,83 @@ def connect_store(host: str, port: int, *, timeout_s: float, should_abort: Calla
     The constructor blocks in C++ and does not always honour its timeout: against a listener
     that completes the TCP handshake but never answers (the port of a lost node's store still
     held open) it blocked for good in a measurement on torch 2.13, and a refused connection is
-    retried for the whole timeout. So it runs on a daemon thread, and this waits for it in
-    ``poll_s`` slices: CommAborted as soon as ``should_abort()`` names a reason (a newer plan
-    switches now), TimeoutError after ``timeout_s``. A connect given up on is left behind; its
-    thread ends when the connection attempt does."""
+    retried for the whole timeout. So each attempt (at most ``CONNECT_ATTEMPT_S``) runs on a
+    daemon thread, and this waits for it in ``poll_s`` slices: CommAborted as soon as
+    ``should_abort()`` names a reason (a newer plan switches now), TimeoutError after
+    ``timeout_s``. An attempt given up on is left behind; its thread ends when the attempt does,
+    and the interpreter's exit waits for that (``join_left_behind_connects``)."""
+    deadline = time.monotonic() + timeout_s
+    last_error: BaseException | None = None
+    while True:
+        attempt_s = max(0.1, min(CONNECT_ATTEMPT_S, deadline - time.monotonic()))
+        attempt_end = time.monotonic() + attempt_s
+        thread, done, result = _start_connect(host, port, attempt_s)
+        while not done.wait(max(0.0, min(poll_s, deadline - time.monotonic()))):
+            reason = should_abort() if should_abort is not None else None
+            if reason:
+                _leave_behind(thread, attempt_end)
+                raise CommAborted(f"connecting to {what} at {host}:{port}: {reason}")
+            if time.monotonic() >= deadline:
+                _leave_behind(thread, attempt_end)
+                raise TimeoutError(f"{what} at {host}:{port} did not answer within {timeout_s:.0f} s")
+        if "store" in result:
+            store = result["store"]
+            store.set_timeout(timedelta(seconds=timeout_s))
+            return store
+        last_error = result["error"]
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} at {host}:{port} did not answer within {timeout_s:.0f} s: "
+                               f"{str(last_error).splitlines()[0] if str(last_error) else type(last_error).__name__}")
+
+
+def _start_connect(host: str, port: int, attempt_s: float) -> tuple[threading.Thread, threading.Event, dict]:
     done = threading.Event()
     result: dict[str, Any] = {}
 
     def connect() -> None:
         try:
             result["store"] = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
-                                            timeout=timedelta(seconds=timeout_s))
+                                            timeout=timedelta(seconds=attempt_s))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             result["error"] = exc
         finally:
             done.set()
 
-    threading.Thread(target=connect, name="store-connect", daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while not done.wait(max(0.0, min(poll_s, deadline - time.monotonic()))):
-        reason = should_abort() if should_abort is not None else None
-        if reason:
-            raise CommAborted(f"connecting to {what} at {host}:{port}: {reason}")
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what} at {host}:{port} did not answer within {timeout_s:.0f} s")
-    if "error" in result:
-        raise result["error"]
-    return result["store"]
+    thread = threading.Thread(target=connect, name="store-connect", daemon=True)
+    thread.start()
+    return thread, done, result
+
+
+_left_behind: list[tuple[threading.Thread, float]] = []
+"""Connect attempts given up on, with the monotonic time each attempt's own timeout ends."""
+
+
+def _leave_behind(thread: threading.Thread, attempt_end: float) -> None:
+    _left_behind[:] = [(t, d) for t, d in _left_behind if t.is_alive()]
+    _left_behind.append((thread, attempt_end))
+
+
+def join_left_behind_connects(until: float | None = None) -> int:
+    """Wait for the connect threads given up on, each until its own timeout (plus
+    ``LEFT_BEHIND_GRACE_S``) or ``until`` (monotonic), whichever is sooner; returns how many
+    are still running.
+
+    Registered at exit because a daemon thread that comes back from C++ into a finalising
+    Python 3.11 is ended by ``pthread_exit``, whose unwinding through torch's frames aborts the
+    whole process (``terminate called without an active exception``): a clean exit 0 became
+    SIGABRT when a store connect timed out during the interpreter's shutdown. An attempt still
+    running past its grace is blocked for good (a listener that never answers) and is not
+    waited for: it never re-enters Python."""
+    for thread, deadline in list(_left_behind):
+        end = deadline + LEFT_BEHIND_GRACE_S
+        if until is not None:
+            end = min(end, until)
+        thread.join(max(0.0, end - time.monotonic()))
+    _left_behind[:] = [(t, d) for t, d in _left_behind if t.is_alive()]
+    return len(_left_behind)
+
+
+atexit.register(join_left_behind_connects)
 
 
 def generation_store(host: str, port: int, prefix: str, *, timeout_s: float = 5.0) -> Any:

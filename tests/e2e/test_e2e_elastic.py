@@ -234,10 +234,15 @@ def test_kill_one_worker_survivors_keep_running_and_the_curve_is_unchanged(tmp_p
         assert rec["cause"] == "worker-failed" and rec["generation"] == 2
         assert rec["old_layout"] == {"dp": 2, "pp": 2, "zero_stage": 1}
         # the survivors' gloo error ("Connection closed by peer") is classified (common/comm_errors.py)
-        assert rec["comm_error"] == "peer-died", rec
+        # when it reached them first; when the agent's report and the new plan beat it (a survivor
+        # between collectives), they switched on the plan and saw no error
         recovery = next(e for e in timeline(info, job_id) if e["kind"] == "recovery")
-        assert "communication failed: peer-died (" in recovery["message"], recovery
-        assert "peer-died" in recovery["data"]["comm_errors"].values(), recovery
+        if rec.get("comm_error"):
+            assert rec["comm_error"] == "peer-died", rec
+            assert "communication failed: peer-died (" in recovery["message"], recovery
+            assert "peer-died" in recovery["data"]["comm_errors"].values(), recovery
+        else:
+            assert "communication failed" not in recovery["message"], recovery
         assert_survivors_kept_their_pids(pids, pids_by_slot(doc), {(victim["node"], victim["slot"])})
         assert (victim["node"], victim["slot"]) not in pids_by_slot(doc)
         assert_same_curve(job_losses(info, job_id), reference)
