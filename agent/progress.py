@@ -5,7 +5,11 @@
 * for the job's metrics rank (dp rank 0 on the last pipeline stage: the rank
   that computes the loss; rank 0 when pp=1), every step record, appended in
   batches to ``Keys.job_metrics_batch(job, first_step)`` (``protos.records.MetricsBatch``);
-* the ``tenax_rank_*`` gauges.
+* the ``tenax_rank_*`` gauges;
+* when a plan names this worker (``backfill``: the metrics rank was lost), its own recent
+  step records, so the steps the lost rank finished after its last relay are not missing;
+  and the lines a worker marks ``"replayed"`` (the step lines kept with the disk checkpoint it
+  resumed from), under the same kind of key.
 
 The worker writes one JSON object per line with at least ``step``, ``loss``,
 ``tokens`` and ``step_time`` (seconds); ``tokens_per_s``, ``collective_time`` and
@@ -40,6 +44,7 @@ from agent.retrylog import FailureLog
 from common.etcd import Etcd, EtcdError, EtcdUnavailable
 from common.retry import Backoff, cancel_and_wait
 from protos.keys import Keys
+from protos.plan import is_metrics_rank
 from protos.records import MetricsBatch, ProgressRecord, StepRecord
 from protos.recovery import is_recovery_line
 
@@ -49,6 +54,9 @@ POLL_S = 0.2
 """How often the metrics file is read for new lines (seconds)."""
 MAX_BATCH = 200
 """Step records per metrics batch key."""
+RECENT_STEPS = 512
+"""Step records every worker's relay keeps (newest per step), to re-send when the plan names it
+(``backfill``): more than a relay interval's steps at any step time."""
 MAX_WAITING_LINES = 10_000
 """Lines of a not-yet-seen generation kept until its role is known (then the oldest are dropped)."""
 _PP_RE = re.compile(r"pp(\d+)")
@@ -125,6 +133,11 @@ class ProgressRelay:
         self._latest_published: dict[str, Any] | None = None
         self._last_publish: float | None = None
         self._batch: list[StepRecord] = []
+        self._recent: dict[int, StepRecord] = {}
+        """step -> this worker's newest record of it (any role; insertion order: oldest first)."""
+        self._backfill: list[tuple[int, list[StepRecord]]] = []
+        """(generation that asked, records) waiting to be published."""
+        self._backfilled: set[int] = set()
         self._partial = b""
         self._seen_any = False
         self._task: asyncio.Task | None = None
@@ -183,6 +196,35 @@ class ProgressRelay:
         for raw in waiting:
             self._handle(raw)
 
+    def backfill(self, generation: int) -> int:
+        """Re-send this worker's recent step records of generations before ``generation`` to the
+        job's metrics (once per generation); returns how many. Every rank's record carries the
+        same all-reduced loss, so they stand in for those of a metrics rank that was lost
+        before its agent relayed them (controller.replan.metrics_backfill)."""
+        self._read_new_lines()
+        if generation in self._backfilled:
+            return 0
+        self._backfilled.add(generation)
+        records = sorted((r for r in self._recent.values() if r.generation < generation), key=lambda r: r.step)
+        if records:
+            self._backfill.append((generation, records))
+            self._urgent = True
+        return len(records)
+
+    def _replayed(self, raw: dict[str, Any]) -> None:
+        """A step line the worker re-wrote from a disk checkpoint (trainer/elastic.py): a step of
+        an older generation, for the job's metrics only (its role and progress are history)."""
+        rec = summarize(raw, self.generation)
+        if rec is None or rec["loss"] is None:
+            return
+        step = StepRecord(step=rec["step"], loss=rec["loss"], generation=rec["generation"], time=rec["time"],
+                          step_time_s=rec["step_time_s"], tokens_per_s=rec["tokens_per_s"],
+                          eval_loss=rec["eval_loss"], eval_perplexity=rec["eval_perplexity"])
+        if self._backfill and self._backfill[-1][0] == self.generation:
+            self._backfill[-1][1].append(step)
+        else:
+            self._backfill.append((self.generation, [step]))
+
     def _role(self, generation: int, raw: dict[str, Any]) -> tuple[int, bool] | None:
         """(rank, metrics rank?) for a line of ``generation``; None: wait for the agent to see that plan."""
         if generation in self.roles:
@@ -190,7 +232,7 @@ class ProgressRelay:
         rank, dp_rank, pp_rank = raw.get("rank"), raw.get("dp_rank"), raw.get("pp_rank")
         pp = _PP_RE.search(str(raw.get("layout", "")))
         if all(isinstance(x, int) for x in (rank, dp_rank, pp_rank)) and pp:
-            return rank, dp_rank == 0 and pp_rank == int(pp.group(1)) - 1  # the line says it itself
+            return rank, is_metrics_rank(dp_rank, pp_rank, int(pp.group(1)))  # the line says it itself
         if generation > max(self.roles):
             return None
         older = [g for g in self.roles if g <= generation]
@@ -221,6 +263,9 @@ class ProgressRelay:
             return
         if "event" in raw:
             return  # other worker events (e.g. step_error) name a step but are no step done
+        if raw.get("replayed"):
+            self._replayed(raw)
+            return
         rec = summarize(raw, self.generation)
         if rec is None:
             return
@@ -242,11 +287,17 @@ class ProgressRelay:
         if isinstance(rec["collective_s"], (int, float)):
             metrics.RANK_COLLECTIVE_SECONDS.labels(*labels).set(rec["collective_s"])
         flight.export_comm(self.job, rank, raw.get("comm"))  # per-kind communication times (issue #20)
-        if relay_steps and rec["loss"] is not None:
-            self._batch.append(StepRecord(step=rec["step"], loss=rec["loss"], generation=rec["generation"],
-                                          time=rec["time"], step_time_s=rec["step_time_s"],
-                                          tokens_per_s=rec["tokens_per_s"], eval_loss=rec["eval_loss"],
-                                          eval_perplexity=rec["eval_perplexity"]))
+        if rec["loss"] is not None:
+            step = StepRecord(step=rec["step"], loss=rec["loss"], generation=rec["generation"],
+                              time=rec["time"], step_time_s=rec["step_time_s"],
+                              tokens_per_s=rec["tokens_per_s"], eval_loss=rec["eval_loss"],
+                              eval_perplexity=rec["eval_perplexity"])
+            if relay_steps:
+                self._batch.append(step)
+            self._recent.pop(step.step, None)
+            self._recent[step.step] = step
+            if len(self._recent) > RECENT_STEPS:
+                del self._recent[next(iter(self._recent))]
         if not self._seen_any:
             self._seen_any = True
             if self.on_first_record:
@@ -297,5 +348,18 @@ class ProgressRelay:
                 log.error("job %s rank %d: metrics of steps %d-%d skipped, etcd refused them: %s", self.job,
                           self.rank, chunk[0].step, chunk[-1].step, exc)
             del self._batch[:len(chunk)]
+        while self._backfill:
+            generation, records = self._backfill[0]
+            for i in range(0, len(records), MAX_BATCH):
+                chunk = records[i:i + MAX_BATCH]
+                try:
+                    await self.etcd.put(self.keys.job_metrics_backfill(self.job, chunk[0].step, generation),
+                                        MetricsBatch(steps=tuple(chunk)).to_json())
+                    self.writes += 1
+                    wrote = True
+                except EtcdError as exc:  # not retried, like the batches above
+                    log.error("job %s: re-sent metrics of steps %d-%d skipped, etcd refused them: %s", self.job,
+                              chunk[0].step, chunk[-1].step, exc)
+            del self._backfill[0]
         if wrote:
             self._last_publish = now

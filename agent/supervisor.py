@@ -75,7 +75,7 @@ from common.procexit import dying_returncode
 from common.retry import Backoff
 from protos import launch
 from protos.keys import Keys
-from protos.plan import Plan, WorkerAssignment
+from protos.plan import Plan, WorkerAssignment, is_metrics_rank
 from protos.records import GrowthRecord, JoinerRecord, WorkerStatusRecord, parse_or_none
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,7 @@ class Supervisor:
                 if isinstance(action, Retire):
                     self._retire(action)
             self._adopt(plan, [a for a in actions if isinstance(a, Adopt)])
+            self._backfill_metrics(plan)
             for action in actions:
                 if isinstance(action, Start):
                     try:
@@ -333,6 +334,20 @@ class Supervisor:
             if worker.relay:
                 worker.relay.set_role(action.generation, action.rank, _is_metrics_rank(plan, a))
             self._spawn(self._report(worker))
+
+    def _backfill_metrics(self, plan: Plan) -> None:
+        """The plan names a survivor here to re-send its recent step records (the metrics rank
+        was lost with steps its agent had not relayed: controller.replan.metrics_backfill)."""
+        backfill = plan.extra.get("metrics_backfill")
+        if not isinstance(backfill, dict) or backfill.get("node") != self.node_id:
+            return
+        worker = self._live_on_slot(plan.job_id, int(backfill.get("slot", -1)))
+        if worker is None:
+            worker = self._live_on_slot(plan.job_id, int(backfill.get("slot", -1)), retired=True)
+        if worker is not None and worker.relay is not None:
+            sent = worker.relay.backfill(plan.generation)
+            log.info("job %s: generation %d: %d recent step records of slot %d re-sent to the metrics "
+                     "(the metrics rank was lost)", plan.job_id, plan.generation, sent, worker.slot)
 
     def _retire(self, action: Retire) -> None:
         worker = self._live_on_slot(action.job, action.slot)
@@ -853,6 +868,4 @@ def worker_environment(agent_env: dict[str, str] | os._Environ) -> dict[str, str
 
 
 def _is_metrics_rank(plan: Plan, a: WorkerAssignment) -> bool:
-    """The rank whose per-step records become the job's metrics: dp rank 0 on the last stage
-    (it computes the loss)."""
-    return a.dp_rank == 0 and a.pp_rank == plan.pp - 1
+    return is_metrics_rank(a.dp_rank, a.pp_rank, plan.pp)

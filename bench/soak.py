@@ -17,8 +17,9 @@ every ``--interval`` seconds, injects one fault drawn (seeded) from:
 Victims are found from the process tree (not the control plane, which may be
 down). Then it waits for the job to end and prints a report (JSON on the last
 line of stdout, a table on stderr): faults injected per kind, recoveries, the
-MTTR per fault kind (p50/max: from the fault until the job went past the newest
-step it had made before it, less one median step; 0: training never stopped), steps lost, the final size, whether the job
+MTTR per fault kind (p50/max: from the fault until the job trains again, i.e. the
+start of the first step past the newest one it had made before the fault; 0: training
+never stopped), steps lost, the final size, whether the job
 succeeded, and whether every step's loss equals an uninterrupted single-process
 run of the same spec (rtol 1e-4). Everything it started is killed at the end
 (process groups). Every wait is bounded; the bounds come from measured step times.
@@ -151,25 +152,34 @@ def steps_redone(records: list[dict]) -> int:
     return sum(len(g) - 1 for g in generations.values())
 
 
-def progress_times(records: list[dict]) -> list[tuple[float, int]]:
-    """(unix time, step) at which the job first went past every step before it: the times it
-    made new progress (a step re-run after a recovery is not new)."""
-    out: list[tuple[float, int]] = []
+def progress_times(records: list[dict]) -> list[tuple[float, int, float]]:
+    """(unix time, step, start) at which the job first went past every step before it: the
+    times it made new progress (a step re-run after a recovery is not new). ``start``: when
+    the earliest rank began that step in that generation (its line's time less its
+    ``step_time``; the line's time where a line has none)."""
+    began: dict[tuple[Any, int], float] = {}
+    for r in records:
+        key = (r.get("generation"), int(r["step"]))
+        start = float(r["time"]) - float(r.get("step_time") or 0.0)
+        began[key] = min(start, began.get(key, start))
+    out: list[tuple[float, int, float]] = []
     best = 0
     for r in sorted(records, key=lambda r: r["time"]):
         if int(r["step"]) > best:
             best = int(r["step"])
-            out.append((float(r["time"]), best))
+            out.append((float(r["time"]), best, began[(r.get("generation"), best)]))
     return out
 
 
-def time_to_progress(fault_time: float, progress: list[tuple[float, int]], end: float, step_s: float) -> float:
-    """MTTR of one fault: from the fault until the job went past the newest step it had made
-    before it, less one step time (the step in flight); 0 if training never stopped. With no
-    progress after the fault: until ``end``."""
-    before = max((step for t, step in progress if t <= fault_time), default=0)
-    after = next((t for t, step in progress if t > fault_time and step > before), end)
-    return max(0.0, after - fault_time - step_s)
+def time_to_progress(fault_time: float, progress: list[tuple[float, int, float]], end: float) -> float:
+    """MTTR of one fault: from the fault until the job trains again, i.e. until the start of
+    the first step that goes past the newest step it had made before the fault (the step in
+    flight at the fault is redone, and its time on the new layout is training, not repair);
+    0 if that step began before the fault (training never stopped). With no progress after
+    the fault: until ``end``."""
+    before = max((step for t, step, _ in progress if t <= fault_time), default=0)
+    resumed = next((start for t, step, start in progress if t > fault_time and step > before), end)
+    return max(0.0, resumed - fault_time)
 
 
 HEARTBEAT_SLACK_S = 3.0
@@ -436,7 +446,9 @@ def metric_lines(state_dir: Path, job_id: str) -> list[dict]:
 
 
 def step_records(lines: list[dict]) -> list[dict]:
-    return [r for r in lines if "step" in r and "loss" in r and "event" not in r and "time" in r]
+    """Steps trained (not a line re-written from a disk checkpoint: ``replayed``)."""
+    return [r for r in lines if "step" in r and "loss" in r and "event" not in r and "time" in r
+            and not r.get("replayed")]
 
 
 def reference_losses(spec: dict[str, Any], out: Path, timeout_s: float) -> dict[int, float]:
@@ -593,7 +605,7 @@ def build_report(soak: Soak, job_id: str, job: pb.Job | None, phase: str, steps:
     end = progress[-1][0] if progress else time.time()
     stalls: dict[str, list[float]] = {}
     for fault in injected:
-        fault["mttr_s"] = round(time_to_progress(fault["time"], progress, end, step_s), 3)
+        fault["mttr_s"] = round(time_to_progress(fault["time"], progress, end), 3)
         stalls.setdefault(fault["kind"], []).append(fault["mttr_s"])
     recoveries = list(job.status.recoveries) if job is not None else []
     phases = fault_recoveries(injected, [

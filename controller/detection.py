@@ -184,6 +184,11 @@ class StragglerSettings:
     min_slowdown: float = 0.05
     """A rank is slow in a step only if its compute time is also at least this fraction
     above the median (0.05 = 5%); a tiny but consistent difference is not worth a plan."""
+    min_step_cost: float = 0.02
+    """A rank is slow in a step only if its compute also exceeds its stage's median by at least
+    this fraction of the step's wall time, when that is known (0.02 = 2%): a rank some
+    milliseconds slower in a step that waits on links or collectives for most of its time
+    costs the job nothing a plan change would win back."""
     mad_floor: float = 0.02
     """Smallest spread used for the z-score, as a fraction of the median compute time;
     stops near-identical ranks from dividing by ~0."""
@@ -204,6 +209,8 @@ class StragglerSettings:
             raise ValueError(f"z_threshold: must be > 0, got {self.z_threshold}")
         if not (math.isfinite(self.min_slowdown) and self.min_slowdown >= 0):
             raise ValueError(f"min_slowdown: must be >= 0, got {self.min_slowdown}")
+        if not (math.isfinite(self.min_step_cost) and 0 <= self.min_step_cost < 1):
+            raise ValueError(f"min_step_cost: must be in [0, 1), got {self.min_step_cost}")
         if not (math.isfinite(self.mad_floor) and self.mad_floor > 0):
             raise ValueError(f"mad_floor: must be > 0, got {self.mad_floor}")
         if isinstance(self.window_steps, bool) or not isinstance(self.window_steps, int) or self.window_steps < 1:
@@ -300,12 +307,15 @@ def _z(value: float, center: float, scale: float) -> float:
     return (value - center) / scale if scale > 0 else 0.0
 
 
-def _slow_in_step(compute_s: Mapping[int, float], settings: StragglerSettings, pp: int) -> set[int]:
-    """Ranks whose compute time is both a robust outlier and materially above the median."""
+def _slow_in_step(timing: StepTiming, settings: StragglerSettings, pp: int) -> set[int]:
+    """Ranks whose compute time is a robust outlier, materially above the median, and by a
+    part of the step that matters (``min_step_cost``)."""
     slow = set()
+    compute_s = timing.compute_s
     for rank, (center, scale) in _references(compute_s, settings, pp).items():
         t = compute_s[rank]
-        if _z(t, center, scale) > settings.z_threshold and t >= (1 + settings.min_slowdown) * center:
+        if _z(t, center, scale) > settings.z_threshold and t >= (1 + settings.min_slowdown) * center \
+                and t - center >= settings.min_step_cost * timing.step_time_s:
             slow.add(rank)
     return slow
 
@@ -339,7 +349,7 @@ def flag_stragglers(
     recent, long_enough = decision_window(window, settings)
     slow_steps: dict[int, int] = {}
     for timing in recent:
-        for rank in _slow_in_step(timing.compute_s, settings, pp):
+        for rank in _slow_in_step(timing, settings, pp):
             slow_steps[rank] = slow_steps.get(rank, 0) + 1
     if not long_enough:
         return (), slow_steps

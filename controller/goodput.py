@@ -64,8 +64,12 @@ def compute(*, created: float, end: float, steps: Sequence[StepRecord],
     """ETTR of one job from every run of its steps (in the order they were written). Pure."""
     wall = max(end - created, 0.0)
     last: dict[int, float] = {}
+    seen: set[tuple[int, int]] = set()
     replayed = 0.0
     for s in steps:
+        if (s.step, s.generation) in seen:
+            continue  # the same run again (a survivor re-sent it for a lost metrics rank)
+        seen.add((s.step, s.generation))
         if s.step in last:
             replayed += last[s.step]  # the earlier run of this step was thrown away
         last[s.step] = max(s.step_time_s, 0.0)

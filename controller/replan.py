@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from fractions import Fraction
 
@@ -415,11 +415,36 @@ def _plan_from(
             "previous_ranks": {str(r): c.old_rank for r, c in placed.items() if c.old_rank is not None},
             "idle": idle,
             "idle_reason": idle_why,
+            # the new metrics rank first, then the others in rank order, then the idle
+            "metrics_backfill": metrics_backfill(
+                current, sorted((c for _, c in ranked), key=lambda c: c is not placed[pp - 1]) + list(unused),
+                switch_at_step),
             "layout": {"why": why, "expected_throughput": round(float(chosen.throughput), 4),
                        "bubble": round(chosen.bubble, 4)},
         },
     )
     return plan, reason
+
+
+def metrics_backfill(current: Plan, kept: Sequence[Candidate], switch_at_step: int) -> dict[str, Any] | None:
+    """The survivor that re-sends its recent step records to the job's metrics, or None.
+
+    Only the metrics rank's records become the job's metrics, and its agent relays them about
+    once a second: a failure that takes that rank (its node lost, the process killed) loses the
+    steps it finished since the last relay, and a resumed generation does not redo them. Every
+    rank's step record carries the same all-reduced loss, so a survivor that trained those
+    steps can send its own (the agent keeps a few hundred, agent/progress.py). Chosen: the first
+    survivor of ``kept`` (the new metrics rank, the others in rank order, then the idle
+    survivors). None when the metrics
+    rank lives on, for a planned switch (its worker relays all it wrote before it retires),
+    or when nobody survived."""
+    old = current.metrics_worker()
+    if switch_at_step >= 0 or old is None:
+        return None
+    survivors = [c for c in kept if c.old_rank is not None]
+    if any((c.node, c.slot) == (old.node, old.slot) for c in survivors) or not survivors:
+        return None
+    return {"node": survivors[0].node, "slot": survivors[0].slot}
 
 
 def _spare_candidates(view: ClusterView, *, exclude_nodes: Iterable[str]) -> list[Candidate]:

@@ -338,7 +338,9 @@ async def read_job(etcd: Etcd, keys: Keys, job_id: str, report: Callable[[str, s
 
 
 async def step_metrics(etcd: Etcd, keys: Keys, job_id: str, since_step: int) -> list[StepRecord]:
-    """Per-step records from the metric batches; a step re-run after a recovery keeps its last record."""
+    """Per-step records from the metric batches; a step re-run after a recovery keeps the record
+    of its newest generation (the last written of that generation: a survivor's re-sent record,
+    agent/progress.py ``backfill``, may arrive after the re-run's)."""
     by_step: dict[int, StepRecord] = {}
     batches = await read_prefix_paged(etcd, keys.job_metrics(job_id), lambda key: True, page=200)
     for kv in sorted(batches, key=lambda kv: kv.mod_revision):
@@ -348,7 +350,8 @@ async def step_metrics(etcd: Etcd, keys: Keys, job_id: str, since_step: int) -> 
             log.warning("skipping malformed metrics batch at %s: %s", kv.key, exc)
             continue
         for step in batch.steps:
-            if step.step >= since_step:
+            if step.step >= since_step and (step.step not in by_step
+                                            or step.generation >= by_step[step.step].generation):
                 by_step[step.step] = step
     return [by_step[s] for s in sorted(by_step)]
 

@@ -124,6 +124,11 @@ class Keys:
     def job_metrics_batch(self, job: str, first_step: int) -> str:
         return f"{self.prefix}/jobs/{job}/metrics/{first_step:012d}"
 
+    def job_metrics_backfill(self, job: str, first_step: int, generation: int) -> str:
+        """A survivor's re-sent step records for ``generation`` (a key of their own: they never
+        overwrite the metrics rank's batch that starts at the same step)."""
+        return f"{self.prefix}/jobs/{job}/metrics/{first_step:012d}-backfill-g{generation}"
+
     def job_events(self, job: str) -> str:
         return f"{self.prefix}/jobs/{job}/events/"
 

@@ -33,6 +33,12 @@ class PlanError(ValueError):
     """A plan value is malformed (for example, a corrupted etcd value)."""
 
 
+def is_metrics_rank(dp_rank: int, pp_rank: int, pp: int) -> bool:
+    """The rank whose per-step records become the job's metrics: dp rank 0 on the last stage
+    (it computes the loss)."""
+    return dp_rank == 0 and pp_rank == pp - 1
+
+
 @dataclass(kw_only=True, frozen=True)
 class WorkerAssignment:
     rank: int
@@ -81,6 +87,10 @@ class Plan:
 
     def workers_on(self, node: str) -> list[WorkerAssignment]:
         return [w for w in self.workers if w.node == node]
+
+    def metrics_worker(self) -> WorkerAssignment | None:
+        """The worker whose step records are the job's metrics (``is_metrics_rank``)."""
+        return next((w for w in self.workers if is_metrics_rank(w.dp_rank, w.pp_rank, self.pp)), None)
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:

@@ -57,17 +57,19 @@ class DiskCheckpoints:
         self._thread = threading.Thread(target=self._writer, name="disk-checkpoints", daemon=True)
         self._thread.start()
 
-    def submit(self, snap: Snapshot, *, generation: int, rank: int) -> None:
+    def submit(self, snap: Snapshot, *, generation: int, rank: int, step_lines: Sequence[dict] = ()) -> None:
         """Write ``snap`` on the writer thread: neither training nor replication waits. The
         snapshot is pinned only until the writer has its private copy (a memcpy), so the
-        snapshotter, which wants the buffer back a step later, does not skip a step."""
+        snapshotter, which wants the buffer back a step later, does not skip a step.
+        ``step_lines``: the metrics rank's recent step lines, kept with the checkpoint
+        (``step_lines``: a restore from it re-sends those its agent may not have relayed)."""
         snap.pin()
-        self._queue.put((snap, generation, rank))
+        self._queue.put((snap, generation, rank, list(step_lines)))
 
     def _writer(self) -> None:
         _dcp()  # the first import, here on the writer thread: not on a save's clock
         while True:
-            snap, generation, rank = self._queue.get()
+            snap, generation, rank, step_lines = self._queue.get()
             started = time.monotonic()
             try:
                 copy = Snapshot(step=snap.step, tensors={k: t.clone() for k, t in snap.tensors.items()},
@@ -76,7 +78,7 @@ class DiskCheckpoints:
             finally:
                 snap.unpin()
             try:
-                self._written.append(self.save(copy, generation=generation, rank=rank))
+                self._written.append(self.save(copy, generation=generation, rank=rank, step_lines=step_lines))
                 self._prune()
             except Exception as exc:  # a failed checkpoint is logged; in-memory snapshots still protect the job
                 log.warning("disk checkpoint of step %d failed: %r", snap.step, exc)
@@ -120,7 +122,7 @@ class DiskCheckpoints:
                 self._queue.all_tasks_done.wait(left)
         return True
 
-    def save(self, snap: Snapshot, *, generation: int, rank: int) -> Path:
+    def save(self, snap: Snapshot, *, generation: int, rank: int, step_lines: Sequence[dict] = ()) -> Path:
         path = self.root / f"step-{snap.step:08d}" / f"g{generation}-r{rank}"
         path.mkdir(parents=True, exist_ok=True)
         dcp = _dcp()
@@ -128,8 +130,20 @@ class DiskCheckpoints:
         done = {"step": snap.step, "metadata": snap.metadata, "checksums": snap.checksums,
                 "checksum_kind": snap.checksum_kind,
                 "numel": {kind: t.numel() for kind, t in snap.tensors.items()}}
+        if step_lines:
+            done["step_lines"] = [line for line in step_lines if int(line.get("step", 0)) <= snap.step]
         (path / "done").write_text(json.dumps(done))
         return path
+
+    def step_lines(self, step: int) -> list[dict]:
+        """The step lines kept with the checkpoint of ``step`` (any rank's: they carry the same
+        all-reduced loss), oldest first, one per step."""
+        by_step: dict[int, dict] = {}
+        step_dir = self.root / f"step-{step:08d}"
+        for _, done in self._saved(step_dir) if step_dir.is_dir() else []:
+            for line in done.get("step_lines", []):
+                by_step.setdefault(int(line["step"]), line)
+        return [by_step[s] for s in sorted(by_step)]
 
     def _saved(self, step_dir: Path) -> list[tuple[Path, dict]]:
         out = []

@@ -101,7 +101,7 @@ import torch.distributed as dist
 
 from common import comm_errors
 from protos import launch
-from protos.plan import Plan
+from protos.plan import Plan, is_metrics_rank
 from protos.recovery import ARRIVAL_EVENT, RecoveryRecord
 from trainer import comm
 from trainer.abort import AbortWatcher, CommAborted, CommFailed
@@ -414,6 +414,12 @@ class ElasticWorker:
         record = recovery_record(trainer, restored, resume, rebuild_s, gpu_wait_s)
         self.recoveries.append(record)
         self.metrics.write(record.to_dict())
+        if restored.from_disk and self.disk is not None and \
+                is_metrics_rank(trainer.dp_rank, trainer.pp_rank, trainer.layout.pp):
+            # the steps up to the checkpoint are not redone: if the metrics rank that trained
+            # them was lost before its agent relayed them, only these lines still tell them
+            for line in self.disk.step_lines(restored.step):
+                self.metrics.write({**line, "replayed": True})
 
     # ----------------------------------------------------------------- RUNNING
     def _train(self, gen: Generation, trainer) -> Stopped | None:
@@ -498,7 +504,9 @@ class ElasticWorker:
         if not due:
             return
         gen.checkpointed = latest.step
-        self.disk.submit(latest, generation=gen.plan.generation, rank=gen.rank)
+        me = gen.plan.worker(gen.rank)
+        lines = getattr(self.metrics, "recent", ()) if is_metrics_rank(me.dp_rank, me.pp_rank, gen.plan.pp) else ()
+        self.disk.submit(latest, generation=gen.plan.generation, rank=gen.rank, step_lines=lines)
 
     def _switch(self, gen: Generation, trainer, planned: Plan, views, meta) -> Stopped:
         """SWITCHING: the state of step S is snapshotted and replicated before anyone moves."""

@@ -17,6 +17,7 @@ model is parallelised by small ``apply_*`` steps in a fixed order (see
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -55,14 +56,26 @@ def _all_gather_into(output: torch.Tensor, chunk: torch.Tensor, group) -> None:
     comm.wait(gather(output, chunk, group=group, async_op=True), "parameter all-gather")
 
 
+RECENT_STEP_LINES = 256
+"""Step lines a MetricsWriter keeps in memory (``recent``): the metrics rank's go with each disk
+checkpoint, so a restore from it can re-send the ones its agent may never have relayed."""
+STEP_LINE_FIELDS = ("step", "loss", "tokens", "step_time", "generation", "rank", "dp_rank", "pp_rank", "layout",
+                    "time", "eval_loss", "eval_perplexity")
+"""What of a step line is kept in ``recent`` (what the job's metrics take, agent/progress.py)."""
+
+
 class MetricsWriter:
     """Appends one flushed JSON line per step (one write() on an O_APPEND fd,
     so ranks sharing a file never interleave within a line)."""
 
     def __init__(self, path: str | None):
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if path else None
+        self.recent: collections.deque[dict] = collections.deque(maxlen=RECENT_STEP_LINES)
+        """The newest step lines written (``STEP_LINE_FIELDS`` of each), oldest first."""
 
     def write(self, record: dict) -> None:
+        if "step" in record and "loss" in record and "event" not in record and not record.get("replayed"):
+            self.recent.append({k: record[k] for k in STEP_LINE_FIELDS if k in record})
         if self.fd is not None:
             os.write(self.fd, (json.dumps(record, sort_keys=True) + "\n").encode())
 

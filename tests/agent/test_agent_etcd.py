@@ -348,6 +348,72 @@ def test_progress_relay_throttles_and_batches_steps(etcd_url, tmp_path):
     assert steps == list(range(1, 102))
 
 
+def test_a_survivor_re_sends_the_steps_a_lost_metrics_rank_never_relayed(etcd_url, tmp_path):
+    from agent.progress import ProgressRelay
+    from controller.state import step_metrics
+
+    keys = Keys()
+    lost_path, survivor_path = tmp_path / "rank-1.metrics.jsonl", tmp_path / "rank-0.metrics.jsonl"
+
+    def line(step: int, generation: int, rank: int) -> str:
+        return json.dumps({"step": step, "loss": 5.0 - step / 100, "tokens": 512, "step_time": 0.02,
+                           "generation": generation, "rank": rank, "dp_rank": 0, "pp_rank": rank,
+                           "layout": "dp1pp2", "time": 1000.0 + step}) + "\n"
+
+    async def scenario():
+        async with Etcd(etcd_url) as etcd:
+            # generation 1, dp1·pp2: rank 1 (last stage) is the metrics rank; its agent relayed
+            # steps 1-6 and was lost with steps 7-10 unrelayed; rank 0 trained 1-10 as well
+            lost_path.write_text("".join(line(s, 1, 1) for s in range(1, 7)))
+            lost = ProgressRelay(etcd=etcd, keys=keys, job="j1", rank=1, path=lost_path, relay_steps=True)
+            await lost.stop()
+            survivor_path.write_text("".join(line(s, 1, 0) for s in range(1, 11)))
+            survivor = ProgressRelay(etcd=etcd, keys=keys, job="j1", rank=0, path=survivor_path)
+            survivor.start()
+            # generation 2 makes the survivor the metrics rank; it re-runs step 10 and trains 11
+            survivor.set_role(2, 0, True)
+            with open(survivor_path, "a") as f:
+                f.write(line(10, 2, 0) + line(11, 2, 0))
+            sent = survivor.backfill(2)
+            again = survivor.backfill(2)
+            await survivor.stop()
+            records = await step_metrics(etcd, keys, "j1", 0)
+            batch_keys = [kv.key for kv in await etcd.get_prefix(keys.job_metrics("j1"))]
+            return sent, again, records, batch_keys
+
+    sent, again, records, batch_keys = run_async(scenario(), 30)
+    # its records of generation 1 (not its re-run of step 10): once per generation
+    assert (sent, again) == (9, 0)
+    assert [(r.step, r.generation) for r in records] == [(s, 1) for s in range(1, 10)] + [(10, 2), (11, 2)]
+    # the lost rank's own batch from step 1 is still there (the re-sent one has a key of its own)
+    assert keys.job_metrics_batch("j1", 1) in batch_keys and keys.job_metrics_backfill("j1", 1, 2) in batch_keys
+
+
+def test_step_lines_replayed_from_a_disk_checkpoint_go_to_the_metrics_only(etcd_url, tmp_path):
+    from agent.progress import ProgressRelay
+    from controller.state import step_metrics
+
+    keys = Keys()
+    path = tmp_path / "rank-0-g2.metrics.jsonl"
+    replayed = [{"step": s, "loss": 5.0 - s / 100, "generation": 1, "rank": 1, "time": 1000.0 + s,
+                 "step_time": 0.5, "replayed": True} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in replayed)
+                    + json.dumps({"step": 4, "loss": 4.96, "generation": 2, "time": 2000.0, "step_time": 0.5}) + "\n")
+
+    async def scenario():
+        async with Etcd(etcd_url) as etcd:
+            relay = ProgressRelay(etcd=etcd, keys=keys, job="j1", rank=0, path=path, generation=2, relay_steps=True)
+            await relay.stop()
+            return relay, await step_metrics(etcd, keys, "j1", 0), \
+                [kv.key for kv in await etcd.get_prefix(keys.job_metrics("j1"))]
+
+    relay, records, batch_keys = run_async(scenario(), 30)
+    assert [(r.step, r.generation) for r in records] == [(1, 1), (2, 1), (3, 1), (4, 2)]
+    assert sorted(batch_keys) == sorted([keys.job_metrics_batch("j1", 4), keys.job_metrics_backfill("j1", 1, 2)])
+    # history, not this worker's progress: its first step at generation 2 is step 4
+    assert relay.first_step == {"generation": 2, "step": 4, "time": 2000.0} and relay.latest["step"] == 4
+
+
 def test_restarted_agent_reports_orphans_and_does_not_rerun_finished_ranks(etcd_url, tmp_path):
     """A previous life of this node left rank 0 RUNNING (its worker died with it): the new
     agent reports it FAILED and does not start it again for the same generation; rank 1,

@@ -377,11 +377,32 @@ def test_no_timings_means_no_decision():
     "kwargs, field",
     [({"z_threshold": 0}, "z_threshold"), ({"mad_floor": 0}, "mad_floor"), ({"window_steps": 0}, "window_steps"),
      ({"window_steps": 2.5}, "window_steps"), ({"flag_fraction": 1.5}, "flag_fraction"),
-     ({"min_slowdown": -0.1}, "min_slowdown"), ({"evict_slowdown": 0}, "evict_slowdown")],
+     ({"min_slowdown": -0.1}, "min_slowdown"), ({"evict_slowdown": 0}, "evict_slowdown"),
+     ({"min_step_cost": 1.0}, "min_step_cost"), ({"min_step_cost": -0.01}, "min_step_cost")],
 )
 def test_straggler_settings_are_validated(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         StragglerSettings(**kwargs)
+
+
+def test_a_slower_compute_that_costs_a_sliver_of_a_waiting_step_is_no_straggler():
+    """Seen beside a busy process: the two ranks of the replica whose pipeline link was slow
+    computed 14-15 ms against 11 ms on the other replica (+30%), in 620 ms steps spent mostly
+    waiting on that link; a rebalance for 3 ms a step wins nothing back."""
+    settings = StragglerSettings(window_steps=12, min_slowdown=0.2)
+
+    def window(step_time_s: float) -> list[StepTiming]:
+        return [StepTiming(step=s, compute_s={0: 0.0145, 1: 0.011, 2: 0.0112, 3: 0.0111},
+                           step_time_s=step_time_s) for s in range(80)]
+
+    flagged, _ = flag_stragglers(window(0.62), settings)
+    assert flagged == ()
+    # the same compute in steps it dominates is a straggler (3.4 ms is over 2% of a 40 ms step)
+    flagged, _ = flag_stragglers(window(0.04), settings)
+    assert flagged == (0,)
+    flagged, _ = flag_stragglers(window(0.62), StragglerSettings(window_steps=12, min_slowdown=0.2,
+                                                                  min_step_cost=0.0))
+    assert flagged == (0,)
 
 
 # ------------------------------------------------------------- window in time, eviction size

@@ -8,8 +8,10 @@ from controller.goodput import compute
 from protos.records import StepRecord
 
 
-def steps(*runs: tuple[int, float, float]) -> list[StepRecord]:
-    return [StepRecord(step=s, loss=1.0, time=t, step_time_s=d) for s, t, d in runs]
+def steps(*runs: tuple) -> list[StepRecord]:
+    """(step, time, step time[, generation: 1])"""
+    return [StepRecord(step=r[0], loss=1.0, time=r[1], step_time_s=r[2], generation=r[3] if len(r) > 3 else 1)
+            for r in runs]
 
 
 def test_a_clean_run():
@@ -20,13 +22,21 @@ def test_a_clean_run():
 
 def test_a_recovery_its_replayed_step_and_a_planned_switch():
     # step 3 ran, then a failure: 2 s of recovery, step 3 ran again; a planned growth stalled 0.5 s
-    runs = steps((1, 2.0, 1.0), (2, 3.0, 1.0), (3, 4.0, 1.0), (3, 7.0, 1.0), (4, 8.0, 1.0))
+    runs = steps((1, 2.0, 1.0), (2, 3.0, 1.0), (3, 4.0, 1.0), (3, 7.0, 1.0, 2), (4, 8.0, 1.0, 2))
     recoveries = [{"cause": "worker-failed", "total_s": 2.0, "switch_at_step": -1},
                   {"cause": "grow", "total_s": 3.0, "switch_at_step": 10, "worker_total_s": 0.5}]
     g = compute(created=0.0, end=10.0, steps=runs, recoveries=recoveries)
     assert g.productive_s == 4.0 and g.replayed_s == 1.0 and g.pending_s == 1.0 and g.recovery_s == 2.0
     assert g.stall_s == pytest.approx(2.0) and g.ratio == pytest.approx(0.4)
     assert sum(g.lost().values()) + g.productive_s == pytest.approx(g.wall_s)
+
+
+def test_a_run_re_sent_for_a_lost_metrics_rank_is_the_same_run_not_a_replay():
+    # steps 2 and 3 of generation 1 arrive twice (the survivor's copies after the lost metrics
+    # rank's own), written after generation 2's run of step 4
+    runs = steps((1, 2.0, 1.0), (2, 3.0, 1.0), (3, 4.0, 1.0), (4, 7.0, 1.0, 2), (2, 3.0, 0.9), (3, 4.0, 0.9))
+    g = compute(created=0.0, end=10.0, steps=runs, recoveries=[])
+    assert g.replayed_s == 0.0 and g.productive_s == 4.0
 
 
 def test_nothing_ran_yet_is_all_pending_and_the_parts_never_exceed_the_wall():

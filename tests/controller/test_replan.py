@@ -64,6 +64,7 @@ def test_one_worker_of_dp2_pp2_lost_without_spare_uses_every_survivor():
     assert sorted(where(plan).values()) == [("n0", 0), ("n0", 1), ("n1", 0)]
     assert plan.layer_partition == (0, 2, 3, 4) and plan.sample_shares == (16,)
     assert plan.extra["idle"] == [] and plan.extra["idle_reason"] == ""
+    assert plan.extra["metrics_backfill"] is None  # the metrics rank (1: dp0 on the last stage) lives on
     assert plan.extra["layout"]["expected_throughput"] == 2.4
     assert plan.extra["layout"]["bubble"] == 0.2  # (pp-1)/(m+pp-1) = 2/(8+2)
     assert "highest expected throughput" in plan.extra["layout"]["why"]
@@ -246,6 +247,8 @@ def test_agent_with_two_workers_lost_moves_the_store_and_shrinks():
     assert where(plan) == {0: ("n1", 0), 1: ("n1", 1)}
     assert plan.extra["previous_ranks"] == {"0": 2, "1": 3}
     assert plan.store_address == STORES["n1"]
+    # the metrics rank (1) was on n0: the new metrics rank, a survivor, re-sends its recent steps
+    assert plan.extra["metrics_backfill"] == {"node": "n1", "slot": 1}
 
 
 def test_growth_from_2_to_4_workers_at_a_step_boundary():
@@ -280,6 +283,7 @@ def test_drain_moves_the_node_s_ranks_to_free_slots_at_a_step_boundary():
     assert where(plan) == {0: ("n0", 0), 1: ("n0", 1), 2: ("n2", 0), 3: ("n2", 1)}
     assert not plan.workers_on("n1")
     assert plan.extra["cause"] == "drain n1"
+    assert plan.extra["metrics_backfill"] is None  # the metrics rank stays (and a planned switch never asks)
 
 
 def test_drain_of_a_node_without_workers_changes_nothing():

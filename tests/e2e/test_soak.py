@@ -33,15 +33,20 @@ def test_fault_schedule_is_a_function_of_the_seed_and_draws_every_kind():
         assert low <= delay <= high, (kind, delay)
 
 
-def test_mttr_is_the_time_until_the_job_goes_past_where_it_was():
-    records = [{"step": 1, "time": 1.0}, {"step": 2, "time": 2.0}, {"step": 3, "time": 3.0},
-               {"step": 3, "time": 9.0},  # step 3 re-run after a recovery: no new progress
-               {"step": 4, "time": 10.0}, {"step": 5, "time": 11.0}]
+def test_mttr_is_the_time_until_the_job_trains_past_where_it_was():
+    records = [{"step": 1, "time": 1.0, "step_time": 1.0, "generation": 1},
+               {"step": 2, "time": 2.0, "step_time": 1.0, "generation": 1},
+               {"step": 3, "time": 3.0, "step_time": 1.0, "generation": 1},
+               {"step": 3, "time": 9.0, "step_time": 2.0, "generation": 2},  # re-run after a recovery: not new
+               {"step": 4, "time": 10.0, "step_time": 1.5, "generation": 2},  # the rank that began it first ...
+               {"step": 4, "time": 10.2, "step_time": 1.9, "generation": 2},  # ... is this one (8.3)
+               {"step": 5, "time": 11.0, "generation": 2}]  # a line without its step time: began at its time
     progress = soak.progress_times(records)
-    assert progress == [(1.0, 1), (2.0, 2), (3.0, 3), (10.0, 4), (11.0, 5)]
-    assert soak.time_to_progress(3.5, progress, end=11.0, step_s=1.0) == pytest.approx(5.5)  # 3.5 -> 10.0
-    assert soak.time_to_progress(1.5, progress, end=11.0, step_s=1.0) == 0.0  # training went on
-    assert soak.time_to_progress(11.5, progress, end=20.0, step_s=1.0) == pytest.approx(7.5)  # none after
+    assert progress == [(1.0, 1, 0.0), (2.0, 2, 1.0), (3.0, 3, 2.0), (10.0, 4, pytest.approx(8.3)),
+                        (11.0, 5, 11.0)]
+    assert soak.time_to_progress(3.5, progress, end=11.0) == pytest.approx(4.8)  # 3.5 -> step 4 began at 8.3
+    assert soak.time_to_progress(1.5, progress, end=11.0) == 0.0  # step 2 was under way: training went on
+    assert soak.time_to_progress(11.5, progress, end=20.0) == pytest.approx(8.5)  # none after: until the end
 
 
 def test_each_fault_gets_the_phases_of_its_own_recovery_and_growth_back():

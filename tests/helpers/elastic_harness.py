@@ -189,8 +189,10 @@ class ElasticJob:
         return read_lines(self.metrics_path(node, slot))
 
     def steps(self, node: str, slot: int) -> list[dict]:
-        """Step lines only (not heartbeats, step_error events or recovery records)."""
-        return [r for r in self.lines(node, slot) if "step" in r and "loss" in r and "event" not in r]
+        """Step lines only (not heartbeats, step_error events, recovery records or lines re-written
+        from a disk checkpoint)."""
+        return [r for r in self.lines(node, slot) if "step" in r and "loss" in r and "event" not in r
+                and not r.get("replayed")]
 
     def recoveries(self, node: str, slot: int) -> list[dict]:
         return [r for r in self.lines(node, slot) if r.get("event") == "recovery"]

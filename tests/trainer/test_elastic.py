@@ -164,6 +164,36 @@ def test_disk_checkpoints_keep_the_newest_k_of_this_process_and_no_other_rank_s(
         DiskCheckpoints(str(tmp_path / "checkpoints"), tiny_spec().model, keep=0)
 
 
+def test_the_metrics_rank_s_recent_step_lines_go_with_its_checkpoint_and_come_back_from_it(tmp_path):
+    """A restore from disk does not redo the steps up to the checkpoint; if the metrics rank that
+    trained them was lost before its agent relayed them, the lines kept with the checkpoint are
+    what the new metrics rank re-writes (trainer/elastic.py ``_resume``)."""
+    import torch
+
+    from trainer.checkpoints import DiskCheckpoints
+    from trainer.snapshot import Snapshot, chunk_checksums
+    from trainer.train import RECENT_STEP_LINES, MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path / "rank-0.metrics.jsonl"))
+    for step in range(1, 300):
+        writer.write({"step": step, "loss": 1.0 / step, "generation": 1, "rank": 0, "time": 1000.0 + step,
+                      "step_time": 0.5, "comm": {"allreduce": 0.1}, "peak_memory_bytes": 1})
+    writer.write({"event": "recovery", "step": 5, "loss": 0.0})  # not a step trained
+    writer.write({"step": 299, "loss": 9.0, "replayed": True})  # not trained here either
+    writer.close()
+    assert len(writer.recent) == RECENT_STEP_LINES and writer.recent[-1] == {
+        "step": 299, "loss": 1.0 / 299, "generation": 1, "rank": 0, "time": 1299.0, "step_time": 0.5}
+    disk = DiskCheckpoints(str(tmp_path / "checkpoints"), tiny_spec().model)
+    tensors = {"params": torch.arange(8, dtype=torch.float32)}
+    snap = Snapshot(step=290, tensors=tensors, checksums={k: chunk_checksums(t) for k, t in tensors.items()},
+                    metadata={"rank": 0}, complete=True)
+    disk.submit(snap, generation=1, rank=0, step_lines=writer.recent)
+    assert disk.flush(60)
+    lines = disk.step_lines(290)  # the steps after the checkpoint are redone: not its lines
+    assert [line["step"] for line in lines] == list(range(300 - RECENT_STEP_LINES, 291))
+    assert lines[-1]["loss"] == 1.0 / 290 and disk.step_lines(4) == []
+
+
 @pytest.mark.parametrize("zero", [0, 1])
 def test_a_flat_snapshot_is_cut_into_exactly_the_slices_the_rank_owns(zero):
     from trainer.decisions import named_pieces, snapshot_metadata
