@@ -21,14 +21,16 @@ Design note (what torch 2.13 offers, measured in tests/trainer/test_abort.py):
   on through an Event set by the work's completion or by ``abort()``. The stuck gloo worker thread
   of the old group is left behind (it ends when the hung process is killed),
   and the old group object is parked (``retire``) so that its destructor —
-  which joins that thread — never runs on a live thread.
+  which joins that thread — never runs on the training thread.
 * NCCL: ``abort()`` additionally calls ``ProcessGroup.abort()`` on registered
   NCCL groups (ncclCommAbort), which frees kernels stuck on a dead peer; with
   ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0`` so the watchdog does not tear the
   process down first. Not exercised here (no GPUs in the test host).
 * After the abort, survivors read plan g+1 and form the new group with
   ``form_group`` under the new store prefix (``PrefixStore``): keys of the old
-  generation are never read again, and no process restarts.
+  generation are never read again, and no process restarts. The old groups are
+  destroyed later on a reaper thread (``reap_parked_once``), once nothing refers
+  to them: a parked gloo group's transport thread can spin on a socket.
 * The rendezvous of a new generation is abortable too. ``init_process_group``
   blocks in C++ until every rank connected (up to its timeout, 60 s by
   default): a participant that died before it joined would hold every other
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -342,17 +345,61 @@ def _abort_backend(group: Any) -> None:
 
 # ------------------------------------------------------------ re-forming
 _graveyard: list[Any] = []
-"""Process groups of aborted generations, kept referenced on purpose: their
-destructors join worker threads that may still be blocked on a hung peer."""
+"""Process groups of ended generations, parked: their destructors join worker threads that
+may still be blocked on a hung peer, so they never run on the training thread. The reaper
+(``_reap_parked``) drops each one on its own thread once nothing else refers to it."""
+_graveyard_lock = threading.Lock()
+_reaper: threading.Thread | None = None
+REAP_INTERVAL_S = 1.0
+"""How often the reaper looks for parked groups nothing else refers to (seconds)."""
 
 
 def retire_default_group() -> None:
-    """Forget the current default group without running its destructor."""
+    """Forget the current default group (and every group made in it) without running their
+    destructors here; the reaper destroys them later, off the training thread."""
+    global _reaper
     if not dist.is_initialized():
         return
-    _graveyard.append(c10d._get_default_group())
-    _graveyard.extend(g for g in list(c10d._world.pg_map) if g is not None)
+    groups = [c10d._get_default_group(), *(g for g in list(c10d._world.pg_map) if g is not None)]
     dist.destroy_process_group()
+    with _graveyard_lock:
+        for group in groups:
+            if not any(group is g for g in _graveyard):
+                _graveyard.append(group)
+        if _reaper is None:
+            _reaper = threading.Thread(target=_reap_parked, name="pg-reaper", daemon=True)
+            _reaper.start()
+
+
+def _only_parked(group: Any) -> bool:
+    # the graveyard's slot, this argument, and getrefcount's own argument
+    return sys.getrefcount(group) <= 3
+
+
+def reap_parked_once() -> int:
+    """Destroy, on the calling thread, every parked group that nothing but the graveyard refers
+    to; returns how many. A parked gloo group is not idle: its transport thread keeps polling
+    its sockets, and after an abort with a transfer still queued it spun a core at 100% (seen
+    in a soak: one survivor's old group halved the job's step rate). Its destructor closes
+    the sockets and joins its threads, waiting (without the GIL: measured, the training
+    thread runs on) for a work still blocked on a hung peer until that peer is killed."""
+    with _graveyard_lock:
+        idle = [i for i in range(len(_graveyard)) if _only_parked(_graveyard[i])]
+        doomed = [_graveyard[i] for i in idle]
+        for i in reversed(idle):
+            del _graveyard[i]
+    count = len(doomed)
+    doomed.clear()  # the destructors run here
+    return count
+
+
+def _reap_parked() -> None:
+    while True:
+        time.sleep(REAP_INTERVAL_S)
+        try:
+            reap_parked_once()
+        except Exception:  # a failed destructor must not end the reaper
+            log.exception("destroying a parked process group failed")
 
 
 JOINED_KEY = "tenax/joined/"

@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from trainer.abort import AbortWatcher, CommAborted, CommFailed, form_group, generation_store  # noqa: E402
+from trainer.abort import (AbortWatcher, CommAborted, CommFailed, form_group, generation_store,  # noqa: E402
+                           graveyard_size)
 
 HOST = "127.0.0.1"
 FAIL_STEP = 3
@@ -33,6 +34,17 @@ VICTIM_HANG_S = 60.0
 
 def client(port: int) -> dist.TCPStore:
     return dist.TCPStore(HOST, port, is_master=False, timeout=timedelta(seconds=20), wait_for_workers=False)
+
+
+def gloo_threads() -> int:
+    """Threads of this process that gloo runs (transport loops, work threads)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            count += "gloo" in Path(f"/proc/self/task/{task}/comm").read_text()
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count
 
 
 def write_result(out: Path, rank: int, result: dict) -> None:
@@ -82,6 +94,17 @@ def abort_scenario(rank: int, world: int, port: int, out: Path, shape: str) -> N
     t = torch.ones(4)
     watcher2.wait(dist.all_reduce(t, async_op=True), what="g2 allreduce", timeout_s=30)
     result.update(g2_sum=t.tolist(), reform_s=time.time() - started)
+    # generation 1's groups, parked, are destroyed by the reaper once nothing refers to them
+    # (the watcher of generation 1 and the pipeline's subgroup do); this thread computes on
+    gloo_before = gloo_threads()
+    del watcher, tail
+    parked_at, computed = time.monotonic(), 0
+    while (graveyard_size() or gloo_threads() >= gloo_before) and time.monotonic() - parked_at < 8:
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        computed += 1
+        time.sleep(0.01)
+    result.update(parked_left=graveyard_size(), reaped_s=time.monotonic() - parked_at, computed_meanwhile=computed,
+                  gloo_threads_before=gloo_before, gloo_threads_after=gloo_threads())
     write_result(out, rank, result)
     os._exit(0)  # the old group's stuck thread (hung victim) must not delay exit
 

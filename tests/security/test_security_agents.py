@@ -208,7 +208,12 @@ def test_an_unplaceable_pending_job_does_not_stop_other_jobs_growing(tmp_path):
             grows = submit_spec(elastic)
             deadline = time.monotonic() + 150
             while len(job_json(info, grows)["workers"]) < 4 or job_json(info, grows)["generation"] < 2:
-                assert time.monotonic() < deadline, (job_json(info, grows), job_json(info, waiting))
+                if time.monotonic() > deadline:
+                    from tests.e2e.test_e2e_elastic import worker_logs
+
+                    events = tenax("events", grows, "--controller", info["controller"], home=info["home"]).stdout
+                    raise AssertionError(f"{job_json(info, grows)}\n{job_json(info, waiting)}\n{events}\n"
+                                         f"{worker_logs(info, tail_chars=1500)}")
                 time.sleep(1.0)
             pending = job_json(info, waiting)
             assert pending["phase"] == "PENDING" and "more than the 4 the cluster has" in pending["message"]

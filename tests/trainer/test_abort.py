@@ -44,8 +44,12 @@ def run_abort(tmp_path, scenario: str, sig: int, *, controller_aborts: bool):
 def test_survivors_of_a_killed_peer_are_released_and_reform_without_restarting(tmp_path, scenario):
     latency, results = run_abort(tmp_path, scenario, signal.SIGKILL, controller_aborts=False)
     print(f"{scenario}: released {latency:.3f} s after kill -9; re-formed in "
-          f"{max(r['reform_s'] for r in results):.3f} s")
+          f"{max(r['reform_s'] for r in results):.3f} s; old groups destroyed "
+          f"{max(r['reaped_s'] for r in results):.2f} s later")
     assert latency < 1.0
+    for r in results:  # the old generation's groups are destroyed off the training thread
+        assert r["parked_left"] == 0 and r["gloo_threads_after"] < r["gloo_threads_before"], r
+        assert r["computed_meanwhile"] > 0, r
     if scenario == "abort-pipeline":
         # rank 0 never talked to the victim: it was released by rank 1's abort key
         assert results[0]["error"] == "CommAborted" and "abort key set" in results[0]["message"]
