@@ -348,6 +348,8 @@ _graveyard: list[Any] = []
 """Process groups of ended generations, parked: their destructors join worker threads that
 may still be blocked on a hung peer, so they never run on the training thread. The reaper
 (``_reap_parked``) drops each one on its own thread once nothing else refers to it."""
+_kept: list[Any] = []
+"""Parked groups that are never destroyed (not gloo)."""
 _graveyard_lock = threading.Lock()
 _reaper: threading.Thread | None = None
 REAP_INTERVAL_S = 1.0
@@ -361,14 +363,24 @@ def retire_default_group() -> None:
     if not dist.is_initialized():
         return
     groups = [c10d._get_default_group(), *(g for g in list(c10d._world.pg_map) if g is not None)]
+    gloo = {id(g) for g in groups if _backend_name(g) == "gloo"}
     dist.destroy_process_group()
     with _graveyard_lock:
         for group in groups:
-            if not any(group is g for g in _graveyard):
-                _graveyard.append(group)
+            if not any(group is g for g in _graveyard) and not any(group is g for g in _kept):
+                # only gloo groups are reaped: an NCCL group's destructor was never run here
+                # (no GPU) and stays parked as before, its communicator aborted (ncclCommAbort)
+                (_graveyard if id(group) in gloo else _kept).append(group)
         if _reaper is None:
             _reaper = threading.Thread(target=_reap_parked, name="pg-reaper", daemon=True)
             _reaper.start()
+
+
+def _backend_name(group: Any) -> str:
+    try:
+        return str(dist.get_backend(group))
+    except Exception:  # noqa: BLE001 - a group torch no longer knows: keep it parked
+        return ""
 
 
 def _only_parked(group: Any) -> bool:
@@ -568,5 +580,6 @@ def generation_store(host: str, port: int, prefix: str, *, timeout_s: float = 5.
 
 
 def graveyard_size() -> int:
+    """Parked gloo groups not destroyed yet."""
     return len(_graveyard)
 
