@@ -40,6 +40,9 @@ LOSS_CAUSES = ("pending", "recovery", "replayed", "stall")
 """Values of the ``cause`` label of ``tenax_job_time_lost_seconds``."""
 REFRESH_S = 10.0
 """A job's step records are re-read at most this often (seconds)."""
+FIRST_STEPS_REFRESH_S = 1.0
+"""...and this often while an active job has none yet (seconds): its gauge read 0 for up to
+``REFRESH_S`` after its first steps (read once at its start, before any step)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -121,6 +124,7 @@ class GoodputTracker:
         now = time.time() if now is None else now
         cached = self._steps.get(job.id)
         stale = cached is None or now - cached[0] > self.refresh_s or \
+            (not cached[1] and job.active and now - cached[0] > FIRST_STEPS_REFRESH_S) or \
             (not job.active and cached[0] < (job.status.updated or now) + 1.0)  # its last steps, once
         if fresh or stale:
             try:

@@ -44,3 +44,36 @@ def test_nothing_ran_yet_is_all_pending_and_the_parts_never_exceed_the_wall():
     assert (g.ratio, g.pending_s, g.wall_s) == (0.0, 3.0, 3.0)
     g = compute(created=0.0, end=1.0, steps=steps((1, 1.0, 5.0)), recoveries=[{"total_s": 9.0}])
     assert g.productive_s == 1.0 and g.recovery_s == 0.0 and g.stall_s == 0.0
+
+
+def test_an_active_job_is_re_read_each_second_until_its_first_steps_then_every_ten(monkeypatch):
+    """Read once at its start, before any step, a job's goodput gauge said 0 for up to 10 s
+    after it began stepping (a hang e2e test scraped it then)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from controller import goodput
+
+    reads: list[float] = []
+    written: list[StepRecord] = []
+
+    async def all_step_runs(etcd, keys, job_id):
+        reads.append(job_id)
+        return list(written)
+
+    monkeypatch.setattr(goodput, "all_step_runs", all_step_runs)
+    tracker = goodput.GoodputTracker(SimpleNamespace(etcd=None, keys=None))
+    job = SimpleNamespace(id="j", active=True,
+                          status=SimpleNamespace(created=0.0, updated=0.0, recoveries=[], phase="RUNNING"))
+
+    def ratio_at(now: float) -> float:
+        return asyncio.run(tracker.get(job, now)).ratio
+
+    assert ratio_at(1.0) == 0.0 and len(reads) == 1
+    assert ratio_at(1.5) == 0.0 and len(reads) == 1  # within a second: not re-read
+    written.extend(steps((1, 2.0, 1.0), (2, 3.0, 1.0)))
+    assert ratio_at(2.6) == pytest.approx(2.0 / 2.6) and len(reads) == 2  # no steps yet: re-read after 1 s
+    ratio_at(5.0)
+    assert len(reads) == 2  # it has steps: every REFRESH_S from now on
+    ratio_at(2.6 + goodput.REFRESH_S + 0.1)
+    assert len(reads) == 3
